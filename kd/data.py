@@ -1,0 +1,453 @@
+"""Datasets for distillation: synthetic (built-in), CIFAR-100, ImageFolder (ImageNet-100 style), Tiny-ImageNet.
+
+Every item is `(image float32 [3,H,W] normalised, label int, index int)`; `index` is the item's position in
+its split, so CRD can address a memory bank of the training split. Our validation split is held out from the
+training data (stratified, seeded) and uses the eval transform; the dataset's own val/test set is the test split.
+Tensor-backed datasets (synthetic, cifar100, tiny-imagenet) keep uint8 images [N,3,H,W] in memory and also
+expose the training subset as `DataSplits.train_images` / `train_labels` for a GPU-resident loader.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tarfile
+import tempfile
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets as tvd
+from torchvision.transforms import v2
+
+from .errors import ConfigError, DataError
+from .io import atomic_torch_save
+
+DATASETS = ("synthetic", "cifar100", "imagefolder", "tiny-imagenet")
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SYNTHETIC_MEAN, SYNTHETIC_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+TINY_CACHE_NAME = "decoded_uint8.pt"
+_CACHE_FORMAT = 1
+_ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Size and seed of the built-in procedurally generated dataset (same bytes for the same spec)."""
+
+    num_classes: int = 10
+    train_size: int = 2000  # total, before the val split
+    test_size: int = 500
+    image_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class DataSplits:
+    """The three splits plus what a model and a loader need to know about them."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    image_size: int  # side of the images the model sees (after any resize)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: list[str]
+    # uint8 [N,3,H,W] at native resolution / int64 [N]: the training subset (val removed); None for imagefolder
+    train_images: Tensor | None = field(default=None, repr=False)
+    train_labels: Tensor | None = field(default=None, repr=False)
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images [N,3,H,W] + int64 labels [N] in memory; item i = (transform(images[i]), label, i)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: v2.Transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        return self.transform(self.images[i]), int(self.labels[i]), i
+
+
+class FileSubset(Dataset):
+    """A subset of an ImageFolder (decoded from disk per item) with its own transform; item i = (x, label, i)."""
+
+    def __init__(self, folder: tvd.ImageFolder, indices: Tensor, transform: v2.Transform):
+        self.samples = [folder.samples[j] for j in indices.tolist()]
+        self.loader, self.transform = folder.loader, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        path, label = self.samples[i]
+        return self.transform(self.loader(path)), label, i
+
+
+# ----------------------------------------------------------------------------------------------- splits, loaders
+
+
+def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded per-class split of positions 0..N-1 into (train_idx, val_idx), both sorted int64.
+
+    Each class gives round(n_c * val_fraction) samples to val, at least 1 and at most n_c - 1 (a class with a
+    single sample stays in train)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    labels = labels.long()
+    shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    grouped = shuffled[labels[shuffled].argsort(stable=True)]  # by class, random order within each class
+    counts = torch.bincount(labels)
+    n_val = (counts * val_fraction).round().long().clamp(min=1).minimum(counts - 1).clamp(min=0)
+    starts = counts.cumsum(0) - counts
+    grouped_labels = labels[grouped]
+    rank_in_class = torch.arange(len(labels)) - starts[grouped_labels]
+    is_val = rank_in_class < n_val[grouped_labels]
+    return grouped[~is_val].sort().values, grouped[is_val].sort().values
+
+
+def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int = 0, seed: int = 0,
+                drop_last: bool | None = None) -> DataLoader:
+    """Training: reshuffled every epoch from a seeded generator, incomplete last batch dropped (fixed shapes
+    for torch.compile). Eval: in order, every sample kept."""
+    drop_last = train if drop_last is None else drop_last
+    if drop_last and len(ds) < batch_size:
+        raise ConfigError(f"batch_size {batch_size} is larger than the split ({len(ds)} samples); lower it")
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=drop_last, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed) if train else None,
+                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+
+
+def _tensor_transform(native: int, size: int, mean, std, augment: bool) -> v2.Transform:
+    """uint8 [3,H,W] -> (resize) -> (random crop, pad size//8 + flip) -> float normalised."""
+    steps: list[v2.Transform] = [v2.Resize((size, size), antialias=True)] if size != native else []
+    if augment:
+        steps += [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def _file_transform(size: int, mean, std, augment: bool) -> v2.Transform:
+    """PIL image -> ImageNet-style RandomResizedCrop + flip (train) or Resize + CenterCrop (eval), normalised."""
+    if augment:
+        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    else:  # the usual 224/256 ratio
+        steps = [v2.Resize(math.ceil(size / 0.875), antialias=True), v2.CenterCrop(size)]
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
+                       v2.ToPureTensor()])
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+
+
+def _synthetic_images(labels: Tensor, params: dict[str, Tensor], size: int, g: torch.Generator) -> Tensor:
+    """Per class: a 3-colour palette, an oriented sinusoidal grating and a Gaussian blob at a class position;
+    per sample: random shift, grating phase, orientation jitter, colour jitter, contrast and pixel noise.
+    Returns uint8 [N,3,size,size]."""
+    n = len(labels)
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    y, x = coords.view(1, -1, 1), coords.view(1, 1, -1)
+    shift = (torch.rand(n, 2, generator=g) - 0.5) * 0.3  # up to +-15% of the image
+    sx, sy = (x - shift[:, 0, None, None]), (y - shift[:, 1, None, None])
+    theta = params["theta"][labels] + torch.randn(n, generator=g) * 0.25
+    phase = torch.rand(n, generator=g) * 2 * math.pi
+    freq = params["freq"][labels] * (1 + torch.randn(n, generator=g) * 0.08)
+    along = sx * theta.cos().view(-1, 1, 1) + sy * theta.sin().view(-1, 1, 1)
+    grating = 0.5 + 0.5 * torch.sin(2 * math.pi * freq.view(-1, 1, 1) * along + phase.view(-1, 1, 1))
+    centre = params["centre"][labels]
+    dist2 = (sx - centre[:, 0, None, None]) ** 2 + (sy - centre[:, 1, None, None]) ** 2
+    blob = torch.exp(-dist2 / (2 * params["radius"][labels].view(-1, 1, 1) ** 2))
+    palette = params["palette"][labels] + torch.randn(n, 3, 3, generator=g) * 0.2  # [N, colour, rgb]
+    c0, c1, c2 = (palette[:, k, :, None, None] for k in range(3))
+    img = c0 + (c1 - c0) * grating[:, None]  # grating between colours 0 and 1
+    img = img + (c2 - img) * blob[:, None]  # blob in colour 2 on top
+    contrast = 0.15 + 0.85 * torch.rand(n, 1, 1, 1, generator=g)
+    img = 0.5 + contrast * (img - 0.5) + torch.randn(img.shape, generator=g) * 0.2
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _load_synthetic(spec: SyntheticSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """Deterministic (train_images, train_labels, test_images, test_labels, class_names) from `spec`."""
+    if spec.num_classes < 2 or spec.image_size < 4 or spec.train_size < 1 or spec.test_size < 1:
+        raise ConfigError(f"invalid synthetic data spec {spec}: need >= 2 classes, image_size >= 4, sizes >= 1")
+    g = torch.Generator().manual_seed(spec.seed)
+    c = spec.num_classes
+    params = {"theta": torch.rand(c, generator=g) * math.pi, "freq": 1.5 + 4.5 * torch.rand(c, generator=g),
+              "centre": 0.25 + 0.5 * torch.rand(c, 2, generator=g), "radius": 0.08 + 0.1 * torch.rand(c, generator=g),
+              "palette": torch.rand(c, 3, 3, generator=g)}
+    out = []
+    for n in (spec.train_size, spec.test_size):
+        labels = (torch.arange(n) % c)[torch.randperm(n, generator=g)]  # balanced, shuffled
+        chunks = [_synthetic_images(part, params, spec.image_size, g) for part in labels.split(4096)]
+        out += [torch.cat(chunks), labels]
+    return (*out, [f"class_{i}" for i in range(c)])
+
+
+# ----------------------------------------------------------------------------------------------- cifar100
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+
+
+def _load_cifar100(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """CIFAR-100 via torchvision (downloads when missing); decoded arrays as uint8 [N,3,32,32] tensors."""
+    folder = root / "cifar-100-python"
+    try:
+        splits = [tvd.CIFAR100(str(root), train=train, download=True) for train in (True, False)]
+    except (OSError, RuntimeError) as e:  # URLError/HTTPError are OSErrors; a bad md5 is a RuntimeError
+        raise DataError(f"CIFAR-100 not found (or corrupt) at {folder} and the download failed ({_first_line(e)}); "
+                        f"download cifar-100-python.tar.gz from {CIFAR100_URL} and extract it under {root}") from None
+    except Exception as e:  # files pass the md5 check but do not unpickle to the expected arrays
+        raise DataError(f"malformed CIFAR-100 files in {folder} ({type(e).__name__}: {_first_line(e)})") from None
+    out: list = []
+    for ds in splits:
+        out += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets).long()]
+    return (*out, list(splits[0].classes))
+
+
+# ----------------------------------------------------------------------------------------------- tiny-imagenet
+
+
+def _is_tiny_dir(path: Path) -> bool:
+    return (path / "wnids.txt").is_file()
+
+
+def _archive_stem(path: Path) -> str | None:
+    """Name without the archive suffix, or None when `path` is not a supported archive."""
+    return next((path.name[: -len(s)] for s in _ARCHIVE_SUFFIXES if path.name.endswith(s)), None)
+
+
+def _extract_once(archive: Path) -> Path:
+    """Extract `archive` next to itself into <stem>/ (once; atomic via temp dir + rename); returns <stem>/."""
+    target = archive.parent / _archive_stem(archive)
+    if target.is_dir():
+        return target
+    tmp = Path(tempfile.mkdtemp(dir=archive.parent, prefix=f".{target.name}.extract-"))
+    try:
+        if archive.name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+        else:
+            with tarfile.open(archive, "r:gz") as tf:
+                tf.extractall(tmp, filter="data")
+        entries = [p for p in tmp.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+        # an archive of one top folder (tiny-imagenet-200.zip -> tiny-imagenet-200/) becomes the target itself
+        source = entries[0] if len(entries) == 1 and entries[0].is_dir() and not _is_tiny_dir(tmp) else tmp
+        try:
+            os.rename(source, target)
+        except OSError:
+            if not target.is_dir():  # else another process finished the same extraction first
+                raise
+    except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise DataError(f"could not extract {archive}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _find_tiny_dir(root: Path) -> Path:
+    """The folder holding wnids.txt: `root`, its single dataset subfolder, or an extracted archive."""
+    expected = "wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt"
+    if root.is_file() and _archive_stem(root) is not None:
+        root = _extract_once(root)
+    if not root.is_dir():
+        problem = "is not a folder or a .zip/.tar.gz archive" if root.exists() else "does not exist"
+        raise DataError(f"Tiny-ImageNet root {root} {problem}; expected a folder with {expected}, "
+                        f"a folder containing one, or a .zip/.tar.gz archive of it")
+    if _is_tiny_dir(root):
+        return root
+    found = [p for p in sorted(root.iterdir()) if p.is_dir() and _is_tiny_dir(p)]
+    if not found:
+        archives = [p for p in sorted(root.iterdir()) if p.is_file() and _archive_stem(p) is not None]
+        if len(archives) == 1:
+            return _find_tiny_dir(_extract_once(archives[0]))
+        if len(archives) > 1:
+            raise DataError(f"several archives in {root} ({', '.join(p.name for p in archives)}); pass one as root")
+        raise DataError(f"no Tiny-ImageNet data in {root}: expected {expected} (or a .zip/.tar.gz of them)")
+    if len(found) > 1:
+        raise DataError(f"several Tiny-ImageNet folders in {root} ({', '.join(p.name for p in found)}); pass one")
+    return found[0]
+
+
+def _tiny_file_lists(d: Path) -> tuple[list[str], list[Path], list[int], list[Path], list[int]]:
+    """(wnids, train_files, train_labels, test_files, test_labels) from the original Tiny-ImageNet layout."""
+    wnids = [w.strip() for w in (d / "wnids.txt").read_text().splitlines() if w.strip()]
+    index = {w: i for i, w in enumerate(wnids)}
+    train_files, train_labels = [], []
+    for w in wnids:
+        folder = d / "train" / w / "images"
+        names = sorted(os.listdir(folder)) if folder.is_dir() else []
+        files = [folder / n for n in names if n.lower().endswith(_IMAGE_SUFFIXES)]
+        if not files:
+            raise DataError(f"no training images for class {w} in {folder} (expected *.JPEG)")
+        train_files += files
+        train_labels += [index[w]] * len(files)
+    annotations = d / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise DataError(f"missing {annotations} (expected '<file>\\t<wnid>\\t...' per val image)")
+    test_files, test_labels = [], []
+    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        name, wnid = (line.split("\t") + [""])[:2]
+        if wnid not in index:
+            raise DataError(f"{annotations}:{n}: class {wnid!r} is not in {d / 'wnids.txt'}")
+        test_files.append(d / "val" / "images" / name)
+        test_labels.append(index[wnid])
+    if not test_files:
+        raise DataError(f"{annotations} lists no images (expected '<file>\t<wnid>\t...' per val image)")
+    return wnids, train_files, train_labels, test_files, test_labels
+
+
+def _decode_images(files: list[Path]) -> Tensor:
+    """Decode image files (grayscale -> RGB) into one uint8 tensor [N,3,H,W]; all must share one size."""
+    def decode(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as img:
+                return np.array(img.convert("RGB"))
+        except (OSError, ValueError) as e:  # missing file or undecodable bytes
+            raise DataError(f"cannot read image {path}: {_first_line(e)}") from None
+
+    first = decode(files[0])
+    out = torch.empty(len(files), 3, *first.shape[:2], dtype=torch.uint8)  # filled in place: one copy in memory
+
+    def fill(i: int) -> None:
+        img = decode(files[i])
+        if img.shape != first.shape:
+            raise DataError(f"image {files[i]} is {img.shape[:2]}, expected {first.shape[:2]} like {files[0]}")
+        out[i] = torch.from_numpy(img).permute(2, 0, 1)
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # Pillow releases the GIL while decoding
+        list(pool.map(fill, range(len(files))))
+    return out
+
+
+def _class_names(d: Path, wnids: list[str]) -> list[str]:
+    """First human-readable name per wnid from words.txt when present, else the wnid itself."""
+    words = d / "words.txt"
+    table = dict(line.split("\t", 1) for line in words.read_text().splitlines() if "\t" in line) if words.is_file() else {}
+    return [table.get(w, w).split(",")[0].strip() or w for w in wnids]
+
+
+def _read_cache(path: Path) -> dict | None:
+    """The decoded-image cache, or None when absent or unreadable (then it is rebuilt)."""
+    try:
+        return torch.load(path, weights_only=True) if path.is_file() else None
+    except Exception:  # truncated/corrupt file: many error types, all mean "decode again"
+        warnings.warn(f"ignoring unreadable cache {path}; decoding the images again")
+        return None
+
+
+def _load_tiny_imagenet(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """Tiny-ImageNet decoded once into uint8 tensors, cached as <dataset_dir>/decoded_uint8.pt."""
+    d = _find_tiny_dir(root)
+    wnids, train_files, train_labels, test_files, test_labels = _tiny_file_lists(d)
+    cache_path = d / TINY_CACHE_NAME
+    key = {"format": _CACHE_FORMAT, "wnids": wnids, "train_labels": torch.tensor(train_labels),
+           "test_labels": torch.tensor(test_labels)}
+    cache = _read_cache(cache_path)
+    if not (cache and cache.get("format") == key["format"] and cache.get("wnids") == wnids
+            and torch.equal(cache["train_labels"], key["train_labels"])
+            and torch.equal(cache["test_labels"], key["test_labels"])):  # stale: the files changed
+        cache = {**key, "train_images": _decode_images(train_files), "test_images": _decode_images(test_files)}
+        try:
+            atomic_torch_save(cache, cache_path)
+        except OSError as e:  # read-only data folder: still usable, just decoded again next time
+            warnings.warn(f"could not write the decoded-image cache {cache_path}: {e}")
+    return (cache["train_images"], cache["train_labels"], cache["test_images"], cache["test_labels"],
+            _class_names(d, wnids))
+
+
+# ----------------------------------------------------------------------------------------------- build_data
+
+
+def _check_labels(labels: Tensor, num_classes: int, split: str, every_class: bool) -> None:
+    if len(labels) == 0:
+        raise DataError(f"the {split} split is empty")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"{split} labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]")
+    missing = (torch.bincount(labels, minlength=num_classes) == 0).nonzero().flatten().tolist()
+    if every_class and missing:
+        raise DataError(f"{split} split has no samples of class(es) {missing[:10]} (of {num_classes})")
+
+
+def _load_imagefolder(root: Path) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
+    folders = []
+    for split in ("train", "val"):
+        path = root / split
+        if not path.is_dir():
+            raise DataError(f"missing {path}: imagefolder expects {root}/train/<class>/* and {root}/val/<class>/*")
+        try:
+            folders.append(tvd.ImageFolder(str(path)))
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"bad image folder {path}: {_first_line(e)}") from None
+    if folders[0].classes != folders[1].classes:
+        only = sorted(set(folders[0].classes) ^ set(folders[1].classes))[:5]
+        raise DataError(f"class folders of {root}/train and {root}/val differ (e.g. {only})")
+    return folders[0], folders[1]
+
+
+def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int = 0, image_size: int = 0,
+               aug: bool = True, synthetic: SyntheticSpec = SyntheticSpec()) -> DataSplits:
+    """Train / val (held out from train, eval transform) / test splits of `dataset` at `root`.
+
+    image_size: 0 = native (imagefolder: 224), > 0 resizes. aug: train-time augmentation."""
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if image_size < 0:
+        raise ConfigError(f"image_size must be >= 0 (0 = native), got {image_size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    root_path = Path(root).expanduser()
+
+    if dataset == "imagefolder":
+        train_folder, test_folder = _load_imagefolder(root_path)
+        num_classes, size = len(train_folder.classes), image_size or 224
+        labels = torch.tensor(train_folder.targets).long()
+        _check_labels(labels, num_classes, "train", every_class=True)
+        train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+        eval_tf = _file_transform(size, IMAGENET_MEAN, IMAGENET_STD, augment=False)
+        return DataSplits(
+            train=FileSubset(train_folder, train_idx, _file_transform(size, IMAGENET_MEAN, IMAGENET_STD, aug)),
+            val=FileSubset(train_folder, val_idx, eval_tf),
+            test=FileSubset(test_folder, torch.arange(len(test_folder)), eval_tf),
+            num_classes=num_classes, image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            class_names=list(train_folder.classes))
+
+    if dataset == "synthetic":
+        loaded, (mean, std) = _load_synthetic(synthetic), (SYNTHETIC_MEAN, SYNTHETIC_STD)
+    elif dataset == "cifar100":
+        loaded, (mean, std) = _load_cifar100(root_path), (CIFAR100_MEAN, CIFAR100_STD)
+    else:
+        loaded, (mean, std) = _load_tiny_imagenet(root_path), (IMAGENET_MEAN, IMAGENET_STD)
+    images, labels, test_images, test_labels, class_names = loaded
+    num_classes, native = len(class_names), images.shape[-1]
+    _check_labels(labels, num_classes, "train", every_class=True)
+    _check_labels(test_labels, num_classes, "test", every_class=False)
+    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    size = image_size or native
+    eval_tf = _tensor_transform(native, size, mean, std, augment=False)
+    train_images, train_labels = images[train_idx], labels[train_idx]
+    return DataSplits(
+        train=TensorImageDataset(train_images, train_labels, _tensor_transform(native, size, mean, std, aug)),
+        val=TensorImageDataset(images[val_idx], labels[val_idx], eval_tf),
+        test=TensorImageDataset(test_images, test_labels, eval_tf),
+        num_classes=num_classes, image_size=size, mean=mean, std=std, class_names=class_names,
+        train_images=train_images, train_labels=train_labels)

@@ -1,0 +1,17 @@
+"""Error types for bad user input. The CLI prints their message as one line and exits with code 2."""
+
+
+class KDError(Exception):
+    """Base class: a problem the user can fix (config, data, checkpoint), not a bug."""
+
+
+class ConfigError(KDError):
+    """An invalid or inconsistent configuration value."""
+
+
+class DataError(KDError):
+    """Missing, malformed or mislabelled data."""
+
+
+class CheckpointError(KDError):
+    """A checkpoint that is corrupt or does not match the model/config it is loaded into."""

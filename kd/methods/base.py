@@ -1,0 +1,68 @@
+"""The uniform method API (in the spirit of mdistiller): a method owns its auxiliary trainable
+modules (regressors, embeddings, memory banks as buffers) and turns one batch's model outputs into
+a dict of named, unweighted loss terms plus a dict of weights. The training loop sums
+weight * term and logs every term, so logging, weighting and sweeps need no special cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..models import KDModel, ModelOutput
+
+
+@dataclass
+class StepInputs:
+    """Everything a method may read for one training batch.
+
+    x: [B,3,H,W] images (already mixed when MixUp/CutMix is on); target: [B] indices or [B,C]
+    probabilities; index: [B] positions in the training split; epoch: 1-based global epoch.
+    student / teachers: outputs computed once per batch by the loop (teachers without grad).
+    """
+
+    x: Tensor
+    target: Tensor
+    index: Tensor
+    epoch: int
+    student: ModelOutput
+    teachers: list[ModelOutput]
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, the class attributes below, and implement `loss_terms`."""
+
+    name: ClassVar[str] = ""
+    uses_teachers: ClassVar[bool] = True  # False: trains without teachers (ce)
+    needs_maps: ClassVar[bool] = False  # True: the loop asks models for intermediate feature maps
+    needs_index: ClassVar[bool] = False  # True: uses sample indices (CRD)
+
+    def __init__(self, cfg, student: KDModel, teachers: list[KDModel], *, num_classes: int,
+                 num_train: int, label_smoothing: float = 0.0):
+        # The models are not registered as submodules: the loop trains and saves them; the method's
+        # state_dict holds only its own auxiliary modules and buffers.
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.num_train = num_train
+        self.label_smoothing = label_smoothing
+
+    def loss_terms(self, inp: StepInputs) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss_weights(self, epoch: int) -> dict[str, float]:
+        """Weight of each term at `epoch` (1-based). Terms without a weight count with weight 1."""
+        return {}
+
+    def forward(self, inp: StepInputs) -> dict[str, Tensor]:
+        return self.loss_terms(inp)
+
+
+def teacher_logits(inp: StepInputs) -> Tensor:
+    """The teacher logits the logit-based methods distil from: the single selected teacher, or the
+    mean of the selected teachers' logits (`--teachers.select both`)."""
+    if len(inp.teachers) == 1:
+        return inp.teachers[0].logits
+    return torch.stack([t.logits for t in inp.teachers]).mean(0)

@@ -1,0 +1,60 @@
+"""Evaluation metrics: accuracy of a model on a loader, and teacher disagreement."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Literal
+
+import torch
+from torch import Tensor, nn
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+                   forward: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """All logits [N, C] and labels [N] of `model` on `loader` (items (x, y, ...)), in eval mode.
+    `forward` overrides how logits are computed from a batch (e.g. a synergy path)."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in loader:
+        x, y = batch[0].to(device, non_blocking=True), batch[1]
+        logits = forward(x) if forward is not None else _logits(model, x)
+        all_logits.append(logits.float().cpu())
+        all_labels.append(torch.as_tensor(y).cpu())
+    model.train(was_training)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy in percent. logits [N, C], labels [N] class indices."""
+    return (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
+
+
+@torch.no_grad()
+def evaluate_acc(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy (%) of `model` over `loader`. Works with any module returning logits or a
+    kd.models.ModelOutput; the model's train/eval mode is restored afterwards."""
+    logits, labels = predict_logits(model, loader, device)
+    return accuracy(logits, labels)
+
+
+def disagreement_rate(logits_a: Tensor, logits_b: Tensor, targets: Tensor,
+                      mode: Literal["pred", "both_wrong"] = "pred") -> float:
+    """Share (%) of samples where two classifiers disagree.
+
+    mode="pred": argmax predictions differ; mode="both_wrong": both predictions are wrong.
+    Shapes: logits [N, C], targets [N]. Pure function.
+    """
+    pred_a, pred_b = logits_a.argmax(dim=1), logits_b.argmax(dim=1)
+    if mode == "pred":
+        hit = pred_a != pred_b
+    elif mode == "both_wrong":
+        hit = (pred_a != targets) & (pred_b != targets)
+    else:
+        raise ValueError(f"unknown disagreement mode {mode!r} (expected 'pred' or 'both_wrong')")
+    return hit.float().mean().item() * 100.0
