@@ -23,9 +23,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import numpy as np
+import timm
 import torch
 import tyro
 from torch import Tensor, nn
@@ -33,14 +34,16 @@ from tqdm import tqdm
 
 from kd.data import DATASETS, SyntheticSpec, build_data, make_loader
 from kd.errors import CheckpointError, ConfigError, KDError
+from kd.fastloader import DeviceLoader
 from kd.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from kd.methods import METHODS, Method, StepInputs
+from kd.methods import ATCfg, CRDCfg, DISTCfg, DKDCfg, FitNetCfg, PKTCfg, RKDCfg, SPCfg
 from kd.methods.kd import KDCfg
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, create_model, model_checkpoint
 
-METHOD_NAMES = Literal["teacher", "ce", "kd"]
+METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +67,11 @@ class DataCfg:
     """batch size for validation and test."""
     workers: int = 2
     """DataLoader worker processes (0 = load in the main process)."""
+    loader: Literal["auto", "fast", "torch"] = "auto"
+    """fast = the dataset lives on the training device and batches are augmented there (tensor-backed data only);
+    torch = a DataLoader with workers; auto = fast for synthetic/cifar100/tiny-imagenet without RandAugment."""
+    randaugment: tuple[int, int] = (0, 0)
+    """RandAugment N ops of magnitude M (0..30) added to the training augmentation (0 0 = off; DataLoader path)."""
     synthetic_classes: int = 10
     """synthetic data: number of classes."""
     synthetic_train_size: int = 5000
@@ -90,7 +98,7 @@ class StudentCfg:
 
 @dataclass
 class TeachersCfg:
-    models: tuple[str, ...] = ("resnet152", "efficientnet_b2")
+    models: Annotated[tuple[str, ...], tyro.conf.arg(aliases=("--teachers",))] = ("resnet152", "efficientnet_b2")
     """teacher architectures (timm or zoo names); also accepts one comma-separated string."""
     checkpoints: tuple[str, ...] = ()
     """fine-tuned teacher checkpoints, one per model; empty = use the cache (fine-tuning what is missing)."""
@@ -106,6 +114,8 @@ class TeachersCfg:
     """teacher fine-tuning learning rate (optimiser and schedule as in --optim)."""
     label_smoothing: float = 0.0
     """label smoothing for teacher fine-tuning."""
+    image_size: int = 0
+    """teachers see the batch resized to this size inside their wrapper (0 = the student's size)."""
 
 
 @dataclass
@@ -136,6 +146,8 @@ class OptimCfg:
     """MixUp Beta(alpha, alpha) on training batches (0 = off)."""
     cutmix_alpha: float = 0.0
     """CutMix Beta(alpha, alpha) on training batches (0 = off); wins over MixUp when both are > 0."""
+    cutmix_alpha_distill: float = 0.0
+    """CutMix alpha of distillation training (methods with teachers); > 0 replaces --optim.cutmix-alpha there."""
     grad_clip_norm: float = 0.0
     """clip the gradient norm to this value (0 = off)."""
 
@@ -193,6 +205,14 @@ class Config:
     run: RunCfg = field(default_factory=RunCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
     kd: KDCfg = field(default_factory=KDCfg)
+    fitnet: FitNetCfg = field(default_factory=FitNetCfg)
+    at: ATCfg = field(default_factory=ATCfg)
+    dkd: DKDCfg = field(default_factory=DKDCfg)
+    crd: CRDCfg = field(default_factory=CRDCfg)
+    rkd: RKDCfg = field(default_factory=RKDCfg)
+    pkt: PKTCfg = field(default_factory=PKTCfg)
+    sp: SPCfg = field(default_factory=SPCfg)
+    dist: DISTCfg = field(default_factory=DISTCfg)
 
 
 def smoke_preset() -> Config:
@@ -264,6 +284,9 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"--{_group_name(cfg, group)}.{f.name.replace('_', '-')} must be finite, got {v}")
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 and f.name != "seed":
                 raise ConfigError(f"--{_group_name(cfg, group)}.{f.name.replace('_', '-')} must be >= 0, got {v}")
+    method_group = getattr(cfg, cfg.method, None)
+    if hasattr(method_group, "check"):
+        method_group.check()  # the method's own range checks (e.g. temperature > 0)
     check(0.0 < cfg.data.val_fraction < 1.0, f"--data.val-fraction must be in (0, 1), got {cfg.data.val_fraction}")
     check(cfg.data.batch_size > 0, "--data.batch-size must be > 0")
     check(cfg.optim.lr > 0, f"--optim.lr must be > 0, got {cfg.optim.lr}")
@@ -280,6 +303,12 @@ def validate(cfg: Config) -> None:
         if cfg.teachers.select in ("0", "1"):
             check(int(cfg.teachers.select) < len(cfg.teachers.models),
                   f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)")
+    check(min(cfg.data.randaugment) >= 0 and cfg.data.randaugment[1] <= 30,
+          f"--data.randaugment needs N >= 0 and M in [0, 30], got {' '.join(map(str, cfg.data.randaugment))}")
+    if cfg.data.loader == "fast":
+        check(cfg.data.dataset != "imagefolder", "--data.loader fast needs tensor-backed data (synthetic, cifar100, "
+                                                 "tiny-imagenet), not imagefolder; use auto or torch")
+        check(cfg.data.randaugment[0] == 0, "--data.loader fast does not do RandAugment; use auto or torch")
     if cfg.data.dataset != "synthetic":
         check(Path(cfg.data.root).exists() or cfg.data.dataset == "cifar100",
               f"data root {cfg.data.root} does not exist (--data.root)")
@@ -293,7 +322,11 @@ def _group_name(cfg: Config, group: Any) -> str:
 # Run directory and logging
 # ----------------------------------------------------------------------------------------------
 class RunLogger:
-    """Per-epoch rows to metrics.jsonl (rewritten atomically) and, when enabled, to wandb."""
+    """Per-epoch rows to metrics.jsonl (rewritten atomically) and, when enabled, to wandb.
+
+    The wandb keys are the metrics.jsonl keys (README "Outputs"), except that stage-0 rows (phase
+    `teacher:<arch>`) go to `teacher/<arch>/<key>`: teacher curves never mix into the student's
+    `val/acc` history, which sweeps' early termination reads."""
 
     def __init__(self, run_dir: Path, cfg: Config):
         self.run_dir, self.rows, self.wandb = run_dir, [], None
@@ -305,22 +338,62 @@ class RunLogger:
         self.rows.append(row)
         atomic_write_text("".join(json.dumps(r) + "\n" for r in self.rows), self.run_dir / "metrics.jsonl")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))})
+            self.wandb.log(wandb_row(row))
 
     def finish(self, summary: dict[str, Any]) -> None:
         atomic_write_json(summary, self.run_dir / "summary.json")
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            best = self.run_dir / "checkpoints" / "best.pt"
+            if not self.wandb.offline and best.is_file():
+                log_best_checkpoint(self.wandb, best, summary)
             self.wandb.finish()
 
 
+def wandb_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.jsonl row as wandb keys: numbers and strings as they are, stage-0 teacher rows prefixed."""
+    row = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
+    phase = str(row.get("phase", ""))
+    if not phase.startswith("teacher:"):
+        return row
+    prefix = f"teacher/{phase.split(':', 1)[1]}/"
+    return {k if k == "phase" else prefix + k: v for k, v in row.items()}
+
+
+def log_best_checkpoint(run, path: Path, summary: dict[str, Any]) -> None:
+    """Upload the selected model as a `model` artifact (online runs; offline runs keep it on disk only).
+    A failed upload is reported and never fails the run."""
+    import wandb
+
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{run.name or run.id}-best")
+    meta = {k: summary[k] for k in ("best/val_acc", "best/test_acc", "best/epoch", "method") if k in summary}
+    try:
+        artifact = wandb.Artifact(name, type="model", metadata=meta)
+        artifact.add_file(str(path), name="best.pt")
+        run.log_artifact(artifact, aliases=["best"])
+    except Exception as e:  # network or quota trouble must not lose the finished run
+        say(f"wandb: could not upload the best checkpoint ({type(e).__name__}: {e}); it stays at {path}")
+
+
 def resolve_wandb_mode(mode: str) -> str:
-    if os.environ.get("WANDB_MODE") in ("disabled", "offline", "online") and mode == "auto":
-        return os.environ["WANDB_MODE"]
+    """auto = WANDB_MODE when set (WANDB_DISABLED=true -> disabled), else online when credentials exist
+    (WANDB_API_KEY or a `wandb login` entry in ~/.netrc), else disabled. Explicit modes win."""
     if mode != "auto":
         return mode
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(Path.home() / ".netrc")
-    return "online" if has_key else "disabled"
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled"
+    if os.environ.get("WANDB_MODE") in ("disabled", "offline", "online"):
+        return os.environ["WANDB_MODE"]
+    return "online" if wandb_credentials_present() else "disabled"
+
+
+def wandb_credentials_present() -> bool:
+    """An API key in the environment or a netrc entry for the wandb host (what `wandb login` writes)."""
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    return bool(os.environ.get("WANDB_API_KEY")) or host in _read(netrc)
 
 
 def _read(path: Path) -> str:
@@ -331,18 +404,36 @@ def _read(path: Path) -> str:
 
 
 def init_wandb(cfg: Config, run_dir: Path, mode: str):
+    """A wandb run logging under run_dir/wandb/. Online falls back to offline (sync later with `wandb sync`)
+    when the server is unreachable (a 3 s probe) or init takes over 20 s: no network never hangs a run."""
     import wandb  # imported only when used: it is slow to import and kd/ never needs it
 
     kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity or None, group=cfg.wandb.group or None,
-                  tags=list(cfg.wandb.tags) or None, name=run_dir.name, dir=str(run_dir),
+                  tags=list(cfg.wandb.tags) or None, name=run_dir.name, dir=str(run_dir), job_type=cfg.method,
                   config=dataclasses.asdict(cfg))
+    if mode == "online" and not wandb_server_reachable():
+        say(f"wandb server unreachable; logging offline under {run_dir}/wandb (upload later with `wandb sync`)")
+        mode = "offline"
     try:
         return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=20), **kwargs)
     except Exception as e:  # no network: never block or fail the run
         if mode != "online":
             raise
-        print(f"wandb online init failed ({type(e).__name__}); logging offline under {run_dir}", flush=True)
+        say(f"wandb online init failed ({type(e).__name__}); logging offline under {run_dir}/wandb")
         return wandb.init(mode="offline", **kwargs)
+
+
+def wandb_server_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the wandb API host opens (online mode only)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -393,10 +484,22 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state, in types that torch.load(weights_only=True) accepts (numpy's array as a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,7 +609,8 @@ def fit(tr: Trainer, train_loader, val_loader, epochs: int, tag: str, logger: Ru
             best_acc, best_epoch = val_acc, e
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in tr.model.state_dict().items()}
         row = {"phase": tag, "epoch": epoch_offset + e, "lr": tr.optimizer.param_groups[0]["lr"],
-               **{f"train/{k}": v for k, v in terms.items()}, "val/acc": val_acc, "time_s": time.time() - t0}
+               **{f"train/{k}": v for k, v in terms.items()}, "val/acc": val_acc, "val/best_acc": best_acc,
+               "time_s": time.time() - t0}
         logger.log(row)
         say(f"[{tag}] epoch {e}/{epochs}  loss {terms['loss']:.4f}  val acc {val_acc:.2f}  ({row['time_s']:.1f}s)")
         if ckpt is not None:
@@ -533,8 +637,15 @@ class Checkpointer:
                                "config": self.config}, self.dir / "best.pt")
 
 
+def mix_alphas(o: OptimCfg, distill: bool) -> tuple[float, float]:
+    """(mixup_alpha, cutmix_alpha) of a training phase: distillation phases use --optim.cutmix-alpha-distill
+    instead of --optim.cutmix-alpha when it is > 0 (CutMix still wins over MixUp)."""
+    cutmix = o.cutmix_alpha_distill if distill and o.cutmix_alpha_distill > 0 else o.cutmix_alpha
+    return o.mixup_alpha, cutmix
+
+
 def make_trainer(cfg: Config, model: KDModel, method: Method, teachers: list[KDModel], device: torch.device,
-                 lr: float, epochs: int, steps_per_epoch: int, num_classes: int) -> Trainer:
+                 lr: float, epochs: int, steps_per_epoch: int, num_classes: int, distill: bool = False) -> Trainer:
     params = [p for p in list(model.parameters()) + list(method.parameters()) if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, lr, device)
     amp_dtype = resolve_amp(cfg.run.amp, device)
@@ -542,17 +653,50 @@ def make_trainer(cfg: Config, model: KDModel, method: Method, teachers: list[KDM
         model=model, method=method, teachers=teachers, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.optim, epochs, steps_per_epoch), device=device,
         amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        mixer=build_mixer(num_classes, cfg.optim.mixup_alpha, cfg.optim.cutmix_alpha),
+        mixer=build_mixer(num_classes, *mix_alphas(cfg.optim, distill)),
         grad_clip_norm=cfg.optim.grad_clip_norm, channels_last=cfg.run.channels_last,
         max_steps=cfg.run.max_steps_per_epoch,
     )
 
 
-def prepare(model: KDModel, cfg: Config, device: torch.device) -> KDModel:
+def prepare(model: KDModel, cfg: Config, device: torch.device, inference: bool = False) -> KDModel:
+    """Move to the device (channels_last on request) and, with --run.compile, torch.compile the model in
+    place (nn.Module.compile: same module and state_dict keys). Teachers pass inference=True: they are put
+    in eval mode and frozen first, so each is compiled on its own for its no-grad forward."""
     model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if inference:
+        model.eval().requires_grad_(False)
+    if cfg.run.compile:
+        model.compile()
     return model
+
+
+def use_fast_loader(cfg: Config, data) -> bool:
+    """--data.loader: fast needs tensor-backed data (DataSplits.train_images) and no RandAugment."""
+    fast_ok = data.train_images is not None and cfg.data.randaugment[0] == 0
+    if cfg.data.loader == "fast" and not fast_ok:
+        raise ConfigError("--data.loader fast needs tensor-backed data without RandAugment; use auto or torch")
+    return cfg.data.loader != "torch" and fast_ok
+
+
+def build_loaders(cfg: Config, data, device: torch.device) -> dict[str, Any]:
+    """train/val/test loaders: device-resident (kd.fastloader) for tensor-backed data, else DataLoaders."""
+    d = cfg.data
+    if not use_fast_loader(cfg, data):
+        return {
+            "train": make_loader(data.train, d.batch_size, train=True, workers=d.workers, seed=cfg.run.seed),
+            "val": make_loader(data.val, d.eval_batch_size, train=False, workers=d.workers),
+            "test": make_loader(data.test, d.eval_batch_size, train=False, workers=d.workers),
+        }
+    common = dict(mean=data.mean, std=data.std, image_size=data.image_size, device=device)
+    return {
+        "train": DeviceLoader(data.train_images, data.train_labels, batch_size=d.batch_size, train=True,
+                              augment=d.aug, seed=cfg.run.seed, **common),
+        "val": DeviceLoader(*data.val.tensor_view(), batch_size=d.eval_batch_size, train=False, **common),
+        "test": DeviceLoader(*data.test.tensor_view(), batch_size=d.eval_batch_size, train=False, **common),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,8 +714,31 @@ def data_identity(cfg: Config) -> dict[str, Any]:
     return ident
 
 
-def teacher_cache_path(cfg: Config, arch: str, small_input: bool, num_classes: int) -> Path:
-    ident = json.dumps(data_identity(cfg), sort_keys=True)
+def teacher_input_spec(cfg: Config, arch: str, data) -> dict[str, Any] | None:
+    """KDModel.set_input_transform arguments for teacher `arch`, or None (identity): a pretrained teacher
+    gets its pretrained_cfg mean/std when they differ from the data's, and --teachers.image-size a resize."""
+    model_mean, model_std = tuple(data.mean), tuple(data.std)
+    pretrained_cfg = timm.models.get_pretrained_cfg(arch) if cfg.teachers.pretrained else None
+    if pretrained_cfg is not None and pretrained_cfg.mean and pretrained_cfg.std:
+        model_mean, model_std = tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
+    same = np.allclose(model_mean, data.mean, atol=1e-4) and np.allclose(model_std, data.std, atol=1e-4)
+    if same and cfg.teachers.image_size == 0:
+        return None
+    return {"data_mean": list(data.mean), "data_std": list(data.std), "model_mean": list(model_mean),
+            "model_std": list(model_std), "size": cfg.teachers.image_size}
+
+
+def teacher_small_input(cfg: Config, small_input: bool) -> bool:
+    """Teachers adapt their stem like the student, unless --teachers.image-size gives them their own size."""
+    return resolve_small_input("auto", cfg.teachers.image_size) if cfg.teachers.image_size else small_input
+
+
+def teacher_cache_path(cfg: Config, arch: str, small_input: bool, num_classes: int,
+                       input_spec: dict[str, Any] | None = None) -> Path:
+    ident_dict = data_identity(cfg)
+    if input_spec is not None:  # a teacher trained behind an input adapter is another teacher
+        ident_dict["input"] = input_spec
+    ident = json.dumps(ident_dict, sort_keys=True)
     digest = hashlib.sha1(ident.encode()).hexdigest()[:8]
     stem = "small" if small_input else "std"
     return Path(cfg.teachers.cache_dir) / f"{cfg.data.dataset}-{arch}-{stem}-{num_classes}c-s{cfg.run.seed}-{digest}.pt"
@@ -579,17 +746,21 @@ def teacher_cache_path(cfg: Config, arch: str, small_input: bool, num_classes: i
 
 def finetune_teacher(cfg: Config, arch: str, data, loaders, device, logger: RunLogger, small_input: bool) -> Path:
     """Stage 0: fine-tune one teacher with cross-entropy, select by validation accuracy, cache it."""
-    path = teacher_cache_path(cfg, arch, small_input, data.num_classes)
+    spec = teacher_input_spec(cfg, arch, data)
+    path = teacher_cache_path(cfg, arch, small_input, data.num_classes, spec)
     say(f"stage 0: fine-tuning teacher {arch} for {cfg.teachers.epochs} epochs -> {path}")
-    model = prepare(create_model(arch, data.num_classes, pretrained=cfg.teachers.pretrained,
-                                 small_input=small_input), cfg, device)
+    model = create_model(arch, data.num_classes, pretrained=cfg.teachers.pretrained, small_input=small_input,
+                         img_size=cfg.teachers.image_size or None)
+    if spec is not None:
+        model.set_input_transform(**spec)
+    model = prepare(model, cfg, device)
     method = METHODS["ce"][0](None, model, [], num_classes=data.num_classes, num_train=len(data.train),
                               label_smoothing=cfg.teachers.label_smoothing)
     tr = make_trainer(cfg, model, method, [], device, cfg.teachers.lr, cfg.teachers.epochs,
                       steps_per_epoch(cfg, loaders["train"]), data.num_classes)
     res = fit(tr, loaders["train"], loaders["val"], cfg.teachers.epochs, f"teacher:{arch}", logger, None)
     atomic_torch_save({"meta": model.meta(), "model": res["best_state"], "val_acc": res["best_acc"],
-                       "data": data_identity(cfg)}, path)
+                       "data": data_identity(cfg), "input_transform": spec}, path)
     return path
 
 
@@ -598,8 +769,9 @@ def load_teachers(cfg: Config, data, loaders, device, logger: RunLogger, small_i
     --teachers.checkpoints, else from the cache, fine-tuning (stage 0) the ones that are missing."""
     out = []
     for i, arch in enumerate(cfg.teachers.models):
+        spec = teacher_input_spec(cfg, arch, data)
         path = Path(cfg.teachers.checkpoints[i]) if cfg.teachers.checkpoints else \
-            teacher_cache_path(cfg, arch, small_input, data.num_classes)
+            teacher_cache_path(cfg, arch, small_input, data.num_classes, spec)
         if not cfg.teachers.checkpoints and not path.exists():
             path = finetune_teacher(cfg, arch, data, loaders, device, logger, small_input)
         elif not cfg.teachers.checkpoints:
@@ -609,9 +781,12 @@ def load_teachers(cfg: Config, data, loaders, device, logger: RunLogger, small_i
             raise CheckpointError(f"teacher checkpoint {path} has no model metadata (not written by kd?)")
         check_meta({"arch": arch, "num_classes": data.num_classes, "small_input": small_input},
                    ckpt["meta"], f"teacher checkpoint {path}")
-        model = create_model(arch, data.num_classes, small_input=small_input)
+        model = create_model(arch, data.num_classes, small_input=small_input, img_size=cfg.teachers.image_size or None)
         model.load_state_dict(ckpt["model"])
-        model = prepare(model, cfg, device).eval().requires_grad_(False)
+        spec = ckpt.get("input_transform", spec)  # the adapter the teacher was trained behind, when recorded
+        if spec is not None:
+            model.set_input_transform(**spec)
+        model = prepare(model, cfg, device, inference=True)
         val_acc = ckpt.get("val_acc")
         if val_acc is None:
             val_acc = evaluate_acc(model, loaders["val"], device)
@@ -635,6 +810,17 @@ def steps_per_epoch(cfg: Config, loader) -> int:
     return min(n, cfg.run.max_steps_per_epoch) if cfg.run.max_steps_per_epoch else n
 
 
+def train_labels_of(data) -> Tensor:
+    """[N] int64 labels of the training split in loader index order (CRD samples negatives by class):
+    DataSplits.train_labels, else the image folder's sample list, else one pass over the dataset."""
+    if data.train_labels is not None:
+        return data.train_labels
+    samples = getattr(data.train, "samples", None)
+    if samples is not None:
+        return torch.tensor([label for _, label in samples], dtype=torch.long)
+    return torch.tensor([int(data.train[i][1]) for i in range(len(data.train))], dtype=torch.long)
+
+
 def resolve_small_input(choice: str, image_size: int) -> bool:
     return image_size <= 64 if choice == "auto" else choice == "on"
 
@@ -645,13 +831,14 @@ def run(cfg: Config) -> dict[str, Any]:
     device = resolve_device(cfg.run.device)
     d = cfg.data
     data = build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=cfg.run.seed, image_size=d.image_size,
-                      aug=d.aug, synthetic=SyntheticSpec(num_classes=d.synthetic_classes,
+                      aug=d.aug, randaugment=d.randaugment, synthetic=SyntheticSpec(num_classes=d.synthetic_classes,
                                                          train_size=d.synthetic_train_size,
                                                          test_size=d.synthetic_test_size,
                                                          image_size=d.synthetic_image_size, seed=cfg.run.seed))
     if len(data.train) < d.batch_size:
         raise ConfigError(f"--data.batch-size {d.batch_size} is larger than the training split ({len(data.train)})")
     small_input = resolve_small_input(cfg.student.small_input, data.image_size)
+    teacher_small = teacher_small_input(cfg, small_input)
     # Build the student first: an unknown model name or bad checkpoint fails before anything is written.
     student = None
     if cfg.method != "teacher":
@@ -659,7 +846,7 @@ def run(cfg: Config) -> dict[str, Any]:
                                small_input=small_input, checkpoint=cfg.student.checkpoint or None,
                                drop_rate=cfg.student.drop_rate)
     for arch in cfg.teachers.models if cfg.method != "ce" else ():
-        create_model(arch, data.num_classes, small_input=small_input)  # fail fast on unknown names
+        create_model(arch, data.num_classes, small_input=teacher_small)  # fail fast on unknown names
     run_dir = make_run_dir(cfg)
     if run_dir.exists() and cfg.run.overwrite:
         import shutil
@@ -670,33 +857,33 @@ def run(cfg: Config) -> dict[str, Any]:
     say(f"run directory: {run_dir}  (device {device}, {data.num_classes} classes, "
         f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
 
-    loaders = {
-        "train": make_loader(data.train, d.batch_size, train=True, workers=d.workers, seed=cfg.run.seed),
-        "val": make_loader(data.val, d.eval_batch_size, train=False, workers=d.workers),
-        "test": make_loader(data.test, d.eval_batch_size, train=False, workers=d.workers),
-    }
+    loaders = build_loaders(cfg, data, device)
+    if isinstance(loaders["train"], DeviceLoader):
+        say(f"data: device-resident loader on {device} (--data.loader {d.loader})")
     t_start = time.time()
     summary: dict[str, Any] = {"method": cfg.method, "dataset": d.dataset, "num_classes": data.num_classes,
                                "run_dir": str(run_dir)}
 
     if cfg.method == "teacher":
         for arch, (model, val_acc) in zip(cfg.teachers.models, load_teachers(cfg, data, loaders, device, logger,
-                                                                              small_input)):
+                                                                              teacher_small)):
             summary[f"teacher/{arch}/val_acc"] = val_acc
             summary[f"teacher/{arch}/test_acc"] = evaluate_acc(model, loaders["test"], device)
     else:
         teachers = []
         if METHODS[cfg.method][0].uses_teachers:
-            all_teachers = load_teachers(cfg, data, loaders, device, logger, small_input)
+            all_teachers = load_teachers(cfg, data, loaders, device, logger, teacher_small)
             for arch, (m, acc) in zip(cfg.teachers.models, all_teachers):
                 summary[f"teacher/{arch}/val_acc"] = acc
             teachers = select_teachers(cfg, all_teachers)
         student = prepare(student, cfg, device)
         method_cls, _ = METHODS[cfg.method]
         method = method_cls(getattr(cfg, cfg.method, None), student, teachers, num_classes=data.num_classes,
-                            num_train=len(data.train), label_smoothing=cfg.optim.label_smoothing).to(device)
+                            num_train=len(data.train), label_smoothing=cfg.optim.label_smoothing,
+                            image_size=data.image_size,
+                            train_labels=train_labels_of(data) if method_cls.needs_index else None).to(device)
         tr = make_trainer(cfg, student, method, teachers, device, cfg.optim.lr, cfg.optim.epochs,
-                          steps_per_epoch(cfg, loaders["train"]), data.num_classes)
+                          steps_per_epoch(cfg, loaders["train"]), data.num_classes, distill=bool(teachers))
         res = fit(tr, loaders["train"], loaders["val"], cfg.optim.epochs, cfg.method, logger,
                   Checkpointer(run_dir, cfg))
         summary["last/test_acc"] = evaluate_acc(student, loaders["test"], device)

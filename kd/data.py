@@ -82,6 +82,10 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
         return self.transform(self.images[i]), int(self.labels[i]), i
 
+    def tensor_view(self) -> tuple[Tensor, Tensor]:
+        """(uint8 images [N,3,H,W] at native resolution, int64 labels [N]) for a device-resident loader."""
+        return self.images, self.labels
+
 
 class FileSubset(Dataset):
     """A subset of an ImageFolder (decoded from disk per item) with its own transform; item i = (x, label, i)."""
@@ -135,18 +139,26 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int = 0, 
 # ----------------------------------------------------------------------------------------------- transforms
 
 
-def _tensor_transform(native: int, size: int, mean, std, augment: bool) -> v2.Transform:
-    """uint8 [3,H,W] -> (resize) -> (random crop, pad size//8 + flip) -> float normalised."""
+def _randaugment(randaugment: tuple[int, int]) -> list[v2.Transform]:
+    """RandAugment (Cubuk et al., 2020) with N ops of magnitude M (of 30), or nothing for (0, 0)."""
+    num_ops, magnitude = randaugment
+    return [v2.RandAugment(num_ops=num_ops, magnitude=magnitude)] if num_ops > 0 else []
+
+
+def _tensor_transform(native: int, size: int, mean, std, augment: bool,
+                      randaugment: tuple[int, int] = (0, 0)) -> v2.Transform:
+    """uint8 [3,H,W] -> (resize) -> (random crop, pad size//8 + flip, RandAugment) -> float normalised."""
     steps: list[v2.Transform] = [v2.Resize((size, size), antialias=True)] if size != native else []
     if augment:
-        steps += [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
+        steps += [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip(), *_randaugment(randaugment)]
     return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def _file_transform(size: int, mean, std, augment: bool) -> v2.Transform:
-    """PIL image -> ImageNet-style RandomResizedCrop + flip (train) or Resize + CenterCrop (eval), normalised."""
+def _file_transform(size: int, mean, std, augment: bool, randaugment: tuple[int, int] = (0, 0)) -> v2.Transform:
+    """PIL image -> ImageNet-style RandomResizedCrop + flip (+ RandAugment) (train) or Resize + CenterCrop
+    (eval), normalised."""
     if augment:
-        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *_randaugment(randaugment)]
     else:  # the usual 224/256 ratio
         steps = [v2.Resize(math.ceil(size / 0.875), antialias=True), v2.CenterCrop(size)]
     return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
@@ -405,16 +417,20 @@ def _load_imagefolder(root: Path) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
 
 
 def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int = 0, image_size: int = 0,
-               aug: bool = True, synthetic: SyntheticSpec = SyntheticSpec()) -> DataSplits:
+               aug: bool = True, synthetic: SyntheticSpec = SyntheticSpec(),
+               randaugment: tuple[int, int] = (0, 0)) -> DataSplits:
     """Train / val (held out from train, eval transform) / test splits of `dataset` at `root`.
 
-    image_size: 0 = native (imagefolder: 224), > 0 resizes. aug: train-time augmentation."""
+    image_size: 0 = native (imagefolder: 224), > 0 resizes. aug: train-time augmentation.
+    randaugment: (N ops, magnitude M of 30) added to the training augmentation when aug; (0, 0) = off."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if image_size < 0:
         raise ConfigError(f"image_size must be >= 0 (0 = native), got {image_size}")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(randaugment) != 2 or randaugment[0] < 0 or not 0 <= randaugment[1] <= 30:
+        raise ConfigError(f"randaugment must be (N >= 0, M in [0, 30]), got {tuple(randaugment)}")
     root_path = Path(root).expanduser()
 
     if dataset == "imagefolder":
@@ -425,7 +441,8 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
         train_idx, val_idx = stratified_split(labels, val_fraction, seed)
         eval_tf = _file_transform(size, IMAGENET_MEAN, IMAGENET_STD, augment=False)
         return DataSplits(
-            train=FileSubset(train_folder, train_idx, _file_transform(size, IMAGENET_MEAN, IMAGENET_STD, aug)),
+            train=FileSubset(train_folder, train_idx,
+                             _file_transform(size, IMAGENET_MEAN, IMAGENET_STD, aug, randaugment)),
             val=FileSubset(train_folder, val_idx, eval_tf),
             test=FileSubset(test_folder, torch.arange(len(test_folder)), eval_tf),
             num_classes=num_classes, image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -446,7 +463,8 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
     eval_tf = _tensor_transform(native, size, mean, std, augment=False)
     train_images, train_labels = images[train_idx], labels[train_idx]
     return DataSplits(
-        train=TensorImageDataset(train_images, train_labels, _tensor_transform(native, size, mean, std, aug)),
+        train=TensorImageDataset(train_images, train_labels,
+                                 _tensor_transform(native, size, mean, std, aug, randaugment)),
         val=TensorImageDataset(images[val_idx], labels[val_idx], eval_tf),
         test=TensorImageDataset(test_images, test_labels, eval_tf),
         num_classes=num_classes, image_size=size, mean=mean, std=std, class_names=class_names,

@@ -4,7 +4,7 @@ Policies (what stays trainable; everything else gets requires_grad=False):
 - `none`: everything.
 - `head`: the classifier.
 - `bn_head`: the affine parameters of every normalisation layer (BatchNorm*, timm's
-  BatchNormAct2d, LayerNorm, LayerNorm2d, GroupNorm, RMSNorm) plus the classifier.
+  BatchNormAct2d, LayerNorm, LayerNorm2d, GroupNorm, RMSNorm and timm's RmsNorm) plus the classifier.
 - `adapter`: the adapter plus the classifier (the model must have an adapter).
 - `last_block`: the backbone's last feature stage (the last entry of timm's `feature_info`) and
   every parameter after it in forward order (final conv/norm/head), found generically: the
@@ -14,22 +14,31 @@ When the model has an adapter, it is trainable under every policy: it only exist
 and a frozen randomly initialised adapter would perturb the features for nothing.
 
 Norm layers are detected by class (torch's `_NormBase`, `LayerNorm`, `GroupNorm`, `RMSNorm`, of
-which timm's norm layers are subclasses), never by parameter name (bug 12 of the old code base).
+which most timm norm layers are subclasses, plus timm's RMS norms), never by parameter name
+(bug 12 of the old code base).
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import timm.layers
 from torch import nn
 
 from .errors import ConfigError
 
 FREEZE_POLICIES = ("none", "head", "bn_head", "adapter", "last_block")
 
-_NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+# torch's base classes cover timm's BatchNormAct2d, LayerNorm(2d), LayerNormAct and GroupNorm1;
+# timm's RMS / "simple" norms subclass nn.Module directly, so they are listed by name.
+_NORM_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *(getattr(nn, "RMSNorm", None),),
+    *(getattr(timm.layers, n, None) for n in ("RmsNorm", "RmsNorm2d", "SimpleNorm", "SimpleNorm2d")),
 )
+_NORM_TYPES = tuple(t for t in _NORM_TYPES if t is not None)
 # Policies under which norm layers are trained as a whole (running statistics included).
 _NORM_TRAINED_POLICIES = ("none", "bn_head")
 

@@ -13,7 +13,6 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -100,14 +99,14 @@ class AttnMBM(nn.Module):
             q = self.q_proj(query)
         kv = torch.stack([proj(f) for proj, f in zip(self.kv_projs, feats)], dim=1)  # [B, N, 2E]
         k, v = kv.chunk(2, dim=-1)
-        q = rearrange(q, "b (h d) -> b h 1 d", h=self.n_head)
+        q = rearrange(q, "b (h d) -> b h d", h=self.n_head)
         k = rearrange(k, "b n (h d) -> b h n d", h=self.n_head)
         v = rearrange(v, "b n (h d) -> b h n d", h=self.n_head)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, 1, N]
-        weights = scores.softmax(dim=-1)
-        out = self.attn_drop(weights) @ v  # [B, H, 1, d]
-        h = self.out_proj(rearrange(out, "b h 1 d -> b (h d)"))
-        return MBMOutput(h=h, attn=weights.squeeze(2))
+        scores = torch.einsum("bhd,bhnd->bhn", q, k) / math.sqrt(q.shape[-1])  # one query token
+        weights = scores.softmax(dim=-1)  # [B, H, N]
+        out = torch.einsum("bhn,bhnd->bhd", self.attn_drop(weights), v)
+        h = self.out_proj(rearrange(out, "b h d -> b (h d)"))
+        return MBMOutput(h=h, attn=weights)
 
 
 class MLPMBM(nn.Module):

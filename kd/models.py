@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import zoo as _zoo  # noqa: F401  (registers the CIFAR KD zoo with timm)
@@ -71,13 +72,48 @@ class KDModel(nn.Module):
         self.adapter_dim = adapter_dim
         self.adapter = ResidualAdapter(self.num_features, adapter_dim) if adapter_dim > 0 else None
         self._maps_kwargs = _intermediates_kwargs(backbone)  # None: the model cannot return maps
+        # optional input adapter (set_input_transform); non-persistent: never in checkpoints
+        self.register_buffer("input_scale", None, persistent=False)
+        self.register_buffer("input_shift", None, persistent=False)
+        self.input_size: int | None = None
+        self.input_transform: dict[str, Any] | None = None  # the arguments, for records; None = identity
 
     @property
     def classifier(self) -> nn.Module:
         """The timm classifier (a property, so its weights live once in the state dict, under backbone.)."""
         return self.backbone.get_classifier()
 
+    def set_input_transform(self, data_mean: tuple[float, ...], data_std: tuple[float, ...],
+                            model_mean: tuple[float, ...], model_std: tuple[float, ...], size: int = 0) -> None:
+        """Let this model take batches normalised with the data's stats while it expects its own
+        (e.g. a pretrained teacher's pretrained_cfg mean/std) and/or another resolution, so one batch
+        feeds student and teachers: x -> (x * data_std + data_mean - model_mean) / model_std, per channel,
+        folded into one multiply-add; then a bilinear (antialiased) resize to `size` px when size > 0 and
+        the input differs. Matching stats and size 0 remove the adapter (identity, no cost)."""
+        d_mean, d_std, m_mean, m_std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                                        for v in (data_mean, data_std, model_mean, model_std))
+        scale, shift = d_std / m_std, (d_mean - m_mean) / m_std
+        device = next(self.parameters()).device
+        same_stats = torch.allclose(scale, torch.ones_like(scale)) and torch.allclose(shift, torch.zeros_like(shift))
+        self.input_scale = None if same_stats else scale.to(device)
+        self.input_shift = None if same_stats else shift.to(device)
+        self.input_size = size if size > 0 else None
+        identity = same_stats and self.input_size is None
+        self.input_transform = None if identity else {
+            "data_mean": list(data_mean), "data_std": list(data_std), "model_mean": list(model_mean),
+            "model_std": list(model_std), "size": size}
+
+    def adapt_input(self, x: Tensor) -> Tensor:
+        """The input adapter of set_input_transform (identity when none is set). x [B,3,H,W]."""
+        if self.input_scale is not None:
+            x = torch.addcmul(self.input_shift, x, self.input_scale)
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return x
+
     def forward(self, x: Tensor, with_maps: bool = False) -> ModelOutput:
+        x = self.adapt_input(x)
         maps = None
         if with_maps:
             if self._maps_kwargs is None:

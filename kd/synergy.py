@@ -36,6 +36,8 @@ FEAT_KD_NORMS = ("none", "l2")
 
 def weight_vector(weights: Mapping[str, float], phase: str, device: torch.device | str = "cpu") -> Tensor:
     """Pack named weights into the 1-D tensor `synergy_losses` expects (missing names weigh 0)."""
+    if phase not in PHASES:
+        raise ConfigError(f"unknown synergy phase {phase!r}; choose one of {', '.join(PHASES)}")
     names = PHASE_A_TERMS if phase == "A" else PHASE_B_TERMS
     unknown = set(weights) - set(names)
     if unknown:
@@ -146,10 +148,13 @@ def synergy_losses(
     return z_syn, out.h, terms
 
 
-F_ = TypeVar("F_", bound=Callable)
+FnT = TypeVar("FnT", bound=Callable)
 
 
-def compile_synergy(fn: F_, enabled: bool) -> F_:
+def compile_synergy(fn: FnT, enabled: bool) -> FnT:
     """torch.compile(fn, fullgraph=True, dynamic=False) when enabled, else fn unchanged.
-    Static shapes: keep the batch size fixed (drop_last=True) or each new size compiles once more."""
+    Static shapes: keep the batch size fixed (drop_last=True) or each new size compiles once more.
+    Pass weights, temperature and hybrid_beta as tensors (Python floats are baked into the graph).
+    Random ops (IB noise, dropout) use inductor's RNG when compiled: same distribution, different
+    draws than eager (torch._inductor.config.fallback_random=True makes them match)."""
     return torch.compile(fn, fullgraph=True, dynamic=False) if enabled else fn

@@ -15,7 +15,9 @@ from kd.errors import ConfigError
 from kd.freeze import FREEZE_POLICIES, apply_freeze, count_params, freeze_report, set_train, train_mode, trainable_params
 from kd.models import KDModel, create_model
 
-SWIN_SMALL = dict(img_size=32, window_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+# patch 2 on 32 px: 16x16 tokens, so the last stage is 2x2 (a 1x1 stage attends to one token and its
+# relative position bias would get no gradient).
+SWIN_SMALL = dict(img_size=32, patch_size=2, window_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 # family -> (timm name, extra kwargs, classifier prefix, last-block prefixes written out by hand)
 FAMILIES = {
     "resnet": ("resnet10t", {}, "fc", ("layer4", "fc")),

@@ -40,7 +40,12 @@ class Method(nn.Module):
     needs_index: ClassVar[bool] = False  # True: uses sample indices (CRD)
 
     def __init__(self, cfg, student: KDModel, teachers: list[KDModel], *, num_classes: int,
-                 num_train: int, label_smoothing: float = 0.0):
+                 num_train: int, label_smoothing: float = 0.0, image_size: int = 0,
+                 train_labels: Tensor | None = None):
+        """`image_size`: side of the training images (0 = unknown), for methods that probe feature-map
+        shapes to size their auxiliary modules (FitNet). `train_labels`: [num_train] int64 labels of
+        the training split in loader index order, for methods that sample by class (CRD); others
+        ignore both."""
         # The models are not registered as submodules: the loop trains and saves them; the method's
         # state_dict holds only its own auxiliary modules and buffers.
         super().__init__()
@@ -48,6 +53,7 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.num_train = num_train
         self.label_smoothing = label_smoothing
+        self.image_size = image_size
 
     def loss_terms(self, inp: StepInputs) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -58,6 +64,22 @@ class Method(nn.Module):
 
     def forward(self, inp: StepInputs) -> dict[str, Tensor]:
         return self.loss_terms(inp)
+
+
+@torch.no_grad()
+def map_shapes(model: KDModel, image_size: int) -> list[tuple[int, int, int]]:
+    """(C, H, W) of each map model(x, with_maps=True) returns for `image_size` px inputs, from one
+    forward of a zero image in eval mode (so BatchNorm statistics are untouched)."""
+    modes = {m: m.training for m in model.modules()}  # restored per module (e.g. partly frozen models)
+    param = next(model.parameters())
+    try:
+        model.eval()
+        x = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+        maps = model(x, with_maps=True).maps
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return [tuple(m.shape[1:]) for m in maps]
 
 
 def teacher_logits(inp: StepInputs) -> Tensor:

@@ -1,0 +1,170 @@
+"""A device-resident loader for tensor-backed datasets (synthetic, CIFAR-100, Tiny-ImageNet).
+
+The decoded uint8 dataset [N,3,H,W] lives on the training device. Each batch is gathered, (resized),
+randomly cropped with zero padding (pad = size // 8: 32 px -> 4, 64 px -> 8), horizontally flipped,
+converted to float and normalised on that device in a few batched ops: no workers, no PIL, no Python
+loop over samples. It is the same augmentation as kd.data's DataLoader path (torchvision's RandomCrop
+with padding + RandomHorizontalFlip), with the per-sample randomness drawn from a seeded
+torch.Generator on the device, so a run is reproducible and its position can be saved and restored.
+
+Batches are `(x float32 [B,3,S,S], y int64 [B], index int64 [B])` like the DataLoader path, where
+`index` is the sample's position in its split.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import CheckpointError, ConfigError
+
+
+def crop_padding(size: int) -> int:
+    """Zero padding of the random crop for `size` px images: size // 8 (32 px -> 4, 64 px -> 8)."""
+    return size // 8
+
+
+def sample_crop_flip(n: int, pad: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Per-sample crop offsets and flips, drawn on the generator's device.
+
+    Returns offsets int64 [n, 2] (top, left), each uniform in [0, 2*pad] like torchvision's
+    RandomCrop on a padded image, and flips bool [n], each True with probability 0.5."""
+    device = generator.device
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=device)
+    flips = torch.rand(n, generator=generator, device=device) < 0.5
+    return offsets, flips
+
+
+def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, pad: int) -> Tensor:
+    """Random crop with zero padding + horizontal flip of a whole batch, in one gather.
+
+    images [B,C,H,W] (any dtype), offsets int64 [B,2] (top, left) in the padded image, flips bool [B].
+    Output [B,C,H,W]: out[b] = window of pad(images[b]) at offsets[b], mirrored left-right when flips[b].
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad > 0 else images
+    device = images.device
+    rows = offsets[:, 0, None] + torch.arange(h, device=device)  # [B, H]
+    cols = offsets[:, 1, None] + torch.arange(w, device=device)  # [B, W]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping the crop = reading its columns backwards
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def to_normalised_float(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 [B,3,H,W] -> float32 scaled to [0, 1] and normalised per channel (as the DataLoader path)."""
+    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), list(mean), list(std), inplace=True)
+
+
+class DeviceLoader:
+    """Iterates `(x, y, index)` batches of a uint8 image tensor kept on `device`.
+
+    train=True: reshuffled every epoch from the seeded generator, the incomplete last batch dropped
+    (fixed shapes), augmented when `augment`. train=False: in order, every sample kept, no augmentation.
+    `image_size` > 0 resizes (bilinear, antialiased, like kd.data's Resize) when it differs from the
+    stored size. The state (`state_dict()`) is the generator state at the start of the current epoch,
+    the epoch count and the position in it: every draw of an epoch is made at its start, so restoring
+    it and skipping `position` batches reproduces the rest of the epoch exactly.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: Sequence[float],
+                 std: Sequence[float], train: bool, augment: bool = True, image_size: int = 0,
+                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ConfigError(f"DeviceLoader needs uint8 images [N,3,H,W], got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ConfigError(f"{len(images)} images but {len(labels)} labels")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.drop_last = train if drop_last is None else drop_last
+        if self.drop_last and len(images) < batch_size:
+            raise ConfigError(f"batch_size {batch_size} is larger than the split ({len(images)} samples); lower it")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)  # one copy, resident for the whole run
+        self.labels = labels.to(self.device, torch.int64)
+        self.batch_size, self.train = batch_size, train
+        self.augment = train and augment
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.native = images.shape[-1]
+        self.size = image_size or self.native
+        self.pad = crop_padding(self.size)
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.epoch = 0  # epochs started
+        self.position = 0  # batches yielded in the current epoch
+        self._epoch_start = self.generator.get_state()
+        self._resume = False
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def _draw_epoch(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The epoch's order [N] and, when augmenting, offsets [n,2] / flips [n] for the n samples used."""
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(n, device=self.device), None, None
+        order = torch.randperm(n, generator=self.generator, device=self.device)
+        if not self.augment:
+            return order, None, None
+        offsets, flips = sample_crop_flip(min(n, len(self) * self.batch_size), self.pad, self.generator)
+        return order, offsets, flips
+
+    def make_batch(self, index: Tensor, offsets: Tensor | None, flips: Tensor | None) -> Tensor:
+        """The float batch for dataset positions `index` [B]: gather, resize, crop+flip, normalise."""
+        x = self.images[index]
+        if self.size != self.native:
+            x = TF.resize(x, [self.size, self.size], antialias=True)
+        if offsets is not None:
+            x = crop_flip(x, offsets, flips, self.pad)
+        return to_normalised_float(x, self.mean, self.std)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        if self._resume:  # continue the restored epoch: same draws, skip the batches already seen
+            self._resume = False
+            self.generator.set_state(self._epoch_start)
+        else:
+            self.epoch += 1
+            self.position = 0
+            self._epoch_start = self.generator.get_state()
+        order, offsets, flips = self._draw_epoch()
+        bs = self.batch_size
+        for i in range(self.position, len(self)):
+            sl = slice(i * bs, (i + 1) * bs)
+            index = order[sl]
+            x = self.make_batch(index, offsets[sl] if offsets is not None else None,
+                                flips[sl] if flips is not None else None)
+            self.position = i + 1
+            yield x, self.labels[index], index
+
+    def state_dict(self) -> dict[str, Any]:
+        """{epoch, position, generator (state at the start of the epoch), seed, num_samples, batch_size}."""
+        return {"epoch": self.epoch, "position": self.position, "generator": self._epoch_start.clone(),
+                "seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state_dict(): the next iteration continues that epoch at `position` (or, when the
+        epoch was complete, starts the next one exactly as the saved run would have)."""
+        for key in ("num_samples", "batch_size"):
+            if state.get(key) != getattr(self, key):
+                raise CheckpointError(f"loader state is for {key}={state.get(key)}, "
+                                      f"this loader has {getattr(self, key)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._epoch_start = state["generator"].clone()
+        self.generator.set_state(self._epoch_start)
+        if self.epoch == 0:
+            return
+        if self.position < len(self):
+            self._resume = True
+        else:  # the saved epoch was finished: replay its draws so the generator is where it was
+            self._draw_epoch()

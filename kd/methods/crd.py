@@ -1,0 +1,115 @@
+"""Contrastive Representation Distillation (Tian et al., ICLR 2020), as in RepDistiller's CRDLoss:
+CE on labels + the NCE contrast between student and teacher embeddings of the pooled features.
+Published CIFAR-100 defaults: CRD weight 0.8, CE 1 (RepDistiller's KD term has weight 0 and is left
+out), 128-d embeddings, 16384 negatives, temperature 0.07, memory momentum 0.5.
+
+State, all in the method (so in the optimiser and in checkpoints):
+  - embed_s, embed_t: linear heads on the student / teacher pooled features, outputs L2-normalised;
+    both are trained (the teacher itself stays frozen).
+  - memory_s, memory_t: [num_train, embed_dim] momentum memory banks of student / teacher embeddings
+    (buffers), updated at the batch's sample indices after each training step's scores.
+  - z_s, z_t: the NCE normalising constants, estimated on the first training batch, then fixed
+    (buffers; 0 means not yet estimated).
+Negatives: per sample, `nce_k` training indices drawn without replacement from the other classes,
+capped at the fewest other-class samples any class has (small datasets). Needs the training labels
+(`train_labels` in loader index order) and the loader's sample indices.
+
+With two selected teachers (`--teachers.select both`) the first one is contrasted: CRD's teacher
+memory bank holds one network's embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..losses import crd_contrast, crd_init_memory, crd_loss, crd_sample_negatives, crd_update_memory, cross_entropy
+from ..models import KDModel
+from .base import Method, StepInputs
+
+
+@dataclass
+class CRDCfg:
+    """--method crd: contrastive representation distillation."""
+
+    crd_weight: float = 0.8
+    """weight of the CRD (NCE) term."""
+    ce_weight: float = 1.0
+    """weight of the cross-entropy on labels."""
+    embed_dim: int = 128
+    """dimension of the L2-normalised student and teacher embeddings."""
+    nce_k: int = 16384
+    """negatives per sample, drawn from other classes (capped at what the training set has)."""
+    nce_t: float = 0.07
+    """temperature of the contrast scores exp(<e_s, e_t> / T)."""
+    momentum: float = 0.5
+    """momentum of the memory-bank update (share of the old entry kept)."""
+
+    def check(self) -> None:
+        if self.embed_dim < 1 or self.nce_k < 1:
+            raise ConfigError("--crd.embed-dim and --crd.nce-k must be >= 1")
+        if self.nce_t <= 0:
+            raise ConfigError(f"--crd.nce-t must be > 0, got {self.nce_t}")
+        if not self.momentum < 1:
+            raise ConfigError(f"--crd.momentum must be in [0, 1), got {self.momentum}")
+
+
+def num_negatives(train_labels: Tensor, nce_k: int) -> int:
+    """min(nce_k, fewest samples outside any one class): every anchor can draw that many distinct negatives."""
+    largest_class = int(torch.bincount(train_labels).max())
+    return min(nce_k, len(train_labels) - largest_class)
+
+
+class CRD(Method):
+    name = "crd"
+    needs_index = True
+
+    def __init__(self, cfg: CRDCfg, student: KDModel, teachers: list[KDModel], *,
+                 train_labels: Tensor | None = None, **kwargs):
+        super().__init__(cfg, student, teachers, **kwargs)
+        if train_labels is None or len(train_labels) != self.num_train:
+            raise ConfigError(f"crd needs the {self.num_train} training labels (train_labels=...)")
+        self.k = num_negatives(train_labels, cfg.nce_k)
+        if self.k < 1:
+            raise ConfigError("crd needs at least two classes in the training set to draw negatives")
+        self.embed_s = nn.Linear(student.num_features, cfg.embed_dim)
+        self.embed_t = nn.Linear(teachers[0].num_features, cfg.embed_dim)
+        self.register_buffer("train_labels", train_labels.long().clone(), persistent=False)
+        self.register_buffer("memory_s", crd_init_memory(self.num_train, cfg.embed_dim))
+        self.register_buffer("memory_t", crd_init_memory(self.num_train, cfg.embed_dim))
+        self.register_buffer("z_s", torch.zeros(()))
+        self.register_buffer("z_t", torch.zeros(()))
+
+    def crd_term(self, f_s: Tensor, f_t: Tensor, index: Tensor) -> Tensor:
+        """The CRD loss of one batch of pooled features; in training mode also updates the memory
+        banks and, on the first batch, fixes z. Runs in float32 without autocast: exp(./0.07)
+        reaches ~1e6, beyond float16."""
+        with torch.autocast(f_s.device.type, enabled=False):
+            e_s = F.normalize(self.embed_s(f_s.float()), dim=1)
+            e_t = F.normalize(self.embed_t(f_t.float()), dim=1)
+            contrast_idx = crd_sample_negatives(self.train_labels, index, self.k)
+            z_known = bool(self.z_s > 0)  # one host sync; the negative sampling syncs anyway
+            scores_s, scores_t, z_s, z_t = crd_contrast(
+                e_s, e_t, self.memory_s, self.memory_t, contrast_idx, self.cfg.nce_t,
+                self.z_s if z_known else None, self.z_t if z_known else None)
+            loss = crd_loss(scores_s, scores_t, self.num_train)
+        if self.training:
+            if not z_known:
+                self.z_s.copy_(z_s)
+                self.z_t.copy_(z_t)
+            self.memory_s = crd_update_memory(self.memory_s, e_s, index, self.cfg.momentum)
+            self.memory_t = crd_update_memory(self.memory_t, e_t, index, self.cfg.momentum)
+        return loss
+
+    def loss_terms(self, inp: StepInputs) -> dict[str, Tensor]:
+        return {
+            "ce": cross_entropy(inp.student.logits, inp.target, self.label_smoothing),
+            "crd": self.crd_term(inp.student.feature, inp.teachers[0].feature.detach(), inp.index),
+        }
+
+    def loss_weights(self, epoch: int) -> dict[str, float]:
+        return {"ce": self.cfg.ce_weight, "crd": self.cfg.crd_weight}

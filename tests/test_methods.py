@@ -1,0 +1,263 @@
+"""Baseline methods (kd/methods/*): named terms, gradients, auxiliary modules, schedules, CRD state,
+logit standardisation, and one short train.py run per method."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd.errors import ConfigError
+from kd.losses import at_loss, dist_loss, dkd_loss, kd_loss, pkt_loss, rkd_loss, sp_loss, standardize_logits
+from kd.methods import METHODS, StepInputs
+from kd.methods.crd import CRDCfg
+from kd.methods.dkd import DKDCfg
+from kd.methods.fitnet import hint_regressor
+from kd.methods.kd import KDCfg
+from kd.models import ModelOutput, create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+NUM_CLASSES, NUM_TRAIN, BATCH = 10, 40, 8
+TRAIN_LABELS = torch.arange(NUM_TRAIN) % NUM_CLASSES
+BASELINES = ["kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist"]
+TERMS = {"kd": "kd", "fitnet": "hint", "at": "at", "dkd": "dkd", "crd": "crd", "rkd": "rkd", "pkt": "pkt",
+         "sp": "sp", "dist": "dist"}
+AUX = {"fitnet": {"regressor"}, "crd": {"embed_s", "embed_t"}}
+# published CIFAR-100 defaults (DKD at epoch 1 of a 20-epoch warm-up)
+WEIGHTS_EPOCH1 = {"kd": 0.9, "fitnet": 100.0, "at": 1000.0, "dkd": 0.05, "crd": 0.8, "rkd": 1.0, "pkt": 30000.0,
+                  "sp": 3000.0, "dist": 2.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    student = create_model("resnet8", NUM_CLASSES)
+    teachers = [create_model(a, NUM_CLASSES).eval().requires_grad_(False) for a in ("resnet20", "wrn_16_2")]
+    return student, teachers
+
+
+def build(name, student, teachers, cfg=None, **kw):
+    cls, cfg_cls = METHODS[name]
+    kw = {"num_classes": NUM_CLASSES, "num_train": NUM_TRAIN, "image_size": 32, "train_labels": TRAIN_LABELS, **kw}
+    return cls(cfg if cfg is not None else cfg_cls(), student, teachers, **kw)
+
+
+def step_inputs(method, student, teachers, seed=0, index=None, epoch=1) -> StepInputs:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, 3, 32, 32, generator=g)
+    y = torch.randperm(NUM_CLASSES, generator=g)[:BATCH]
+    maps = method.needs_maps
+    with torch.no_grad():
+        t_outs = [t(x, with_maps=maps) for t in teachers]
+    index = torch.arange(BATCH) if index is None else index
+    return StepInputs(x=x, target=y, index=index, epoch=epoch, student=student(x, with_maps=maps), teachers=t_outs)
+
+
+def nonzero_grad(loss, params) -> bool:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_terms_are_finite_with_gradients_and_aux_params_are_trained(nets, name):
+    student, teachers = nets
+    method = build(name, student, teachers[:1])
+    terms = method(step_inputs(method, student, teachers[:1]))
+    assert set(terms) == {"ce", TERMS[name]}
+    assert set(method.loss_weights(1)) == set(terms)
+    assert method.loss_weights(1)[TERMS[name]] == pytest.approx(WEIGHTS_EPOCH1[name])
+    assert {n.split(".")[0] for n, _ in method.named_parameters()} == AUX.get(name, set())
+    for key, value in terms.items():
+        assert value.ndim == 0 and torch.isfinite(value), key
+        assert nonzero_grad(value, list(student.parameters())), key
+    for module in AUX.get(name, ()):
+        assert nonzero_grad(terms[TERMS[name]], list(getattr(method, module).parameters())), module
+
+
+def test_feature_terms_use_the_documented_taps_and_the_first_teacher(nets):
+    student, teachers = nets  # two teachers: feature methods read teachers[0] only
+    expected = {
+        "at": lambda s, t: at_loss(s.maps[-3:], t.maps[-3:]),
+        "sp": lambda s, t: sp_loss(s.maps[-1:], t.maps[-1:]),
+        "rkd": lambda s, t: rkd_loss(s.feature, t.feature, 25.0, 50.0),
+        "pkt": lambda s, t: pkt_loss(s.feature, t.feature),
+    }
+    for name, loss in expected.items():
+        method = build(name, student, teachers)
+        inp = step_inputs(method, student, teachers)
+        got = method(inp)[name]
+        assert got.item() == pytest.approx(loss(inp.student, inp.teachers[0]).item(), rel=1e-6), name
+        assert got.item() != pytest.approx(loss(inp.student, inp.teachers[1]).item(), rel=1e-3), name
+
+
+def test_fitnet_regressor_maps_middle_stage_to_first_teacher(nets):
+    student, teachers = nets
+    method = build("fitnet", student, teachers[::-1])  # wrn_16_2 first: middle map [64, 16, 16]
+    inp = step_inputs(method, student, teachers[::-1])
+    assert method.student_index == 2 and method.teacher_index == 2
+    hint = method.regressor(inp.student.maps[2])
+    assert hint.shape == inp.teachers[0].maps[2].shape == (BATCH, 64, 16, 16)
+    assert method(inp)["hint"].item() == pytest.approx(F.mse_loss(hint, inp.teachers[0].maps[2]).item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="image size"):
+        build("fitnet", student, teachers, image_size=0)
+
+
+@pytest.mark.parametrize("s_hw,t_hw,first", [
+    ((16, 16), (16, 16), torch.nn.Conv2d),
+    ((32, 32), (16, 16), torch.nn.Conv2d),  # 3x3 stride 2
+    ((32, 32), (8, 8), torch.nn.Conv2d),  # 3x3 stride 4
+    ((8, 8), (16, 16), torch.nn.ConvTranspose2d),  # 4/2/1
+    ((4, 4), (12, 12), torch.nn.ConvTranspose2d),  # odd factor 3
+    ((12, 12), (8, 8), torch.nn.AdaptiveAvgPool2d),
+    ((7, 7), (8, 8), torch.nn.Upsample),
+])
+def test_hint_regressor_output_matches_teacher_shape(s_hw, t_hw, first):
+    reg = hint_regressor((5, *s_hw), (6, *t_hw))
+    assert isinstance(reg[0], first)
+    assert isinstance(reg[-2], torch.nn.BatchNorm2d) and isinstance(reg[-1], torch.nn.ReLU)
+    assert reg(torch.randn(2, 5, *s_hw)).shape == (2, 6, *t_hw)
+
+
+def test_dkd_warmup_schedule():
+    dkd = METHODS["dkd"][0](DKDCfg(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    assert [dkd.loss_weights(e)["dkd"] for e in (1, 10, 20, 21, 240)] == pytest.approx([0.05, 0.5, 1, 1, 1])
+    assert dkd.loss_weights(1)["ce"] == 1.0
+    no_warmup = METHODS["dkd"][0](DKDCfg(warmup=0), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    assert no_warmup.loss_weights(1)["dkd"] == 1.0
+
+
+def logit_inputs(scale=1.0, shift=0.0, soft=False) -> StepInputs:
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(BATCH, NUM_CLASSES, generator=g) * 2, torch.randn(BATCH, NUM_CLASSES, generator=g) * 5
+    y = torch.arange(BATCH) % NUM_CLASSES
+    target = F.one_hot(y, NUM_CLASSES).float() * 0.7 + 0.03 if soft else y
+    out = lambda z: ModelOutput(torch.zeros(BATCH, 4), z, None)  # noqa: E731
+    return StepInputs(x=torch.zeros(BATCH, 3, 2, 2), target=target, index=torch.arange(BATCH), epoch=1,
+                      student=out(s), teachers=[out(t * scale + shift)])
+
+
+def test_standardize_applies_logit_standardisation_to_kd_and_dkd():
+    kd_plain = METHODS["kd"][0](KDCfg(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    kd_std = METHODS["kd"][0](KDCfg(standardize=True), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    inp = logit_inputs()
+    s, t = inp.student.logits, inp.teachers[0].logits
+    plain, std = kd_plain(inp), kd_std(inp)
+    assert std["ce"].item() == plain["ce"].item()  # CE always sees the raw logits
+    assert plain["kd"].item() == pytest.approx(kd_loss(s, t, 4.0).item())
+    assert std["kd"].item() == pytest.approx(kd_loss(standardize_logits(s), standardize_logits(t), 4.0).item())
+    assert std["kd"].item() != pytest.approx(plain["kd"].item(), rel=1e-2)
+    # standardised KD ignores the teacher's logit scale and offset; plain KD does not
+    rescaled = logit_inputs(scale=3.0, shift=-2.0)
+    assert kd_std(rescaled)["kd"].item() == pytest.approx(std["kd"].item(), rel=1e-5)
+    assert kd_plain(rescaled)["kd"].item() != pytest.approx(plain["kd"].item(), rel=1e-2)
+
+    y = inp.target
+    dkd_std = METHODS["dkd"][0](DKDCfg(standardize=True), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    want = dkd_loss(standardize_logits(s), standardize_logits(t), y, 1.0, 8.0, 4.0)
+    assert dkd_std(inp)["dkd"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert dkd_std(rescaled)["dkd"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_dkd_and_dist_logit_terms():
+    inp = logit_inputs()
+    s, t, y = inp.student.logits, inp.teachers[0].logits, inp.target
+    dkd = METHODS["dkd"][0](DKDCfg(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    assert dkd(inp)["dkd"].item() == pytest.approx(dkd_loss(s, t, y, 1.0, 8.0, 4.0).item())
+    soft = logit_inputs(soft=True)  # MixUp/CutMix labels: DKD uses each row's dominant class
+    assert dkd(soft)["dkd"].item() == pytest.approx(dkd_loss(s, t, y, 1.0, 8.0, 4.0).item())
+    dist = METHODS["dist"][0](METHODS["dist"][1](), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    assert dist(inp)["dist"].item() == pytest.approx(dist_loss(s, t, 1.0, 1.0, 4.0).item())
+
+
+def test_crd_memory_banks_update_and_z_is_fixed_after_first_batch(nets):
+    student, teachers = nets
+    method = build("crd", student, teachers)
+    assert method.k == NUM_TRAIN - NUM_TRAIN // NUM_CLASSES  # 16384 capped at the other-class count
+    assert method.memory_s.shape == method.memory_t.shape == (NUM_TRAIN, 128)
+    assert set(method.state_dict()) >= {"memory_s", "memory_t", "z_s", "z_t", "embed_s.weight", "embed_t.weight"}
+    assert "train_labels" not in method.state_dict()
+    index = torch.tensor([0, 3, 5, 7, 11, 20, 30, 39])
+    inp = step_inputs(method, student, teachers, index=index)
+    old_s, old_t = method.memory_s.clone(), method.memory_t.clone()
+    assert method.z_s.item() == 0 and method.z_t.item() == 0
+    method(inp)
+    z = (method.z_s.item(), method.z_t.item())
+    assert z[0] > 0 and z[1] > 0
+    with torch.no_grad():
+        e_s = F.normalize(method.embed_s(inp.student.feature), dim=1)
+        e_t = F.normalize(method.embed_t(inp.teachers[0].feature), dim=1)
+    rest = torch.ones(NUM_TRAIN, dtype=torch.bool)
+    rest[index] = False
+    assert torch.equal(method.memory_s[rest], old_s[rest]) and torch.equal(method.memory_t[rest], old_t[rest])
+    torch.testing.assert_close(method.memory_s[index], F.normalize(0.5 * old_s[index] + 0.5 * e_s, dim=1))
+    torch.testing.assert_close(method.memory_t[index], F.normalize(0.5 * old_t[index] + 0.5 * e_t, dim=1))
+    terms = method(step_inputs(method, student, teachers, seed=1, index=index + 1 - (index == 39).long() * 2))
+    assert (method.z_s.item(), method.z_t.item()) == z and math.isfinite(terms["crd"].item())
+    frozen = method.memory_s.clone()
+    method.eval()
+    method(step_inputs(method, student, teachers, seed=2))
+    assert torch.equal(method.memory_s, frozen)  # evaluation does not touch the banks
+
+
+def test_crd_needs_labels_and_caps_negatives(nets):
+    student, teachers = nets
+    skewed = torch.cat([torch.zeros(30), torch.ones(10)]).long()
+    assert build("crd", student, teachers, train_labels=skewed).k == 10
+    assert build("crd", student, teachers, cfg=CRDCfg(nce_k=4)).k == 4
+    with pytest.raises(ConfigError, match="training labels"):
+        build("crd", student, teachers, train_labels=None)
+    with pytest.raises(ConfigError, match="two classes"):
+        build("crd", student, teachers, train_labels=torch.zeros(NUM_TRAIN).long())
+
+
+def test_method_groups_are_validated():
+    for flags in (["--method", "dkd", "--dkd.temperature", "0"], ["--method", "crd", "--crd.momentum", "1"],
+                  ["--method", "at", "--at.at-weight", "-1"], ["--method", "kd", "--kd.temperature", "nan"]):
+        with pytest.raises(ConfigError):
+            train.validate(train.parse_config(["--preset", "smoke", *flags]))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+TINY = ["--preset", "smoke", "--data.synthetic-train-size", "400", "--data.synthetic-test-size", "100",
+        "--data.batch-size", "32", "--optim.epochs", "1", "--teachers.epochs", "1", "--run.max-steps-per-epoch", "3",
+        "--wandb.mode", "disabled"]
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("teacher_cache")  # teachers are fine-tuned once for all runs below
+
+
+@pytest.mark.parametrize("name", [m for m in BASELINES if m != "kd"])
+def test_method_trains_end_to_end(tmp_path, teacher_cache, name):
+    args = [*TINY, "--run.out-dir", str(tmp_path), "--teachers.cache-dir", str(teacher_cache), "--method", name,
+            "--run.name", name]
+    summary = train.run(train.parse_config(args))
+    assert 0.0 <= summary["best/test_acc"] <= 100.0
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    row = [r for r in rows if r["phase"] == name][0]
+    assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss", "ce", TERMS[name]}
+    ce_weight = 0.1 if name == "kd" else 1.0
+    want = ce_weight * row["train/ce"] + WEIGHTS_EPOCH1[name] * row[f"train/{TERMS[name]}"]
+    assert row["train/loss"] == pytest.approx(want, rel=1e-4)
+    state = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=False)["method"]
+    if name == "fitnet":
+        assert any(k.startswith("regressor.") for k in state)
+    if name == "crd":  # 400 images minus the 40 held out for validation
+        assert state["memory_s"].shape == state["memory_t"].shape == (360, 128) and state["z_s"] > 0
