@@ -39,6 +39,7 @@ from kd.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_
 from kd.methods import METHODS, Method, StepInputs
 from kd.methods import ATCfg, CRDCfg, DISTCfg, DKDCfg, FitNetCfg, PKTCfg, RKDCfg, SPCfg
 from kd.methods.kd import KDCfg
+from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, create_model, model_checkpoint
@@ -94,6 +95,10 @@ class StudentCfg:
     """adapt the stem for 32/64 px inputs; auto = on when images are <= 64 px."""
     drop_rate: float = 0.0
     """dropout before the classifier."""
+    freeze: Literal["none", "head", "bn_head", "adapter", "last_block"] = "none"
+    """what of the student trains: none (everything), head, bn_head (norm affines + head), adapter (+ head), last_block (+ head)."""
+    adapter_dim: int = 0
+    """residual bottleneck MLP (D -> N -> D, zero-initialised) on the student's pooled feature; 0 = off."""
 
 
 @dataclass
@@ -550,6 +555,7 @@ class Trainer:
     grad_clip_norm: float
     channels_last: bool
     max_steps: int = 0
+    freeze_policy: str = "none"  # the model's partial-freeze policy: frozen norm layers stay in eval
 
     def step(self, x: Tensor, y: Tensor, index: Tensor, epoch: int) -> dict[str, Tensor]:
         """One optimisation step; returns the detached loss terms (no host sync)."""
@@ -577,7 +583,7 @@ class Trainer:
         return {"loss": loss.detach(), **{k: v.detach().float() for k, v in terms.items()}}
 
     def train_epoch(self, loader, epoch: int, desc: str) -> dict[str, float]:
-        self.model.train()
+        set_train(self.model, self.freeze_policy)
         self.method.train()
         sums: dict[str, Tensor] = {}
         n = 0
@@ -844,7 +850,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.method != "teacher":
         student = create_model(cfg.student.model, data.num_classes, pretrained=cfg.student.pretrained,
                                small_input=small_input, checkpoint=cfg.student.checkpoint or None,
-                               drop_rate=cfg.student.drop_rate)
+                               drop_rate=cfg.student.drop_rate, adapter_dim=cfg.student.adapter_dim)
+        apply_freeze(student, cfg.student.freeze)
     for arch in cfg.teachers.models if cfg.method != "ce" else ():
         create_model(arch, data.num_classes, small_input=teacher_small)  # fail fast on unknown names
     run_dir = make_run_dir(cfg)
@@ -884,6 +891,9 @@ def run(cfg: Config) -> dict[str, Any]:
                             train_labels=train_labels_of(data) if method_cls.needs_index else None).to(device)
         tr = make_trainer(cfg, student, method, teachers, device, cfg.optim.lr, cfg.optim.epochs,
                           steps_per_epoch(cfg, loaders["train"]), data.num_classes, distill=bool(teachers))
+        tr.freeze_policy = cfg.student.freeze
+        say(freeze_report({"student": student, "method": method,
+                           **{f"teacher {t.arch}": t for t in teachers}}))
         res = fit(tr, loaders["train"], loaders["val"], cfg.optim.epochs, cfg.method, logger,
                   Checkpointer(run_dir, cfg))
         summary["last/test_acc"] = evaluate_acc(student, loaders["test"], device)

@@ -1,0 +1,1023 @@
+"""Hyperparameter sweeps of train.py from a standard wandb sweep YAML, and a report of run directories.
+
+    python sweep.py sweeps/smoke.yaml --count 4                 # local: our runner, no server (default without credentials)
+    python sweep.py sweeps/baselines.yaml --mode online         # a real wandb sweep: wandb.sweep + wandb.agent
+    python sweep.py sweeps/smoke.yaml --resume                  # continue an interrupted local sweep
+    python sweep.py report runs/sweeps                          # report.md, report.csv, runs.csv and PNG plots
+
+Parameter names are train.py's flags in dotted form (`kd.temperature`, `optim.lr`, `data.synthetic-train-size`);
+fixed settings are parameters with a single `value:`. Every trial is train.py in its own subprocess writing
+its own run directory `<out-dir>/<sweep name>/<trial>/`; the runner reads the trial's metrics.jsonl while it
+runs (early termination) and its summary.json at the end. Sweep state: `<out-dir>/<sweep name>/sweep.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import difflib
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+TRAIN = ROOT / "train.py"
+sys.path.insert(0, str(ROOT))
+
+from kd.errors import ConfigError  # noqa: E402
+from kd.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+SEARCH_METHODS = ("grid", "random", "bayes")
+# Flags the runner sets for every trial: a spec may not set them.
+RESERVED = ("run.out-dir", "run.name", "wandb.mode")
+DONE = ("finished", "stopped", "failed")  # trial states never re-run on --resume
+STATE_FILE = "sweep.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec: a wandb sweep YAML with train.py flags as parameter names
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Spec:
+    name: str
+    method: str
+    parameters: dict[str, dict]  # flag name in dash form ("data.synthetic-train-size") -> wandb parameter spec
+    metric: dict[str, str] | None  # {"name": ..., "goal": "minimize" | "maximize"}
+    early_terminate: dict | None
+    fixed_args: list[str]  # literal arguments from the spec's `command` (after ${program})
+    raw: dict
+
+    def swept(self) -> list[str]:
+        """Parameters that take more than one value (the report plots the metric against them)."""
+        return [n for n, p in self.parameters.items() if distribution(p) != "constant"]
+
+    def sha(self) -> str:
+        return hashlib.sha1(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def flag_name(name: str) -> str:
+    """`data.synthetic_train_size` -> `data.synthetic-train-size` (tyro accepts both; we compare one form)."""
+    return name.strip().lstrip("-").replace("_", "-")
+
+
+def load_spec(path: Path) -> Spec:
+    """Read and check a sweep YAML (structure only; names are checked against train.py by check_names)."""
+    if not path.is_file():
+        raise ConfigError(f"sweep spec {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep spec {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
+        raise ConfigError(f"sweep spec {path} needs a `parameters:` mapping")
+    method = raw.get("method")
+    if method not in SEARCH_METHODS:
+        raise ConfigError(f"sweep spec {path}: method must be one of {', '.join(SEARCH_METHODS)}, got {method!r}")
+    metric = raw.get("metric")
+    if metric is not None:
+        if not isinstance(metric, dict) or not metric.get("name"):
+            raise ConfigError(f"sweep spec {path}: metric needs a name (e.g. metric: {{name: val/best_acc, goal: maximize}})")
+        metric = {"name": str(metric["name"]), "goal": str(metric.get("goal", "minimize"))}
+        if metric["goal"] not in ("minimize", "maximize"):
+            raise ConfigError(f"sweep spec {path}: metric goal must be minimize or maximize, got {metric['goal']!r}")
+    early = raw.get("early_terminate")
+    if early is not None:
+        check_early_terminate(early, metric, path)
+    if method == "bayes" and metric is None:
+        raise ConfigError(f"sweep spec {path}: method bayes needs a metric")
+    params = flatten_parameters(raw["parameters"])
+    for name, p in params.items():
+        check_parameter(name, p, method, path)
+    name = str(raw.get("name") or path.stem)
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    return Spec(name=name, method=method, parameters=params, metric=metric, early_terminate=early,
+                fixed_args=command_fixed_args(raw.get("command")), raw=raw)
+
+
+def flatten_parameters(params: dict, prefix: str = "") -> dict[str, dict]:
+    """wandb's nested form `{kd: {parameters: {temperature: {...}}}}` becomes `kd.temperature`."""
+    out: dict[str, dict] = {}
+    for name, p in params.items():
+        full = flag_name(f"{prefix}{name}")
+        if isinstance(p, dict) and isinstance(p.get("parameters"), dict):
+            out.update(flatten_parameters(p["parameters"], f"{full}."))
+        elif isinstance(p, dict):
+            out[full] = p
+        else:
+            raise ConfigError(f"parameter {full!r} must be a mapping such as {{value: 4}} or {{values: [2, 4]}}")
+    return out
+
+
+def command_fixed_args(command: Any) -> list[str]:
+    """Literal arguments after `${program}` in a wandb `command` list (e.g. `--preset smoke`) are passed to
+    every trial; the macros themselves (${env}, ${interpreter}, ${args}, ...) are ours to fill."""
+    if not command:
+        return []
+    if not isinstance(command, list):
+        raise ConfigError("`command` must be a list, as in wandb (e.g. [${env}, ${interpreter}, ${program}, ${args}])")
+    tokens = [str(t) for t in command]
+    start = tokens.index("${program}") + 1 if "${program}" in tokens else len(tokens)
+    return [t for t in tokens[start:] if not (t.startswith("${") and t.endswith("}"))]
+
+
+DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
+                 "log_uniform_values", "q_log_uniform_values", "normal", "q_normal", "log_normal", "beta")
+
+
+def distribution(p: dict) -> str:
+    """The wandb distribution of a parameter spec, inferred as wandb does when not given."""
+    if "distribution" in p:
+        return str(p["distribution"])
+    if "value" in p:
+        return "constant"
+    if "values" in p:
+        return "categorical"
+    if "min" in p and "max" in p:
+        ints = all(isinstance(p[k], int) and not isinstance(p[k], bool) for k in ("min", "max"))
+        return "int_uniform" if ints else "uniform"
+    if "mu" in p or "sigma" in p:
+        return "normal"
+    return "unknown"
+
+
+def check_parameter(name: str, p: dict, method: str, path: Path) -> None:
+    kind = distribution(p)
+    where = f"sweep spec {path}: parameter {name!r}"
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: unsupported distribution {kind!r} (local runner supports {', '.join(DISTRIBUTIONS)})")
+    if kind == "categorical":
+        if not isinstance(p.get("values"), list) or not p["values"]:
+            raise ConfigError(f"{where}: values must be a non-empty list")
+        probs = p.get("probabilities")
+        if probs is not None and (len(probs) != len(p["values"]) or abs(sum(probs) - 1) > 1e-6):
+            raise ConfigError(f"{where}: probabilities must match values and sum to 1")
+    needs = {"constant": ("value",), "categorical": ("values",), "beta": ("a", "b")}.get(
+        kind, ("mu", "sigma") if "normal" in kind else ("min", "max"))
+    if kind not in ("normal", "q_normal", "log_normal") and any(k not in p for k in needs):
+        raise ConfigError(f"{where}: distribution {kind} needs {' and '.join(needs)}")
+    if "min" in needs and not p["min"] < p["max"]:
+        raise ConfigError(f"{where}: min must be < max")
+    if kind in ("log_uniform_values", "q_log_uniform_values") and p["min"] <= 0:
+        raise ConfigError(f"{where}: {kind} needs min > 0")
+    if method == "grid" and kind not in ("constant", "categorical", "int_uniform"):
+        raise ConfigError(f"{where}: grid search needs discrete parameters (value, values or int_uniform), got {kind}")
+
+
+def check_early_terminate(et: Any, metric: dict | None, path: Path) -> None:
+    if not isinstance(et, dict) or et.get("type") != "hyperband":
+        raise ConfigError(f"sweep spec {path}: early_terminate supports type hyperband only")
+    if metric is None:
+        raise ConfigError(f"sweep spec {path}: early_terminate needs a metric")
+    if "min_iter" not in et and not ("max_iter" in et and "s" in et):
+        raise ConfigError(f"sweep spec {path}: hyperband needs min_iter, or max_iter and s")
+    if float(et.get("eta", 3)) <= 1:
+        raise ConfigError(f"sweep spec {path}: hyperband eta must be > 1")
+
+
+def config_flag_names() -> list[str]:
+    """Every train.py flag in dotted dash form, found by walking train.Config's dataclasses."""
+    import train
+
+    names: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value, name = getattr(obj, f.name), prefix + f.name.replace("_", "-")
+            if dataclasses.is_dataclass(value):
+                walk(value, name + ".")
+            else:
+                names.append(name)
+
+    walk(train.Config(), "")
+    return names
+
+
+def check_names(spec: Spec, spec_path: Path) -> None:
+    """A typo fails before the first trial, naming the closest flag and listing the valid ones."""
+    valid = config_flag_names()
+    names = list(spec.parameters) + [flag_name(a.split("=", 1)[0]) for a in spec.fixed_args if a.startswith("--")]
+    for name in names:
+        if name in RESERVED:
+            raise ConfigError(f"parameter {name!r} in {spec_path} is set by sweep.py for every trial; remove it")
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown parameter {name!r} in {spec_path}{hint}; valid names: {', '.join(valid)}")
+
+
+def check_first_trial(spec: Spec, params: dict[str, Any]) -> None:
+    """Parse and validate the first trial's flags with train.py's own parser: bad values fail at once too."""
+    import train
+
+    cfg = train.parse_config(trial_args(spec, params))
+    train.validate(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter values: grid points and seeded random draws
+# ----------------------------------------------------------------------------------------------
+def grid_points(spec: Spec) -> list[dict[str, Any]]:
+    """Every combination, the first parameter varying slowest (spec order)."""
+    choices = []
+    for p in spec.parameters.values():
+        kind = distribution(p)
+        choices.append([p["value"]] if kind == "constant" else list(p["values"]) if kind == "categorical"
+                       else list(range(p["min"], p["max"] + 1)))
+    return [dict(zip(spec.parameters, combo)) for combo in itertools.product(*choices)]
+
+
+def draw(p: dict, rng: np.random.Generator) -> Any:
+    """One value from a wandb parameter spec (wandb's meaning of each distribution)."""
+    kind = distribution(p)
+    q = p.get("q", 1)
+    if kind == "constant":
+        return p["value"]
+    if kind == "categorical":
+        return p["values"][int(rng.choice(len(p["values"]), p=p.get("probabilities")))]
+    if kind == "int_uniform":
+        return int(rng.integers(p["min"], p["max"] + 1))
+    if kind in ("uniform", "q_uniform"):
+        x = float(rng.uniform(p["min"], p["max"]))
+    elif kind == "log_uniform":  # min/max are natural logs
+        x = math.exp(rng.uniform(p["min"], p["max"]))
+    elif kind in ("log_uniform_values", "q_log_uniform_values"):
+        x = math.exp(rng.uniform(math.log(p["min"]), math.log(p["max"])))
+    elif kind in ("normal", "q_normal"):
+        x = float(rng.normal(p.get("mu", 0.0), p.get("sigma", 1.0)))
+    elif kind == "log_normal":
+        x = math.exp(rng.normal(p.get("mu", 0.0), p.get("sigma", 1.0)))
+    else:  # beta
+        x = float(rng.beta(p["a"], p["b"]))
+    if kind.startswith("q_"):
+        x = round(x / q) * q
+        return int(x) if isinstance(q, int) else x
+    return x
+
+
+def trial_params(spec: Spec, index: int, seed: int) -> dict[str, Any] | None:
+    """Parameters of trial `index` (None past the end of a grid). A random trial's draw depends only on
+    (seed, index): the same seed gives the same trials, and a resumed sweep continues the same sequence."""
+    if spec.method == "grid":
+        points = grid_points(spec)
+        return points[index] if index < len(points) else None
+    rng = np.random.default_rng([seed, index])
+    return {name: draw(p, rng) for name, p in spec.parameters.items()}
+
+
+def format_value(v: Any) -> str:
+    return "True" if v is True else "False" if v is False else str(v)
+
+
+def trial_args(spec: Spec, params: dict[str, Any]) -> list[str]:
+    """train.py arguments: `--flag=value` (as wandb agents write them); a list becomes `--flag a b`."""
+    args = list(spec.fixed_args)
+    for name, value in params.items():
+        if isinstance(value, (list, tuple)):
+            args += [f"--{name}", *map(format_value, value)]
+        else:
+            args.append(f"--{name}={format_value(value)}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Hyperband early termination (Li et al., 2018, "Hyperband", JMLR; wandb's early_terminate semantics)
+# ----------------------------------------------------------------------------------------------
+def hyperband_bands(et: dict, limit: int) -> list[int]:
+    """Epochs at which trials are compared: min_iter * eta^k (k = 0.., s of them when s is given), or
+    max_iter / eta^k for k = 1..s. Bands above `limit` epochs are never reached and left out."""
+    eta = float(et.get("eta", 3))
+    if "min_iter" in et:
+        count = int(et.get("s", 10**6))
+        bands, band = [], float(et["min_iter"])
+        while band <= limit and len(bands) < count:
+            bands.append(int(band))
+            band *= eta
+    else:
+        bands = [int(et["max_iter"] / eta**k) for k in range(1, int(et["s"]) + 1)]
+    return sorted({b for b in bands if 1 <= b <= limit})
+
+
+def hyperband_should_stop(history: list[float], others: list[list[float]], bands: list[int], eta: float,
+                          goal: str, last_epoch: int) -> bool:
+    """Stop a running trial whose metric at the latest band it reached is outside the best 1/eta of every
+    trial's value at that band (itself included). history[i] is the metric after epoch i + 1; a trial that
+    has reached its last epoch is never stopped."""
+    if len(history) >= last_epoch:
+        return False
+    reached = [b for b in bands if b <= len(history)]
+    if not reached:
+        return False
+    band = reached[-1]
+    sign = -1.0 if goal == "maximize" else 1.0  # lower is better after the sign flip
+    values = [sign * h[band - 1] for h in [history, *others] if len(h) >= band]
+    threshold = float(np.quantile(values, 1.0 / eta))
+    return sign * history[band - 1] > threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a trial's run directory (while it runs and when it ends)
+# ----------------------------------------------------------------------------------------------
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl rows (rewritten atomically by train.py, so always whole)."""
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except OSError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def is_model_row(row: dict[str, Any]) -> bool:
+    """Rows of the trained model; stage-0 teacher fine-tuning rows (phase `teacher:<arch>`) are not."""
+    return not str(row.get("phase", "")).startswith("teacher:")
+
+
+def metric_history(rows: list[dict[str, Any]], metric: str) -> list[float]:
+    return [float(r[metric]) for r in rows if is_model_row(r) and isinstance(r.get(metric), (int, float))]
+
+
+def final_metric(run_dir: Path, metric: str) -> float | None:
+    """The summary's value when it has the key, else the last logged value (wandb's summary rule)."""
+    summary = read_json(run_dir / "summary.json") or {}
+    if isinstance(summary.get(metric), (int, float)):
+        return float(summary[metric])
+    history = metric_history(read_rows(run_dir), metric)
+    return history[-1] if history else None
+
+
+def last_error(log_path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if ln.startswith(("error:", "Traceback")) or "Error" in ln]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one trial: train.py in a subprocess (crash-isolated), stopped by SIGINT when told to
+# ----------------------------------------------------------------------------------------------
+def run_trial_process(argv: list[str], run_dir: Path, log_path: Path, env: dict[str, str],
+                      should_stop: Callable[[Path], bool] | None = None, poll_s: float = 1.0) -> tuple[int, bool]:
+    """Run train.py until it exits or `should_stop(run_dir)` says so. Returns (exit code, stopped).
+    Stopping sends SIGINT (train.py exits cleanly, wandb finishes the run), then SIGKILL after 60 s."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        stopped = False
+        try:
+            while proc.poll() is None:
+                time.sleep(poll_s)
+                if should_stop is not None and proc.poll() is None and should_stop(run_dir):
+                    stopped = True
+                    break
+        finally:  # stop requests, Ctrl-C and the wandb agent's stop all end the child
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return proc.returncode, stopped
+
+
+def trial_command(spec: Spec, params: dict[str, Any], sweep_dir: Path, trial_id: str, wandb_mode: str,
+                  extra: list[str] = ()) -> list[str]:
+    args = [sys.executable, str(TRAIN), *trial_args(spec, params), f"--run.out-dir={sweep_dir}",
+            f"--run.name={trial_id}", f"--wandb.mode={wandb_mode}", *extra]
+    if "wandb.group" not in params:
+        args.append(f"--wandb.group={spec.name}")
+    return args
+
+
+def finish_trial(trial: dict[str, Any], spec: Spec, run_dir: Path, log_path: Path, rc: int, stopped: bool) -> None:
+    """Trial outcome from its files: finished needs summary.json (not just exit code 0)."""
+    has_summary = (run_dir / "summary.json").is_file()
+    trial["rc"] = rc
+    trial["status"] = "stopped" if stopped else "finished" if rc == 0 and has_summary else "failed"
+    metric = spec.metric["name"] if spec.metric else None
+    rows = read_rows(run_dir)
+    trial["epochs"] = sum(1 for r in rows if is_model_row(r))
+    trial["metric"] = final_metric(run_dir, metric) if metric else None
+    trial["error"] = last_error(log_path) if trial["status"] == "failed" else None
+
+
+def describe(trial: dict[str, Any], spec: Spec) -> str:
+    """One progress line per trial."""
+    metric = spec.metric["name"] if spec.metric else None
+    value = trial.get("metric")
+    shown = f"{metric}={value:.4g}" if metric and value is not None else f"{metric}=n/a" if metric else ""
+    params = " ".join(f"{k}={format_value(trial['params'][k])}" for k in spec.swept() if k in trial["params"])
+    extra = f"  ({trial['error']})" if trial.get("error") else ""
+    return f"{trial['id']:<10} {trial['status']:<8} {shown}  {params}  {trial.get('wall_s', 0):.1f}s{extra}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep state (sweep.json, written atomically) and the local runner
+# ----------------------------------------------------------------------------------------------
+def new_state(spec: Spec, spec_path: Path, mode: str, seed: int, count: int | None) -> dict[str, Any]:
+    return {"version": 1, "name": spec.name, "mode": mode, "spec_file": str(spec_path), "spec": spec.raw,
+            "spec_sha": spec.sha(), "seed": seed, "count": count, "sweep_id": None, "trials": []}
+
+
+def open_state(spec: Spec, spec_path: Path, sweep_dir: Path, mode: str, resume: bool, seed: int | None,
+               count: int | None) -> dict[str, Any]:
+    """The saved state when resuming (same spec, same seed), else a new one in an empty directory."""
+    path = sweep_dir / STATE_FILE
+    if path.is_file():
+        if not resume:
+            raise ConfigError(f"sweep state {path} exists; pass --resume to continue it, or use another --out-dir")
+        state = read_json(path)
+        if not isinstance(state, dict) or "trials" not in state:
+            raise ConfigError(f"sweep state {path} is unreadable; remove it to start over")
+        if state.get("spec_sha") != spec.sha():
+            raise ConfigError(f"{spec_path} changed since the sweep in {sweep_dir} started; use another --out-dir")
+        if state.get("mode") != mode:
+            raise ConfigError(f"the sweep in {sweep_dir} ran with --mode {state.get('mode')}; resume it with that mode")
+        if seed is not None and seed != state["seed"]:
+            raise ConfigError(f"the sweep in {sweep_dir} used --seed {state['seed']}; resume it with that seed")
+        if count is not None:
+            state["count"] = count
+        return state
+    if resume:
+        print(f"no sweep state in {sweep_dir}; starting a new sweep", flush=True)
+    if sweep_dir.is_dir() and any(sweep_dir.iterdir()):
+        raise ConfigError(f"{sweep_dir} exists and holds no sweep state; use another --out-dir or remove it")
+    return new_state(spec, spec_path, mode, 0 if seed is None else seed, count)
+
+
+def save_state(state: dict[str, Any], sweep_dir: Path) -> None:
+    atomic_write_json(state, sweep_dir / STATE_FILE)
+
+
+def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, seed: int | None, resume: bool,
+              trial_wandb: str, poll_s: float = 1.0) -> int:
+    """Our own runner: grid or seeded random, hyperband on the spec's metric, one trial at a time."""
+    if spec.method == "bayes":
+        raise ConfigError("method bayes needs the wandb server: run with --mode online (local sweeps do grid and random)")
+    state = open_state(spec, spec_path, sweep_dir, "local", resume, seed, count)
+    if state["count"] is None:
+        if spec.method == "random":
+            raise ConfigError("random search runs until stopped: pass --count N")
+        state["count"] = len(grid_points(spec))
+    trials = {t["id"]: t for t in state["trials"]}
+    first = trial_params(spec, 0, state["seed"])
+    check_first_trial(spec, first)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    save_state(state, sweep_dir)
+    done = sum(t["status"] in DONE for t in trials.values())
+    print(f"sweep {spec.name}: {spec.method}, {state['count']} trials ({done} done) in {sweep_dir}", flush=True)
+    env = {**os.environ, "WANDB_MODE": trial_wandb}
+    for index in range(state["count"]):
+        trial_id = f"trial-{index:03d}"
+        if trial_id in trials and trials[trial_id]["status"] in DONE:
+            continue
+        params = trial_params(spec, index, state["seed"])
+        if params is None:
+            print(f"grid exhausted after {index} trials", flush=True)
+            break
+        trial = {"id": trial_id, "index": index, "params": params, "status": "running", "run_dir": trial_id}
+        if trial_id not in trials:
+            state["trials"].append(trial)
+        else:
+            state["trials"][state["trials"].index(trials[trial_id])] = trial
+        trials[trial_id] = trial
+        run_dir, log_path = sweep_dir / trial_id, sweep_dir / "logs" / f"{trial_id}.log"
+        if run_dir.exists():  # a partial run of an interrupted trial: start it over
+            shutil.rmtree(run_dir)
+        save_state(state, sweep_dir)
+        others = [t for t in state["trials"] if t is not trial]
+        t0 = time.time()
+        try:
+            rc, stopped = run_trial_process(trial_command(spec, params, sweep_dir, trial_id, trial_wandb), run_dir,
+                                            log_path, env, hyperband_check(spec, others, sweep_dir), poll_s)
+        except KeyboardInterrupt:
+            trial["status"] = "pending"
+            save_state(state, sweep_dir)
+            print(f"interrupted; continue with: python sweep.py {spec_path} --resume --out-dir {sweep_dir.parent}",
+                  file=sys.stderr, flush=True)
+            return 130
+        trial["wall_s"] = time.time() - t0
+        finish_trial(trial, spec, run_dir, log_path, rc, stopped)
+        save_state(state, sweep_dir)
+        print(describe(trial, spec), flush=True)
+    print_best(state, spec, sweep_dir)
+    return 0
+
+
+def hyperband_check(spec: Spec, others: list[dict[str, Any]], sweep_dir: Path) -> Callable[[Path], bool] | None:
+    """A should_stop(run_dir) for run_trial_process, or None without early_terminate."""
+    if not spec.early_terminate:
+        return None
+    metric, goal = spec.metric["name"], spec.metric["goal"]
+    eta = float(spec.early_terminate.get("eta", 3))
+    histories = [metric_history(read_rows(sweep_dir / t["run_dir"]), metric) for t in others
+                 if t["status"] in DONE]
+
+    def should_stop(run_dir: Path) -> bool:
+        config = read_json(run_dir / "config.json") or {}
+        last_epoch = int(config.get("optim", {}).get("epochs", 0))
+        history = metric_history(read_rows(run_dir), metric)
+        if not last_epoch or not history:
+            return False
+        bands = hyperband_bands(spec.early_terminate, last_epoch)
+        return hyperband_should_stop(history, histories, bands, eta, goal, last_epoch)
+
+    return should_stop
+
+
+def print_best(state: dict[str, Any], spec: Spec, sweep_dir: Path) -> None:
+    scored = [t for t in state["trials"] if t.get("metric") is not None and t["status"] in ("finished", "stopped")]
+    if spec.metric and scored:
+        pick = max if spec.metric["goal"] == "maximize" else min
+        best = pick(scored, key=lambda t: t["metric"])
+        params = " ".join(f"{k}={format_value(best['params'][k])}" for k in spec.swept())
+        print(f"best: {best['id']} {spec.metric['name']}={best['metric']:.4g}  {params}", flush=True)
+    print(f"report: python sweep.py report {sweep_dir}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Online: a real wandb sweep; wandb.agent hands us each run, we run train.py in a subprocess
+# ----------------------------------------------------------------------------------------------
+def run_online(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, sweep_id: str | None,
+               resume: bool, project: str | None, entity: str | None) -> int:
+    import train
+
+    if not train.wandb_credentials_present():
+        raise ConfigError("--mode online needs wandb credentials: set WANDB_API_KEY or run `wandb login` "
+                          "(or use --mode local)")
+    import wandb
+
+    attach = bool(sweep_id) and (sweep_dir / STATE_FILE).is_file()  # --sweep-id of a sweep we ran here before
+    state = open_state(spec, spec_path, sweep_dir, "online", resume or attach, None, count)
+    if sweep_id and state.get("sweep_id") not in (None, sweep_id):
+        raise ConfigError(f"{sweep_dir} belongs to wandb sweep {state['sweep_id']}, not {sweep_id}; use another --out-dir")
+    project = project or spec.raw.get("project") or "kd"
+    entity = entity or spec.raw.get("entity")
+    sweep_id = sweep_id or state.get("sweep_id")
+    if not sweep_id:
+        server_spec = {"program": "train.py", **spec.raw, "name": spec.name}
+        sweep_id = wandb.sweep(server_spec, project=project, entity=entity)
+    state.update(sweep_id=sweep_id, project=project, entity=entity)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    save_state(state, sweep_dir)
+    print(f"sweep {spec.name}: wandb sweep {sweep_id} (project {project}); runs in {sweep_dir}", flush=True)
+    extra = [f"--wandb.project={project}"] + ([f"--wandb.entity={entity}"] if entity else [])
+
+    def trial() -> None:
+        run_online_trial(spec, state, sweep_dir, extra)
+
+    wandb.agent(sweep_id, function=trial, count=count, project=project, entity=entity)
+    print_best(state, spec, sweep_dir)
+    return 0
+
+
+def agent_params() -> dict[str, Any]:
+    """The parameters wandb.agent chose for the current run (the YAML it writes for the run's process)."""
+    data = yaml.safe_load(Path(os.environ["WANDB_SWEEP_PARAM_PATH"]).read_text()) or {}
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and set(v) == {"value"}:
+                v = v["value"]
+            if isinstance(v, dict):
+                out.update(flat({kk: {"value": vv} for kk, vv in v.items()}, f"{prefix}{k}."))
+            else:
+                out[flag_name(f"{prefix}{k}")] = v
+        return out
+
+    return flat({k: v for k, v in data.items() if k != "wandb_version"})
+
+
+def run_online_trial(spec: Spec, state: dict[str, Any], sweep_dir: Path, extra: list[str]) -> None:
+    """One agent run: train.py joins it through WANDB_RUN_ID / WANDB_SWEEP_ID (inherited environment).
+    A stop from the server (hyperband) interrupts this thread; the finally in run_trial_process ends the child."""
+    run_id = os.environ["WANDB_RUN_ID"]
+    params = agent_params()
+    trial = {"id": run_id, "index": len(state["trials"]), "params": params, "status": "running", "run_dir": run_id}
+    state["trials"].append(trial)
+    save_state(state, sweep_dir)
+    run_dir, log_path = sweep_dir / run_id, sweep_dir / "logs" / f"{run_id}.log"
+    t0 = time.time()
+    rc, stopped = -1, False
+    try:
+        rc, stopped = run_trial_process(trial_command(spec, params, sweep_dir, run_id, "online", extra),
+                                        run_dir, log_path, dict(os.environ))
+    finally:
+        trial["wall_s"] = time.time() - t0
+        finish_trial(trial, spec, run_dir, log_path, rc, stopped)
+        save_state(state, sweep_dir)
+        print(describe(trial, spec), flush=True)
+    if trial["status"] == "failed":
+        raise RuntimeError(f"trial {run_id} failed: {trial['error']}")  # the agent counts failed runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: run directories -> report.md, report.csv, runs.csv, PNG plots
+# ----------------------------------------------------------------------------------------------
+# Config keys that never make two runs different settings (seeds are averaged over).
+BOOKKEEPING = ("run.seed", "run.name", "run.out-dir", "run.overwrite", "run.device", "teachers.cache-dir",
+               "data.workers", "data.eval-batch-size")
+STANDARD_GROUPS = ("data", "student", "teachers", "optim", "run", "wandb")
+MAIN_KEYS = ("best/test_acc", "last/test_acc", "best/val_acc")
+
+
+@dataclass
+class Run:
+    name: str  # path relative to the report root
+    path: Path
+    config: dict[str, Any]  # flattened, dash-form keys ("kd.temperature")
+    summary: dict[str, Any] | None
+    rows: list[dict[str, Any]]
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", "?"))
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = prefix + k.replace("_", "-")
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run directory (a config.json beside metrics.jsonl or summary.json) under root, sorted by path."""
+    runs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("wandb", "checkpoints", "logs"))
+        if "config.json" in filenames and ({"metrics.jsonl", "summary.json"} & set(filenames)):
+            path = Path(dirpath)
+            config = read_json(path / "config.json")
+            if isinstance(config, dict):
+                name = str(path.relative_to(root)) if path != root else path.name
+                runs.append(Run(name, path, flatten(config), read_json(path / "summary.json"), read_rows(path)))
+            dirnames[:] = []  # a run directory holds no other runs
+    return runs
+
+
+def relevant(key: str, method: str) -> bool:
+    """Whether a config key can make a run of `method` a different setting (not bookkeeping, not another
+    method's option group)."""
+    if key in BOOKKEEPING or key.startswith("wandb."):
+        return False
+    group = key.split(".", 1)[0]
+    return "." not in key or group in STANDARD_GROUPS or group == method
+
+
+def setting_key(run: Run) -> tuple:
+    return tuple(sorted((k, json.dumps(v, default=str)) for k, v in run.config.items() if relevant(k, run.method)))
+
+
+def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """Runs that differ only in seed (and bookkeeping) form one group, labelled by the method and the
+    settings that differ between groups."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(setting_key(run), []).append(run)
+    varying = sorted({k for key in groups for k, v in key if k != "method"
+                      and len({dict(other).get(k) for other in groups}) > 1})
+    out = []
+    for key, members in groups.items():
+        d = dict(key)
+        shown = [f"{k}={format_cell(json.loads(d[k]))}" for k in varying if k in d]
+        out.append((members[0].method + (f" ({', '.join(shown)})" if shown else ""), members))
+    return sorted(out, key=lambda g: g[0])
+
+
+def format_cell(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def table_keys(runs: list[Run]) -> list[str]:
+    """Summary columns: test/val accuracy, teacher and synergy accuracy, images/s, wall time (those present)."""
+    present = {k for r in runs if r.summary for k, v in r.summary.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    extra = sorted(k for k in present if k.startswith("teacher/")) + sorted(k for k in present if "synergy" in k)
+    speed = sorted(k for k in present if "images" in k or "img" in k or "throughput" in k)
+    keys = [k for k in MAIN_KEYS if k in present] + extra + speed + (["wall_time_s"] if "wall_time_s" in present else [])
+    return list(dict.fromkeys(keys))
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1; None for a single value)."""
+    if not values:
+        return None, None
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
+
+
+def fmt(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    atomic_write_text(buf.getvalue(), path)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    esc = [[str(c).replace("|", "\\|") for c in row] for row in [header, *rows]]
+    return ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in esc[1:]]
+
+
+@dataclass
+class SweepInfo:
+    name: str
+    state: dict[str, Any]
+    spec: Spec
+    path: Path
+
+
+def find_sweeps(root: Path) -> list[SweepInfo]:
+    out = []
+    for path in sorted(root.rglob(STATE_FILE)):
+        state = read_json(path)
+        if not isinstance(state, dict) or "spec" not in state:
+            continue
+        raw = state["spec"]
+        params = flatten_parameters(raw.get("parameters") or {})
+        metric = raw.get("metric")
+        metric = {"name": metric["name"], "goal": metric.get("goal", "minimize")} if isinstance(metric, dict) else None
+        spec = Spec(state.get("name", path.parent.name), raw.get("method", "?"), params, metric,
+                    raw.get("early_terminate"), [], raw)
+        out.append(SweepInfo(spec.name, state, spec, path.parent))
+    return out
+
+
+def sweep_rows(sweep: SweepInfo) -> tuple[list[str], list[list[Any]]]:
+    """One row per trial: status, swept parameters, the metric (from the trial's files), epochs run."""
+    metric = sweep.spec.metric["name"] if sweep.spec.metric else "best/val_acc"
+    header = ["trial", "status", *sweep.spec.swept(), metric, "epochs"]
+    rows = []
+    for t in sweep.state["trials"]:
+        run_dir = sweep.path / t.get("run_dir", t["id"])
+        value = final_metric(run_dir, metric) if run_dir.is_dir() else t.get("metric")
+        rows.append([t["id"], t["status"], *[t["params"].get(k) for k in sweep.spec.swept()], value,
+                     t.get("epochs")])
+    return header, rows
+
+
+def write_report(root: Path, out: Path) -> list[Path]:
+    """report.md, report.csv (settings x metrics, mean ± std over seeds), runs.csv (every run) and plots."""
+    runs = find_runs(root)
+    if not runs:
+        raise ConfigError(f"no run directories (config.json + metrics.jsonl/summary.json) under {root}")
+    out.mkdir(parents=True, exist_ok=True)
+    finished = [r for r in runs if r.finished]
+    keys = table_keys(runs)
+    groups = group_runs(finished)
+    written = []
+
+    header = ["method", "setting", "n"] + [f"{k} {s}" for k in keys for s in ("mean", "std")]
+    csv_rows, md_rows = [], []
+    for label, members in groups:
+        stats = [mean_std([r.summary[k] for r in members if isinstance(r.summary.get(k), (int, float))]) for k in keys]
+        csv_rows.append([members[0].method, label, len(members), *[x for s in stats for x in s]])
+        md_rows.append([label, len(members), *[fmt(*s) for s in stats]])
+    write_csv(out / "report.csv", header, csv_rows)
+    written.append(out / "report.csv")
+
+    varying = _varying_keys(runs)
+    run_header = ["run", "method", "seed", "status", *varying, *keys]
+    run_rows = [[r.name, r.method, r.config.get("run.seed"), "finished" if r.finished else "incomplete",
+                 *[format_cell(r.config.get(k)) for k in varying], *[(r.summary or {}).get(k) for k in keys]]
+                for r in runs]
+    write_csv(out / "runs.csv", run_header, run_rows)
+    written.append(out / "runs.csv")
+
+    sweeps = find_sweeps(root)
+    plots, plot_note = make_plots(groups, sweeps, out)
+    written += plots
+
+    lines = [f"# Report: {root}", "",
+             f"{len(runs)} run(s), {len(finished)} finished. Settings group runs that differ only in seed; "
+             "values are mean ± sample std over the group's runs (n).", "", "## Methods", ""]
+    lines += md_table(["setting", "n", *keys], md_rows)
+    if (out / "curves.png") in plots:
+        lines += ["", "![validation accuracy per epoch](curves.png)"]
+    for sweep in sweeps:
+        header_s, rows_s = sweep_rows(sweep)
+        goal = f", {sweep.spec.metric['goal']} {sweep.spec.metric['name']}" if sweep.spec.metric else ""
+        lines += ["", f"## Sweep `{sweep.name}` ({sweep.spec.method}{goal}; {sweep.path})", ""]
+        lines += md_table(header_s, [[format_cell(c) if c is not None else "" for c in row] for row in rows_s])
+        png = out / f"sweep-{sweep.name}.png"
+        if png in plots:
+            lines += ["", f"![{sweep.name}: metric against each swept parameter]({png.name})"]
+    lines += ["", "## Runs", ""]
+    lines += md_table(run_header, [[format_cell(c) if c is not None else "" for c in row] for row in run_rows])
+    if plot_note:
+        lines += ["", f"_{plot_note}_"]
+    atomic_write_text("\n".join(lines) + "\n", out / "report.md")
+    written.insert(0, out / "report.md")
+    if plot_note:
+        print(plot_note, file=sys.stderr, flush=True)
+    return written
+
+
+def _varying_keys(runs: list[Run]) -> list[str]:
+    keys = {k for r in runs for k in r.config if relevant(k, r.method) and k != "method"}
+    return sorted(k for k in keys if len({json.dumps(r.config.get(k), default=str) for r in runs}) > 1)
+
+
+def make_plots(groups: list[tuple[str, list[Run]]], sweeps: list[SweepInfo], out: Path) -> tuple[list[Path], str]:
+    """curves.png (val/acc per epoch, one line per setting, band = ± std over seeds) and, per sweep,
+    sweep-<name>.png (the metric per epoch of every trial, and the final metric against each swept parameter)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "plots skipped: matplotlib is not installed (pip install -e .[report])"
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, members in groups:
+        curves = [[r["val/acc"] for r in run.rows if is_model_row(r) and "val/acc" in r] for run in members]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        n = min(map(len, curves))
+        arr = np.asarray([c[:n] for c in curves], dtype=float)
+        x = np.arange(1, n + 1)
+        ax.plot(x, arr.mean(0), marker="o", ms=3, label=f"{label} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(x, arr.mean(0) - arr.std(0, ddof=1), arr.mean(0) + arr.std(0, ddof=1), alpha=0.2)
+    if ax.lines:
+        ax.set(xlabel="epoch", ylabel="val/acc (%)", title="Validation accuracy per epoch")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=120)
+        written.append(out / "curves.png")
+    plt.close(fig)
+    for sweep in sweeps:
+        path = plot_sweep(plt, sweep, out)
+        if path is not None:
+            written.append(path)
+    return written, ""
+
+
+def plot_sweep(plt, sweep: SweepInfo, out: Path) -> Path | None:
+    metric = sweep.spec.metric["name"] if sweep.spec.metric else "best/val_acc"
+    swept = sweep.spec.swept()
+    colors = {"finished": "tab:blue", "stopped": "tab:orange", "failed": "tab:red"}
+    trials = [t for t in sweep.state["trials"] if t["status"] in DONE]
+    if not trials:
+        return None
+    fig, axes = plt.subplots(1, 1 + len(swept), figsize=(4.2 * (1 + len(swept)), 3.8), squeeze=False)
+    ax = axes[0][0]
+    for t in trials:
+        history = metric_history(read_rows(sweep.path / t.get("run_dir", t["id"])), metric)
+        if history:
+            ax.plot(range(1, len(history) + 1), history, marker="o", ms=3, color=colors[t["status"]], alpha=0.8)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{sweep.name}: {metric} per epoch")
+    ax.grid(alpha=0.3)
+    values = {t["id"]: final_metric(sweep.path / t.get("run_dir", t["id"]), metric) for t in trials}
+    for ax, name in zip(axes[0][1:], swept):
+        xs = [t["params"].get(name) for t in trials]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        cats = sorted({format_cell(x) for x in xs}, key=str) if not numeric else []
+        for t, x in zip(trials, xs):
+            if values[t["id"]] is not None:
+                ax.scatter(x if numeric else cats.index(format_cell(x)), values[t["id"]], color=colors[t["status"]])
+        if not numeric:
+            ax.set_xticks(range(len(cats)), cats, rotation=30)
+        elif "log" in distribution(sweep.spec.parameters[name]):
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel=metric)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=s) for s, c in colors.items()
+               if any(t["status"] == s for t in trials)]
+    axes[0][0].legend(handles=handles, fontsize="small")
+    fig.tight_layout()
+    path = out / f"sweep-{sweep.name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sweep.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
+        epilog="Report: python sweep.py report RUNS_DIR [--out DIR]  (python sweep.py report --help)")
+    p.add_argument("spec", type=Path, help="wandb sweep YAML; parameter names are train.py flags (kd.temperature, optim.lr)")
+    p.add_argument("--mode", choices=("auto", "local", "online"), default="auto",
+                   help="online: a wandb sweep (needs WANDB_API_KEY or `wandb login`); local: our runner, no server; "
+                        "auto (default): online with credentials and a reachable server, else local")
+    p.add_argument("--count", type=int, help="trials to run (local: total for the sweep, default the whole grid; "
+                                              "online: trials for this agent)")
+    p.add_argument("--sweep-id", help="online: attach to this existing wandb sweep instead of creating one")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in <out-dir>/<name>/ (finished trials are kept)")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/sweeps"), help="parent of the sweep directory (default runs/sweeps)")
+    p.add_argument("--seed", type=int, help="local random search: seed of the parameter draws (default 0)")
+    p.add_argument("--trial-wandb", choices=("offline", "disabled"), default="offline",
+                   help="local: wandb mode of each trial (offline: files under the trial's run directory)")
+    p.add_argument("--project", help="online: wandb project (default: the spec's `project`, else kd)")
+    p.add_argument("--entity", help="online: wandb entity (default: the spec's `entity`, else your default)")
+    p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    return p
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sweep.py report", description="Tables and plots from run directories (config.json, summary.json, "
+        "metrics.jsonl), found recursively; sweeps are recognised by their sweep.json. Plots need matplotlib "
+        "(pip install -e .[report]).")
+    p.add_argument("runs_dir", type=Path, help="a run directory, a sweep directory, or any folder holding them")
+    p.add_argument("--out", type=Path, help="where to write report.md, report.csv, runs.csv and PNGs (default RUNS_DIR)")
+    return p
+
+
+def resolve_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    import train
+
+    if train.wandb_credentials_present() and train.wandb_server_reachable():
+        return "online"
+    return "local"
+
+
+def sweep_main(argv: list[str]) -> int:
+    a = sweep_parser().parse_args(argv)
+    if a.count is not None and a.count < 1:
+        raise ConfigError("--count must be >= 1")
+    spec = load_spec(a.spec)
+    mode = resolve_mode(a.mode)
+    sweep_dir = a.out_dir / spec.name
+    if a.sweep_id and mode != "online":
+        raise ConfigError("--sweep-id attaches to a wandb sweep: it needs --mode online")
+    check_names(spec, a.spec)
+    if mode == "online":
+        return run_online(spec, a.spec, sweep_dir, a.count, a.sweep_id, a.resume, a.project, a.entity)
+    return run_local(spec, a.spec, sweep_dir, a.count, a.seed, a.resume, a.trial_wandb, a.poll)
+
+
+def report_main(argv: list[str]) -> int:
+    a = report_parser().parse_args(argv)
+    if not a.runs_dir.is_dir():
+        raise ConfigError(f"{a.runs_dir} is not a directory")
+    for path in write_report(a.runs_dir, a.out or a.runs_dir):
+        print(path, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return report_main(argv[1:]) if argv[:1] == ["report"] else sweep_main(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
