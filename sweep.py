@@ -537,8 +537,7 @@ def hyperband_check(spec: Spec, others: list[dict[str, Any]], sweep_dir: Path) -
                  if t["status"] in DONE]
 
     def should_stop(run_dir: Path) -> bool:
-        config = read_json(run_dir / "config.json") or {}
-        last_epoch = int(config.get("optim", {}).get("epochs", 0))
+        last_epoch = planned_epochs(read_json(run_dir / "config.json") or {})
         history = metric_history(read_rows(run_dir), metric)
         if not last_epoch or not history:
             return False
@@ -546,6 +545,17 @@ def hyperband_check(spec: Spec, others: list[dict[str, Any]], sweep_dir: Path) -
         return hyperband_should_stop(history, histories, bands, eta, goal, last_epoch)
 
     return should_stop
+
+
+def planned_epochs(config: dict[str, Any]) -> int:
+    """How many rows of the trained model a run logs: --optim.epochs, or for ASMB its phase-B epochs over
+    all stages (phase A rows log synergy accuracy, not the student's). 0 when unknown (never stop then)."""
+    epochs = int(config.get("optim", {}).get("epochs", 0))
+    if config.get("method") == "asmb":
+        a = config.get("asmb", {})
+        stages = int(a.get("num_stages", 1))
+        return stages * (int(a.get("student_epochs", 0)) or max(1, epochs // max(stages, 1)))
+    return epochs
 
 
 def print_best(state: dict[str, Any], spec: Spec, sweep_dir: Path) -> None:
@@ -707,8 +717,9 @@ def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(setting_key(run), []).append(run)
-    varying = sorted({k for key in groups for k, v in key if k != "method"
-                      and len({dict(other).get(k) for other in groups}) > 1})
+    settings = [dict(key) for key in groups]
+    varying = sorted({k for d in settings for k in d if k != "method"  # among the groups that have the key
+                      and len({other[k] for other in settings if k in other}) > 1})
     out = []
     for key, members in groups.items():
         d = dict(key)
@@ -718,6 +729,8 @@ def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
 
 
 def format_cell(v: Any) -> str:
+    if v is None:
+        return ""
     if isinstance(v, (list, tuple)):
         return ",".join(map(str, v))
     if isinstance(v, float):
@@ -857,8 +870,13 @@ def write_report(root: Path, out: Path) -> list[Path]:
 
 
 def _varying_keys(runs: list[Run]) -> list[str]:
-    keys = {k for r in runs for k in r.config if relevant(k, r.method) and k != "method"}
-    return sorted(k for k in keys if len({json.dumps(r.config.get(k), default=str) for r in runs}) > 1)
+    """Config keys with more than one value among the runs they matter to (the runs table's columns)."""
+    values: dict[str, set[str]] = {}
+    for r in runs:
+        for k, v in r.config.items():
+            if relevant(k, r.method) and k != "method":
+                values.setdefault(k, set()).add(json.dumps(v, default=str))
+    return sorted(k for k, vs in values.items() if len(vs) > 1)
 
 
 def make_plots(groups: list[tuple[str, list[Run]]], sweeps: list[SweepInfo], out: Path) -> tuple[list[Path], str]:
@@ -886,10 +904,10 @@ def make_plots(groups: list[tuple[str, list[Run]]], sweeps: list[SweepInfo], out
             ax.fill_between(x, arr.mean(0) - arr.std(0, ddof=1), arr.mean(0) + arr.std(0, ddof=1), alpha=0.2)
     if ax.lines:
         ax.set(xlabel="epoch", ylabel="val/acc (%)", title="Validation accuracy per epoch")
-        ax.legend(fontsize="small")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=120)
+        fig.savefig(out / "curves.png", dpi=120, bbox_inches="tight")
         written.append(out / "curves.png")
     plt.close(fig)
     for sweep in sweeps:
@@ -900,40 +918,43 @@ def make_plots(groups: list[tuple[str, list[Run]]], sweeps: list[SweepInfo], out
 
 
 def plot_sweep(plt, sweep: SweepInfo, out: Path) -> Path | None:
+    """One colour per trial; dashed = stopped early, x = failed (no metric)."""
     metric = sweep.spec.metric["name"] if sweep.spec.metric else "best/val_acc"
     swept = sweep.spec.swept()
-    colors = {"finished": "tab:blue", "stopped": "tab:orange", "failed": "tab:red"}
     trials = [t for t in sweep.state["trials"] if t["status"] in DONE]
     if not trials:
         return None
     fig, axes = plt.subplots(1, 1 + len(swept), figsize=(4.2 * (1 + len(swept)), 3.8), squeeze=False)
-    ax = axes[0][0]
-    for t in trials:
-        history = metric_history(read_rows(sweep.path / t.get("run_dir", t["id"])), metric)
-        if history:
-            ax.plot(range(1, len(history) + 1), history, marker="o", ms=3, color=colors[t["status"]], alpha=0.8)
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{sweep.name}: {metric} per epoch")
-    ax.grid(alpha=0.3)
+    colors = plt.get_cmap("tab10").colors
     values = {t["id"]: final_metric(sweep.path / t.get("run_dir", t["id"]), metric) for t in trials}
+    ax = axes[0][0]
+    for i, t in enumerate(trials):
+        history = metric_history(read_rows(sweep.path / t.get("run_dir", t["id"])), metric)
+        label = f"{t['id']} ({t['status']})"
+        ax.plot(range(1, len(history) + 1), history, marker="o", ms=3, color=colors[i % 10], label=label,
+                ls="--" if t["status"] == "stopped" else "-")
+    ax.set(xlabel="epoch", ylabel=metric, title=f"sweep {sweep.name}: {metric} per epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
     for ax, name in zip(axes[0][1:], swept):
         xs = [t["params"].get(name) for t in trials]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-        cats = sorted({format_cell(x) for x in xs}, key=str) if not numeric else []
-        for t, x in zip(trials, xs):
-            if values[t["id"]] is not None:
-                ax.scatter(x if numeric else cats.index(format_cell(x)), values[t["id"]], color=colors[t["status"]])
+        cats = sorted({format_cell(x) for x in xs}) if not numeric else []
+        ys = [values[t["id"]] for t in trials]
+        low = min((y for y in ys if y is not None), default=0.0)
+        for i, (t, x, y) in enumerate(zip(trials, xs, ys)):
+            pos = x if numeric else cats.index(format_cell(x))
+            ax.scatter(pos, low if y is None else y, color=colors[i % 10], marker="x" if y is None else "o", s=40)
         if not numeric:
             ax.set_xticks(range(len(cats)), cats, rotation=30)
         elif "log" in distribution(sweep.spec.parameters[name]):
             ax.set_xscale("log")
-        ax.set(xlabel=name, ylabel=metric)
+        ax.set(xlabel=name, ylabel=metric, title=f"{metric} vs {name}")
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=s) for s, c in colors.items()
-               if any(t["status"] == s for t in trials)]
-    axes[0][0].legend(handles=handles, fontsize="small")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize="small")
     fig.tight_layout()
     path = out / f"sweep-{sweep.name}.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

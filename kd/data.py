@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 
 from .errors import ConfigError, DataError
 from .io import atomic_torch_save
+from .sampler import EpochBatchSampler
 
 DATASETS = ("synthetic", "cifar100", "imagefolder", "tiny-imagenet")
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -125,12 +126,18 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Te
 
 
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int = 0, seed: int = 0,
-                drop_last: bool | None = None) -> DataLoader:
+                drop_last: bool | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Training: reshuffled every epoch from a seeded generator, incomplete last batch dropped (fixed shapes
-    for torch.compile). Eval: in order, every sample kept."""
+    for torch.compile), through a resumable kd.sampler.EpochBatchSampler (`loader.batch_sampler`) that
+    gives rank `rank` of `world_size` its slice of each global batch of `batch_size`. Eval: in order,
+    every sample kept."""
     drop_last = train if drop_last is None else drop_last
     if drop_last and len(ds) < batch_size:
         raise ConfigError(f"batch_size {batch_size} is larger than the split ({len(ds)} samples); lower it")
+    if train and drop_last:
+        return DataLoader(ds, batch_sampler=EpochBatchSampler(len(ds), batch_size, seed=seed, rank=rank,
+                                                              world_size=world_size),
+                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=drop_last, num_workers=workers,
                       generator=torch.Generator().manual_seed(seed) if train else None,
                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())

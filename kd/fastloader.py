@@ -3,7 +3,8 @@
 The decoded uint8 dataset [N,3,H,W] lives on the training device. Each batch is gathered, (resized),
 randomly cropped with zero padding (pad = size // 8: 32 px -> 4, 64 px -> 8), horizontally flipped,
 converted to float and normalised on that device in a few batched ops: no workers, no PIL, no Python
-loop over samples. It is the same augmentation as kd.data's DataLoader path (torchvision's RandomCrop
+loop over samples. Without a resize the dataset is padded once, so gather + crop + flip is a single
+indexing op per batch, followed by one multiply-add for conversion and normalisation. It is the same augmentation as kd.data's DataLoader path (torchvision's RandomCrop
 with padding + RandomHorizontalFlip), with the per-sample randomness drawn from a seeded
 torch.Generator on the device, so a run is reproducible and its position can be saved and restored.
 
@@ -40,26 +41,42 @@ def sample_crop_flip(n: int, pad: int, generator: torch.Generator) -> tuple[Tens
     return offsets, flips
 
 
+def gather_windows(padded: Tensor, index: Tensor, offsets: Tensor, flips: Tensor, size: tuple[int, int]) -> Tensor:
+    """Batch gather + crop + horizontal flip in one indexing op.
+
+    padded [N,C,H',W'] (any dtype), index int64 [B] (images to take), offsets int64 [B,2] (top, left),
+    flips bool [B], size (h, w). Output [B,C,h,w]: out[b] = padded[index[b], :, top:top+h, left:left+w],
+    mirrored left-right when flips[b]."""
+    h, w = size
+    device = padded.device
+    rows = offsets[:, 0, None] + torch.arange(h, device=device)  # [B, h]
+    cols = offsets[:, 1, None] + torch.arange(w, device=device)  # [B, w]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping the crop = reading its columns backwards
+    channel = torch.arange(padded.shape[1], device=device)[None, :, None, None]
+    return padded[index[:, None, None, None], channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, pad: int) -> Tensor:
-    """Random crop with zero padding + horizontal flip of a whole batch, in one gather.
+    """Random crop with zero padding + horizontal flip of a whole batch.
 
     images [B,C,H,W] (any dtype), offsets int64 [B,2] (top, left) in the padded image, flips bool [B].
     Output [B,C,H,W]: out[b] = window of pad(images[b]) at offsets[b], mirrored left-right when flips[b].
     """
-    b, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad)) if pad > 0 else images
-    device = images.device
-    rows = offsets[:, 0, None] + torch.arange(h, device=device)  # [B, H]
-    cols = offsets[:, 1, None] + torch.arange(w, device=device)  # [B, W]
-    cols = torch.where(flips[:, None], cols.flip(1), cols)  # flipping the crop = reading its columns backwards
-    batch = torch.arange(b, device=device)[:, None, None, None]
-    channel = torch.arange(c, device=device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    batch = torch.arange(len(images), device=images.device)
+    return gather_windows(padded, batch, offsets, flips, tuple(images.shape[-2:]))
 
 
-def to_normalised_float(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 [B,3,H,W] -> float32 scaled to [0, 1] and normalised per channel (as the DataLoader path)."""
-    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), list(mean), list(std), inplace=True)
+def normalise_factors(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(scale, shift), each float32 [1,C,1,1], with uint8 * scale + shift = (uint8 / 255 - mean) / std."""
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std))
+    return 1.0 / (255.0 * std_t), -mean_t / std_t
+
+
+def to_normalised_float(images: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """uint8 [B,C,H,W] -> float32 (x / 255 - mean) / std as torchvision's ToDtype(scale=True) + Normalize,
+    folded into one multiply-add (normalise_factors) to make two passes over the batch instead of four."""
+    return torch.addcmul(shift, images.to(torch.float32), scale)
 
 
 class DeviceLoader:
@@ -75,7 +92,13 @@ class DeviceLoader:
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: Sequence[float],
                  std: Sequence[float], train: bool, augment: bool = True, image_size: int = 0,
-                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool | None = None):
+                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool | None = None,
+                 rank: int = 0, world_size: int = 1):
+        # rank/world_size (DDP): `batch_size` is the global batch; every rank draws the same epoch and takes
+        # its contiguous batch_size // world_size slice of each global batch.
+        if batch_size % world_size:
+            raise ConfigError(f"batch size {batch_size} is not divisible by the {world_size} processes")
+        self.rank, self.world_size = rank, world_size
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"DeviceLoader needs uint8 images [N,3,H,W], got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
@@ -86,7 +109,7 @@ class DeviceLoader:
         if self.drop_last and len(images) < batch_size:
             raise ConfigError(f"batch_size {batch_size} is larger than the split ({len(images)} samples); lower it")
         self.device = torch.device(device)
-        self.images = images.to(self.device)  # one copy, resident for the whole run
+        images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
         self.batch_size, self.train = batch_size, train
         self.augment = train and augment
@@ -94,6 +117,11 @@ class DeviceLoader:
         self.native = images.shape[-1]
         self.size = image_size or self.native
         self.pad = crop_padding(self.size)
+        self.scale, self.shift = normalise_factors(mean, std, self.device)
+        # "pad once": without a resize, training batches are cut straight out of the padded dataset
+        # (one gather per batch); with one, each batch is gathered, resized, then padded and cut.
+        self.padded = F.pad(images, (self.pad,) * 4) if self.augment and self.size == self.native else None
+        self.images = images if self.padded is None else None  # one copy resident on the device
         self.seed = seed
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.epoch = 0  # epochs started
@@ -122,12 +150,15 @@ class DeviceLoader:
 
     def make_batch(self, index: Tensor, offsets: Tensor | None, flips: Tensor | None) -> Tensor:
         """The float batch for dataset positions `index` [B]: gather, resize, crop+flip, normalise."""
-        x = self.images[index]
-        if self.size != self.native:
-            x = TF.resize(x, [self.size, self.size], antialias=True)
-        if offsets is not None:
-            x = crop_flip(x, offsets, flips, self.pad)
-        return to_normalised_float(x, self.mean, self.std)
+        if self.padded is not None and offsets is not None:
+            x = gather_windows(self.padded, index, offsets, flips, (self.size, self.size))
+        else:
+            x = self.images[index]
+            if self.size != self.native:
+                x = TF.resize(x, [self.size, self.size], antialias=True)
+            if offsets is not None:
+                x = crop_flip(x, offsets, flips, self.pad)
+        return to_normalised_float(x, self.scale, self.shift)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         if self._resume:  # continue the restored epoch: same draws, skip the batches already seen
@@ -139,8 +170,10 @@ class DeviceLoader:
             self._epoch_start = self.generator.get_state()
         order, offsets, flips = self._draw_epoch()
         bs = self.batch_size
+        per_rank = bs // self.world_size
         for i in range(self.position, len(self)):
-            sl = slice(i * bs, (i + 1) * bs)
+            first = i * bs + self.rank * per_rank
+            sl = slice(first, min(first + per_rank, len(order)))
             index = order[sl]
             x = self.make_batch(index, offsets[sl] if offsets is not None else None,
                                 flips[sl] if flips is not None else None)

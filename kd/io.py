@@ -51,6 +51,26 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
 
 
+def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make `dst` name the same file as `src` (a hard link; a copy where links are unsupported), replacing
+    `dst` by a rename: a reader always finds the old complete file or the new one."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network or FAT file systems): copy, fsynced
+        _atomic_write(dst, lambda f: f.write(src.read_bytes()))
+        return
+    os.replace(tmp, dst)
+    dir_fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """torch.load with weights_only=True; a missing or unreadable file raises CheckpointError (one line)."""
     path = Path(path)

@@ -30,6 +30,21 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | st
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
+@torch.no_grad()
+def gather_outputs(forward: Callable[[Tensor], dict[str, Tensor]], loader: Iterable,
+                   device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], Tensor]:
+    """Run `forward(x) -> {name: [B, ...] tensor}` over every batch of `loader` (items (x, y, ...)) and return
+    each output concatenated over the loader ([N, ...], float32, CPU) and the labels [N]. Several models can
+    be rated in one pass (e.g. two teachers' logits for disagreement_rate). The caller sets eval mode."""
+    chunks: dict[str, list[Tensor]] = {}
+    labels = []
+    for batch in loader:
+        for name, value in forward(batch[0].to(device, non_blocking=True)).items():
+            chunks.setdefault(name, []).append(value.float().cpu())
+        labels.append(torch.as_tensor(batch[1]).cpu())
+    return {name: torch.cat(values) for name, values in chunks.items()}, torch.cat(labels)
+
+
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy in percent. logits [N, C], labels [N] class indices."""
     return (logits.argmax(dim=1) == labels).float().mean().item() * 100.0

@@ -68,11 +68,16 @@ def feature_mse(pred: Tensor, target: Tensor, norm: str = "none") -> Tensor:
 
 
 def hybrid_kd(
-    logits_student: Tensor, z_syn: Tensor, teacher_logits_mean: Tensor | None, temperature: Tensor, hybrid_beta: float | Tensor | None
+    logits_student: Tensor,
+    z_syn: Tensor,
+    teacher_logits_mean: Tensor | None,
+    temperature: Tensor,
+    hybrid_beta: float | Tensor | None,
+    detach_synergy: bool = True,
 ) -> Tensor:
     """(1 - beta) * KD(z_s; z_syn) + beta * KD(z_s; mean(t_1, t_2)); plain KD(z_s; z_syn) when
-    beta is None. Both targets are detached. Shapes [B, C]; 0-dim out (see kd_loss)."""
-    kd_syn = kd_loss(logits_student, z_syn.detach(), temperature)
+    beta is None. Both targets are detached (z_syn not when detach_synergy=False). Shapes [B, C]; 0-dim out (see kd_loss)."""
+    kd_syn = kd_loss(logits_student, z_syn.detach() if detach_synergy else z_syn, temperature)
     if hybrid_beta is None:
         return kd_syn
     if teacher_logits_mean is None:
@@ -98,6 +103,7 @@ def synergy_losses(
     feat_pred: Tensor | None = None,
     feat_kd_norm: str = "none",
     latent_pred: Tensor | None = None,
+    query_grad: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Synergy logits and the loss terms of one phase. Returns (z_syn [B, C], h [B, D_out], terms).
 
@@ -115,12 +121,15 @@ def synergy_losses(
     when hybrid_beta is set); `feat_kd` = MSE(feat_pred, h) when feat_pred is given (optionally
     L2-normalised); `latent` = MSE(latent_pred, mu) when latent_pred is given (IB-KD).
     `total` = sum of weight * term over the terms present. All reductions are batch means.
+    query_grad (phase B only; ASMB.md's off-by-default option): keep the query attached and the phase-B
+    targets (z_syn, h, mu) undetached, so gradient also reaches the student through its query.
     """
     if phase not in PHASES:
         raise ConfigError(f"unknown synergy phase {phase!r}; choose one of {', '.join(PHASES)}")
     if feat_kd_norm not in FEAT_KD_NORMS:
         raise ConfigError(f"unknown feat_kd_norm {feat_kd_norm!r}; choose one of {', '.join(FEAT_KD_NORMS)}")
-    query = None if query is None else query.detach()
+    keep_query = phase == "B" and query_grad
+    query = None if query is None or keep_query else query.detach()
     if phase == "B":
         params = {k: v.detach() for k, v in params.items()}
         feats = [f.detach() for f in feats]
@@ -137,13 +146,13 @@ def synergy_losses(
         terms["mbm_l2"] = sum(v.pow(2).sum() for n, v in params.items() if n in param_names)
     else:
         names = PHASE_B_TERMS
-        terms["kd"] = hybrid_kd(logits_student, z_syn, teacher_logits_mean, temperature, hybrid_beta)
+        terms["kd"] = hybrid_kd(logits_student, z_syn, teacher_logits_mean, temperature, hybrid_beta, not keep_query)
         if feat_pred is not None:
-            terms["feat_kd"] = feature_mse(feat_pred, out.h.detach(), feat_kd_norm)
+            terms["feat_kd"] = feature_mse(feat_pred, out.h if keep_query else out.h.detach(), feat_kd_norm)
         if latent_pred is not None:
             if out.mu is None:
                 raise ConfigError("latent KD needs an ib bridge (mbm kind 'ib')")
-            terms["latent"] = F.mse_loss(latent_pred, out.mu.detach())
+            terms["latent"] = F.mse_loss(latent_pred, out.mu if keep_query else out.mu.detach())
     terms["total"] = _weighted_sum(terms, weights, names)
     return z_syn, out.h, terms
 

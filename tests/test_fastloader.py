@@ -8,6 +8,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from kd import fastloader
 from kd.data import TensorImageDataset, _tensor_transform
@@ -86,6 +87,9 @@ def test_crop_flip_equals_a_padded_window_per_sample():
         top, left = offsets[b].tolist()
         assert torch.equal(out[b], windows(images[b], 3)[(top, left, bool(flips[b]))])
     assert torch.equal(out[1], images[1])  # centre offset, no flip: the image itself
+    index = torch.tensor([5, 4, 3, 2, 1, 0])  # the one-gather path on a dataset padded once agrees
+    direct = fastloader.gather_windows(F.pad(images, (3, 3, 3, 3)), index, offsets, flips, (12, 12))
+    assert torch.equal(direct, crop_flip(images[index], offsets, flips, pad=3))
 
 
 def test_augmented_batch_is_a_shifted_or_flipped_window_of_the_source():
@@ -126,9 +130,13 @@ def test_fixed_seed_reproduces_batches_and_other_seeds_differ():
 
 def test_resize_then_crop_at_the_target_size():
     images, labels = random_images(16, 16)
-    loader = DeviceLoader(images, labels, batch_size=8, mean=MEAN, std=STD, train=True, image_size=32)
-    x, _, _ = next(iter(loader))
-    assert x.shape == (8, 3, 32, 32) and loader.pad == 4
+    loader = DeviceLoader(images, labels, batch_size=8, mean=MEAN, std=STD, train=True, image_size=24)
+    x, _, index = next(iter(loader))
+    assert x.shape == (8, 3, 24, 24) and loader.pad == 3
+    resized = TF.resize(images[index], [24, 24], antialias=True)  # the DataLoader path's Resize
+    pixels = to_uint8(x)
+    for b in range(8):
+        assert any(torch.equal(win, pixels[b]) for win in windows(resized[b], 3).values())
 
 
 # ----------------------------------------------------------------------------------------------- distribution
@@ -186,14 +194,15 @@ def test_one_batched_call_per_batch_no_per_sample_python():
     images, labels = random_images(40, 16)
     loader = DeviceLoader(images, labels, batch_size=8, mean=MEAN, std=STD, train=True)
     with mock.patch.object(DeviceLoader, "make_batch", autospec=True, side_effect=DeviceLoader.make_batch) as mb, \
-            mock.patch.object(fastloader, "crop_flip", side_effect=fastloader.crop_flip) as cf, \
+            mock.patch.object(fastloader, "gather_windows", side_effect=fastloader.gather_windows) as gw, \
             mock.patch.object(fastloader, "sample_crop_flip", side_effect=fastloader.sample_crop_flip) as sc:
         batches = list(loader)
-    assert len(batches) == mb.call_count == cf.call_count == 5
+    assert len(batches) == mb.call_count == gw.call_count == 5  # one gather+crop+flip per batch
     assert sc.call_count == 1  # every random draw of the epoch in one call
-    for call in cf.call_args_list:
-        assert call.args[0].shape == (8, 3, 16, 16)  # whole batches, never single samples
-    for fn in (crop_flip, DeviceLoader.make_batch, fastloader.to_normalised_float, sample_crop_flip):
+    for call in gw.call_args_list:
+        assert call.args[1].shape == (8,) and call.args[2].shape == (8, 2)  # whole batches, never one sample
+    for fn in (crop_flip, fastloader.gather_windows, DeviceLoader.make_batch, fastloader.to_normalised_float,
+               sample_crop_flip):
         assert "for " not in inspect.getsource(fn).split('"""')[-1], fn.__name__  # no loop in the code
 
 
