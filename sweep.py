@@ -1,9 +1,9 @@
 """Hyperparameter sweeps of train.py from a standard wandb sweep YAML, and a report of run directories.
 
-    python sweep.py sweeps/smoke.yaml --count 4                 # local: our runner, no server (default without credentials)
-    python sweep.py sweeps/baselines.yaml --mode online         # a real wandb sweep: wandb.sweep + wandb.agent
-    python sweep.py sweeps/smoke.yaml --resume                  # continue an interrupted local sweep
-    python sweep.py report runs/sweeps                          # report.md, report.csv, runs.csv and PNG plots
+    python sweep.py sweeps/smoke.yaml --count 4            # local: our runner, no server (default without credentials)
+    python sweep.py sweeps/baselines.yaml --mode online    # a real wandb sweep: wandb.sweep + wandb.agent
+    python sweep.py sweeps/smoke.yaml --resume             # continue an interrupted local sweep
+    python sweep.py report runs/sweeps                     # report.md, report.csv, runs.csv and PNG plots
 
 Parameter names are train.py's flags in dotted form (`kd.temperature`, `optim.lr`, `data.synthetic-train-size`);
 fixed settings are parameters with a single `value:`. Every trial is train.py in its own subprocess writing
@@ -91,7 +91,8 @@ def load_spec(path: Path) -> Spec:
     metric = raw.get("metric")
     if metric is not None:
         if not isinstance(metric, dict) or not metric.get("name"):
-            raise ConfigError(f"sweep spec {path}: metric needs a name (e.g. metric: {{name: val/best_acc, goal: maximize}})")
+            raise ConfigError(f"sweep spec {path}: metric needs a name "
+                              "(e.g. metric: {name: val/best_acc, goal: maximize})")
         metric = {"name": str(metric["name"]), "goal": str(metric.get("goal", "minimize"))}
         if metric["goal"] not in ("minimize", "maximize"):
             raise ConfigError(f"sweep spec {path}: metric goal must be minimize or maximize, got {metric['goal']!r}")
@@ -159,7 +160,8 @@ def check_parameter(name: str, p: dict, method: str, path: Path) -> None:
     kind = distribution(p)
     where = f"sweep spec {path}: parameter {name!r}"
     if kind not in DISTRIBUTIONS:
-        raise ConfigError(f"{where}: unsupported distribution {kind!r} (local runner supports {', '.join(DISTRIBUTIONS)})")
+        raise ConfigError(f"{where}: unsupported distribution {kind!r} "
+                          f"(local runner supports {', '.join(DISTRIBUTIONS)})")
     if kind == "categorical":
         if not isinstance(p.get("values"), list) or not p["values"]:
             raise ConfigError(f"{where}: values must be a non-empty list")
@@ -419,7 +421,8 @@ def finish_trial(trial: dict[str, Any], spec: Spec, run_dir: Path, log_path: Pat
     trial["status"] = "stopped" if stopped else "finished" if rc == 0 and has_summary else "failed"
     metric = spec.metric["name"] if spec.metric else None
     rows = read_rows(run_dir)
-    trial["epochs"] = sum(1 for r in rows if is_model_row(r))
+    # epochs = rows that logged the metric (the iterations hyperband counts)
+    trial["epochs"] = len(metric_history(rows, metric)) if metric else sum(1 for r in rows if is_model_row(r))
     trial["metric"] = final_metric(run_dir, metric) if metric else None
     trial["error"] = last_error(log_path) if trial["status"] == "failed" else None
 
@@ -476,7 +479,8 @@ def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, s
               trial_wandb: str, poll_s: float = 1.0) -> int:
     """Our own runner: grid or seeded random, hyperband on the spec's metric, one trial at a time."""
     if spec.method == "bayes":
-        raise ConfigError("method bayes needs the wandb server: run with --mode online (local sweeps do grid and random)")
+        raise ConfigError("method bayes needs the wandb server: run with --mode online "
+                          "(local sweeps do grid and random)")
     state = open_state(spec, spec_path, sweep_dir, "local", resume, seed, count)
     if state["count"] is None:
         if spec.method == "random":
@@ -565,6 +569,11 @@ def print_best(state: dict[str, Any], spec: Spec, sweep_dir: Path) -> None:
         best = pick(scored, key=lambda t: t["metric"])
         params = " ".join(f"{k}={format_value(best['params'][k])}" for k in spec.swept())
         print(f"best: {best['id']} {spec.metric['name']}={best['metric']:.4g}  {params}", flush=True)
+    finished = [t for t in state["trials"] if t["status"] == "finished"]
+    if spec.metric and finished and not scored:  # most likely a misspelt metric name
+        run_dir = sweep_dir / finished[-1]["run_dir"]
+        keys = sorted({k for r in read_rows(run_dir) for k in r} | set(read_json(run_dir / "summary.json") or {}))
+        print(f"note: no trial logged the metric {spec.metric['name']!r}; logged keys: {', '.join(keys)}", flush=True)
     print(f"report: python sweep.py report {sweep_dir}", flush=True)
 
 
@@ -583,7 +592,8 @@ def run_online(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, 
     attach = bool(sweep_id) and (sweep_dir / STATE_FILE).is_file()  # --sweep-id of a sweep we ran here before
     state = open_state(spec, spec_path, sweep_dir, "online", resume or attach, None, count)
     if sweep_id and state.get("sweep_id") not in (None, sweep_id):
-        raise ConfigError(f"{sweep_dir} belongs to wandb sweep {state['sweep_id']}, not {sweep_id}; use another --out-dir")
+        raise ConfigError(f"{sweep_dir} belongs to wandb sweep {state['sweep_id']}, not {sweep_id}; "
+                          "use another --out-dir")
     project = project or spec.raw.get("project") or "kd"
     entity = entity or spec.raw.get("entity")
     sweep_id = sweep_id or state.get("sweep_id")
@@ -636,6 +646,8 @@ def run_online_trial(spec: Spec, state: dict[str, Any], sweep_dir: Path, extra: 
     try:
         rc, stopped = run_trial_process(trial_command(spec, params, sweep_dir, run_id, "online", extra),
                                         run_dir, log_path, dict(os.environ))
+    except Exception:  # wandb.agent stops a run (server-side hyperband) by raising Exception in this thread
+        stopped = True
     finally:
         trial["wall_s"] = time.time() - t0
         finish_trial(trial, spec, run_dir, log_path, rc, stopped)
@@ -744,7 +756,8 @@ def table_keys(runs: list[Run]) -> list[str]:
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     extra = sorted(k for k in present if k.startswith("teacher/")) + sorted(k for k in present if "synergy" in k)
     speed = sorted(k for k in present if "images" in k or "img" in k or "throughput" in k)
-    keys = [k for k in MAIN_KEYS if k in present] + extra + speed + (["wall_time_s"] if "wall_time_s" in present else [])
+    keys = [k for k in MAIN_KEYS if k in present] + extra + speed
+    keys += ["wall_time_s"] if "wall_time_s" in present else []
     return list(dict.fromkeys(keys))
 
 
@@ -772,7 +785,8 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     esc = [[str(c).replace("|", "\\|") for c in row] for row in [header, *rows]]
-    return ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    rows = ["| " + " | ".join(r) + " |" for r in esc]
+    return [rows[0], "|" + "---|" * len(header), *rows[1:]]
 
 
 @dataclass
@@ -966,15 +980,18 @@ def sweep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sweep.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
         epilog="Report: python sweep.py report RUNS_DIR [--out DIR]  (python sweep.py report --help)")
-    p.add_argument("spec", type=Path, help="wandb sweep YAML; parameter names are train.py flags (kd.temperature, optim.lr)")
+    p.add_argument("spec", type=Path,
+                   help="wandb sweep YAML; parameter names are train.py flags (kd.temperature, optim.lr)")
     p.add_argument("--mode", choices=("auto", "local", "online"), default="auto",
                    help="online: a wandb sweep (needs WANDB_API_KEY or `wandb login`); local: our runner, no server; "
                         "auto (default): online with credentials and a reachable server, else local")
     p.add_argument("--count", type=int, help="trials to run (local: total for the sweep, default the whole grid; "
                                               "online: trials for this agent)")
     p.add_argument("--sweep-id", help="online: attach to this existing wandb sweep instead of creating one")
-    p.add_argument("--resume", action="store_true", help="continue the sweep in <out-dir>/<name>/ (finished trials are kept)")
-    p.add_argument("--out-dir", type=Path, default=Path("runs/sweeps"), help="parent of the sweep directory (default runs/sweeps)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in <out-dir>/<name>/ (finished trials are kept)")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/sweeps"),
+                   help="parent of the sweep directory (default runs/sweeps)")
     p.add_argument("--seed", type=int, help="local random search: seed of the parameter draws (default 0)")
     p.add_argument("--trial-wandb", choices=("offline", "disabled"), default="offline",
                    help="local: wandb mode of each trial (offline: files under the trial's run directory)")
@@ -990,7 +1007,8 @@ def report_parser() -> argparse.ArgumentParser:
         "metrics.jsonl), found recursively; sweeps are recognised by their sweep.json. Plots need matplotlib "
         "(pip install -e .[report]).")
     p.add_argument("runs_dir", type=Path, help="a run directory, a sweep directory, or any folder holding them")
-    p.add_argument("--out", type=Path, help="where to write report.md, report.csv, runs.csv and PNGs (default RUNS_DIR)")
+    p.add_argument("--out", type=Path,
+                   help="where to write report.md, report.csv, runs.csv and PNGs (default RUNS_DIR)")
     return p
 
 

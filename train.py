@@ -295,7 +295,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    for group in (cfg.data, cfg.teachers, cfg.optim, cfg.run, getattr(cfg, cfg.method, None)):
+    for group in (cfg.data, cfg.student, cfg.teachers, cfg.optim, cfg.run, getattr(cfg, cfg.method, None)):
         if group is None or not dataclasses.is_dataclass(group):
             continue
         for f in dataclasses.fields(group):
@@ -309,6 +309,8 @@ def validate(cfg: Config) -> None:
         method_group.check()  # the method's own range checks (e.g. temperature > 0)
     check(0.0 < cfg.data.val_fraction < 1.0, f"--data.val-fraction must be in (0, 1), got {cfg.data.val_fraction}")
     check(cfg.data.batch_size > 0, "--data.batch-size must be > 0")
+    check(cfg.data.eval_batch_size > 0, "--data.eval-batch-size must be > 0")
+    check(cfg.student.drop_rate < 1, f"--student.drop-rate must be < 1, got {cfg.student.drop_rate}")
     check(cfg.optim.lr > 0, f"--optim.lr must be > 0, got {cfg.optim.lr}")
     check(cfg.optim.epochs > 0, "--optim.epochs must be > 0")
     check(cfg.teachers.epochs > 0, "--teachers.epochs must be > 0")
@@ -633,7 +635,9 @@ def distribute(module: nn.Module, device: torch.device) -> nn.Module:
 # Optimiser and schedule
 # ----------------------------------------------------------------------------------------------
 def build_optimizer(params: list[nn.Parameter], o: OptimCfg, lr: float, device: torch.device):
-    fused = {"foreach": True} if device.type == "cuda" else {}
+    """SGD / AdamW, fused (one kernel over all parameters) on CPU and CUDA: on CPU 2-3x faster than the default
+    per-parameter loop, which foreach is slower than (bench/step.py's optimiser rows, BENCHMARKS.md)."""
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay, **fused)
@@ -1285,7 +1289,7 @@ def teacher_adapt_trainer(cfg: Config, synergy: SynergyModel, adapt: AsmbAdapt, 
     optimizer = torch.optim.Adam([
         {"params": teacher_params, "lr": a.teacher_lr, "weight_decay": a.teacher_weight_decay},
         {"params": list(synergy.bridge.parameters()), "lr": a.teacher_lr * a.mbm_lr_factor, "weight_decay": 0.0},
-    ])
+    ], **({"fused": True} if device.type in ("cpu", "cuda") else {}))  # fused: see build_optimizer
     schedule = dataclasses.replace(cfg.optim, schedule=a.teacher_schedule, warmup_epochs=0.0)
     amp_dtype = resolve_amp(cfg.run.amp, device)
     step = TeacherAdaptStep(synergy.student, synergy.teachers, synergy.bridge, adapt)
@@ -1442,6 +1446,7 @@ def run(cfg: Config) -> dict[str, Any]:
     validate(cfg)
     init_distributed(cfg)
     resume_dir, resume = find_resume(cfg)  # a corrupt or mismatched checkpoint stops here, before any work
+    run_dir = resume_dir or make_run_dir(cfg)  # an existing run directory too (nothing is created yet)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     device = resolve_device(cfg.run.device)
     d = cfg.data
@@ -1467,7 +1472,6 @@ def run(cfg: Config) -> dict[str, Any]:
                     for arch in (cfg.teachers.models if cfg.method != "ce" else ())]  # unknown names
     # ASMB's bridge and projections now: an impossible dimension (e.g. --asmb.mbm-query-dim) stops before any work
     asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
-    run_dir = resume_dir or make_run_dir(cfg)
     barrier()  # every rank has checked the run directory before rank 0 creates it
     if DIST.main:
         if run_dir.exists() and cfg.run.overwrite:

@@ -129,7 +129,8 @@ def synergy_losses(
     if feat_kd_norm not in FEAT_KD_NORMS:
         raise ConfigError(f"unknown feat_kd_norm {feat_kd_norm!r}; choose one of {', '.join(FEAT_KD_NORMS)}")
     keep_query = phase == "B" and query_grad
-    query = None if query is None or keep_query else query.detach()
+    if query is not None and not keep_query:
+        query = query.detach()
     if phase == "B":
         params = {k: v.detach() for k, v in params.items()}
         feats = [f.detach() for f in feats]

@@ -409,6 +409,8 @@ def test_online_sweep_creates_the_sweep_and_runs_agent_trials_as_subprocesses(tm
         launched.append((argv, env["WANDB_RUN_ID"]))
         run_dir.mkdir(parents=True)
         (run_dir / "metrics.jsonl").write_text(json.dumps({"phase": "kd", "epoch": 1, "val/best_acc": 50.0}) + "\n")
+        if env["WANDB_RUN_ID"] == "run1":
+            raise Exception  # how wandb.agent stops a run (server-side hyperband): an exception in the trial thread
         (run_dir / "summary.json").write_text(json.dumps({"best/val_acc": 50.0}))
         return 0, False
 
@@ -425,7 +427,7 @@ def test_online_sweep_creates_the_sweep_and_runs_agent_trials_as_subprocesses(tm
     state = json.loads((tmp_path / "s" / "on" / "sweep.json").read_text())
     assert state["sweep_id"] == "sw123" and state["mode"] == "online"
     assert [(t["id"], t["status"], t["metric"]) for t in state["trials"]] == [("run0", "finished", 50.0),
-                                                                             ("run1", "finished", 50.0)]
+                                                                             ("run1", "stopped", 50.0)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,7 +473,8 @@ def test_wandb_offline_run_directory_holds_the_logged_keys(tmp_path):
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     records = list(wandb_records(files[0]))
-    history = [{item_key(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
+    history = [{item_key(i): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.HasField("history")]
     rows = sweep.read_rows(run_dir)
     assert len(history) == len(rows) == 2
     for logged, row in zip(history, rows):

@@ -39,7 +39,11 @@ def test_method_runs_and_writes_run_dir(tmp_path, method):
     summary = train.run(train.parse_config(tiny_args(tmp_path, "--method", method, "--run.name", method)))
     run_dir = tmp_path / "runs" / method
     assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.jsonl", "summary.json", "checkpoints"}
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
+    # a checkpoint per epoch end named by the run-wide step (kd: after 2 x 3 teacher fine-tuning steps), the
+    # newest 2 kept (--run.keep-last), last.pt = the newest, best.pt = the selected model
+    ends = (3, 6) if method == "ce" else (9, 12)
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.pt", "best.pt",
+                                                                     *(f"step-{n:09d}.pt" for n in ends)}
     rows = [r for r in read_rows(run_dir) if r["phase"] == method]
     assert [r["epoch"] for r in rows] == [1, 2]
     expected_terms = {"ce"} if method == "ce" else {"ce", "kd"}

@@ -1,0 +1,354 @@
+"""Shared pieces of bench/step.py and bench/epoch.py: train.py configs for a model pair, the objects run()
+builds from them (student, teachers, method, Trainer, DeviceLoader), and the plain reference loop in the style
+of the standard KD toolboxes (PIL-backed dataset, torchvision PIL transforms, DataLoader workers, eager NCHW
+float32 models, plain torch.optim, `.item()` every step).
+
+"Ours" is train.py's own code: the Trainer from make_trainer (or ASMB's phase trainers from AsmbRun), stepped
+through Trainer.train_epoch on the DeviceLoader that build_loaders makes. The reference loop and the
+hand-written loop call the same models and the same loss functions (Method.loss_terms), so a ratio between
+them isolates the loop: data path, teacher mode, memory layout, precision, syncs and optimiser.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import train  # noqa: E402
+from kd.freeze import apply_freeze, set_train  # noqa: E402
+from kd.methods import METHODS, StepInputs  # noqa: E402
+from kd.models import create_model  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A student, its teacher(s) and the methods benchmarked on them."""
+
+    name: str
+    student: str
+    teachers: tuple[str, ...]
+    methods: tuple[str, ...]
+
+
+CIFAR_PAIR = Pair("resnet32x4->resnet8x4", "resnet8x4", ("resnet32x4",), ("ce", "kd", "dkd", "at", "fitnet", "crd"))
+ASMB_PAIR = Pair("resnet152+efficientnet_b2->convnext_tiny", "convnext_tiny", ("resnet152", "efficientnet_b2"),
+                 ("asmb:A", "asmb:B"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_argv(pair: Pair, method: str, *, batch: int, train_size: int, steps: int, device: str,
+               flags: str = "") -> list[str]:
+    """train.py's command line for `method` on `pair` (synthetic CIFAR-shaped data, 100 classes, 32 px),
+    `steps` steps per train_epoch call, then the caller's extra train.py `flags`."""
+    return ["--method", method.split(":")[0], "--student.model", pair.student, "--teachers", ",".join(pair.teachers),
+            "--teachers.pretrained", "False", "--data.dataset", "synthetic", "--data.synthetic-classes", "100",
+            "--data.synthetic-train-size", str(train_size), "--data.synthetic-test-size", "100",
+            "--data.synthetic-image-size", "32", "--data.batch-size", str(batch), "--run.device", device,
+            "--run.max-steps-per-epoch", str(steps), "--wandb.mode", "disabled", *shlex.split(flags)]
+
+
+def parse(argv: list[str]) -> train.Config:
+    cfg = train.parse_config(argv)
+    train.validate(cfg)
+    return cfg
+
+
+def build_data(cfg: train.Config):
+    """DataSplits of the synthetic set, exactly as train.run() builds them."""
+    d = cfg.data
+    return train.build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=cfg.run.seed, image_size=d.image_size,
+                            aug=d.aug, randaugment=d.randaugment,
+                            synthetic=train.SyntheticSpec(num_classes=d.synthetic_classes,
+                                                          train_size=d.synthetic_train_size,
+                                                          test_size=d.synthetic_test_size,
+                                                          image_size=d.synthetic_image_size, seed=cfg.run.seed))
+
+
+# ----------------------------------------------------------------------------------------------- train.py's objects
+
+
+@dataclass
+class Bundle:
+    """What one training phase of train.run() holds: the Trainer, its loader, and the models it steps."""
+
+    cfg: train.Config
+    trainer: train.Trainer
+    loader: Any
+    student: nn.Module
+    teachers: list[nn.Module]
+    phase: str  # "single", "A" or "B"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+
+def _teachers(cfg: train.Config, data, device: torch.device, small: bool, adapter_dim: int = 0) -> list[nn.Module]:
+    """Randomly initialised teachers prepared as load_teachers() prepares the fine-tuned ones (speed does not
+    depend on the weights; the bench never fine-tunes)."""
+    return [train.prepare(create_model(arch, data.num_classes, small_input=small, adapter_dim=adapter_dim), cfg,
+                          device, inference=True) for arch in cfg.teachers.models]
+
+
+def build_ours(cfg: train.Config, data, phase: str = "single") -> Bundle:
+    """The objects train.run() (single-stage methods) or run_asmb() (phase "A" / "B") builds for `cfg`, with
+    random teachers instead of the cache; the loader is build_loaders()' train loader."""
+    train.seed_everything(cfg.run.seed, cfg.run.deterministic)
+    device = train.resolve_device(cfg.run.device)
+    small = train.resolve_small_input(cfg.student.small_input, data.image_size)
+    t_small = train.teacher_small_input(cfg, small)
+    student = create_model(cfg.student.model, data.num_classes, pretrained=False, small_input=small,
+                           drop_rate=cfg.student.drop_rate, adapter_dim=cfg.student.adapter_dim)
+    apply_freeze(student, cfg.student.freeze)
+    loader = train.build_loaders(cfg, data, device)["train"]
+    if cfg.method == "asmb":
+        return _build_asmb(cfg, data, device, student, t_small, loader, phase)
+    method_cls, _ = METHODS[cfg.method]
+    teachers = train.select_teachers(cfg, [(t, 0.0) for t in _teachers(cfg, data, device, t_small)]) \
+        if method_cls.uses_teachers else []
+    student = train.prepare(student, cfg, device)
+    method = method_cls(getattr(cfg, cfg.method, None), student, teachers, num_classes=data.num_classes,
+                        num_train=len(data.train), label_smoothing=cfg.optim.label_smoothing,
+                        image_size=data.image_size,
+                        train_labels=train.train_labels_of(data) if method_cls.needs_index else None).to(device)
+    tr = train.make_trainer(cfg, student, method, teachers, device, cfg.optim.lr, cfg.optim.epochs,
+                            train.steps_per_epoch(cfg, loader), data.num_classes, distill=bool(teachers))
+    tr.freeze_policy = cfg.student.freeze
+    return Bundle(cfg, tr, loader, student, teachers, "single")
+
+
+def _build_asmb(cfg: train.Config, data, device: torch.device, student, t_small: bool, loader, phase: str) -> Bundle:
+    if not hasattr(train, "AsmbRun"):
+        raise SystemExit("train.py has no AsmbRun yet: benchmark the asmb phases once run_asmb has landed")
+    a = cfg.asmb
+    teachers = _teachers(cfg, data, device, t_small, a.teacher_adapter_dim if a.teacher_freeze == "adapter" else 0)
+    for t in teachers:
+        apply_freeze(t, a.teacher_freeze)  # as asmb_teachers() does after load_teachers()
+    modules = train.build_asmb_modules(a, [t.num_features for t in teachers], student, data.num_classes)
+    run = train.AsmbRun(cfg, train.prepare(student, cfg, device), teachers, modules, device,
+                        train.steps_per_epoch(cfg, loader), data.num_classes)
+    tr = run.phase_a if phase == "A" else run.phase_b
+    return Bundle(cfg, tr, loader, student, teachers, phase, {"run": run})
+
+
+def ours_steps(b: Bundle, steps: int) -> None:
+    """`steps` steps of train.py's own loop: Trainer.train_epoch over the DeviceLoader (max_steps = steps)."""
+    b.trainer.max_steps = steps
+    b.trainer.train_epoch(b.loader, epoch=1, desc="bench")
+
+
+# ----------------------------------------------------------------------------------------------- hand-written loop
+
+
+def cycle(loader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def hand_stepper(b: Bundle) -> Callable[[int], None]:
+    """The best loop a user would write by hand with the same kernels: our data path (DeviceLoader), the same
+    models, flags (layout, precision), loss calls, optimiser and schedule, inline, without the Trainer, the
+    StudentStep module, the loss tracker or the progress bar."""
+    tr, device = b.trainer, b.device
+    batches = cycle(b.loader)
+    student, teachers, method = b.student, b.teachers, tr.method
+    opt, sched = tr.optimizer, tr.scheduler
+    amp = dict(device_type=device.type, dtype=tr.amp_dtype or torch.float32, enabled=tr.amp_dtype is not None)
+    maps = method.needs_maps
+    weights = method.loss_weights(1)
+    if b.phase == "A":
+        synergy = b.extra["run"].synergy
+        synergy.train()  # teachers in their freeze policy's modes, student in eval
+        method.train()
+    else:
+        set_train(student, tr.freeze_policy)
+        method.train()
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            x, y, index = next(batches)
+            if tr.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(**amp):
+                if b.phase == "A":
+                    with torch.no_grad():
+                        s_out = synergy.student(x)
+                    t_outs = [t(x) for t in synergy.teachers]
+                else:
+                    with torch.no_grad():
+                        t_outs = [t(x, with_maps=maps) for t in teachers]
+                    s_out = student(x, with_maps=maps)
+                terms = method.loss_terms(StepInputs(x=x, target=y, index=index, epoch=1, student=s_out,
+                                                     teachers=t_outs))
+                loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------- reference loop
+
+
+class PILImageDataset(Dataset):
+    """CIFAR-style dataset as torchvision's CIFAR100 keeps it: uint8 HWC arrays, one PIL image per item,
+    then the PIL transform pipeline. Items (image, label, index) (CRD's instance-sample datasets add the index)."""
+
+    def __init__(self, images_nchw: Tensor, labels: Tensor, transform: Callable):
+        self.data = images_nchw.permute(0, 2, 3, 1).contiguous().numpy()  # [N,H,W,3] like CIFAR100.data
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.data[i])), self.targets[i], i
+
+
+def reference_loader(data, batch: int, workers: int, device: torch.device) -> DataLoader:
+    """DataLoader over PILImageDataset with the toolboxes' CIFAR augmentation (torchvision PIL transforms)."""
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(data.mean, data.std)])
+    ds = PILImageDataset(data.train_images, data.train_labels, tf)
+    return DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def accuracy(logits: Tensor, target: Tensor, topk: tuple[int, ...] = (1, 5)) -> list[Tensor]:
+    """Top-k accuracy (%) of a batch, as the toolboxes log it every step."""
+    pred = logits.topk(max(topk), dim=1).indices
+    correct = pred.eq(target[:, None])
+    return [correct[:, :k].any(dim=1).float().mean() * 100 for k in topk]
+
+
+def reference_stepper(b: Bundle, batches: Iterator) -> Callable[[int], None]:
+    """A plain loop in the style of the standard toolboxes (RepDistiller / mdistiller): batches from a PIL
+    DataLoader, eager NCHW float32 models (the Bundle must be built without layout/precision flags), teachers
+    under no_grad, plain torch.optim (default implementation, no per-step schedule), loss and top-1/top-5
+    accuracy read with `.item()` every step. `b` supplies the models and the method (the same loss code)."""
+    device, method = b.device, b.trainer.method
+    maps = method.needs_maps
+    weights = method.loss_weights(1)
+    trained = [p for g in b.trainer.optimizer.param_groups for p in g["params"]]
+    if b.phase == "A":  # the same two parameter groups, plain Adam
+        opt = torch.optim.Adam([{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
+                                for g in b.trainer.optimizer.param_groups])
+        synergy = b.extra["run"].synergy
+        synergy.train()
+    else:
+        o = b.cfg.optim
+        opt = torch.optim.SGD(trained, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        set_train(b.student, b.trainer.freeze_policy)
+    method.train()
+    meters = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "n": 0}
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            x, y, index = next(batches)
+            x, y, index = x.float().to(device), y.to(device), index.to(device)
+            if b.phase == "A":
+                with torch.no_grad():
+                    s_out = synergy.student(x)
+                t_outs = [t(x) for t in synergy.teachers]
+            else:
+                with torch.no_grad():
+                    t_outs = [t(x, with_maps=maps) for t in b.teachers]
+                s_out = b.student(x, with_maps=maps)
+            terms = method.loss_terms(StepInputs(x=x, target=y, index=index, epoch=1, student=s_out,
+                                                 teachers=t_outs))
+            loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+            top1, top5 = accuracy(s_out.logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            meters["loss"] += loss.item() * len(y)
+            meters["top1"] += top1.item() * len(y)
+            meters["top5"] += top5.item() * len(y)
+            meters["n"] += len(y)
+
+    return steps
+
+
+def plain_flags(flags: str) -> str:
+    """The reference loop's train.py flags: the caller's, minus layout / precision / compile (eager NCHW fp32)."""
+    out, words = [], shlex.split(flags)
+    skip = {"--run.channels-last", "--run.channels_last", "--run.amp", "--run.compile"}
+    it = iter(words)
+    for w in it:
+        key = w.split("=", 1)[0]
+        if key in skip:
+            if "=" not in w:
+                next(it, None)
+            continue
+        out.append(w)
+    return shlex.join(out)
+
+
+def describe_machine() -> str:
+    """lscpu model name, core count, torch version (and the GPU's name when present)."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    parts = [f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    return "; ".join(parts)
+
+
+# bf16 dense tensor-core peak (TFLOP/s) by GPU name, for the achieved fraction; --peak-tflops overrides.
+BF16_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
+
+
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return 989.0 if "H100" in name else None
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of one call of fn (torch.utils.flop_counter: matmuls and convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+__all__ = ["ASMB_PAIR", "CIFAR_PAIR", "Bundle", "Pair", "accuracy", "bf16_peak_tflops", "build_data", "build_ours",
+           "count_flops", "cycle", "describe_machine", "hand_stepper", "median", "ours_steps", "parse", "plain_flags",
+           "reference_loader", "reference_stepper", "sync", "train_argv"]

@@ -1,0 +1,100 @@
+"""Several processes: `torchrun --nproc_per_node 2` (gloo on CPU) trains the same model as one process with
+the same global batch, and only rank 0 writes files or prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+# BatchNorm-free models (timm's tiny LayerNorm test ConvNeXt): with BatchNorm each rank would normalise
+# with the statistics of its half batch (--run.sync-bn needs CUDA), so the runs could not agree.
+# kd: stage 0 fine-tunes the teacher under DDP too, then the student distils; no augmentation
+# randomness beyond the shared fast-loader draws; SGD (Adam would magnify rounding in near-zero
+# gradients); 2 epochs x 3 global batches of 32.
+ARGS = ["--preset", "smoke", "--method", "kd", "--student.model", "test_convnext", "--teachers", "test_convnext",
+        "--teachers.epochs", "1", "--teachers.lr", "0.05", "--optim.name", "sgd", "--optim.lr", "0.05",
+        "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60", "--data.synthetic-image-size",
+        "16", "--data.batch-size", "32", "--optim.epochs", "2", "--run.max-steps-per-epoch", "3",
+        "--run.deterministic", "True", "--wandb.mode", "disabled", "--run.name", "r"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+def test_two_gloo_processes_match_one_process_and_only_rank0_writes(tmp_path):
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *ARGS, "--run.out-dir", str(tmp_path / "one"),
+                          "--teachers.cache-dir", str(tmp_path / "cache-one")],
+                         capture_output=True, text=True, env=env(), timeout=600)
+    assert one.returncode == 0, one.stderr
+    # Each rank runs in its own empty working directory with relative output paths (the teacher cache is
+    # shared, as on a cluster's file system): whatever rank 1 wrote would land in r1/.
+    for rank in (0, 1):
+        (tmp_path / f"r{rank}").mkdir()
+    script = (f"cd {tmp_path}/r$RANK && exec {sys.executable} {ROOT / 'train.py'} {' '.join(ARGS)} "
+              f"--run.out-dir runs --teachers.cache-dir {tmp_path / 'cache-two'}")
+    two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", "bash", "-c", script],
+                         capture_output=True, text=True, env=env(), timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert list((tmp_path / "r1").iterdir()) == []  # rank 1 wrote nothing
+    assert two.stdout.count("[kd] epoch 2/2") == 1 and two.stdout.count("results") == 1  # rank 0 alone prints
+
+    def final(run_dir: Path) -> tuple[dict, list]:
+        last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return last["model"], rows
+
+    (model_1, rows_1), (model_2, rows_2) = final(tmp_path / "one" / "r"), final(tmp_path / "r0" / "runs" / "r")
+    for k in model_1:  # same global batches, gradients averaged over ranks: equal up to summation order
+        torch.testing.assert_close(model_2[k], model_1[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert [r["phase"] for r in rows_2] == [r["phase"] for r in rows_1] == ["teacher:test_convnext", "kd", "kd"]
+    for r1, r2 in zip(rows_1, rows_2):  # loss means are averaged over the ranks
+        assert r2["train/loss"] == pytest.approx(r1["train/loss"], rel=1e-4)
+    teachers = [sorted((tmp_path / c).glob("*.pt")) for c in ("cache-one", "cache-two")]
+    assert len(teachers[0]) == len(teachers[1]) == 1
+    t1, t2 = (torch.load(p[0], weights_only=True)["model"] for p in teachers)
+    for k in t1:
+        torch.testing.assert_close(t2[k], t1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_global_batch_must_split_evenly_and_sync_bn_needs_cuda(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = train.parse_config(["--preset", "smoke", "--data.batch-size", "64", "--run.device", "cpu"])
+    with pytest.raises(train.ConfigError, match="--data.batch-size 64 .global. is not divisible by the 3 processes"):
+        train.init_distributed(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = train.parse_config(["--preset", "smoke", "--run.sync-bn", "True", "--run.device", "cpu"])
+    with pytest.raises(train.ConfigError, match="--run.sync-bn True needs CUDA"):
+        train.init_distributed(cfg)
+    assert not train.DIST.enabled  # refused before joining any process group
+    train.close_distributed()
+
+
+def test_ranks_take_disjoint_slices_of_the_same_global_batches():
+    from kd.fastloader import DeviceLoader
+    from kd.sampler import EpochBatchSampler
+
+    images, labels = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8), torch.arange(50)
+    kw = dict(batch_size=12, mean=(0.5,) * 3, std=(0.5,) * 3, train=True, seed=3)
+    whole = [i for _, _, i in DeviceLoader(images, labels, **kw)]
+    halves = [[i for _, _, i in DeviceLoader(images, labels, rank=r, world_size=2, **kw)] for r in (0, 1)]
+    assert len(whole) == len(halves[0]) == len(halves[1]) == 4
+    for b, (h0, h1) in enumerate(zip(*halves)):
+        assert torch.equal(torch.cat([h0, h1]), whole[b])
+    batches = [list(EpochBatchSampler(50, 12, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    full = list(EpochBatchSampler(50, 12, seed=3))
+    assert [a + b for a, b in zip(*batches)] == full

@@ -1,0 +1,236 @@
+"""Runs that survive: a deterministic CPU run killed with SIGKILL at a chosen step and resumed with
+--run.resume ends bit-identical to the uninterrupted run; checkpoints are atomic and pruned; corrupt,
+foreign or mismatched checkpoints are refused with one line; a diverged run stops naming step and term.
+
+Every training run is a subprocess (SIGKILL needs one; one thread each so runs compare bit for bit);
+refusals, which stop before any work, run in-process through train.main."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+# Tiny, deterministic: 16 px synthetic images, batch 16, 3 steps per epoch, a checkpoint every 2 steps.
+BASE = ["--preset", "smoke", "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60",
+        "--data.synthetic-image-size", "16", "--data.batch-size", "16", "--optim.epochs", "2",
+        "--run.max-steps-per-epoch", "3", "--run.ckpt-every-steps", "2", "--run.deterministic", "True",
+        "--student.model", "resnet8", "--wandb.mode", "disabled"]
+# kd: stage 0 fine-tunes two teachers (steps 1-3, 4-6), then the student trains (steps 7-9, 10-12).
+KD = ["--method", "kd", "--teachers", "resnet8,resnet14", "--teachers.epochs", "1"]
+# ce on the DataLoader path: augmentation, MixUp and dropout all draw from the global torch RNG.
+CE_TORCH = ["--method", "ce", "--data.loader", "torch", "--data.workers", "0", "--optim.mixup-alpha", "0.4",
+            "--student.drop-rate", "0.3"]
+
+
+def args_for(tmp: Path, name: str, *args: str) -> list[str]:
+    return [*BASE, "--run.out-dir", str(tmp / "runs"), "--run.name", name,
+            "--teachers.cache-dir", str(tmp / f"cache-{name}"), *args]
+
+
+def train_cli(tmp: Path, name: str, *args: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("KD_TEST_KILL_AT_STEP", None)
+    if kill_at is not None:
+        env["KD_TEST_KILL_AT_STEP"] = str(kill_at)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args_for(tmp, name, *args)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def refused(capsys, tmp: Path, name: str, *args: str) -> str:
+    """Run train.main in-process for an input it must refuse before any work; the one stderr line."""
+    assert train.main(args_for(tmp, name, *args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def final_state(tmp: Path, name: str) -> tuple[dict, dict, list]:
+    run_dir = tmp / "runs" / name
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    drop = ("run_dir", "wall_time_s", "time_s")
+    return (last["model"], {k: v for k, v in summary.items() if k not in drop},
+            [{k: v for k, v in r.items() if k not in drop} for r in rows])
+
+
+def assert_same_run(tmp: Path, a: str, b: str) -> None:
+    model_a, summary_a, rows_a = final_state(tmp, a)
+    model_b, summary_b, rows_b = final_state(tmp, b)
+    assert model_a.keys() == model_b.keys()
+    for k in model_a:
+        assert torch.equal(model_a[k], model_b[k]), f"{k} differs after resume"
+    assert summary_a == summary_b
+    assert rows_a == rows_b  # every epoch row, stage 0 included: the resumed run redid exactly the lost steps
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def kd_reference(tmp) -> str:
+    out = train_cli(tmp, "kd-ref", *KD)
+    assert out.returncode == 0, out.stderr
+    return "kd-ref"
+
+
+@pytest.fixture(scope="module")
+def ce_reference(tmp) -> str:
+    out = train_cli(tmp, "ce-ref", *CE_TORCH)
+    assert out.returncode == 0, out.stderr
+    return "ce-ref"
+
+
+def test_kd_killed_twice_and_resumed_equals_uninterrupted(tmp, kd_reference):
+    """Killed inside the second teacher's fine-tuning (step 5, checkpoint at 4), resumed and killed again
+    mid-epoch in the student's second epoch (step 11, checkpoint at 10), resumed to the end."""
+    name = "kd-killed"
+    for kill_at, phase, extra in ((5, "teacher:resnet14", ()), (11, "kd", ("--run.resume", "auto"))):
+        killed = train_cli(tmp, name, *KD, *extra, kill_at=kill_at)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert not (tmp / "runs" / name / "summary.json").exists()
+        last = torch.load(tmp / "runs" / name / "checkpoints" / "last.pt", weights_only=True)
+        assert last["phase"] == phase and last["progress"]["step"] == kill_at - 1
+    resumed = train_cli(tmp, name, *KD, "--run.resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed kd at step 10 (epoch 1 done, 1 steps into the next)" in resumed.stdout
+    assert_same_run(tmp, kd_reference, name)
+
+
+def test_dataloader_path_resume_at_an_epoch_boundary(tmp, ce_reference):
+    """Killed right after the epoch-1 checkpoint (step 3). The mid-epoch case of this path is covered by
+    the corrupt-last test below, which resumes from the step-4 checkpoint."""
+    assert train_cli(tmp, "ce-kill3", *CE_TORCH, kill_at=3).returncode == -signal.SIGKILL
+    out = train_cli(tmp, "ce-kill3", *CE_TORCH, "--run.resume", str(tmp / "runs" / "ce-kill3"))  # a run directory
+    assert out.returncode == 0, out.stderr
+    assert_same_run(tmp, ce_reference, "ce-kill3")
+
+
+def test_auto_resume_skips_a_corrupt_last_checkpoint(tmp, ce_reference):
+    ref = tmp / "runs" / ce_reference / "checkpoints"
+    # last.pt broken (a new file, not edited in place: it is a hard link), an older mid-epoch step file intact
+    run_dir = tmp / "runs" / "ce-broken"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-000000004.pt").write_bytes((ref / "step-000000004.pt").read_bytes())
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"garbage")
+    out = train_cli(tmp, "ce-broken", *CE_TORCH, "--run.resume", "auto")
+    assert out.returncode == 0, out.stderr
+    assert "skipped 1 unreadable checkpoint" in out.stdout and "corrupt" in out.stdout
+    assert "resumed ce at step 4 (epoch 1 done, 1 steps into the next)" in out.stdout
+    assert_same_run(tmp, ce_reference, "ce-broken")
+
+
+def test_checkpoint_files_keep_last_and_last_pt_is_the_newest(tmp, kd_reference):
+    ck_dir = tmp / "runs" / kd_reference / "checkpoints"
+    steps = sorted(p.name for p in ck_dir.glob("step-*.pt"))
+    assert steps == ["step-000000010.pt", "step-000000012.pt"]  # --run.keep-last 2
+    assert os.path.samefile(ck_dir / "last.pt", ck_dir / steps[-1])
+    last = torch.load(ck_dir / "last.pt", weights_only=True)
+    assert last["phase"] == "kd" and last["progress"]["step"] == 12 and last["progress"]["epoch"] == 2
+    assert {"model", "method", "optimizer", "scheduler", "scaler", "loader", "rng", "rows", "config",
+            "best"} <= set(last)
+    mid = torch.load(ck_dir / "step-000000010.pt", weights_only=True)  # 1 step into epoch 2
+    assert mid["progress"]["epoch"] == 1 and mid["progress"]["position"] == 1
+    assert mid["progress"]["tracker"]["n"] == 1 and mid["loader"]["position"] == 1
+    best = torch.load(ck_dir / "best.pt", weights_only=True)
+    assert set(best) >= {"meta", "model", "val_acc"}
+
+
+def test_resume_refuses_a_changed_config_with_one_line(capsys, tmp, kd_reference):
+    run_dir = tmp / "runs" / kd_reference
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    for flag, value, shown in [("--optim.lr", "0.1", "--optim.lr is 0.1 here but 0.05"),
+                               ("--student.model", "resnet14", "--student.model is resnet14 here but resnet8"),
+                               ("--data.batch-size", "8", "--data.batch-size is 8 here but 16"),
+                               ("--method", "dkd", "--method is dkd here but kd")]:
+        assert shown in refused(capsys, tmp, kd_reference, *KD, flag, value, "--run.resume", "auto")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # untouched
+    # what may change: checkpoint cadence, workers, devices (and paths, wandb)
+    ck = train.find_resume(train.parse_config(args_for(tmp, kd_reference, *KD, "--run.resume", "auto",
+                                                       "--run.ckpt-every-steps", "5", "--data.workers", "3")))[1]
+    assert ck["phase"] == "kd"
+
+
+def test_resume_reports_corrupt_foreign_and_missing_files(capsys, tmp, kd_reference):
+    ck_dir = tmp / "runs" / kd_reference / "checkpoints"
+    corrupt = tmp / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    assert "is corrupt or not a kd checkpoint" in refused(capsys, tmp, "x", *KD, "--run.resume", str(corrupt))
+    truncated = tmp / "runs" / "cut" / "checkpoints" / "last.pt"
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes((ck_dir / "last.pt").read_bytes()[:5000])
+    assert "corrupt" in refused(capsys, tmp, "x", *KD, "--run.resume", str(truncated))
+    assert "not a resumable kd checkpoint" in refused(capsys, tmp, "x", *KD, "--run.resume", str(ck_dir / "best.pt"))
+    assert "no such checkpoint" in refused(capsys, tmp, "x", *KD, "--run.resume", str(tmp / "nowhere.pt"))
+    assert "no checkpoint in" in refused(capsys, tmp, "x", *KD, "--run.resume", str(tmp))
+    assert not (tmp / "runs" / "x").exists()
+
+
+def test_divergence_stops_with_step_and_term_and_keeps_the_last_good_checkpoint(tmp):
+    out = train_cli(tmp, "nan", "--method", "ce", "--optim.lr", "1e30", "--run.ckpt-every-steps", "1")
+    assert out.returncode == 3, out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert "training diverged at step" in line and "loss term 'ce'" in line and "Traceback" not in out.stderr
+    step = int(line.split("at step ")[1].split(",")[0])
+    ck_dir = tmp / "runs" / "nan" / "checkpoints"
+    saved = sorted(int(p.stem.split("-")[1]) for p in ck_dir.glob("step-*.pt"))
+    assert saved and max(saved) < step  # nothing saved at or after the bad step
+    last = torch.load(ck_dir / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+# One process imports train once, then forks writers (before any multithreaded torch op) and kills each
+# with SIGKILL after a delay while it writes 24 MB checkpoints in a loop; after each kill it loads last.pt.
+KILLER = """
+import json, os, signal, sys, time, torch
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import train
+from kd.io import safe_torch_load
+run_dir = Path({run_dir!r})
+cfg = train.parse_config(["--preset", "smoke", "--run.keep-last", "2"])
+for delay in (0.05, 0.2, 0.45, 0.8, 1.2):
+    pid = os.fork()
+    if pid == 0:
+        ck = train.Checkpointer(run_dir, cfg)
+        for step in range(1, 10_000):
+            ck.step = step
+            ck.save("fake", {{"progress": {{}}, "blob": torch.full((6_000_000,), float(step))}})
+        os._exit(0)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        print(json.dumps(None), flush=True)
+        continue
+    ck = safe_torch_load(last)
+    intact = ck["phase"] == "fake" and bool((ck["blob"] == ck["progress"]["step"]).all())
+    print(json.dumps({{"intact": intact, "steps": len(list(last.parent.glob("step-*.pt")))}}), flush=True)
+train.Checkpointer(run_dir, cfg)  # a restart clears the temp files the kills left
+print(json.dumps({{"temp_left": len(list(last.parent.glob(".*.tmp")))}}), flush=True)
+"""
+
+
+def test_a_kill_during_checkpoint_writes_never_leaves_an_unreadable_last(tmp):
+    out = subprocess.run([sys.executable, "-c", KILLER.format(root=str(ROOT), run_dir=str(tmp / "atomic"))],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    *kills, end = [json.loads(line) for line in out.stdout.splitlines()]
+    checked = [k for k in kills if k is not None]
+    assert len(checked) >= 3  # most kills land after the first checkpoint
+    assert all(k["intact"] and k["steps"] <= 3 for k in checked)  # keep-last 2 (+1 between save and prune)
+    assert end == {"temp_left": 0}
