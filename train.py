@@ -177,8 +177,8 @@ class RunCfg:
     """where to train: auto = cuda when available."""
     amp: Literal["off", "fp16", "bf16"] = "off"
     """mixed precision: fp16 (with a GradScaler, CUDA only) or bf16."""
-    channels_last: bool = False
-    """use the channels_last memory layout for the models and inputs."""
+    channels_last: bool = True
+    """use the channels_last memory layout for the models and inputs (faster convolutions; False = NCHW)."""
     compile: bool = False
     """torch.compile the student (and teachers separately)."""
     max_steps_per_epoch: int = 0
@@ -490,8 +490,8 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def progress(it: Iterable, **kw) -> Iterable:
-    """tqdm bar on a terminal, nothing when stdout is redirected."""
-    return tqdm(it, disable=not sys.stdout.isatty(), leave=False, dynamic_ncols=True, **kw)
+    """tqdm bar on a terminal (rank 0's), nothing when stdout is redirected."""
+    return tqdm(it, disable=not (sys.stdout.isatty() and DIST.main), leave=False, dynamic_ncols=True, **kw)
 
 
 def say(msg: str) -> None:
@@ -958,6 +958,11 @@ class Checkpointer:
         if DIST.main and self.dir.is_dir():
             for stale in self.dir.glob(".*.tmp"):  # a kill mid-write leaves its temp file behind
                 stale.unlink(missing_ok=True)
+            if resume is not None:  # resumed from an older checkpoint: the newer ones are an abandoned branch
+                for later in self.dir.glob("step-*.pt"):
+                    number = later.stem.removeprefix("step-")
+                    if number.isdigit() and int(number) > self.step:
+                        later.unlink()
 
     def pending_phase(self) -> str | None:
         return None if self.pending is None else self.pending.get("phase")
@@ -1083,7 +1088,8 @@ def check_resume_config(cfg: Config, saved: dict[str, Any], path: Path) -> None:
         if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"cannot resume from {path}: {flag} is {_show(a)} here but {_show(b)} in the "
-                                  f"checkpoint's run (only paths, devices, workers, checkpointing and wandb may change)")
+                                  "checkpoint's run (only paths, devices, workers, checkpointing and wandb may "
+                                  "change)")
 
 
 def _show(v: Any) -> str:
@@ -1343,6 +1349,7 @@ class AsmbRun:
                          for t, keys in zip(self.teachers, self.teacher_keys)],
             "bridge": self.bridge.state_dict(), "projections": self.distill.state_dict(),
             "phase_a": optim_state(self.phase_a), "phase_b": optim_state(self.phase_b),
+            # the best student before the running phase B (during one, fit()'s own "best"/"progress" lead)
             "best": {"acc": self.best["acc"], "epoch": self.best["epoch"]}, "best_student": self.best["state"],
         }
 

@@ -290,7 +290,8 @@ def reference_stepper(b: Bundle, batches: Iterator) -> Callable[[int], None]:
 
 
 def plain_flags(flags: str) -> str:
-    """The reference loop's train.py flags: the caller's, minus layout / precision / compile (eager NCHW fp32)."""
+    """The reference loop's train.py flags: the caller's with layout / precision / compile set to the toolboxes'
+    eager NCHW float32 (the Bundle's models are prepared with them)."""
     out, words = [], shlex.split(flags)
     skip = {"--run.channels-last", "--run.channels_last", "--run.amp", "--run.compile"}
     it = iter(words)
@@ -301,7 +302,7 @@ def plain_flags(flags: str) -> str:
                 next(it, None)
             continue
         out.append(w)
-    return shlex.join(out)
+    return shlex.join(out + ["--run.channels-last", "False", "--run.amp", "off", "--run.compile", "False"])
 
 
 def describe_machine() -> str:

@@ -9,7 +9,7 @@ than the real step (no overlap across boundaries); the end-to-end figure and the
 real loop, the split only says where the time goes. On CUDA the achieved TFLOP/s and the fraction of the GPU's
 bf16 peak come from counting one step's FLOPs with torch.utils.flop_counter.
 
-    python bench/epoch.py --quick                     # CPU: 1,024 images (16 steps of 64), no reference epoch
+    python bench/epoch.py --quick                     # CPU: 640 images (10 steps of 64), no reference epoch
     python bench/epoch.py                             # 50,000 images, plus the reference loop's epoch
     python bench/epoch.py --device cuda --flags "--run.channels-last True --run.amp bf16"
 """
@@ -26,14 +26,15 @@ from kd.freeze import set_train  # noqa: E402  (_common put the checkout on sys.
 from train import LossTracker  # noqa: E402
 
 EPOCHS = 240
+CIFAR_TRAIN = 50_000  # the projection's epoch: CIFAR-100's training set
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1,024 images (16 steps), no reference epoch")
+    p.add_argument("--quick", action="store_true", help="640 images (10 steps), no reference epoch")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--flags", default="", help="train.py flags, e.g. '--run.channels-last True --run.amp bf16'")
-    p.add_argument("--images", type=int, help="training images in the epoch (50,000; --quick 1,024)")
+    p.add_argument("--images", type=int, help="training images in the epoch (50,000; --quick 640)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--method", default="kd", help="any single-stage method of train.py")
     p.add_argument("--split-steps", type=int, default=200, help="steps of the instrumented copy (at most one epoch)")
@@ -44,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak of the GPU (0: by its name)")
     args = p.parse_args()
-    args.images = args.images or (1_024 if args.quick else 50_000)
+    args.images = args.images or (640 if args.quick else 50_000)
     if args.reference is None:
         args.reference = not args.quick
     return args
@@ -132,8 +133,9 @@ def main() -> None:
         print(f"  {name:<40}{1e3 * split[part] / split_steps:>9.1f} ms/step {100 * split[part] / total:>6.1f}%")
     print(f"  {'sum':<40}{1e3 * total / split_steps:>9.1f} ms/step")
 
-    projected_h = EPOCHS * epoch_s / 3600
-    print(f"\nprojected {EPOCHS} epochs of {images:,} images: {projected_h:.2f} h ({60 * projected_h:.1f} min)")
+    projected_h = EPOCHS * CIFAR_TRAIN / ips / 3600
+    print(f"\nprojected {EPOCHS} epochs of {CIFAR_TRAIN:,} images (CIFAR-100's training set) at {ips:.1f} img/s: "
+          f"{projected_h:.2f} h ({60 * projected_h:.1f} min)")
     summary = [f"{ips:.1f} img/s", f"epoch {epoch_s:.1f} s", f"{EPOCHS} epochs {projected_h:.2f} h",
                f"data {100 * split['data'] / total:.1f}% of step"]
 

@@ -61,16 +61,33 @@ def final_state(tmp: Path, name: str) -> tuple[dict, dict, list]:
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     drop = ("run_dir", "wall_time_s", "time_s")
-    return (last["model"], {k: v for k, v in summary.items() if k not in drop},
+    last = {k: v for k, v in last.items() if k not in ("rows", "config", "wandb_id")}  # rows: below, sans times
+    return (last, {k: v for k, v in summary.items() if k not in drop},
             [{k: v for k, v in r.items() if k not in drop} for r in rows])
 
 
+def assert_equal_tree(a, b, where: str = "checkpoint") -> None:
+    """Bit-identical nested checkpoint content: tensors with torch.equal, everything else with ==."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
 def assert_same_run(tmp: Path, a: str, b: str) -> None:
-    model_a, summary_a, rows_a = final_state(tmp, a)
-    model_b, summary_b, rows_b = final_state(tmp, b)
-    assert model_a.keys() == model_b.keys()
-    for k in model_a:
-        assert torch.equal(model_a[k], model_b[k]), f"{k} differs after resume"
+    """Same final checkpoint (weights, every auxiliary module, optimiser/schedule/scaler, loader and RNG
+    states, best model), same summary and same metrics rows, up to wall times and names."""
+    (ck_a, summary_a, rows_a), (ck_b, summary_b, rows_b) = final_state(tmp, a), final_state(tmp, b)
+    assert_equal_tree(ck_a, ck_b)
     assert summary_a == summary_b
     assert rows_a == rows_b  # every epoch row, stage 0 included: the resumed run redid exactly the lost steps
 
@@ -108,6 +125,26 @@ def test_kd_killed_twice_and_resumed_equals_uninterrupted(tmp, kd_reference):
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed kd at step 10 (epoch 1 done, 1 steps into the next)" in resumed.stdout
     assert_same_run(tmp, kd_reference, name)
+
+
+def test_asmb_killed_in_phase_a_and_in_phase_b_and_resumed_equals_uninterrupted(tmp):
+    """ASMB (smoke: 2 stages x (phase A 1 epoch, phase B 2 epochs)) after stage 0 (steps 1-6): stage 1 A is
+    steps 7-9, B 10-15; stage 2 A 16-18, B 19-24. Killed inside stage 2's phase A (step 17, checkpoint at
+    16), resumed and killed inside its phase B mid-epoch (step 23, checkpoint at 22), resumed to the end:
+    the student, both teachers' adapted parts, MBM + head, projections, both optimisers and schedules, the
+    best student and every row equal the uninterrupted run's."""
+    args = ["--method", "asmb", "--teachers", "resnet8,resnet14", "--teachers.epochs", "1"]
+    assert train_cli(tmp, "asmb-ref", *args).returncode == 0
+    name = "asmb-killed"
+    for kill_at, phase, extra in ((17, "asmb:A:s2", ()), (23, "asmb:B:s2", ("--run.resume", "auto"))):
+        killed = train_cli(tmp, name, *args, *extra, kill_at=kill_at)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        last = torch.load(tmp / "runs" / name / "checkpoints" / "last.pt", weights_only=True)
+        assert last["phase"] == phase and last["progress"]["step"] == kill_at - 1
+    resumed = train_cli(tmp, name, *args, "--run.resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed asmb:B:s2 at step 22 (epoch 1 done, 1 steps into the next)" in resumed.stdout
+    assert_same_run(tmp, "asmb-ref", name)
 
 
 def test_dataloader_path_resume_at_an_epoch_boundary(tmp, ce_reference):
@@ -234,3 +271,42 @@ def test_a_kill_during_checkpoint_writes_never_leaves_an_unreadable_last(tmp):
     assert len(checked) >= 3  # most kills land after the first checkpoint
     assert all(k["intact"] and k["steps"] <= 3 for k in checked)  # keep-last 2 (+1 between save and prune)
     assert end == {"temp_left": 0}
+
+
+def test_wandb_run_id_is_checkpointed_and_reused_on_resume(tmp, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        id, offline, summary = "run-abc123", True, {}
+
+        def log(self, row):
+            pass
+
+        def finish(self):
+            pass
+
+    def fake_init(cfg, run_dir, mode, run_id=None):
+        calls.append(run_id)
+        return FakeRun()
+
+    monkeypatch.setattr(train, "init_wandb", fake_init)
+    args = args_for(tmp, "wb", "--method", "ce", "--optim.epochs", "1", "--run.deterministic", "False",
+                    "--wandb.mode", "offline")
+    assert train.main(args) == 0
+    last = torch.load(tmp / "runs" / "wb" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["wandb_id"] == "run-abc123"
+    assert train.main([*args, "--run.resume", "auto"]) == 0  # wandb.init(id=..., resume="allow") continues it
+    assert calls == [None, "run-abc123"]
+
+
+def test_resume_refuses_a_checkpoint_for_another_model_shape(capsys, tmp, ce_reference):
+    """Same config, but the checkpoint's model metadata says 7 classes (another dataset's checkpoint
+    copied in, or a file from an older version): refused naming the mismatch, before anything is written."""
+    ck = torch.load(tmp / "runs" / ce_reference / "checkpoints" / "last.pt", weights_only=True)
+    ck["meta"] = {**ck["meta"], "num_classes": 7}
+    path = tmp / "runs" / "other-shape" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(ck, path)
+    err = refused(capsys, tmp, "other-shape", *CE_TORCH, "--run.resume", "auto", "--run.deterministic", "False")
+    assert "resume checkpoint auto: resnet8 expects 10 classes, checkpoint has 7" in err
+    assert [p.name for p in (tmp / "runs" / "other-shape").rglob("*")] == ["checkpoints", "last.pt"]
