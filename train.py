@@ -23,6 +23,7 @@ import random
 import signal
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal
@@ -682,6 +683,7 @@ class Trainer:
     channels_last: bool
     max_steps: int = 0
     freeze_policy: str = "none"  # the model's partial-freeze policy: frozen norm layers stay in eval
+    seed: int = 0  # --run.seed: each phase reseeds from it (begin_phase)
     step_module: nn.Module | None = None  # model + method as one module; DDP-wrapped with several processes
     steps: int = 0  # optimisation steps of the whole run (fit() keeps it in step with the Checkpointer)
     extra: Any = None  # more state its checkpoints carry (state_dict/load_state_dict): ASMB's whole run
@@ -849,6 +851,8 @@ def fit(tr: Trainer, train_loader, val_loader, epochs: int, tag: str, logger: Ru
     resumed = ckpt.take(tag) if ckpt is not None else None
     if resumed is not None:
         done, start, best = restore_fit(tr, train_loader, resumed)
+    else:
+        begin_phase(tr.seed, tag, train_loader)
         if save_best and best["state"] is not None:  # best.pt may be ahead of the checkpoint: make them agree
             ckpt.save_best(tr.model.meta(), best["state"], best["acc"], epoch_offset + best["epoch"])
     if ckpt is not None:
@@ -893,6 +897,16 @@ def fit(tr: Trainer, train_loader, val_loader, epochs: int, tag: str, logger: Ru
             kill_point(tr.steps)
     return {"best_acc": best["acc"], "best_epoch": best["epoch"], "best_state": best["state"],
             "last_state": {k: v.detach().to("cpu", copy=True) for k, v in tr.model.state_dict().items()}}
+
+
+def begin_phase(seed: int, tag: str, train_loader) -> None:
+    """A fresh phase reseeds the RNGs and the data order from (seed, phase name), so its numbers are the
+    same whether or not other phases (e.g. stage-0 teacher fine-tuning) ran before it in this process."""
+    phase_seed = (seed * 1_000_003 + zlib.crc32(tag.encode())) % 2**31
+    random.seed(phase_seed)
+    np.random.seed(phase_seed)
+    torch.manual_seed(phase_seed)
+    _stateful(train_loader).reseed(phase_seed)
 
 
 def restore_fit(tr: Trainer, train_loader, ck: dict[str, Any]) -> tuple[int, dict | None, dict[str, Any]]:
@@ -1115,6 +1129,7 @@ def make_trainer(cfg: Config, model: KDModel, method: Method, teachers: list[KDM
         mixer=build_mixer(num_classes, *mix_alphas(cfg.optim, distill)),
         grad_clip_norm=cfg.optim.grad_clip_norm, channels_last=cfg.run.channels_last,
         max_steps=cfg.run.max_steps_per_epoch, step_module=distribute(StudentStep(model, method), device),
+        seed=cfg.run.seed,
     )
 
 
@@ -1304,7 +1319,7 @@ def teacher_adapt_trainer(cfg: Config, synergy: SynergyModel, adapt: AsmbAdapt, 
                    device=device, amp_dtype=amp_dtype,
                    scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), mixer=None,
                    grad_clip_norm=cfg.optim.grad_clip_norm, channels_last=cfg.run.channels_last,
-                   max_steps=cfg.run.max_steps_per_epoch, step_module=distribute(step, device))
+                   max_steps=cfg.run.max_steps_per_epoch, step_module=distribute(step, device), seed=cfg.run.seed)
 
 
 class AsmbRun:

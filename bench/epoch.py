@@ -102,9 +102,11 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is available")
-    # the synthetic set holds a 10% validation split out of what it generates: generate images / 0.9
-    argv = C.train_argv(C.CIFAR_PAIR, args.method, batch=args.batch, train_size=round(args.images / 0.9),
-                        steps=0, device=args.device, flags=args.flags)
+    # the synthetic set holds a stratified 10% validation split (at least one image per class) out of what it
+    # generates: generate enough for `images` training images
+    generated = max(round(args.images / 0.9), args.images + 100)
+    argv = C.train_argv(C.CIFAR_PAIR, args.method, batch=args.batch, train_size=generated, steps=0,
+                        device=args.device, flags=args.flags)
     cfg = C.parse(argv)
     data = C.build_data(cfg)
     ours = C.build_ours(cfg, data)
@@ -149,7 +151,7 @@ def main() -> None:
 
     if args.reference:
         ref_cfg = C.parse(C.train_argv(C.CIFAR_PAIR, args.method, batch=args.batch,
-                                       train_size=round(args.images / 0.9), steps=0, device=args.device,
+                                       train_size=generated, steps=0, device=args.device,
                                        flags=C.plain_flags(args.flags)))
         loader = C.reference_loader(data, args.batch, args.workers, device)
         ref = C.build_ours(ref_cfg, data)

@@ -180,6 +180,13 @@ class DeviceLoader:
             self.position = i + 1
             yield x, self.labels[index], index
 
+    def reseed(self, seed: int) -> None:
+        """Start over at epoch 0 with the order drawn from `seed`: each training phase begins the same way
+        whatever ran before it in the process."""
+        self.generator.manual_seed(seed)
+        self.epoch, self.position, self._resume = 0, 0, False
+        self._epoch_start = self.generator.get_state()
+
     def state_dict(self) -> dict[str, Any]:
         """{epoch, position, generator (state at the start of the epoch), seed, num_samples, batch_size}."""
         return {"epoch": self.epoch, "position": self.position, "generator": self._epoch_start.clone(),

@@ -57,6 +57,13 @@ class EpochBatchSampler(Sampler[list[int]]):
             self.position = i + 1
             yield order[start:start + per_rank].tolist()
 
+    def reseed(self, seed: int) -> None:
+        """Start over at epoch 0 with the order drawn from `seed`: each training phase begins the same way
+        whatever ran before it in the process."""
+        self.generator.manual_seed(seed)
+        self.epoch, self.position, self._resume = 0, 0, False
+        self._epoch_start = self.generator.get_state()
+
     def state_dict(self, position: int | None = None) -> dict[str, Any]:
         """{epoch, position, generator (state at the epoch start), seed, num_samples, batch_size}."""
         return {"epoch": self.epoch, "position": self.position if position is None else position,

@@ -130,3 +130,17 @@ def test_existing_run_dir_is_refused_and_untouched(tmp_path):
     assert out.returncode == 2 and "exists" in out.stderr and "Traceback" not in out.stderr
     assert (run_dir / "keep.txt").read_text() == "precious"
     assert [p.name for p in run_dir.iterdir()] == ["keep.txt"]
+
+
+def test_student_numbers_do_not_depend_on_whether_stage0_ran_in_the_same_process(tmp_path):
+    """A reported number must repeat: the kd student trained right after fine-tuning its teachers equals the
+    one trained later from the cached teachers."""
+    import torch
+
+    train.run(train.parse_config(tiny_args(tmp_path, "--method", "kd", "--run.name", "first")))
+    train.run(train.parse_config(tiny_args(tmp_path, "--method", "kd", "--run.name", "second")))
+    rows = [[r for r in read_rows(tmp_path / "runs" / n) if r["phase"] == "kd"] for n in ("first", "second")]
+    assert [r["train/loss"] for r in rows[0]] == [r["train/loss"] for r in rows[1]]
+    a, b = (torch.load(tmp_path / "runs" / n / "checkpoints" / "last.pt", weights_only=True)["model"]
+            for n in ("first", "second"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
