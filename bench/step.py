@@ -156,7 +156,7 @@ def ablations(args, data) -> None:
         return run
 
     t = alternate({"no_grad": forward(torch.no_grad), "inference_mode": forward(torch.inference_mode)},
-                  args.rounds + 2, device)
+                  args.rounds, device)
     print(f"teacher forward ({C.CIFAR_PAIR.teachers[0]}, batch {args.batch}): no_grad {1e3 * t['no_grad']:.1f} ms, "
           f"inference_mode {1e3 * t['inference_mode']:.1f} ms ({t['no_grad'] / t['inference_mode']:.2f}x)")
     models = [b.student] + ([create_model(C.ASMB_PAIR.student, 100, small_input=True).to(device)]
