@@ -15,14 +15,15 @@ Batches are `(x float32 [B,3,S,S], y int64 [B], index int64 [B])` like the DataL
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
+from .sampler import EpochCursor
 
 
 def crop_padding(size: int) -> int:
@@ -79,7 +80,7 @@ def to_normalised_float(images: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return torch.addcmul(shift, images.to(torch.float32), scale)
 
 
-class DeviceLoader:
+class DeviceLoader(EpochCursor):
     """Iterates `(x, y, index)` batches of a uint8 image tensor kept on `device`.
 
     train=True: reshuffled every epoch from the seeded generator, the incomplete last batch dropped
@@ -122,12 +123,7 @@ class DeviceLoader:
         # (one gather per batch); with one, each batch is gathered, resized, then padded and cut.
         self.padded = F.pad(images, (self.pad,) * 4) if self.augment and self.size == self.native else None
         self.images = images if self.padded is None else None  # one copy resident on the device
-        self.seed = seed
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.epoch = 0  # epochs started
-        self.position = 0  # batches yielded in the current epoch
-        self._epoch_start = self.generator.get_state()
-        self._resume = False
+        self._init_cursor(seed, self.device)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -161,14 +157,7 @@ class DeviceLoader:
         return to_normalised_float(x, self.scale, self.shift)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        if self._resume:  # continue the restored epoch: same draws, skip the batches already seen
-            self._resume = False
-            self.generator.set_state(self._epoch_start)
-        else:
-            self.epoch += 1
-            self.position = 0
-            self._epoch_start = self.generator.get_state()
-        order, offsets, flips = self._draw_epoch()
+        order, offsets, flips = self._start_epoch()
         bs = self.batch_size
         per_rank = bs // self.world_size
         for i in range(self.position, len(self)):
@@ -179,32 +168,3 @@ class DeviceLoader:
                                 flips[sl] if flips is not None else None)
             self.position = i + 1
             yield x, self.labels[index], index
-
-    def reseed(self, seed: int) -> None:
-        """Start over at epoch 0 with the order drawn from `seed`: each training phase begins the same way
-        whatever ran before it in the process."""
-        self.generator.manual_seed(seed)
-        self.epoch, self.position, self._resume = 0, 0, False
-        self._epoch_start = self.generator.get_state()
-
-    def state_dict(self) -> dict[str, Any]:
-        """{epoch, position, generator (state at the start of the epoch), seed, num_samples, batch_size}."""
-        return {"epoch": self.epoch, "position": self.position, "generator": self._epoch_start.clone(),
-                "seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state_dict(): the next iteration continues that epoch at `position` (or, when the
-        epoch was complete, starts the next one exactly as the saved run would have)."""
-        for key in ("num_samples", "batch_size"):
-            if state.get(key) != getattr(self, key):
-                raise CheckpointError(f"loader state is for {key}={state.get(key)}, "
-                                      f"this loader has {getattr(self, key)}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._epoch_start = state["generator"].clone()
-        self.generator.set_state(self._epoch_start)
-        if self.epoch == 0:
-            return
-        if self.position < len(self):
-            self._resume = True
-        else:  # the saved epoch was finished: replay its draws so the generator is where it was
-            self._draw_epoch()

@@ -13,49 +13,43 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
+from torch import Tensor
 from torch.utils.data import Sampler
 
 from .errors import CheckpointError, ConfigError
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """Yields this rank's list of dataset indices for each global batch of the epoch (see module doc).
+class EpochCursor:
+    """The resumable position of a seeded, epoch-based batch source (EpochBatchSampler, DeviceLoader).
 
-    `batch_size` is the global batch; each of `world_size` ranks gets `batch_size // world_size` indices.
-    `position` counts the batches handed out in the current epoch; a training loop that knows how many it
-    consumed (a DataLoader prefetches) stores its own count via `state_dict(position=...)`."""
+    All of an epoch's random draws are made at its start from `generator`, so the state is just the
+    generator state at the epoch start, the epoch count and the position in it. Subclasses set
+    `num_samples`, `batch_size`, `__len__` and `_draw_epoch()` (the epoch's draws, from the generator)
+    and call `_start_epoch()` at the top of `__iter__`."""
 
-    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if batch_size < 1 or batch_size > num_samples:
-            raise ConfigError(f"batch_size {batch_size} must be in [1, {num_samples}] (the split's size)")
-        if batch_size % world_size:
-            raise ConfigError(f"batch size {batch_size} is not divisible by the {world_size} processes")
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.rank, self.world_size = rank, world_size
+    what = "loader"  # named in the mismatch message
+
+    def _init_cursor(self, seed: int, device: torch.device | str = "cpu") -> None:
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.epoch = 0  # epochs started
         self.position = 0  # batches handed out in the current epoch
         self._epoch_start = self.generator.get_state()
         self._resume = False
 
-    def __len__(self) -> int:
-        return self.num_samples // self.batch_size
+    def _draw_epoch(self) -> Any:
+        raise NotImplementedError
 
-    def __iter__(self) -> Iterator[list[int]]:
-        if self._resume:  # continue the restored epoch: same permutation, skip the batches already trained on
+    def _start_epoch(self) -> Any:
+        """Begin an epoch (or continue a restored one) and return its draws."""
+        if self._resume:  # continue the restored epoch: same draws, skip the batches already seen
             self._resume = False
             self.generator.set_state(self._epoch_start)
         else:
             self.epoch += 1
             self.position = 0
             self._epoch_start = self.generator.get_state()
-        order = torch.randperm(self.num_samples, generator=self.generator)
-        per_rank = self.batch_size // self.world_size
-        for i in range(self.position, len(self)):
-            start = i * self.batch_size + self.rank * per_rank
-            self.position = i + 1
-            yield order[start:start + per_rank].tolist()
+        return self._draw_epoch()
 
     def reseed(self, seed: int) -> None:
         """Start over at epoch 0 with the order drawn from `seed`: each training phase begins the same way
@@ -75,7 +69,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         was complete (position >= len), starts the next epoch as the saved run would have."""
         for key in ("num_samples", "batch_size"):
             if state.get(key) != getattr(self, key):
-                raise CheckpointError(f"sampler state is for {key}={state.get(key)}, this run has {getattr(self, key)}")
+                raise CheckpointError(f"{self.what} state is for {key}={state.get(key)}, "
+                                      f"this run has {getattr(self, key)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._epoch_start = state["generator"].clone()
         self.generator.set_state(self._epoch_start)
@@ -83,5 +78,38 @@ class EpochBatchSampler(Sampler[list[int]]):
             return
         if self.position < len(self):
             self._resume = True
-        else:  # replay the finished epoch's draw so the generator is where it was
-            torch.randperm(self.num_samples, generator=self.generator)
+        else:  # replay the finished epoch's draws so the generator is where it was
+            self._draw_epoch()
+
+
+class EpochBatchSampler(EpochCursor, Sampler[list[int]]):
+    what = "sampler"
+
+    """Yields this rank's list of dataset indices for each global batch of the epoch (see module doc).
+
+    `batch_size` is the global batch; each of `world_size` ranks gets `batch_size // world_size` indices.
+    `position` counts the batches handed out in the current epoch; a training loop that knows how many it
+    consumed (a DataLoader prefetches) stores its own count via `state_dict(position=...)`."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or batch_size > num_samples:
+            raise ConfigError(f"batch_size {batch_size} must be in [1, {num_samples}] (the split's size)")
+        if batch_size % world_size:
+            raise ConfigError(f"batch size {batch_size} is not divisible by the {world_size} processes")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size = rank, world_size
+        self._init_cursor(seed)
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def _draw_epoch(self) -> Tensor:
+        return torch.randperm(self.num_samples, generator=self.generator)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self._start_epoch()
+        per_rank = self.batch_size // self.world_size
+        for i in range(self.position, len(self)):
+            start = i * self.batch_size + self.rank * per_rank
+            self.position = i + 1
+            yield order[start:start + per_rank].tolist()
