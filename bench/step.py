@@ -57,8 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--alt-flags", default=None,
                    help="also time train.py's step with these flags instead of --flags (column alt, ratio ours/alt)")
     p.add_argument("--batch", type=int, help="batch of the resnet32x4 -> resnet8x4 pair (64)")
-    p.add_argument("--hand", nargs="+", default=None,
-                   help="methods that also time the hand-written loop (all; --quick: kd asmb:A asmb:B)")
+    p.add_argument("--hand", nargs="*", default=None,
+                   help="methods that also time the hand-written loop (all; --quick: kd asmb:A asmb:B; none: --hand)")
     p.add_argument("--asmb-batch", type=int, help="batch of the ASMB pair (16; --quick 2)")
     p.add_argument("--rounds", type=int, help="timed rounds, each timing every loop once (5; --quick 3)")
     p.add_argument("--steps", type=int, help="steps per loop per round (2; --quick 1)")
@@ -114,9 +114,6 @@ def bench_method(pair: C.Pair, method: str, data, batch: int, ref_batches, args)
     if device.type == "cuda":
         flops = C.count_flops(lambda: C.ours_steps(ours, 1))
         out["tflops"] = flops * out["ours_ips"] / batch / 1e12
-    del ours, hand, ref, loops
-    alt = None
-    gc.collect()
     return out
 
 
@@ -171,8 +168,19 @@ def ablations(args, data) -> None:
                 "fused": torch.optim.SGD(params, fused=True, **kw)}
         with torch.no_grad():
             t = alternate({k: opt.step for k, opt in opts.items()}, 10, device)
-        print(f"SGD step ({model.arch}, {len(params)} tensors): " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in t.items())
-              + f" (fused {t['default'] / t['fused']:.1f}x default)")
+        timings = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in t.items())
+        print(f"SGD step ({model.arch}, {len(params)} tensors): {timings} (fused {t['default'] / t['fused']:.1f}x default)")
+
+
+def table_row(pair: C.Pair, method: str, batch: int, r: dict[str, float], peak: float | None) -> str:
+    hand = (f"{r['hand_ips']:>12.1f}", f"{r['ours/hand']:>10.2f}x") if "hand_ips" in r else (f"{'-':>12}", f"{'-':>11}")
+    line = f"{pair.name:<42}{method:<8}{batch:>6}{r['ours_ips']:>12.1f}{r['ref_ips']:>11.1f}" \
+           f"{hand[0]}{r['ours/ref']:>9.2f}x{hand[1]}"
+    if "alt_ips" in r:
+        line += f"{r['alt_ips']:>11.1f}{r['ours/alt']:>9.2f}x"
+    if "tflops" in r:
+        line += f"{r['tflops']:>9.1f}" + (f"{100 * r['tflops'] / peak:>12.1f}%" if peak else f"{'-':>13}")
+    return line
 
 
 def main() -> None:
@@ -188,7 +196,7 @@ def main() -> None:
     print(f"{args.rounds} rounds of {args.steps} step(s) per loop, loops in a new order every round, after "
           f"{args.warmup} warm-up block(s); img/s: median over rounds; ratios: median of the per-round ratios; "
           f"reference loop: DataLoader with {args.workers} workers over PIL images"
-          + ("; --quick: batch and rounds reduced" if args.quick else ""))
+          + (f"; --quick: ASMB pair at batch {args.asmb_batch}, {args.train_size} images" if args.quick else ""))
     head = f"{'pair':<42}{'method':<8}{'batch':>6}{'ours img/s':>12}{'ref img/s':>11}{'hand img/s':>12}" \
            f"{'ours/ref':>10}{'ours/hand':>11}"
     alt = args.alt_flags is not None
@@ -211,24 +219,19 @@ def main() -> None:
         next(ref_batches)  # start the worker processes before the models exist (smaller forks)
         for method in methods:
             r = bench_method(pair, method, data, batch, ref_batches, args)
-            hand = (f"{r['hand_ips']:>12.1f}", f"{r['ours/hand']:>10.2f}x") if "hand_ips" in r else (f"{'-':>12}", f"{'-':>11}")
-            line = f"{pair.name:<42}{method:<8}{batch:>6}{r['ours_ips']:>12.1f}{r['ref_ips']:>11.1f}" \
-                   f"{hand[0]}{r['ours/ref']:>9.2f}x{hand[1]}"
-            if alt:
-                line += f"{r['alt_ips']:>11.1f}{r['ours/alt']:>9.2f}x"
-                alt_ratios.append(f"{method} {r['ours/alt']:.2f}x")
-            if "tflops" in r:
-                line += f"{r['tflops']:>9.1f}" + (f"{100 * r['tflops'] / peak:>12.1f}%" if peak else f"{'-':>13}")
-            print(line, flush=True)
+            gc.collect()  # this method's models go before the next method's are built
+            print(table_row(pair, method, batch, r, peak), flush=True)
             ratios.append(f"{method} {r['ours/ref']:.2f}x")
             if "hand_ips" in r:
                 hand_ratios.append(f"{method} {r['ours/hand']:.2f}x")
+            if alt:
+                alt_ratios.append(f"{method} {r['ours/alt']:.2f}x")
         del ref_batches
         gc.collect()
     if not args.no_ablations:
         ablations(args, data if data is not None else C.build_data(C.parse(C.train_argv(
             C.CIFAR_PAIR, "kd", batch=args.batch, train_size=args.train_size, steps=1, device=args.device))))
-    print(f"ours/ref: {', '.join(ratios)}; ours/hand: {', '.join(hand_ratios)}"
+    print(f"ours/ref: {', '.join(ratios)}" + (f"; ours/hand: {', '.join(hand_ratios)}" if hand_ratios else "")
           + (f"; ours/alt: {', '.join(alt_ratios)}" if alt else ""))
 
 
