@@ -11,7 +11,7 @@ bf16 peak come from counting one step's FLOPs with torch.utils.flop_counter.
 
     python bench/epoch.py --quick                     # CPU: 640 images (10 steps of 64), no reference epoch
     python bench/epoch.py                             # 50,000 images, plus the reference loop's epoch
-    python bench/epoch.py --device cuda --flags "--run.channels-last True --run.amp bf16"
+    python bench/epoch.py --device cuda --flags "--run.amp bf16"
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="640 images (10 steps), no reference epoch")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--flags", default="", help="train.py flags, e.g. '--run.channels-last True --run.amp bf16'")
+    p.add_argument("--flags", default="", help="train.py flags, e.g. '--run.amp bf16'")
     p.add_argument("--images", type=int, help="training images in the epoch (50,000; --quick 640)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--method", default="kd", help="any single-stage method of train.py")

@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--pairs", nargs="+", choices=["cifar", "asmb"], default=["cifar", "asmb"])
     p.add_argument("--methods", nargs="+", default=None, help="subset of ce kd dkd at fitnet crd asmb:A asmb:B")
-    p.add_argument("--flags", default="", help="train.py flags of ours and hand, e.g. '--run.channels-last True'")
+    p.add_argument("--flags", default="", help="train.py flags of ours and hand, e.g. '--run.amp bf16'")
     p.add_argument("--alt-flags", default=None,
                    help="also time train.py's step with these flags instead of --flags (column alt, ratio ours/alt)")
     p.add_argument("--batch", type=int, help="batch of the resnet32x4 -> resnet8x4 pair (64)")
