@@ -35,7 +35,7 @@ import tyro
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kd.data import DATASETS, SyntheticSpec, build_data, make_loader
+from kd.data import SyntheticSpec, build_data, make_loader
 from kd.asmb import (AsmbCfg, AsmbDistill, AsmbAdapt, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
                      build_asmb_modules, stage_metrics, temperature_table)
 from kd.errors import CheckpointError, ConfigError, KDError
@@ -47,7 +47,7 @@ from kd.methods.kd import KDCfg
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
-from kd.models import KDModel, check_meta, create_model, model_checkpoint
+from kd.models import KDModel, check_meta, create_model
 
 METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "asmb"]
 

@@ -47,6 +47,16 @@ ASMB_PAIR = Pair("resnet152+efficientnet_b2->convnext_tiny", "convnext_tiny", ("
                  ("asmb:A", "asmb:B"))
 
 
+def setup(threads: int, device: str) -> torch.device:
+    """Apply --threads (> 0) and check --device; the common start of every bench script."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is available")
+    return dev
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

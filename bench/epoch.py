@@ -97,11 +97,7 @@ def instrumented_epoch(b: C.Bundle, steps: int) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is available")
+    device = C.setup(args.threads, args.device)
     # the synthetic set holds a stratified 10% validation split (at least one image per class) out of what it
     # generates: generate enough for `images` training images
     generated = max(round(args.images / 0.9), args.images + 100)

@@ -185,11 +185,7 @@ def table_row(pair: C.Pair, method: str, batch: int, r: dict[str, float], peak: 
 
 def main() -> None:
     args = parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is available")
+    device = C.setup(args.threads, args.device)
     pairs = {"cifar": C.CIFAR_PAIR, "asmb": C.ASMB_PAIR}
     peak = args.peak_tflops or C.bf16_peak_tflops(device)
     print(f"{C.describe_machine()}; device {device}; ours/hand flags: {args.flags or '(train.py defaults)'}")
