@@ -172,24 +172,37 @@ def cycle(loader) -> Iterator:
         yield from loader
 
 
+def forward_loss(b: Bundle, x: Tensor, y: Tensor, index: Tensor, weights: dict[str, float]) -> tuple[Any, Tensor]:
+    """The forward and weighted loss both hand-written loops share: phase A runs the (frozen) student for the
+    query and the teachers with grad; otherwise the teachers run under no_grad and the student trains."""
+    method = b.trainer.method
+    if b.phase == "A":
+        synergy = b.extra["run"].synergy
+        with torch.no_grad():
+            s_out = synergy.student(x)
+        t_outs = [t(x) for t in synergy.teachers]
+    else:
+        with torch.no_grad():
+            t_outs = [t(x, with_maps=method.needs_maps) for t in b.teachers]
+        s_out = b.student(x, with_maps=method.needs_maps)
+    terms = method.loss_terms(StepInputs(x=x, target=y, index=index, epoch=1, student=s_out, teachers=t_outs))
+    return s_out, sum(weights.get(k, 1.0) * v for k, v in terms.items())
+
+
 def hand_stepper(b: Bundle) -> Callable[[int], None]:
     """The best loop a user would write by hand with the same kernels: our data path (DeviceLoader), the same
     models, flags (layout, precision), loss calls, optimiser and schedule, inline, without the Trainer, the
     StudentStep module, the loss tracker or the progress bar."""
     tr, device = b.trainer, b.device
     batches = cycle(b.loader)
-    student, teachers, method = b.student, b.teachers, tr.method
-    opt, sched = tr.optimizer, tr.scheduler
+    method, opt, sched = tr.method, tr.optimizer, tr.scheduler
     amp = dict(device_type=device.type, dtype=tr.amp_dtype or torch.float32, enabled=tr.amp_dtype is not None)
-    maps = method.needs_maps
     weights = method.loss_weights(1)
     if b.phase == "A":
-        synergy = b.extra["run"].synergy
-        synergy.train()  # teachers in their freeze policy's modes, student in eval
-        method.train()
+        b.extra["run"].synergy.train()  # teachers in their freeze policy's modes, student in eval
     else:
-        set_train(student, tr.freeze_policy)
-        method.train()
+        set_train(b.student, tr.freeze_policy)
+    method.train()
 
     def steps(n: int) -> None:
         for _ in range(n):
@@ -197,17 +210,7 @@ def hand_stepper(b: Bundle) -> Callable[[int], None]:
             if tr.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(**amp):
-                if b.phase == "A":
-                    with torch.no_grad():
-                        s_out = synergy.student(x)
-                    t_outs = [t(x) for t in synergy.teachers]
-                else:
-                    with torch.no_grad():
-                        t_outs = [t(x, with_maps=maps) for t in teachers]
-                    s_out = student(x, with_maps=maps)
-                terms = method.loss_terms(StepInputs(x=x, target=y, index=index, epoch=1, student=s_out,
-                                                     teachers=t_outs))
-                loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+                _, loss = forward_loss(b, x, y, index, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -257,14 +260,12 @@ def reference_stepper(b: Bundle, batches: Iterator) -> Callable[[int], None]:
     under no_grad, plain torch.optim (default implementation, no per-step schedule), loss and top-1/top-5
     accuracy read with `.item()` every step. `b` supplies the models and the method (the same loss code)."""
     device, method = b.device, b.trainer.method
-    maps = method.needs_maps
     weights = method.loss_weights(1)
     trained = [p for g in b.trainer.optimizer.param_groups for p in g["params"]]
     if b.phase == "A":  # the same two parameter groups, plain Adam
         opt = torch.optim.Adam([{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
                                 for g in b.trainer.optimizer.param_groups])
-        synergy = b.extra["run"].synergy
-        synergy.train()
+        b.extra["run"].synergy.train()
     else:
         o = b.cfg.optim
         opt = torch.optim.SGD(trained, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -276,17 +277,7 @@ def reference_stepper(b: Bundle, batches: Iterator) -> Callable[[int], None]:
         for _ in range(n):
             x, y, index = next(batches)
             x, y, index = x.float().to(device), y.to(device), index.to(device)
-            if b.phase == "A":
-                with torch.no_grad():
-                    s_out = synergy.student(x)
-                t_outs = [t(x) for t in synergy.teachers]
-            else:
-                with torch.no_grad():
-                    t_outs = [t(x, with_maps=maps) for t in b.teachers]
-                s_out = b.student(x, with_maps=maps)
-            terms = method.loss_terms(StepInputs(x=x, target=y, index=index, epoch=1, student=s_out,
-                                                 teachers=t_outs))
-            loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+            s_out, loss = forward_loss(b, x, y, index, weights)
             top1, top5 = accuracy(s_out.logits, y)
             opt.zero_grad()
             loss.backward()
