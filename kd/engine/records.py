@@ -1,0 +1,45 @@
+"""Run records: what a run directory holds (config.json, metrics.jsonl, summary.json) and the rules that
+readers of it (train.py's wandb logging, sweep.py's early termination, the report) share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TEACHER_PHASE = "teacher:"  # stage-0 teacher fine-tuning rows have phase "teacher:<arch>"
+
+
+def is_teacher_phase(phase: Any) -> bool:
+    """Rows of stage-0 teacher fine-tuning, not of the trained model (their curves never mix into its)."""
+    return str(phase).startswith(TEACHER_PHASE)
+
+
+def flatten_config(config: dict[str, Any], prefix: str = "", dash: bool = False) -> dict[str, Any]:
+    """A nested config dict as {"group.field": value}; lists become tuples. `dash`: field names in their CLI
+    form (`kd.ce-weight`) instead of the dataclass form (`kd.ce_weight`)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = prefix + (k.replace("_", "-") if dash else k)
+        if isinstance(v, dict):
+            out.update(flatten_config(v, key + ".", dash))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl rows (rewritten atomically by train.py, so always whole); [] when there are none."""
+    try:
+        text = (Path(run_dir) / "metrics.jsonl").read_text()
+    except OSError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
