@@ -3,8 +3,8 @@ builds from them (student, teachers, method, Trainer, DeviceLoader), and the pla
 of the standard KD toolboxes (PIL-backed dataset, torchvision PIL transforms, DataLoader workers, eager NCHW
 float32 models, plain torch.optim, `.item()` every step).
 
-"Ours" is train.py's own code: the Trainer from make_trainer (or ASMB's phase trainers from AsmbRun), stepped
-through Trainer.train_epoch on the DeviceLoader that build_loaders makes. The reference loop and the
+"Ours" is train.py's own code: the Trainer from single_trainer (or ASMB's phase trainers from AsmbRun), stepped
+through train.train_epoch on the DeviceLoader that build_loaders makes. The reference loop and the
 hand-written loop call the same models and the same loss functions (Method.loss_terms), so a ratio between
 them isolates the loop: data path, teacher mode, memory layout, precision, syncs and optimiser.
 """
@@ -24,12 +24,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py and kd/ of this checkout, installed or not
 
 import train  # noqa: E402
+from kd.asmb import build_asmb_modules  # noqa: E402
+from kd.engine.checkpoint import Checkpointer  # noqa: E402
+from kd.engine.device import resolve_device  # noqa: E402
+from kd.engine.rng import seed_everything  # noqa: E402
+from kd.engine.trainer import StepClock, Trainer  # noqa: E402
 from kd.freeze import apply_freeze, set_train  # noqa: E402
 from kd.methods import METHODS, StepInputs  # noqa: E402
 from kd.models import create_model  # noqa: E402
+from kd.teachers import select_teachers, teacher_small_input  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -81,13 +87,7 @@ def parse(argv: list[str]) -> train.Config:
 
 def build_data(cfg: train.Config):
     """DataSplits of the synthetic set, exactly as train.run() builds them."""
-    d = cfg.data
-    return train.build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=cfg.run.seed, image_size=d.image_size,
-                            aug=d.aug, randaugment=d.randaugment,
-                            synthetic=train.SyntheticSpec(num_classes=d.synthetic_classes,
-                                                          train_size=d.synthetic_train_size,
-                                                          test_size=d.synthetic_test_size,
-                                                          image_size=d.synthetic_image_size, seed=cfg.run.seed))
+    return train.load_data(cfg)
 
 
 # ----------------------------------------------------------------------------------------------- train.py's objects
@@ -98,7 +98,7 @@ class Bundle:
     """What one training phase of train.run() holds: the Trainer, its loader, and the models it steps."""
 
     cfg: train.Config
-    trainer: train.Trainer
+    trainer: Trainer
     loader: Any
     student: nn.Module
     teachers: list[nn.Module]
@@ -110,58 +110,37 @@ class Bundle:
         return self.trainer.device
 
 
-def _teachers(cfg: train.Config, data, device: torch.device, small: bool, adapter_dim: int = 0) -> list[nn.Module]:
-    """Randomly initialised teachers prepared as load_teachers() prepares the fine-tuned ones (speed does not
-    depend on the weights; the bench never fine-tunes)."""
-    return [train.prepare(create_model(arch, data.num_classes, small_input=small, adapter_dim=adapter_dim), cfg,
-                          device, inference=True) for arch in cfg.teachers.models]
-
-
 def build_ours(cfg: train.Config, data, phase: str = "single") -> Bundle:
-    """The objects train.run() (single-stage methods) or run_asmb() (phase "A" / "B") builds for `cfg`, with
-    random teachers instead of the cache; the loader is build_loaders()' train loader."""
-    train.seed_everything(cfg.run.seed, cfg.run.deterministic)
-    device = train.resolve_device(cfg.run.device)
-    small = train.resolve_small_input(cfg.student.small_input, data.image_size)
-    t_small = train.teacher_small_input(cfg, small)
-    student = create_model(cfg.student.model, data.num_classes, pretrained=False, small_input=small,
-                           drop_rate=cfg.student.drop_rate, adapter_dim=cfg.student.adapter_dim)
-    apply_freeze(student, cfg.student.freeze)
+    """The objects train.run() (single-stage methods: single_trainer) or train_asmb() (phase "A" / "B": AsmbRun)
+    builds for `cfg`, through train.py's own builders, with randomly initialised teachers prepared as stage 0
+    prepares the fine-tuned ones (speed does not depend on the weights; the bench never fine-tunes)."""
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    device = resolve_device(cfg.run.device)
+    small = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and data.image_size <= 64)
+    student = train.build_student(cfg, data, small, None)
     loader = train.build_loaders(cfg, data, device)["train"]
-    if cfg.method == "asmb":
-        return _build_asmb(cfg, data, device, student, t_small, loader, phase)
-    method_cls, _ = METHODS[cfg.method]
-    teachers = train.select_teachers(cfg, [(t, 0.0) for t in _teachers(cfg, data, device, t_small)]) \
-        if method_cls.uses_teachers else []
-    student = train.prepare(student, cfg, device)
-    method = method_cls(getattr(cfg, cfg.method, None), student, teachers, num_classes=data.num_classes,
-                        num_train=len(data.train), label_smoothing=cfg.optim.label_smoothing,
-                        image_size=data.image_size,
-                        train_labels=train.train_labels_of(data) if method_cls.needs_index else None).to(device)
-    tr = train.make_trainer(cfg, student, method, teachers, device, cfg.optim.lr, cfg.optim.epochs,
-                            train.steps_per_epoch(cfg, loader), data.num_classes, distill=bool(teachers))
-    tr.freeze_policy = cfg.student.freeze
-    return Bundle(cfg, tr, loader, student, teachers, "single")
-
-
-def _build_asmb(cfg: train.Config, data, device: torch.device, student, t_small: bool, loader, phase: str) -> Bundle:
-    if not hasattr(train, "AsmbRun"):
-        raise SystemExit("train.py has no AsmbRun yet: benchmark the asmb phases once run_asmb has landed")
-    a = cfg.asmb
-    teachers = _teachers(cfg, data, device, t_small, a.teacher_adapter_dim if a.teacher_freeze == "adapter" else 0)
+    steps = train.steps_per_epoch(cfg, loader)
+    asmb = cfg.method == "asmb"
+    adapter_dim = cfg.asmb.teacher_adapter_dim if asmb and cfg.asmb.teacher_freeze == "adapter" else 0
+    teachers = [train.prepare(create_model(arch, data.num_classes, small_input=teacher_small_input(
+        small, cfg.teachers.image_size), adapter_dim=adapter_dim), cfg, device, inference=True)
+        for arch in cfg.teachers.models] if asmb or METHODS[cfg.method][0].uses_teachers else []
+    if not asmb:
+        teachers = select_teachers(cfg.teachers.select, [(t, 0.0) for t in teachers])
+        tr = train.single_trainer(cfg, data, device, StepClock(), student, teachers, steps)
+        return Bundle(cfg, tr, loader, tr.model, teachers, "single")
     for t in teachers:
-        apply_freeze(t, a.teacher_freeze)  # as asmb_teachers() does after load_teachers()
-    modules = train.build_asmb_modules(a, [t.num_features for t in teachers], student, data.num_classes)
-    run = train.AsmbRun(cfg, train.prepare(student, cfg, device), teachers, modules, device,
-                        train.steps_per_epoch(cfg, loader), data.num_classes)
-    tr = run.phase_a if phase == "A" else run.phase_b
-    return Bundle(cfg, tr, loader, student, teachers, phase, {"run": run})
+        apply_freeze(t, cfg.asmb.teacher_freeze)  # as train_asmb() does after stage 0
+    modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, data.num_classes)
+    run = train.AsmbRun(cfg, train.prepare(student, cfg, device), teachers, modules, device, steps, data.num_classes)
+    return Bundle(cfg, run.phase_a if phase == "A" else run.phase_b, loader, student, teachers, phase, {"run": run})
 
 
 def ours_steps(b: Bundle, steps: int) -> None:
-    """`steps` steps of train.py's own loop: Trainer.train_epoch over the DeviceLoader (max_steps = steps)."""
-    b.trainer.max_steps = steps
-    b.trainer.train_epoch(b.loader, epoch=1, desc="bench")
+    """`steps` steps of train.py's own loop: train.train_epoch over the DeviceLoader (steps_per_epoch = steps)."""
+    b.trainer.steps_per_epoch = steps
+    b.trainer.tag = "bench"
+    train.train_epoch(b.trainer, b.loader, 1, "bench", Checkpointer.disabled())
 
 
 # ----------------------------------------------------------------------------------------------- hand-written loop

@@ -9,6 +9,7 @@ expose the training subset as `DataSplits.train_images` / `train_labels` for a G
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets as tvd
 from torchvision.transforms import v2
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, first_line
 from .io import atomic_torch_save
 from .sampler import EpochBatchSampler
 
@@ -221,20 +222,16 @@ def _load_synthetic(spec: SyntheticSpec) -> tuple[Tensor, Tensor, Tensor, Tensor
 # ----------------------------------------------------------------------------------------------- cifar100
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-
-
 def _load_cifar100(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
     """CIFAR-100 via torchvision (downloads when missing); decoded arrays as uint8 [N,3,32,32] tensors."""
     folder = root / "cifar-100-python"
     try:
         splits = [tvd.CIFAR100(str(root), train=train, download=True) for train in (True, False)]
     except (OSError, RuntimeError) as e:  # URLError/HTTPError are OSErrors; a bad md5 is a RuntimeError
-        raise DataError(f"CIFAR-100 not found (or corrupt) at {folder} and the download failed ({_first_line(e)}); "
+        raise DataError(f"CIFAR-100 not found (or corrupt) at {folder} and the download failed ({first_line(e)}); "
                         f"download cifar-100-python.tar.gz from {CIFAR100_URL} and extract it under {root}") from None
     except Exception as e:  # files pass the md5 check but do not unpickle to the expected arrays
-        raise DataError(f"malformed CIFAR-100 files in {folder} ({type(e).__name__}: {_first_line(e)})") from None
+        raise DataError(f"malformed CIFAR-100 files in {folder} ({type(e).__name__}: {first_line(e)})") from None
     out: list = []
     for ds in splits:
         out += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets).long()]
@@ -253,12 +250,26 @@ def _archive_stem(path: Path) -> str | None:
     return next((path.name[: -len(s)] for s in _ARCHIVE_SUFFIXES if path.name.endswith(s)), None)
 
 
-def _extract_once(archive: Path) -> Path:
-    """Extract `archive` next to itself into <stem>/ (once; atomic via temp dir + rename); returns <stem>/."""
-    target = archive.parent / _archive_stem(archive)
+def default_cache_dir() -> Path:
+    """Where archives are extracted and decoded images cached: $KD_CACHE_DIR, else ~/.cache/kd. Never the
+    data's own folder, which may be read-only or shared."""
+    return Path(os.environ.get("KD_CACHE_DIR") or Path.home() / ".cache" / "kd").expanduser()
+
+
+def _identity_digest(path: Path) -> str:
+    """A short hash of a file's or folder's resolved path, size and modification time: a replaced archive at
+    the same path is another archive."""
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
+
+
+def _extract_once(archive: Path, cache_dir: Path) -> Path:
+    """Extract `archive` into <cache_dir>/extracted/<stem>-<digest>/ (once; atomic via temp dir + rename)."""
+    target = cache_dir / "extracted" / f"{_archive_stem(archive)}-{_identity_digest(archive)}"
     if target.is_dir():
         return target
-    tmp = Path(tempfile.mkdtemp(dir=archive.parent, prefix=f".{target.name}.extract-"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.extract-"))
     try:
         if archive.name.endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
@@ -281,11 +292,11 @@ def _extract_once(archive: Path) -> Path:
     return target
 
 
-def _find_tiny_dir(root: Path) -> Path:
+def _find_tiny_dir(root: Path, cache_dir: Path) -> Path:
     """The folder holding wnids.txt: `root`, its single dataset subfolder, or an extracted archive."""
     expected = "wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt"
     if root.is_file() and _archive_stem(root) is not None:
-        root = _extract_once(root)
+        root = _extract_once(root, cache_dir)
     if not root.is_dir():
         problem = "is not a folder or a .zip/.tar.gz archive" if root.exists() else "does not exist"
         raise DataError(f"Tiny-ImageNet root {root} {problem}; expected a folder with {expected}, "
@@ -296,7 +307,7 @@ def _find_tiny_dir(root: Path) -> Path:
     if not found:
         archives = [p for p in sorted(root.iterdir()) if p.is_file() and _archive_stem(p) is not None]
         if len(archives) == 1:
-            return _find_tiny_dir(_extract_once(archives[0]))
+            return _find_tiny_dir(_extract_once(archives[0], cache_dir), cache_dir)
         if len(archives) > 1:
             raise DataError(f"several archives in {root} ({', '.join(p.name for p in archives)}); pass one as root")
         raise DataError(f"no Tiny-ImageNet data in {root}: expected {expected} (or a .zip/.tar.gz of them)")
@@ -342,7 +353,7 @@ def _decode_images(files: list[Path]) -> Tensor:
             with Image.open(path) as img:
                 return np.array(img.convert("RGB"))
         except (OSError, ValueError) as e:  # missing file or undecodable bytes
-            raise DataError(f"cannot read image {path}: {_first_line(e)}") from None
+            raise DataError(f"cannot read image {path}: {first_line(e)}") from None
 
     first = decode(files[0])
     out = torch.empty(len(files), 3, *first.shape[:2], dtype=torch.uint8)  # filled in place: one copy in memory
@@ -365,6 +376,12 @@ def _class_names(d: Path, wnids: list[str]) -> list[str]:
     return [table.get(w, w).split(",")[0].strip() or w for w in wnids]
 
 
+def tiny_cache_path(dataset_dir: Path, cache_dir: Path) -> Path:
+    """The decoded-image cache file of the Tiny-ImageNet folder `dataset_dir`."""
+    digest = hashlib.sha1(str(dataset_dir.resolve()).encode()).hexdigest()[:10]
+    return cache_dir / "decoded" / f"{dataset_dir.name}-{digest}" / TINY_CACHE_NAME
+
+
 def _read_cache(path: Path) -> dict | None:
     """The decoded-image cache, or None when absent or unreadable (then it is rebuilt)."""
     try:
@@ -374,11 +391,12 @@ def _read_cache(path: Path) -> dict | None:
         return None
 
 
-def _load_tiny_imagenet(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
-    """Tiny-ImageNet decoded once into uint8 tensors, cached as <dataset_dir>/decoded_uint8.pt."""
-    d = _find_tiny_dir(root)
+def _load_tiny_imagenet(root: Path, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """Tiny-ImageNet decoded once into uint8 tensors, cached as <cache_dir>/decoded/<folder>-<hash of its
+    path>/decoded_uint8.pt (rebuilt when the class list or any label changed)."""
+    d = _find_tiny_dir(root, cache_dir)
     wnids, train_files, train_labels, test_files, test_labels = _tiny_file_lists(d)
-    cache_path = d / TINY_CACHE_NAME
+    cache_path = tiny_cache_path(d, cache_dir)
     key = {"format": _CACHE_FORMAT, "wnids": wnids, "train_labels": torch.tensor(train_labels),
            "test_labels": torch.tensor(test_labels)}
     cache = _read_cache(cache_path)
@@ -416,7 +434,7 @@ def _load_imagefolder(root: Path) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
         try:
             folders.append(tvd.ImageFolder(str(path)))
         except (FileNotFoundError, OSError) as e:
-            raise DataError(f"bad image folder {path}: {_first_line(e)}") from None
+            raise DataError(f"bad image folder {path}: {first_line(e)}") from None
     if folders[0].classes != folders[1].classes:
         only = sorted(set(folders[0].classes) ^ set(folders[1].classes))[:5]
         raise DataError(f"class folders of {root}/train and {root}/val differ (e.g. {only})")
@@ -425,8 +443,10 @@ def _load_imagefolder(root: Path) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
 
 def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int = 0, image_size: int = 0,
                aug: bool = True, synthetic: SyntheticSpec = SyntheticSpec(),
-               randaugment: tuple[int, int] = (0, 0)) -> DataSplits:
+               randaugment: tuple[int, int] = (0, 0), cache_dir: str | Path | None = None) -> DataSplits:
     """Train / val (held out from train, eval transform) / test splits of `dataset` at `root`.
+
+    cache_dir: where archives are extracted and decoded images cached (None = default_cache_dir()).
 
     image_size: 0 = native (imagefolder: 224), > 0 resizes. aug: train-time augmentation.
     randaugment: (N ops, magnitude M of 30) added to the training augmentation when aug; (0, 0) = off."""
@@ -460,7 +480,8 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
     elif dataset == "cifar100":
         loaded, (mean, std) = _load_cifar100(root_path), (CIFAR100_MEAN, CIFAR100_STD)
     else:
-        loaded, (mean, std) = _load_tiny_imagenet(root_path), (IMAGENET_MEAN, IMAGENET_STD)
+        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        loaded, (mean, std) = _load_tiny_imagenet(root_path, cache), (IMAGENET_MEAN, IMAGENET_STD)
     images, labels, test_images, test_labels, class_names = loaded
     num_classes, native = len(class_names), images.shape[-1]
     _check_labels(labels, num_classes, "train", every_class=True)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import zoo as _zoo  # noqa: F401  (registers the CIFAR KD zoo with timm)
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .io import safe_torch_load
 
 # what model_checkpoint records and loading checks, in the order check_meta reports
@@ -225,19 +225,14 @@ def _create_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:  # a size/drop argument this architecture does not take
-        raise ConfigError(f"model {name} does not accept {sorted(kwargs)}: {_first_line(e)}") from None
+        raise ConfigError(f"model {name} does not accept {sorted(kwargs)}: {first_line(e)}") from None
     except (OSError, RuntimeError, ValueError) as e:  # hub offline / missing file / bad download
         if not pretrained:
             raise
         raise ConfigError(
-            f"could not load pretrained weights for {name}: {_first_line(e)}; "
+            f"could not load pretrained weights for {name}: {first_line(e)}; "
             "run online once to cache them, or pass a local checkpoint"
         ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def _adapt_stem_for_small_input(backbone: nn.Module, name: str) -> None:

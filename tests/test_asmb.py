@@ -21,6 +21,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from kd.engine.checkpoint import Checkpointer  # noqa: E402
+from kd.engine.trainer import StepClock  # noqa: E402
 from kd.asmb import (AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,  # noqa: E402
                      stage_metrics, tau_at)
 from kd.errors import ConfigError  # noqa: E402
@@ -68,6 +70,11 @@ def make_run(seed: int = 0, **asmb) -> train.AsmbRun:
         apply_freeze(t, a.teacher_freeze)
     modules = build_asmb_modules(a, [t.num_features for t in teachers], student, C)
     return train.AsmbRun(cfg, student, teachers, modules, torch.device("cpu"), steps=2, num_classes=C)
+
+
+def train_epoch(tr, batches, epoch: int, desc: str) -> dict[str, float]:
+    """train.py's epoch loop over `batches`, without checkpoints."""
+    return train.train_epoch(tr, batches, epoch, desc, Checkpointer.disabled())
 
 
 def batch(seed: int = 1):
@@ -122,7 +129,7 @@ def test_phase_a_updates_exactly_the_freeze_set_and_bridge(policy):
     run = make_run(teacher_freeze=policy)
     before = {"student": snapshot(run.student), "bridge": snapshot(run.bridge),
               **{f"t{i}": snapshot(t) for i, t in enumerate(run.teachers)}}
-    run.phase_a.train_epoch([batch()], epoch=1, desc="A")
+    train_epoch(run.phase_a, [batch()], 1, "A")
     assert changed(before["student"], run.student) == set()  # bit-identical: eval, no grad, not in the optimiser
     assert changed(before["bridge"], run.bridge) == param_names(run.bridge)
     for i, teacher in enumerate(run.teachers):
@@ -138,7 +145,7 @@ def test_phase_b_updates_only_student_and_projection():
     run = make_run(feat_kd_alpha=1.0)
     teachers = [snapshot(t) for t in run.teachers]
     bridge, student, proj = snapshot(run.bridge), snapshot(run.student), snapshot(run.distill)
-    run.phase_b.train_epoch([batch()], epoch=run.teacher_epochs + 1, desc="B")
+    train_epoch(run.phase_b, [batch()], run.teacher_epochs + 1, "B")
     assert all(changed(s, t) == set() for s, t in zip(teachers, run.teachers))
     assert changed(bridge, run.bridge) == set()
     assert changed(student, run.student) >= param_names(run.student)
@@ -184,7 +191,7 @@ def test_every_phase_b_term_has_gradient_to_student_only():
 
 def test_phase_a_loss_is_the_weighted_sum_of_its_terms():
     run = make_run(mbm_kind="ib", synergy_ce=0.5, adapt_kd=2.0, ib_beta=0.3, mbm_reg_lambda=0.01, reg_lambda=0.02)
-    out = run.phase_a.train_epoch([batch()], epoch=1, desc="A")
+    out = train_epoch(run.phase_a, [batch()], 1, "A")
     expected = (0.5 * out["synergy_ce"] + 2.0 * out["adapt_kd"] + 0.3 * out["ib_kl"] + 0.01 * out["mbm_l2"]
                 + 0.02 * out["teacher_l2"])
     assert out["loss"] == pytest.approx(expected, rel=1e-5)
@@ -192,12 +199,12 @@ def test_phase_a_loss_is_the_weighted_sum_of_its_terms():
 
 def test_phase_b_loss_is_the_weighted_sum_and_feat_kd_alpha_zero_drops_the_term():
     run = make_run(mbm_kind="ib", ce=0.3, kd=2.0, feat_kd_alpha=0.7, latent_alpha=5.0)
-    out = run.phase_b.train_epoch([batch()], epoch=2, desc="B")
+    out = train_epoch(run.phase_b, [batch()], 2, "B")
     expected = 0.3 * out["ce"] + 2.0 * out["kd"] + 0.7 * out["feat_kd"] + 5.0 * out["latent"]
     assert out["loss"] == pytest.approx(expected, rel=1e-5)
     off = make_run(feat_kd_alpha=0)
     assert off.distill.feat_proj is None and not list(off.distill.parameters())
-    out = off.phase_b.train_epoch([batch()], epoch=2, desc="B")
+    out = train_epoch(off.phase_b, [batch()], 2, "B")
     assert set(out) == {"loss", "ce", "kd"} and out["loss"] == pytest.approx(out["ce"] + out["kd"], rel=1e-5)
 
 
@@ -332,10 +339,10 @@ def test_phase_a_optimiser_groups_and_schedule():
     assert teacher_group["lr"] == pytest.approx(0.002) and teacher_group["weight_decay"] == 0.01
     assert bridge_group["lr"] == pytest.approx(0.01) and bridge_group["weight_decay"] == 0.0
     assert {id(p) for p in bridge_group["params"]} == {id(p) for p in run.bridge.parameters()}
-    run.phase_a.train_epoch([batch()], epoch=1, desc="A")
+    train_epoch(run.phase_a, [batch()], 1, "A")
     assert teacher_group["lr"] == pytest.approx(0.002)  # constant
     cosine = make_run(teacher_lr=0.002)
-    cosine.phase_a.train_epoch([batch()], epoch=1, desc="A")
+    train_epoch(cosine.phase_a, [batch()], 1, "A")
     # cosine over all phase-A steps of the run (2 stages x 1 epoch x 2 steps): after 1 of 4 steps
     assert cosine.phase_a.optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * 0.5 * (1 + 2 ** -0.5))
     # phase B: --optim"s optimiser over student + projections, its schedule over all phase-B epochs
@@ -471,7 +478,8 @@ def test_checkpoint_rebuilds_the_synergy(tmp_path, teacher_cache):
                                                           train_size=d.synthetic_train_size,
                                                           test_size=d.synthetic_test_size, image_size=32, seed=0))
     loaders = train.build_loaders(cfg, data, torch.device("cpu"))
-    teachers = [t for t, _ in train.asmb_teachers(cfg, data, loaders, torch.device("cpu"), None, None, True)]
+    teachers = [t for t, _ in train.stage0_teachers(cfg, data, loaders, torch.device("cpu"), None,
+                                                    Checkpointer.disabled(), StepClock(), True, adapter_dim=4)]
     assert all(t.adapter is not None and t.adapter.down.out_features == 4 for t in teachers)
     for t, saved in zip(teachers, extra["teachers"]):
         assert any(k.startswith("adapter.") for k in saved["adapted"])

@@ -21,7 +21,8 @@ from kd import data as kd_data
 from kd.data import SyntheticSpec, build_data, make_loader, stratified_split
 from kd.errors import ConfigError, DataError
 
-SHARED_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-mini.tar.gz"
+# the real 10-class Tiny-ImageNet subset, where the machine has it (KD_DATA_DIR: a folder holding the archive)
+REAL_MINI = Path(os.environ.get("KD_DATA_DIR") or "/nonexistent") / "tiny-imagenet-mini.tar.gz"
 SMALL = SyntheticSpec(num_classes=4, train_size=80, test_size=20, image_size=16, seed=3)
 
 
@@ -272,27 +273,29 @@ def _write_tiny(root: Path, wnids=("n001", "n002", "n003"), train_per_class: int
     return d
 
 
-def _check_tiny(splits, dataset_dir: Path) -> None:
+def _check_tiny(splits, cache_dir: Path) -> None:
     assert splits.num_classes == 3 and splits.class_names == ["goldfish", "tabby cat", "n003"]
     assert (len(splits.train), len(splits.val), len(splits.test)) == (9, 3, 6)
     assert splits.image_size == 8 and splits.train_images.shape == (9, 3, 8, 8)
     assert splits.train_images.dtype == torch.uint8
     assert [y for _, y, _ in splits.test] == [0, 1, 2, 0, 1, 2]
-    assert (dataset_dir / kd_data.TINY_CACHE_NAME).is_file()
+    assert len(list(cache_dir.glob(f"decoded/*/{kd_data.TINY_CACHE_NAME}"))) == 1
 
 
 def test_tiny_imagenet_folder_decodes_grayscale_and_caches(tmp_path, monkeypatch):
-    d = _write_tiny(tmp_path)
-    splits = build_data("tiny-imagenet", str(d), val_fraction=0.25, aug=False)
-    _check_tiny(splits, d)
-    cache = torch.load(d / kd_data.TINY_CACHE_NAME, weights_only=True)
+    d, cache_dir = _write_tiny(tmp_path), tmp_path / "cache"
+    before = sorted(d.rglob("*"))
+    splits = build_data("tiny-imagenet", str(d), val_fraction=0.25, aug=False, cache_dir=cache_dir)
+    _check_tiny(splits, cache_dir)
+    assert sorted(d.rglob("*")) == before  # nothing written into the data folder
+    cache = torch.load(kd_data.tiny_cache_path(d, cache_dir), weights_only=True)
     gray = cache["train_images"][0]  # n001_0.JPEG, saved in mode "L"
     assert gray.shape == (3, 8, 8) and torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     expected = torch.from_numpy(np.array(Image.open(d / "val" / "images" / "val_1.JPEG").convert("RGB")))
     assert torch.equal(cache["test_images"][1], expected.permute(2, 0, 1))
     # the second run reads the cache instead of decoding; the parent folder resolves to the same data
     monkeypatch.setattr(kd_data, "_decode_images", lambda files: pytest.fail("should use the cache"))
-    again = build_data("tiny-imagenet", str(tmp_path), val_fraction=0.25, aug=False)
+    again = build_data("tiny-imagenet", str(tmp_path), val_fraction=0.25, aug=False, cache_dir=cache_dir)
     assert torch.equal(again.train_images, splits.train_images)
     assert torch.equal(again.test[3][0], splits.test[3][0])
 
@@ -310,18 +313,22 @@ def test_tiny_imagenet_from_archive_extracts_once(tmp_path, kind, monkeypatch):
     else:
         with tarfile.open(archive, "w:gz") as tf:
             tf.add(source, arcname=source.name)
-    _check_tiny(build_data("tiny-imagenet", str(archive), val_fraction=0.25), data / "tiny-fake")
-    assert sorted(p.name for p in data.iterdir()) == sorted([archive.name, "tiny-fake"])  # no temp dirs left
+    cache = tmp_path / "cache"
+    _check_tiny(build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache), cache)
+    assert [p.name for p in data.iterdir()] == [archive.name]  # extracted into the cache, never beside the archive
+    (extracted,) = (cache / "extracted").iterdir()  # no temp dirs left
+    assert extracted.name.startswith("tiny-fake-") and (extracted / "wnids.txt").is_file()
     for cls in (zipfile.ZipFile, tarfile.TarFile):
         monkeypatch.setattr(cls, "extractall", lambda *a, **k: pytest.fail("extracted twice"))
-    _check_tiny(build_data("tiny-imagenet", str(data), val_fraction=0.25), data / "tiny-fake")
-    _check_tiny(build_data("tiny-imagenet", str(archive), val_fraction=0.25), data / "tiny-fake")
+    _check_tiny(build_data("tiny-imagenet", str(data), val_fraction=0.25, cache_dir=cache), cache)
+    _check_tiny(build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache), cache)
 
 
 def test_tiny_imagenet_folder_containing_only_an_archive(tmp_path):
     source = _write_tiny(tmp_path / "src")
     shutil.make_archive(str(tmp_path / "data" / "tiny-fake"), "gztar", source.parent, source.name)
-    _check_tiny(build_data("tiny-imagenet", str(tmp_path / "data"), val_fraction=0.25), tmp_path / "data" / "tiny-fake")
+    _check_tiny(build_data("tiny-imagenet", str(tmp_path / "data"), val_fraction=0.25, cache_dir=tmp_path / "c"),
+                tmp_path / "c")
 
 
 def test_tiny_imagenet_errors(tmp_path):
@@ -348,15 +355,13 @@ def test_tiny_imagenet_errors(tmp_path):
         build_data("tiny-imagenet", str(d))
 
 
-@pytest.mark.skipif(not SHARED_MINI.is_file(), reason=f"{SHARED_MINI} not present")
+@pytest.mark.skipif(not REAL_MINI.is_file(), reason="set KD_DATA_DIR to a folder holding tiny-imagenet-mini.tar.gz")
 def test_tiny_imagenet_mini_real_data(tmp_path):
-    archive = tmp_path / SHARED_MINI.name
-    shutil.copyfile(SHARED_MINI, archive)
-    splits = build_data("tiny-imagenet", str(archive), val_fraction=0.1)
+    splits = build_data("tiny-imagenet", str(REAL_MINI), val_fraction=0.1, cache_dir=tmp_path)
     assert splits.num_classes == 10 and splits.image_size == 64
     assert len(splits.train) + len(splits.val) == 1000 and len(splits.val) == 100 and len(splits.test) == 500
     assert torch.bincount(splits.train_labels).tolist() == [90] * 10
     assert splits.train_images.shape == (900, 3, 64, 64)
     image, label, index = splits.train[0]
     assert image.shape == (3, 64, 64) and 0 <= label < 10 and index == 0
-    assert (tmp_path / "tiny-imagenet-mini" / kd_data.TINY_CACHE_NAME).is_file()
+    assert len(list(tmp_path.glob(f"decoded/*/{kd_data.TINY_CACHE_NAME}"))) == 1

@@ -75,11 +75,11 @@ def test_global_batch_must_split_evenly_and_sync_bn_needs_cuda(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     cfg = train.parse_config(["--preset", "smoke", "--data.batch-size", "64", "--run.device", "cpu"])
     with pytest.raises(train.ConfigError, match="--data.batch-size 64 .global. is not divisible by the 3 processes"):
-        train.init_distributed(cfg)
+        train.init_distributed(cfg.data.batch_size, use_cuda=False, sync_bn=cfg.run.sync_bn)
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = train.parse_config(["--preset", "smoke", "--run.sync-bn", "True", "--run.device", "cpu"])
     with pytest.raises(train.ConfigError, match="--run.sync-bn True needs CUDA"):
-        train.init_distributed(cfg)
+        train.init_distributed(cfg.data.batch_size, use_cuda=False, sync_bn=cfg.run.sync_bn)
     assert not train.DIST.enabled  # refused before joining any process group
     train.close_distributed()
 

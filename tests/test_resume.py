@@ -7,6 +7,7 @@ refusals, which stop before any work, run in-process through train.main."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from kd.engine.checkpoint import check_resume_config, find_resume  # noqa: E402
 
 # Tiny, deterministic: 16 px synthetic images, batch 16, 3 steps per epoch, a checkpoint every 2 steps.
 BASE = ["--preset", "smoke", "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60",
@@ -38,13 +40,29 @@ def args_for(tmp: Path, name: str, *args: str) -> list[str]:
             "--teachers.cache-dir", str(tmp / f"cache-{name}"), *args]
 
 
+# train.py with a pre-emption: SIGKILL right after the checkpointer's call at run-wide step N (and the checkpoint
+# it made there), patched in from outside so the production path carries no test hook.
+KILL_AT_STEP = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from kd.engine.checkpoint import Checkpointer
+save = Checkpointer.save
+def save_then_kill(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+Checkpointer.save = save_then_kill
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def train_cli(tmp: Path, name: str, *args: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("KD_TEST_KILL_AT_STEP", None)
-    if kill_at is not None:
-        env["KD_TEST_KILL_AT_STEP"] = str(kill_at)
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args_for(tmp, name, *args)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    program = [str(ROOT / "train.py")] if kill_at is None else \
+        ["-c", KILL_AT_STEP.format(root=str(ROOT), step=kill_at)]
+    return subprocess.run([sys.executable, *program, *args_for(tmp, name, *args)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
 def refused(capsys, tmp: Path, name: str, *args: str) -> str:
@@ -196,8 +214,11 @@ def test_resume_refuses_a_changed_config_with_one_line(capsys, tmp, kd_reference
         assert shown in refused(capsys, tmp, kd_reference, *KD, flag, value, "--run.resume", "auto")
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # untouched
     # what may change: checkpoint cadence, workers, devices (and paths, wandb)
-    ck = train.find_resume(train.parse_config(args_for(tmp, kd_reference, *KD, "--run.resume", "auto",
-                                                       "--run.ckpt-every-steps", "5", "--data.workers", "3")))[1]
+    cfg = train.parse_config(args_for(tmp, kd_reference, *KD, "--run.resume", "auto", "--run.ckpt-every-steps", "5",
+                                      "--data.workers", "3"))
+    ck = find_resume(cfg.run.resume, Path(cfg.run.out_dir) / cfg.run.name)[1]
+    check_resume_config(dataclasses.asdict(cfg), ck["config"], ("data", "student", "teachers", "optim", "run", "kd"),
+                        train.RESUME_MAY_CHANGE, "ck")
     assert ck["phase"] == "kd"
 
 
@@ -235,17 +256,16 @@ KILLER = """
 import json, os, signal, sys, time, torch
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import train
+from kd.engine.checkpoint import Checkpointer
 from kd.io import safe_torch_load
 run_dir = Path({run_dir!r})
-cfg = train.parse_config(["--preset", "smoke", "--run.keep-last", "2"])
 for delay in (0.05, 0.2, 0.45, 0.8, 1.2):
     pid = os.fork()
     if pid == 0:
-        ck = train.Checkpointer(run_dir, cfg)
+        ck = Checkpointer(run_dir, {{}}, keep_last=2)
         for step in range(1, 10_000):
-            ck.step = step
-            ck.save("fake", {{"progress": {{}}, "blob": torch.full((6_000_000,), float(step))}})
+            ck.save(step, "fake", lambda: {{"progress": {{}}, "blob": torch.full((6_000_000,), float(step))}},
+                    epoch_end=True)
         os._exit(0)
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
@@ -257,7 +277,7 @@ for delay in (0.05, 0.2, 0.45, 0.8, 1.2):
     ck = safe_torch_load(last)
     intact = ck["phase"] == "fake" and bool((ck["blob"] == ck["progress"]["step"]).all())
     print(json.dumps({{"intact": intact, "steps": len(list(last.parent.glob("step-*.pt")))}}), flush=True)
-train.Checkpointer(run_dir, cfg)  # a restart clears the temp files the kills left
+Checkpointer(run_dir, {{}})  # a restart clears the temp files the kills left
 print(json.dumps({{"temp_left": len(list(last.parent.glob(".*.tmp")))}}), flush=True)
 """
 

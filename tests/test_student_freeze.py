@@ -32,11 +32,12 @@ def one_step(model, policy: str) -> None:
     cfg = train.Config()
     cfg.optim = train.OptimCfg(lr=0.5, weight_decay=0.0, epochs=1, schedule="constant")
     method = METHODS["ce"][0](None, model, [], num_classes=5, num_train=4)
-    tr = train.make_trainer(cfg, model, method, [], torch.device("cpu"), 0.5, 1, 1, 5)
-    tr.freeze_policy = policy
+    optimizer = train.optimizer_for([model, method], cfg.optim, 0.5, torch.device("cpu"))
+    tr = train.make_trainer(cfg, model, method, [], torch.device("cpu"), train.StepClock(), optimizer, cfg.optim, 1, 1, 5,
+                            freeze_policy=policy)
     train.set_train(model, policy)
     g = torch.Generator().manual_seed(0)
-    tr.step(torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3]), torch.arange(4), epoch=1)
+    train.train_step(tr, torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3]), torch.arange(4), epoch=1)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -20,6 +20,7 @@ from kd.models import KDModel, create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from kd.teachers import teacher_cache_path, teacher_input_spec, teacher_small_input  # noqa: E402
 
 TINY = ["--preset", "smoke", "--data.synthetic-train-size", "200", "--data.synthetic-test-size", "40",
         "--data.synthetic-image-size", "16", "--data.batch-size", "16", "--optim.epochs", "1",
@@ -128,22 +129,18 @@ def test_input_transform_renormalises_and_resizes():
 
 def test_teacher_input_spec_rules():
     data = build_data("synthetic", "", synthetic=SMALL)  # mean 0.5, std 0.25
-    cfg = train.parse_config(["--preset", "smoke"])  # teachers not pretrained
-    assert train.teacher_input_spec(cfg, "resnet18", data) is None
-    cfg.teachers.pretrained = True  # timm's resnet18 was trained with the ImageNet stats
-    spec = train.teacher_input_spec(cfg, "resnet18", data)
+    assert teacher_input_spec("resnet18", False, 0, data.mean, data.std) is None  # not pretrained
+    # timm's resnet18 was trained with the ImageNet stats
+    spec = teacher_input_spec("resnet18", True, 0, data.mean, data.std)
     assert spec["model_mean"] == list(IMAGENET_MEAN) and spec["data_std"] == [0.25] * 3 and spec["size"] == 0
-    data.mean, data.std = IMAGENET_MEAN, IMAGENET_STD
-    assert train.teacher_input_spec(cfg, "resnet18", data) is None  # same stats: no adapter
-    cfg.teachers.image_size = 32
-    assert train.teacher_input_spec(cfg, "resnet18", data)["size"] == 32
-    assert train.teacher_small_input(cfg, False) is True  # their own size decides their stem: 32 px -> small
-    cfg.teachers.image_size = 224
-    assert train.teacher_small_input(cfg, True) is False
-    cfg.teachers.image_size = 0
-    assert train.teacher_small_input(cfg, True) is True  # no size of their own: like the student
-    assert train.teacher_cache_path(cfg, "resnet18", False, 4) != \
-        train.teacher_cache_path(cfg, "resnet18", False, 4, {"size": 224})
+    assert teacher_input_spec("resnet18", True, 0, IMAGENET_MEAN, IMAGENET_STD) is None  # same stats: no adapter
+    assert teacher_input_spec("resnet18", True, 32, IMAGENET_MEAN, IMAGENET_STD)["size"] == 32
+    assert teacher_small_input(False, 32) is True  # their own size decides their stem: 32 px -> small
+    assert teacher_small_input(True, 224) is False
+    assert teacher_small_input(True, 0) is True  # no size of their own: like the student
+    ident = train.data_identity(train.parse_config(["--preset", "smoke"]))
+    assert teacher_cache_path("c", "resnet18", False, 4, ident) != \
+        teacher_cache_path("c", "resnet18", False, 4, ident, {"size": 224})
 
 
 def test_teachers_image_size_end_to_end(tmp_path):

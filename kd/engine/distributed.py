@@ -1,0 +1,78 @@
+"""Several processes: `torchrun --nproc_per_node N train.py ...` runs DistributedDataParallel (NCCL on CUDA,
+gloo on CPU). Every rank trains on its slice of each global batch; rank 0 alone prints, logs, checkpoints
+and talks to wandb. `DIST` describes this process; with one process every helper here is a no-op."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+DIST = DistInfo()
+
+
+def init_distributed(global_batch_size: int, use_cuda: bool, sync_bn: bool) -> None:
+    """Join the process group when torchrun started several processes (WORLD_SIZE > 1); bad settings are a
+    ConfigError before joining."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or torch.distributed.is_initialized():
+        return
+    DIST.rank, DIST.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = use_cuda and torch.cuda.is_available()
+    if global_batch_size % world:
+        raise ConfigError(f"--data.batch-size {global_batch_size} (global) is not divisible by the {world} processes")
+    if sync_bn and not cuda:
+        raise ConfigError("--run.sync-bn True needs CUDA (SyncBatchNorm has no CPU implementation)")
+    if cuda:
+        torch.cuda.set_device(DIST.local_rank)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    DIST.world_size = world
+
+
+def close_distributed() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    DIST.rank, DIST.world_size, DIST.local_rank = 0, 1, 0
+
+
+def barrier() -> None:
+    if DIST.enabled:
+        torch.distributed.barrier()
+
+
+def distribute(module: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around a phase's trained modules (the module itself with one process).
+    Unused parameters are allowed (any method, any freeze policy); buffers are not broadcast, so
+    BatchNorm statistics stay per rank (synchronised with --run.sync-bn) and rank 0's are saved."""
+    if not DIST.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True, broadcast_buffers=False)
+
+
+def say(msg: str) -> None:
+    """Print on rank 0 only (every rank runs the same code)."""
+    if DIST.main:
+        print(msg, flush=True)
