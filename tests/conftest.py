@@ -2,6 +2,20 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KD_TEST", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: tiny tensors and convs only pay synchronisation (and OpenMP
+    spin-waiting) for more on a busy 2-core box, ~10x. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

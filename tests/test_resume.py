@@ -18,8 +18,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import train
 
 # Tiny, deterministic: 16 px synthetic images, batch 16, 3 steps per epoch, a checkpoint every 2 steps.
 BASE = ["--preset", "smoke", "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60",
@@ -234,7 +233,6 @@ def test_divergence_stops_with_step_and_term_and_keeps_the_last_good_checkpoint(
 KILLER = """
 import json, os, signal, sys, time, torch
 from pathlib import Path
-sys.path.insert(0, {root!r})
 import train
 from kd.io import safe_torch_load
 run_dir = Path({run_dir!r})
@@ -263,8 +261,9 @@ print(json.dumps({{"temp_left": len(list(last.parent.glob(".*.tmp")))}}), flush=
 
 
 def test_a_kill_during_checkpoint_writes_never_leaves_an_unreadable_last(tmp):
-    out = subprocess.run([sys.executable, "-c", KILLER.format(root=str(ROOT), run_dir=str(tmp / "atomic"))],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    out = subprocess.run([sys.executable, "-c", KILLER.format(run_dir=str(tmp / "atomic"))],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     *kills, end = [json.loads(line) for line in out.stdout.splitlines()]
     checked = [k for k in kills if k is not None]

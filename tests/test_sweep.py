@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import sweep  # noqa: E402
+import sweep
 
 TINY = {"preset": {"value": "smoke"}, "data.synthetic-train-size": {"value": 400},
         "data.synthetic-test-size": {"value": 100}, "data.batch-size": {"value": 32},
