@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from kd.engine.child import Child, Interrupted, raise_on_termination, signal_of
 from kd.engine.records import final_metric, flatten_config, is_teacher_phase, metric_history, read_json, read_rows
 from kd.errors import ConfigError
 from kd.io import atomic_write_json
@@ -42,7 +42,7 @@ TRAIN = Path(__file__).resolve().parent / "train.py"
 SEARCH_METHODS = ("grid", "random", "bayes")
 # Flags the runner sets for every trial: a spec may not set them.
 RESERVED = ("run.out-dir", "run.name", "wandb.mode")
-DONE = ("finished", "stopped", "failed")  # trial states never re-run on --resume
+DONE = ("finished", "stopped", "failed")  # trial states never re-run on --resume (running/interrupted are)
 STATE_FILE = "sweep.json"
 
 
@@ -335,26 +335,24 @@ def last_error(log_path: Path) -> str:
 def run_trial_process(argv: list[str], run_dir: Path, log_path: Path, env: dict[str, str],
                       should_stop: Callable[[Path], bool] | None = None, poll_s: float = 1.0) -> tuple[int, bool]:
     """Run train.py until it exits or `should_stop(run_dir)` says so. Returns (exit code, stopped).
-    Stopping sends SIGINT (train.py exits cleanly, wandb finishes the run), then SIGKILL after 60 s."""
+    The trial is its own process group and dies with this process (kd.engine.child). Stopping sends SIGINT
+    (train.py exits cleanly, wandb finishes the run); an interruption of this process (Ctrl-C, SIGTERM,
+    the wandb agent's stop) is forwarded as the same signal before it propagates; SIGKILL after 60 s."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        child = Child(argv, log, env)
         stopped = False
         try:
-            while proc.poll() is None:
+            while child.poll() is None:
                 time.sleep(poll_s)
-                if should_stop is not None and proc.poll() is None and should_stop(run_dir):
+                if should_stop is not None and child.poll() is None and should_stop(run_dir):
                     stopped = True
                     break
-        finally:  # stop requests, Ctrl-C and the wandb agent's stop all end the child
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-    return proc.returncode, stopped
+        except BaseException as e:
+            child.stop(signal_of(e))
+            raise
+        rc = child.stop(signal.SIGINT)
+    return rc, stopped
 
 
 def trial_command(spec: Spec, params: dict[str, Any], sweep_dir: Path, trial_id: str, wandb_mode: str,
@@ -455,32 +453,47 @@ def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, s
             print(f"grid exhausted after {index} trials", flush=True)
             break
         trial = {"id": trial_id, "index": index, "params": params, "status": "running", "run_dir": trial_id}
-        if trial_id not in trials:
-            state["trials"].append(trial)
-        else:
-            state["trials"][state["trials"].index(trials[trial_id])] = trial
-        trials[trial_id] = trial
         run_dir, log_path = sweep_dir / trial_id, sweep_dir / "logs" / f"{trial_id}.log"
-        if run_dir.exists():  # a partial run of an interrupted trial: start it over
-            shutil.rmtree(run_dir)
+        if trial_id in trials:  # started before and interrupted (or its sweep was killed): start it over
+            interrupted = trials[trial_id]
+            trial["restarts"] = interrupted.get("restarts", 0) + 1
+            state["trials"][state["trials"].index(interrupted)] = trial
+            print(f"{trial_id} was interrupted ({interrupted['status']}); restarting it", flush=True)
+            remove_trial_dir(run_dir, trial_id, sweep_dir)
+        else:
+            state["trials"].append(trial)
+        trials[trial_id] = trial
         save_state(state, sweep_dir)
         others = [t for t in state["trials"] if t is not trial]
         t0 = time.time()
         try:
             rc, stopped = run_trial_process(trial_command(spec, params, sweep_dir, trial_id, trial_wandb), run_dir,
                                             log_path, env, hyperband_check(spec, others, sweep_dir), poll_s)
-        except KeyboardInterrupt:
-            trial["status"] = "pending"
+        except (KeyboardInterrupt, Interrupted) as e:  # the trial was ended with the same signal
+            trial["status"] = "interrupted"
             save_state(state, sweep_dir)
             print(f"interrupted; continue with: python sweep.py {spec_path} --resume --out-dir {sweep_dir.parent}",
                   file=sys.stderr, flush=True)
-            return 130
+            return 128 + signal_of(e)
         trial["wall_s"] = time.time() - t0
         finish_trial(trial, spec, run_dir, log_path, rc, stopped)
         save_state(state, sweep_dir)
         print(describe(trial, spec), flush=True)
     print_best(state, spec, sweep_dir)
     return 0
+
+
+def remove_trial_dir(run_dir: Path, trial_id: str, sweep_dir: Path) -> None:
+    """Delete the partial run directory of this sweep's own interrupted trial, and nothing else: a directory
+    whose config.json names another run is left alone (and stops the sweep)."""
+    if not run_dir.exists():
+        return
+    config = read_json(run_dir / "config.json")
+    run = config.get("run", {}) if isinstance(config, dict) else {}
+    if (run_dir / "config.json").exists() and (
+            run.get("name") != trial_id or Path(str(run.get("out_dir"))).resolve() != sweep_dir.resolve()):
+        raise ConfigError(f"{run_dir} is not the run directory of this sweep's {trial_id}; move it away to resume")
+    shutil.rmtree(run_dir)
 
 
 def hyperband_check(spec: Spec, others: list[dict[str, Any]], sweep_dir: Path) -> Callable[[Path], bool] | None:
@@ -657,6 +670,7 @@ def sweep_main(argv: list[str]) -> int:
     if a.sweep_id and mode != "online":
         raise ConfigError("--sweep-id attaches to a wandb sweep: it needs --mode online")
     check_names(spec, a.spec)
+    raise_on_termination()  # SIGTERM/SIGHUP end the sweep like Ctrl-C: the running trial gets the signal too
     if mode == "online":
         return run_online(spec, a.spec, sweep_dir, a.count, a.sweep_id, a.resume, a.project, a.entity)
     return run_local(spec, a.spec, sweep_dir, a.count, a.seed, a.resume, a.trial_wandb, a.poll)
@@ -674,9 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as e:
         print("interrupted", file=sys.stderr, flush=True)
-        return 130
+        return 128 + signal_of(e)
 
 
 if __name__ == "__main__":
