@@ -60,7 +60,8 @@ def find_runs(root: Path) -> list[Run]:
             config = read_json(path / "config.json")
             if isinstance(config, dict):
                 name = str(path.relative_to(root)) if path != root else path.name
-                runs.append(Run(name, path, flatten_config(config, dash=True), read_json(path / "summary.json"), read_rows(path)))
+                runs.append(Run(name, path, flatten_config(config, dash=True), read_json(path / "summary.json"),
+                                read_rows(path)))
             dirnames[:] = []  # a run directory holds no other runs
     return runs
 
@@ -80,17 +81,18 @@ def setting_key(run: Run) -> tuple:
 
 def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
     """Runs that differ only in seed (and bookkeeping) form one group, labelled by the method and the
-    settings that differ between groups."""
+    settings that differ between the groups of that method (`kd (teachers.select=both)` beside `dkd`)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(setting_key(run), []).append(run)
     settings = [dict(key) for key in groups]
-    varying = sorted({k for d in settings for k in d if k != "method"  # among the groups that have the key
-                      and len({other[k] for other in settings if k in other}) > 1})
     out = []
     for key, members in groups.items():
         d = dict(key)
-        shown = [f"{k}={format_cell(json.loads(d[k]))}" for k in varying if k in d]
+        same_method = [other for other in settings if other.get("method") == d.get("method")]
+        varying = sorted(k for k in d if k != "method"  # among this method's groups that have the key
+                         and len({other[k] for other in same_method if k in other}) > 1)
+        shown = [f"{k}={format_cell(json.loads(d[k]))}" for k in varying]
         out.append((members[0].method + (f" ({', '.join(shown)})" if shown else ""), members))
     return sorted(out, key=lambda g: g[0])
 
@@ -196,7 +198,8 @@ def write_report(root: Path, out: Path) -> list[Path]:
     csv_rows, md_rows = [], []
     for label, members in groups:
         stats = [mean_std([r.summary[k] for r in members if isinstance(r.summary.get(k), (int, float))]) for k in keys]
-        csv_rows.append([members[0].method, label, len(members), *[x for s in stats for x in s]])
+        csv_rows.append([members[0].method, label, len(members),
+                         *[rounded(k, x) for k, s in zip(keys, stats) for x in s]])
         md_rows.append([label, len(members), *[fmt(*s) for s in stats]])
     write_csv(out / "report.csv", header, csv_rows)
     written.append(out / "report.csv")
@@ -204,14 +207,20 @@ def write_report(root: Path, out: Path) -> list[Path]:
     varying = _varying_keys(runs)
     run_header = ["run", "method", "seed", "status", *varying, *keys]
     run_rows = [[r.name, r.method, r.config.get("run.seed"), "finished" if r.finished else "incomplete",
-                 *[format_cell(r.config.get(k)) for k in varying], *[(r.summary or {}).get(k) for k in keys]]
+                 *[format_cell(r.config.get(k)) for k in varying],
+                 *[rounded(k, (r.summary or {}).get(k)) for k in keys]]
                 for r in runs]
     write_csv(out / "runs.csv", run_header, run_rows)
     written.append(out / "runs.csv")
 
+    comparison = comparison_rows(groups) if len(groups) > 1 else []
+    if comparison:
+        written += write_comparison(comparison, out)
+
     sweeps = find_sweeps(root)
     plots, plot_note = make_plots(groups, sweeps, out)
-    written += plots
+    run_plots = [] if plot_note else write_run_plots(runs, single=len(runs) == 1)
+    written += plots + run_plots
 
     lines = [f"# Report: {root}", "",
              f"{len(runs)} run(s), {len(finished)} finished. Settings group runs that differ only in seed; "
@@ -219,6 +228,14 @@ def write_report(root: Path, out: Path) -> list[Path]:
     lines += md_table(["setting", "n", *keys], md_rows)
     if (out / "curves.png") in plots:
         lines += ["", "![validation accuracy per epoch](curves.png)"]
+    if comparison:
+        lines += ["", "## Comparison", "", COMPARISON_NOTE, ""]
+        lines += (out / "comparison.md").read_text().splitlines()
+        if (out / "comparison.png") in written:
+            lines += ["", "![test accuracy per method, mean ± std over seeds](comparison.png)"]
+    if run_plots:
+        lines += ["", "## Per-run plots", ""]
+        lines += [f"![{p.parent.name}: {p.stem}]({os.path.relpath(p, out)})" for p in run_plots]
     for sweep in sweeps:
         header_s, rows_s = sweep_rows(sweep)
         goal = f", {sweep.spec.metric['goal']} {sweep.spec.metric['name']}" if sweep.spec.metric else ""
@@ -261,18 +278,18 @@ def make_plots(groups: list[tuple[str, list[Run]]], sweeps: list[SweepInfo], out
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, members in groups:
-        curves = [[r["val/acc"] for r in run.rows if not is_teacher_phase(r.get("phase", "")) and "val/acc" in r] for run in members]
+        curves = [val_acc_by_epoch(run.rows) for run in members]
         curves = [c for c in curves if c]
         if not curves:
             continue
-        n = min(map(len, curves))
-        arr = np.asarray([c[:n] for c in curves], dtype=float)
-        x = np.arange(1, n + 1)
+        x = sorted(set.intersection(*(set(c) for c in curves)))  # epochs every seed logged
+        arr = np.asarray([[c[e] for e in x] for c in curves], dtype=float)
         ax.plot(x, arr.mean(0), marker="o", ms=3, label=f"{label} (n={len(curves)})")
         if len(curves) > 1:
             ax.fill_between(x, arr.mean(0) - arr.std(0, ddof=1), arr.mean(0) + arr.std(0, ddof=1), alpha=0.2)
     if ax.lines:
-        ax.set(xlabel="epoch", ylabel="val/acc (%)", title="Validation accuracy per epoch")
+        ax.set(xlabel="epoch (global: ASMB counts phase A and B)", ylabel="val/acc (%)",
+               title="Validation accuracy per epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
         ax.grid(alpha=0.3)
@@ -284,6 +301,12 @@ def make_plots(groups: list[tuple[str, list[Run]]], sweeps: list[SweepInfo], out
         if path is not None:
             written.append(path)
     return written, ""
+
+
+def val_acc_by_epoch(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """The trained model's val/acc by its `epoch` (ASMB: the global epoch of its phase-B rows)."""
+    model_rows = [r for r in rows if not is_teacher_phase(r.get("phase", "")) and "val/acc" in r]
+    return {int(r.get("epoch", i + 1)): float(r["val/acc"]) for i, r in enumerate(model_rows)}
 
 
 def plot_sweep(plt, sweep: SweepInfo, out: Path) -> Path | None:
@@ -328,6 +351,331 @@ def plot_sweep(plt, sweep: SweepInfo, out: Path) -> Path | None:
     return path
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Rounding: numbers as precise as what they measure (no float32 noise such as 26.499998569488525)
+# ----------------------------------------------------------------------------------------------
+def rounded(key: str, value: Any) -> Any:
+    """Accuracies (%) and gains to 2 decimals, times and throughputs to 1, other floats to 4 significant
+    digits; everything else unchanged."""
+    if not isinstance(value, float):
+        return value
+    name = key.lower()
+    if "acc" in name or "gain" in name or "selected" in name or "last" in name:
+        return round(value, 2)
+    if "time" in name or name.endswith("_s") or "per_s" in name or "img" in name or "images" in name:
+        return round(value, 1)
+    return float(f"{value:.4g}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison across methods: comparison.md / .csv / .tex and comparison.png
+# ----------------------------------------------------------------------------------------------
+FAMILIES = {"baseline": ("ce",), "logit": ("kd", "dkd", "dist"), "feature": ("fitnet", "at", "crd", "rkd", "pkt", "sp"),
+            "multi-teacher": ("aver", "camkd", "ebkd", "aekd"), "asmb": ("asmb",)}
+SINGLE_TEACHER = FAMILIES["logit"] + FAMILIES["feature"]
+COMPARISON_NOTE = ("Test accuracy (%) of the student selected on validation (selected, best/test_acc) and of the "
+                   "last epoch's (last/test_acc), mean ± sample std over seeds (n); gains are differences of the "
+                   "selected means; the best single-teacher method is the best of kd/dkd/dist and the feature "
+                   "methods that distil from one teacher (not --teachers.select both).")
+
+
+def family_of(method: str) -> str:
+    return next((f for f, methods in FAMILIES.items() if method in methods), "other")
+
+
+def family_order(method: str) -> tuple[int, int]:
+    """ce, the single-teacher logit then feature methods, the multi-teacher baselines, anything else, asmb."""
+    order = [*FAMILIES["baseline"], *SINGLE_TEACHER, *FAMILIES["multi-teacher"]]
+    return (order.index(method), 0) if method in order else (len(order) + (method == "asmb"), 0)
+
+
+@dataclass
+class Compared:
+    label: str
+    method: str
+    n: int
+    single_teacher: bool
+    stats: dict[str, tuple[float | None, float | None]]  # summary key -> (mean, std) over seeds
+    gains: dict[str, float | None]  # "ce", "single" -> selected mean minus theirs
+
+
+def comparison_rows(groups: list[tuple[str, list[Run]]]) -> list[Compared]:
+    """One row per setting with a selected test accuracy, in family order, with its gains."""
+    rows = []
+    for label, members in groups:
+        keys = ["best/test_acc", "last/test_acc", *comparison_extra_keys(members)]
+        stats = {k: mean_std([float(r.summary[k]) for r in members if isinstance(r.summary.get(k), (int, float))])
+                 for k in keys}
+        if stats["best/test_acc"][0] is None:
+            continue
+        method = members[0].method
+        single = method in SINGLE_TEACHER and members[0].config.get("teachers.select") != "both"
+        rows.append(Compared(label, method, len(members), single, stats, {}))
+    rows.sort(key=lambda r: (family_order(r.method), r.label))
+    ce = next((r for r in rows if r.method == "ce"), None)
+    best_single = max((r for r in rows if r.single_teacher), key=lambda r: r.stats["best/test_acc"][0], default=None)
+    for row in rows:
+        selected = row.stats["best/test_acc"][0]
+        row.gains["ce"] = selected - ce.stats["best/test_acc"][0] if ce and row is not ce else None
+        row.gains["single"] = (selected - best_single.stats["best/test_acc"][0]
+                               if best_single and row.method != "ce" and row is not best_single else None)
+    return rows
+
+
+def comparison_extra_keys(members: list[Run]) -> list[str]:
+    """Teacher accuracies (test when the summaries have it, else val) and the ensemble's and synergy's."""
+    present = {k for r in members for k in r.summary}
+    archs = sorted({k.split("/")[1] for k in present if k.startswith("teacher/") and k.count("/") == 2})
+    teachers = [f"teacher/{a}/test_acc" if f"teacher/{a}/test_acc" in present else f"teacher/{a}/val_acc"
+                for a in archs]
+    fused = [k for k in ("ensemble/test_acc", "synergy/test_acc") if k in present]
+    return [k for k in teachers if k in present] + fused
+
+
+def comparison_columns(rows: list[Compared]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r.stats if k not in ("best/test_acc", "last/test_acc")))
+
+
+def column_title(key: str) -> str:
+    """`teacher/resnet20/test_acc` -> `teacher resnet20 (test)`, `synergy/test_acc` -> `synergy (test)`."""
+    parts = key.split("/")
+    split = parts[-1].split("_")[0]
+    return " ".join(parts[:-1]) + f" ({split})"
+
+
+def signed(x: float | None) -> str:
+    return "" if x is None else f"{x:+.2f}"
+
+
+def write_comparison(rows: list[Compared], out: Path) -> list[Path]:
+    extra = comparison_columns(rows)
+    titles = ["method", "n", "selected", "last", "gain vs ce", "gain vs best single", *map(column_title, extra)]
+    md_rows, csv_rows, tex_rows = [], [], []
+    for r in rows:
+        sel, last = r.stats["best/test_acc"], r.stats["last/test_acc"]
+        cells = [fmt(*sel), fmt(*last), signed(r.gains["ce"]), signed(r.gains["single"]),
+                 *[fmt(*r.stats.get(k, (None, None))) for k in extra]]
+        md_rows.append([r.label, r.n, *cells])
+        tex_rows.append((r.method, [latex_escape(r.label), str(r.n), *[latex_cell(c) for c in cells]]))
+        csv_rows.append([r.label, r.method, family_of(r.method), r.n, *[rounded("acc", x) for x in (*sel, *last)],
+                         rounded("gain", r.gains["ce"]), rounded("gain", r.gains["single"]),
+                         *[rounded(k, x) for k in extra for x in r.stats.get(k, (None, None))]])
+    atomic_write_text("\n".join(md_table(titles, md_rows)) + "\n", out / "comparison.md")
+    write_csv(out / "comparison.csv", ["setting", "method", "family", "n", "selected mean", "selected std",
+                                       "last mean", "last std", "gain vs ce", "gain vs best single",
+                                       *[f"{k} {s}" for k in extra for s in ("mean", "std")]], csv_rows)
+    atomic_write_text(latex_table(titles, tex_rows), out / "comparison.tex")
+    written = [out / "comparison.md", out / "comparison.csv", out / "comparison.tex"]
+    png = plot_comparison(rows, out)
+    return written + ([png] if png else [])
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def latex_cell(cell: str) -> str:
+    """`71.00 ± 1.41` -> `$71.00 \\pm 1.41$`."""
+    return "$" + cell.replace("±", r"\pm") + "$" if cell else ""
+
+
+def latex_table(titles: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """A booktabs table (\\usepackage{booktabs}) with a rule between method families."""
+    lines = [r"\begin{tabular}{l" + "r" * (len(titles) - 1) + "}", r"\toprule",
+             " & ".join(latex_escape(t) for t in titles) + r" \\", r"\midrule"]
+    previous = None
+    for method, cells in rows:
+        if previous is not None and family_of(method) != family_of(previous):
+            lines.append(r"\midrule")
+        lines.append(" & ".join(cells) + r" \\")
+        previous = method
+    return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+FAMILY_COLORS = {"baseline": "#7f7f7f", "logit": "#1f77b4", "feature": "#2ca02c", "multi-teacher": "#9467bd",
+                 "asmb": "#d62728", "other": "#8c564b"}
+
+
+def plot_comparison(rows: list[Compared], out: Path) -> Path | None:
+    """Selected (solid) and last (hatched) test accuracy per method, error bars ± std, ce as a dashed line."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 2), 4.2))
+    for offset, key, hatch, name in ((-0.2, "best/test_acc", None, "selected"), (0.2, "last/test_acc", "//", "last")):
+        means = [r.stats[key][0] if r.stats[key][0] is not None else np.nan for r in rows]
+        stds = [r.stats[key][1] or 0.0 for r in rows]
+        colors = [FAMILY_COLORS[family_of(r.method)] for r in rows]
+        bars = ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3, color=colors, hatch=hatch,
+                      alpha=1.0 if hatch is None else 0.55, edgecolor="black", linewidth=0.5, label=name)
+        if hatch is None:
+            ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=7)
+    ce = next((r for r in rows if r.method == "ce"), None)
+    if ce is not None:
+        ax.axhline(ce.stats["best/test_acc"][0], color="black", ls="--", lw=0.8, label="ce (selected)")
+    low = np.nanmin([r.stats[k][0] - (r.stats[k][1] or 0) for r in rows for k in ("best/test_acc", "last/test_acc")
+                     if r.stats[k][0] is not None])
+    ax.set_ylim(max(0.0, low - 5), None)
+    ax.set_xticks(x, [r.label for r in rows], rotation=30, ha="right")
+    ax.set(ylabel="test accuracy (%)", title="Test accuracy per method (mean ± std over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    path = out / "comparison.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots of one run, written into its run directory: ASMB's stages, and curves over the global epoch
+# ----------------------------------------------------------------------------------------------
+STAGE_PHASE = "asmb:stage"
+STAGE_ACCS = ("teacher0/acc", "teacher1/acc", "ensemble/acc", "synergy/acc", "student/acc")
+
+
+def write_run_plots(runs: list[Run], single: bool) -> list[Path]:
+    """asmb_stages.png and run_curves.png for every ASMB run; run_curves.png for any run reported alone."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    written = []
+    for run in runs:
+        stages = [r for r in run.rows if r.get("phase") == STAGE_PHASE]
+        if stages:
+            written.append(plot_asmb_stages(plt, run, stages))
+        if (stages or single) and any("epoch" in r for r in run.rows):
+            written.append(plot_run_curves(plt, run))
+    return written
+
+
+def teacher_names(run: Run) -> list[str]:
+    models = run.config.get("teachers.models") or ()
+    models = models.split(",") if isinstance(models, str) else list(models)
+    return [f"teacher{i} ({models[i]})" if i < len(models) else f"teacher{i}" for i in range(2)]
+
+
+def plot_asmb_stages(plt, run: Run, stages: list[dict[str, Any]]) -> Path:
+    """Left: validation accuracy of teachers 0/1, their ensemble, the synergy head and the student at the end
+    of each stage. Right: the MBM's mean attention weight on each teacher per stage."""
+    x = [int(r.get("stage", i + 1)) for i, r in enumerate(stages)]
+    names = dict(zip(("teacher0/acc", "teacher1/acc"), teacher_names(run)))
+    fig, (acc_ax, attn_ax) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    styles = {"teacher0/acc": ("#1f77b4", "s", ":"), "teacher1/acc": ("#ff7f0e", "s", ":"),
+              "ensemble/acc": ("#7f7f7f", "D", "--"), "synergy/acc": ("#9467bd", "o", "-"),
+              "student/acc": ("#d62728", "o", "-")}
+    for key in STAGE_ACCS:
+        if any(key in r for r in stages):
+            color, marker, ls = styles[key]
+            acc_ax.plot(x, [r.get(key, np.nan) for r in stages], marker=marker, ls=ls, color=color, lw=1.8,
+                        label=names.get(key, key.split("/")[0]))
+    acc_ax.set(xlabel="stage", ylabel="val accuracy (%)", title=f"{run.name}: accuracy at the end of each stage")
+    acc_ax.set_xticks(x)
+    acc_ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize="small")
+    bottom = np.zeros(len(x))
+    for key, color, name in (("attn/teacher0", "#1f77b4", teacher_names(run)[0]),
+                             ("attn/teacher1", "#ff7f0e", teacher_names(run)[1])):
+        w = np.asarray([float(r.get(key, np.nan)) for r in stages])
+        if np.isnan(w).all():
+            continue
+        attn_ax.bar(x, w, 0.6, bottom=bottom, color=color, label=name)
+        for xi, b, wi in zip(x, bottom, w):
+            attn_ax.text(xi, b + wi / 2, f"{wi:.2f}", ha="center", va="center", fontsize=8, color="white")
+        bottom = bottom + np.nan_to_num(w)
+    attn_ax.set(xlabel="stage", ylabel="mean attention weight", ylim=(0, 1.05), title="MBM attention per teacher")
+    attn_ax.set_xticks(x)
+    attn_ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    path = run.path / "asmb_stages.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_run_curves(plt, run: Run) -> Path:
+    """Accuracy (top) and training loss (bottom) over the global epoch. ASMB: phase A shaded (there the
+    synergy head's val accuracy is what is logged, and its loss is another objective than phase B's, so
+    each phase is its own line) and stage ends marked."""
+    rows = [r for r in run.rows if not is_teacher_phase(r.get("phase", "")) and r.get("phase") != STAGE_PHASE
+            and "epoch" in r]
+    fig, (acc_ax, loss_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    series = (("val/acc", "student val acc", "#d62728", acc_ax), ("train/acc", "student train acc", "#ff9896", acc_ax),
+              ("val/synergy_acc", "synergy val acc (phase A)", "#9467bd", acc_ax))
+    for key, name, color, ax in series:
+        plot_segments(ax, rows, key, name, color)
+    losses = {"A": "phase A loss (synergy)", "B": "phase B loss (student)"}
+    for phase, name in losses.items():
+        plot_segments(loss_ax, [r for r in rows if phase_kind(r) == phase], "train/loss", name,
+                      "#9467bd" if phase == "A" else "#d62728")
+    plot_segments(loss_ax, [r for r in rows if phase_kind(r) is None], "train/loss", "train loss", "#d62728")
+    for ax in (acc_ax, loss_ax):
+        shade_phase_a(ax, rows)
+        for stage_row in (r for r in run.rows if r.get("phase") == STAGE_PHASE):
+            ax.axvline(stage_row["epoch"] + 0.5, color="black", ls="--", lw=0.8)
+            if ax is acc_ax:
+                ax.annotate(f"end of stage {stage_row.get('stage', '')}", (stage_row["epoch"] + 0.5, 1.0),
+                            xycoords=("data", "axes fraction"), ha="right", va="bottom", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    acc_ax.set(ylabel="accuracy (%)")
+    acc_ax.set_title(f"{run.name}: accuracy and loss per epoch", pad=14)
+    loss_ax.set(xlabel="epoch (global)", ylabel="train loss")
+    for ax in (acc_ax, loss_ax):
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize="small",
+                      loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path = run.path / "run_curves.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def phase_kind(row: dict[str, Any]) -> str | None:
+    """"A" or "B" for ASMB rows (`asmb:A:s1`), None for single-phase methods."""
+    parts = str(row.get("phase", "")).split(":")
+    return parts[1] if len(parts) == 3 and parts[0] == "asmb" else None
+
+
+def plot_segments(ax, rows: list[dict[str, Any]], key: str, name: str, color: str) -> None:
+    """`key` against epoch, one line per phase (no line joins two phases), one legend entry."""
+    segments: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if isinstance(r.get(key), (int, float)):
+            segments.setdefault(str(r.get("phase")), []).append((int(r["epoch"]), float(r[key])))
+    for points in segments.values():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", ms=3, color=color, label=name)
+
+
+def shade_phase_a(ax, rows: list[dict[str, Any]]) -> None:
+    """Grey band over each ASMB phase A (a row at epoch e covers e - 0.5 .. e + 0.5)."""
+    spans: dict[str, list[int]] = {}
+    for r in rows:
+        if phase_kind(r) == "A":
+            spans.setdefault(str(r["phase"]), []).append(int(r["epoch"]))
+    for epochs in spans.values():
+        ax.axvspan(min(epochs) - 0.5, max(epochs) + 0.5, color="#9467bd", alpha=0.12, lw=0, label="phase A")
 
 
 def report_parser() -> argparse.ArgumentParser:

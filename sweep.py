@@ -372,7 +372,8 @@ def finish_trial(trial: dict[str, Any], spec: Spec, run_dir: Path, log_path: Pat
     metric = spec.metric["name"] if spec.metric else None
     rows = read_rows(run_dir)
     # epochs = rows that logged the metric (the iterations hyperband counts)
-    trial["epochs"] = len(metric_history(rows, metric)) if metric else sum(1 for r in rows if not is_teacher_phase(r.get("phase", "")))
+    trial["epochs"] = (len(metric_history(rows, metric)) if metric
+                       else sum(not is_teacher_phase(r.get("phase", "")) for r in rows))
     trial["metric"] = final_metric(run_dir, metric) if metric else None
     trial["error"] = last_error(log_path) if trial["status"] == "failed" else None
 

@@ -251,12 +251,13 @@ def test_local_grid_sweep_end_to_end_and_report(tmp_path):
     for trial_id, summary in summaries.items():
         row = runs[f"grid2/{trial_id}"]
         for key in ("best/test_acc", "last/test_acc", "best/val_acc", "wall_time_s"):
-            assert float(row[key]) == pytest.approx(summary[key])
+            assert float(row[key]) == pytest.approx(summary[key], abs=0.05)  # rounded: 2 decimals, times 1
     groups = read_csv(out / "report.csv")
     assert sorted(g["setting"] for g in groups) == ["kd (kd.temperature=2)", "kd (kd.temperature=4)"]
     for g in groups:
         trial_id = "trial-000" if g["setting"].endswith("=2)") else "trial-001"
-        assert g["n"] == "1" and float(g["best/test_acc mean"]) == pytest.approx(summaries[trial_id]["best/test_acc"])
+        assert g["n"] == "1" and float(g["best/test_acc mean"]) == pytest.approx(summaries[trial_id]["best/test_acc"],
+                                                                                abs=0.005)
     md = (out / "report.md").read_text()
     assert "## Sweep `grid2`" in md and "| trial-000 | finished | 2 |" in md and "| trial-001 | finished | 4 |" in md
     if sweep_has_matplotlib():
@@ -424,7 +425,7 @@ def test_report_groups_seeds_and_matches_summaries(tmp_path):
     kd4 = groups["kd (kd.temperature=4)"]
     assert kd4["n"] == "2"  # the crashed run has no summary: listed in runs.csv only
     assert float(kd4["best/test_acc mean"]) == pytest.approx(71.0)
-    assert float(kd4["best/test_acc std"]) == pytest.approx(2 ** 0.5)  # sample std of 70, 72
+    assert float(kd4["best/test_acc std"]) == pytest.approx(2 ** 0.5, abs=0.005)  # sample std of 70, 72 (2 decimals)
     assert float(kd4["teacher/resnet20/val_acc mean"]) == pytest.approx(81.0)
     assert float(kd4["synergy/test_acc mean"]) == pytest.approx(82.0)
     assert float(kd4["images_per_s mean"]) == pytest.approx(1050.0)
