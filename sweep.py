@@ -459,7 +459,7 @@ def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, s
             interrupted = trials[trial_id]
             trial["restarts"] = interrupted.get("restarts", 0) + 1
             state["trials"][state["trials"].index(interrupted)] = trial
-            print(f"{trial_id} was interrupted ({interrupted['status']}); restarting it", flush=True)
+            print(f"restarting {trial_id}: it was interrupted ({interrupted['status']})", flush=True)
             remove_trial_dir(run_dir, trial_id, sweep_dir)
         else:
             state["trials"].append(trial)

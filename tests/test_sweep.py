@@ -359,7 +359,7 @@ def test_a_killed_sweep_takes_its_trial_down_and_resume_restarts_it(tmp_path):
     res = subprocess.run(args + ["--resume"], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "trial-000 was interrupted (running); restarting it" in res.stdout
+    assert "restarting trial-000: it was interrupted (running)" in res.stdout
     state = json.loads((sweep_dir / "sweep.json").read_text())
     assert [(t["id"], t["status"], t["restarts"]) for t in state["trials"]] == [("trial-000", "finished", 2)]
     assert [r["epoch"] for r in sweep.read_rows(sweep_dir / "trial-000")] == list(range(1, 41))  # one fresh run
