@@ -19,31 +19,25 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
-from kd.engine.checkpoint import Checkpointer  # noqa: E402
-from kd.engine.trainer import StepClock  # noqa: E402
-from kd.asmb import (AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,  # noqa: E402
+import train
+from kd.engine.checkpoint import Checkpointer
+from kd.engine.trainer import StepClock
+from kd.asmb import (AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,
                      stage_metrics, tau_at)
-from kd.errors import ConfigError  # noqa: E402
-from kd.freeze import apply_freeze, count_params, policy_params, set_train  # noqa: E402
-from kd.losses import kd_loss  # noqa: E402
-from kd.mbm import IBMBM, MLPMBM, AttnMBM  # noqa: E402
-from kd.methods import StepInputs  # noqa: E402
-from kd.models import ModelOutput, create_model  # noqa: E402
-from kd.synergy import synergy_losses  # noqa: E402
+from kd.errors import ConfigError
+from kd.freeze import apply_freeze, count_params, policy_params, set_train
+from kd.losses import kd_loss
+from kd.mbm import IBMBM, MLPMBM, AttnMBM
+from kd.methods import StepInputs
+from kd.models import ModelOutput, create_model
+from kd.synergy import synergy_losses
 
 C = 10
 B = 8
 TEACHERS = ("resnet20", "wrn_16_2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- helpers

@@ -116,15 +116,6 @@ def test_image_size_resizes_tensor_datasets():
     assert splits.train_images.shape[-1] == 16  # stored at native resolution
 
 
-@pytest.fixture
-def one_thread():
-    """Intra-op threads thrash on a busy 2-core machine; one thread is ~10x faster for a net this small."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_synthetic_is_learnable_by_a_tiny_cnn(one_thread):
     torch.manual_seed(0)
     spec = SyntheticSpec(num_classes=10, train_size=1200, test_size=300, image_size=16, seed=0)

@@ -4,14 +4,11 @@ a missing tiny-imagenet root and an existing run directory through the CLI; thes
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import train
 
 TINY = ["--preset", "smoke", "--data.synthetic-train-size", "200", "--data.synthetic-test-size", "50",
         "--data.batch-size", "16", "--optim.epochs", "1", "--run.max-steps-per-epoch", "2", "--wandb.mode", "disabled"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +19,7 @@ from kd.methods.fitnet import hint_regressor
 from kd.methods.kd import KDCfg
 from kd.models import ModelOutput, create_model
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import train
 
 NUM_CLASSES, NUM_TRAIN, BATCH = 10, 40, 8
 TRAIN_LABELS = torch.arange(NUM_TRAIN) % NUM_CLASSES
@@ -36,12 +32,7 @@ WEIGHTS_EPOCH1 = {"kd": 0.9, "fitnet": 100.0, "at": 1000.0, "dkd": 0.05, "crd": 
                   "sp": 3000.0, "dist": 2.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ from torchvision.transforms import v2
 from kd.losses import cross_entropy
 from kd.mix import build_mixer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
+import train
 
 B, C = 8, 10
 

@@ -19,9 +19,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
-from kd.engine.checkpoint import check_resume_config, find_resume  # noqa: E402
+import train
+from kd.engine.checkpoint import check_resume_config, find_resume
 
 # Tiny, deterministic: 16 px synthetic images, batch 16, 3 steps per epoch, a checkpoint every 2 steps.
 BASE = ["--preset", "smoke", "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60",
@@ -44,7 +43,6 @@ def args_for(tmp: Path, name: str, *args: str) -> list[str]:
 # it made there), patched in from outside so the production path carries no test hook.
 KILL_AT_STEP = """
 import os, signal, sys
-sys.path.insert(0, {root!r})
 from kd.engine.checkpoint import Checkpointer
 save = Checkpointer.save
 def save_then_kill(self, step, *args, **kwargs):
@@ -60,7 +58,7 @@ sys.exit(train.main(sys.argv[1:]))
 def train_cli(tmp: Path, name: str, *args: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     program = [str(ROOT / "train.py")] if kill_at is None else \
-        ["-c", KILL_AT_STEP.format(root=str(ROOT), step=kill_at)]
+        ["-c", KILL_AT_STEP.format(step=kill_at)]
     return subprocess.run([sys.executable, *program, *args_for(tmp, name, *args)],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
@@ -255,7 +253,6 @@ def test_divergence_stops_with_step_and_term_and_keeps_the_last_good_checkpoint(
 KILLER = """
 import json, os, signal, sys, time, torch
 from pathlib import Path
-sys.path.insert(0, {root!r})
 from kd.engine.checkpoint import Checkpointer
 from kd.io import safe_torch_load
 run_dir = Path({run_dir!r})
@@ -283,8 +280,9 @@ print(json.dumps({{"temp_left": len(list(last.parent.glob(".*.tmp")))}}), flush=
 
 
 def test_a_kill_during_checkpoint_writes_never_leaves_an_unreadable_last(tmp):
-    out = subprocess.run([sys.executable, "-c", KILLER.format(root=str(ROOT), run_dir=str(tmp / "atomic"))],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    out = subprocess.run([sys.executable, "-c", KILLER.format(run_dir=str(tmp / "atomic"))],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     *kills, end = [json.loads(line) for line in out.stdout.splitlines()]
     checked = [k for k in kills if k is not None]

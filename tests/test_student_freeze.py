@@ -4,27 +4,18 @@ zero-initialised adapter leaves the model's function unchanged before the first 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
-from kd.freeze import apply_freeze, policy_params  # noqa: E402
-from kd.methods import METHODS  # noqa: E402
-from kd.models import create_model  # noqa: E402
+import train
+from kd.freeze import apply_freeze, policy_params
+from kd.methods import METHODS
+from kd.models import create_model
 
 FAMILIES = ["resnet18", "convnext_atto", "swin_tiny_patch4_window7_224"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def one_step(model, policy: str) -> None:

@@ -6,17 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import sweep  # noqa: E402
+import sweep
 
 TINY = {"preset": {"value": "smoke"}, "data.synthetic-train-size": {"value": 400},
         "data.synthetic-test-size": {"value": 100}, "data.batch-size": {"value": 32},
@@ -250,12 +251,13 @@ def test_local_grid_sweep_end_to_end_and_report(tmp_path):
     for trial_id, summary in summaries.items():
         row = runs[f"grid2/{trial_id}"]
         for key in ("best/test_acc", "last/test_acc", "best/val_acc", "wall_time_s"):
-            assert float(row[key]) == pytest.approx(summary[key])
+            assert float(row[key]) == pytest.approx(summary[key], abs=0.05)  # rounded: 2 decimals, times 1
     groups = read_csv(out / "report.csv")
     assert sorted(g["setting"] for g in groups) == ["kd (kd.temperature=2)", "kd (kd.temperature=4)"]
     for g in groups:
         trial_id = "trial-000" if g["setting"].endswith("=2)") else "trial-001"
-        assert g["n"] == "1" and float(g["best/test_acc mean"]) == pytest.approx(summaries[trial_id]["best/test_acc"])
+        assert g["n"] == "1" and float(g["best/test_acc mean"]) == pytest.approx(summaries[trial_id]["best/test_acc"],
+                                                                                abs=0.005)
     md = (out / "report.md").read_text()
     assert "## Sweep `grid2`" in md and "| trial-000 | finished | 2 |" in md and "| trial-001 | finished | 4 |" in md
     if sweep_has_matplotlib():
@@ -295,6 +297,85 @@ def test_interrupted_local_sweep_resumes_without_repeating_trials(tmp_path):
     state = json.loads((sweep_dir / "sweep.json").read_text())
     assert [(t["id"], t["status"]) for t in state["trials"]] == [("trial-000", "finished"), ("trial-001", "finished")]
     assert json.loads((sweep_dir / "trial-001" / "config.json").read_text())["optim"]["lr"] == 0.1
+
+
+def trial_pids(marker: str) -> list[int]:
+    """Processes whose command line holds `marker` (Linux /proc; zombies, already dead, left out)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if marker in (proc / "cmdline").read_bytes().decode(errors="replace") and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def wait_for(condition, timeout_s: float = 300.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the trial process through /proc")
+def test_a_killed_sweep_takes_its_trial_down_and_resume_restarts_it(tmp_path):
+    """SIGTERM: forwarded to the trial, which is marked interrupted. SIGKILL: the trial still dies within
+    seconds (it used to run on, recreate its directory under the resumed sweep and be counted failed).
+    --resume restarts the interrupted trial from a fresh directory and it finishes."""
+    spec = write_spec(tmp_path, {**TINY, "method": {"value": "ce"}, "optim.epochs": {"value": 40},
+                                 "run.max-steps-per-epoch": {"value": 2}, "optim.lr": {"values": [0.1]}}, name="kill")
+    sweep_dir = tmp_path / "sweeps" / "kill"
+    marker = f"--run.out-dir={sweep_dir}"
+    args = [sys.executable, str(ROOT / "sweep.py"), str(spec), "--mode", "local", "--out-dir", str(tmp_path / "sweeps"),
+            "--trial-wandb", "disabled", "--poll", "0.2"]
+
+    def started(**kw) -> subprocess.Popen:
+        proc = subprocess.Popen(args + kw.get("extra", []), cwd=tmp_path, env=offline_env(tmp_path),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # mid-trial: train.py runs (so an old partial directory is gone) and has logged an epoch
+        assert wait_for(lambda: (trial_pids(marker) and (sweep_dir / "trial-000" / "metrics.jsonl").exists())
+                        or proc.poll() is not None)
+        assert proc.poll() is None, proc.stdout.read()
+        return proc
+
+    def status() -> str:
+        return json.loads((sweep_dir / "sweep.json").read_text())["trials"][0]["status"]
+
+    proc = started()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert not trial_pids(marker) and status() == "interrupted"
+
+    proc = started(extra=["--resume"])
+    proc.kill()
+    proc.wait()
+    assert wait_for(lambda: not trial_pids(marker), timeout_s=5.0), "the trial outlived its SIGKILLed sweep"
+    assert status() == "running"  # as the killed sweep left it
+
+    res = subprocess.run(args + ["--resume"], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "restarting trial-000: it was interrupted (running)" in res.stdout
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [(t["id"], t["status"], t["restarts"]) for t in state["trials"]] == [("trial-000", "finished", 2)]
+    assert [r["epoch"] for r in sweep.read_rows(sweep_dir / "trial-000")] == list(range(1, 41))  # one fresh run
+
+
+def test_resume_never_deletes_a_directory_that_is_not_its_trial(tmp_path):
+    sweep_dir = tmp_path / "sweeps" / "x"
+    foreign = sweep_dir / "trial-000"
+    foreign.mkdir(parents=True)
+    (foreign / "config.json").write_text(json.dumps({"run": {"name": "mine", "out_dir": str(tmp_path)}}))
+    with pytest.raises(sweep.ConfigError, match="not the run directory of this sweep's trial-000"):
+        sweep.remove_trial_dir(foreign, "trial-000", sweep_dir)
+    assert (foreign / "config.json").exists()
+    (foreign / "config.json").write_text(json.dumps({"run": {"name": "trial-000", "out_dir": str(sweep_dir)}}))
+    sweep.remove_trial_dir(foreign, "trial-000", sweep_dir)
+    assert not foreign.exists()
 
 
 def sweep_has_matplotlib() -> bool:
@@ -344,7 +425,7 @@ def test_report_groups_seeds_and_matches_summaries(tmp_path):
     kd4 = groups["kd (kd.temperature=4)"]
     assert kd4["n"] == "2"  # the crashed run has no summary: listed in runs.csv only
     assert float(kd4["best/test_acc mean"]) == pytest.approx(71.0)
-    assert float(kd4["best/test_acc std"]) == pytest.approx(2 ** 0.5)  # sample std of 70, 72
+    assert float(kd4["best/test_acc std"]) == pytest.approx(2 ** 0.5, abs=0.005)  # sample std of 70, 72 (2 decimals)
     assert float(kd4["teacher/resnet20/val_acc mean"]) == pytest.approx(81.0)
     assert float(kd4["synergy/test_acc mean"]) == pytest.approx(82.0)
     assert float(kd4["images_per_s mean"]) == pytest.approx(1050.0)

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import train
 
 TINY = ["--preset", "smoke", "--data.synthetic-train-size", "400", "--data.synthetic-test-size", "100",
         "--data.batch-size", "32", "--optim.epochs", "2", "--teachers.epochs", "1",

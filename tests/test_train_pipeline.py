@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -18,9 +17,8 @@ from kd.errors import ConfigError
 from kd.fastloader import DeviceLoader
 from kd.models import KDModel, create_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
-from kd.teachers import teacher_cache_path, teacher_input_spec, teacher_small_input  # noqa: E402
+import train
+from kd.teachers import teacher_cache_path, teacher_input_spec, teacher_small_input
 
 TINY = ["--preset", "smoke", "--data.synthetic-train-size", "200", "--data.synthetic-test-size", "40",
         "--data.synthetic-image-size", "16", "--data.batch-size", "16", "--optim.epochs", "1",

@@ -39,13 +39,7 @@ TIMM_OWNED = {'vgg11': 'vgg', 'vgg13': 'vgg', 'vgg16': 'vgg', 'vgg19': 'vgg', 'r
 _cache: dict[str, nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Tiny convs: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core box (~8x CPU time)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def built(name: str) -> nn.Module:

@@ -43,3 +43,18 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     except OSError:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def metric_history(rows: list[dict[str, Any]], metric: str) -> list[float]:
+    """The trained model's values of `metric`, one per row that logged it (teacher rows left out)."""
+    return [float(r[metric]) for r in rows
+            if not is_teacher_phase(r.get("phase", "")) and isinstance(r.get(metric), (int, float))]
+
+
+def final_metric(run_dir: Path, metric: str) -> float | None:
+    """The summary's value when it has the key, else the last logged value (wandb's summary rule)."""
+    summary = read_json(Path(run_dir) / "summary.json") or {}
+    if isinstance(summary.get(metric), (int, float)):
+        return float(summary[metric])
+    history = metric_history(read_rows(run_dir), metric)
+    return history[-1] if history else None
