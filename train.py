@@ -42,14 +42,15 @@ from kd.errors import CheckpointError, ConfigError, KDError
 from kd.fastloader import DeviceLoader
 from kd.io import atomic_link, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 from kd.methods import METHODS, Method, StepInputs
-from kd.methods import ATCfg, CRDCfg, DISTCfg, DKDCfg, FitNetCfg, PKTCfg, RKDCfg, SPCfg
+from kd.methods import ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg, FitNetCfg, PKTCfg, RKDCfg, SPCfg
 from kd.methods.kd import KDCfg
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, create_model
 
-METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "asmb"]
+METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
+                       "ebkd", "asmb"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +118,8 @@ class TeachersCfg:
     cache_dir: str = "runs/teacher_cache"
     """where fine-tuned teachers are cached (the name records dataset, arch, stem, classes, seed, data hash)."""
     select: Literal["best", "0", "1", "both"] = "best"
-    """teacher(s) a single-teacher baseline distils from: best by val accuracy, by position, or both averaged."""
+    """teacher(s) a single-teacher baseline distils from: best by val accuracy, by position, or both (KD of the
+    mean logits); multi-teacher methods (aver, camkd, ebkd) always use every teacher."""
     epochs: int = 30
     """teacher fine-tuning epochs (stage 0)."""
     lr: float = 0.01
@@ -214,7 +216,8 @@ class Config:
     """Knowledge distillation with kd. Every option below is `--group.option VALUE`; booleans take True/False."""
 
     method: METHOD_NAMES = "kd"
-    """what to train: teacher (fine-tune the teachers), ce (student alone), kd, ..., asmb (two-teacher ASMB, see --asmb.*)."""
+    """what to train: teacher (fine-tune the teachers), ce (student alone), kd, ... (single-teacher baselines),
+    aver / camkd / ebkd (multi-teacher baselines, all --teachers), asmb (two-teacher ASMB, see --asmb.*)."""
     preset: Literal["none", "smoke"] = "none"
     """start from a preset (smoke: tiny models and synthetic data, a few CPU minutes); flags override it."""
     data: DataCfg = field(default_factory=DataCfg)
@@ -232,6 +235,9 @@ class Config:
     pkt: PKTCfg = field(default_factory=PKTCfg)
     sp: SPCfg = field(default_factory=SPCfg)
     dist: DISTCfg = field(default_factory=DISTCfg)
+    aver: AverCfg = field(default_factory=AverCfg)
+    camkd: CAMKDCfg = field(default_factory=CAMKDCfg)
+    ebkd: EBKDCfg = field(default_factory=EBKDCfg)
     asmb: AsmbCfg = field(default_factory=AsmbCfg)
 
 
@@ -330,6 +336,9 @@ def validate(cfg: Config) -> None:
         if cfg.teachers.select in ("0", "1"):
             check(int(cfg.teachers.select) < len(cfg.teachers.models),
                   f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)")
+    if cfg.method in METHODS and METHODS[cfg.method][0].multi_teacher:
+        check(len(cfg.teachers.models) >= 2,
+              f"--method {cfg.method} distils from several teachers, --teachers has {len(cfg.teachers.models)}")
     if cfg.method == "asmb":
         check(len(cfg.teachers.models) == 2,
               f"--method asmb distils from two teachers, --teachers has {len(cfg.teachers.models)}")
@@ -1527,7 +1536,8 @@ def run(cfg: Config) -> dict[str, Any]:
             all_teachers = load_teachers(cfg, data, loaders, device, logger, teacher_small, ckpt)
             for arch, (m, acc) in zip(cfg.teachers.models, all_teachers):
                 summary[f"teacher/{arch}/val_acc"] = acc
-            teachers = select_teachers(cfg, all_teachers)
+            teachers = [m for m, _ in all_teachers] if METHODS[cfg.method][0].multi_teacher \
+                else select_teachers(cfg, all_teachers)
         student = prepare(student, cfg, device)
         method_cls, _ = METHODS[cfg.method]
         method = method_cls(getattr(cfg, cfg.method, None), student, teachers, num_classes=data.num_classes,
