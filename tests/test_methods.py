@@ -358,13 +358,13 @@ def test_camkd_logit_and_feature_terms_float64(num_teachers):
     got = _total(method, inp, epoch=2)
 
     # independent formula
-    s, f_s = s_out.logits, s_out.maps[-1]
+    s, f_s = s_out.logits, s_out.maps[-1]  # resnet8: no final norm
     ce_t = torch.stack([_ce_rows(t.logits, y) for t in t_outs])  # [M, B]
     w = (1 - torch.exp(ce_t) / torch.exp(ce_t).sum(0, keepdim=True)) / (num_teachers - 1)
     kd = sum((w[m] * _kl_t2(s, t_outs[m].logits, 4.0)).sum() for m in range(num_teachers)) / (BATCH * num_teachers)
     hs, ce_h = [], []
     for m, (teacher, t_out) in enumerate(zip(teachers, t_outs)):
-        f_t = t_out.maps[-1]
+        f_t = teacher.backbone.norm(t_out.maps[-1])  # WRN: the map after its final BN-ReLU (authors' feat[-2])
         size = f_t.shape[2:]
         f = F.adaptive_avg_pool2d(f_s, size) if f_s.shape[2] >= size[0] else F.interpolate(f_s, size=size, mode="bilinear")
         conv, bn, _ = method.embeds[m]
@@ -372,7 +372,7 @@ def test_camkd_logit_and_feature_terms_float64(num_teachers):
         mu, var = z.mean((0, 2, 3), keepdim=True), z.var((0, 2, 3), unbiased=False, keepdim=True)
         h = torch.relu((z - mu) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
         bb = teacher.backbone  # the teacher's head after its last map: head conv / final norm, pool, classifier
-        logits_h = bb.head.fc(bb.head_conv(bb.norm(h)).mean((2, 3)))
+        logits_h = bb.head.fc(bb.head_conv(h).mean((2, 3)))
         hs.append(((h - f_t) ** 2).flatten(1).mean(1))
         ce_h.append(_ce_rows(logits_h, y))
     ce_h = torch.stack(ce_h)

@@ -14,9 +14,10 @@ Multi-Teacher Knowledge Distillation"), as in the authors' code (github.com/Roro
 w' is NOT detached (the authors' code lets the gradient reach h_m through the teacher head's CE);
 w comes from the frozen teachers (no gradient). The feature term is left out in epoch 1, as in the
 authors' loop. Defaults: the authors' script (`-r 1 -a 1 -b 50`, T 4): CE 1, KD 1, feature 50, T 4.
-Maps: the last entry of each model's uniform map list (RepDistiller's feat[-2]); the teacher head is
-everything after that map (zoo: the head conv / final norm, pooling, classifier); a teacher whose
-last map does not feed its head directly is refused. The reference resizes the student map in place
+Maps: the last entry of each model's uniform map list, after the final BN-ReLU on pre-activation zoo
+nets (WRN), i.e. the authors' feat[-2]; the teacher head is everything after that map (zoo: the head
+conv of MobileNetV2 / ShuffleNetV2, pooling, classifier); a teacher whose map does not feed its head
+directly is refused. The reference resizes the student map in place
 inside its teacher loop (a later teacher sees the map resized for an earlier one); here each teacher
 gets the student map resized from the original (the same whenever the teachers' maps share a size).
 """
@@ -56,12 +57,19 @@ class CAMKDCfg:
             raise ConfigError(f"--camkd.temperature must be > 0, got {self.temperature}")
 
 
-def logits_from_last_map(model: KDModel, last_map: Tensor) -> Tensor:
-    """The model's head applied to a tensor shaped like its last map: zoo nets run their head conv /
-    final norm first; other timm models are assumed to feed that map to forward_head directly
-    (checked once by `check_head_from_last_map`)."""
+def distill_map(model: KDModel, maps: list[Tensor]) -> Tensor:
+    """The map CA-MKD distils: the last stage map, after the final norm of pre-activation zoo nets
+    (WRN: BN-ReLU, as the authors' wrn.py returns it as feat[-2]); the last map itself elsewhere."""
     backbone = model.backbone
-    final = backbone.head_conv(backbone.norm(last_map)) if isinstance(backbone, CifarNet) else last_map
+    return backbone.norm(maps[-1]) if isinstance(backbone, CifarNet) else maps[-1]
+
+
+def logits_from_map(model: KDModel, h: Tensor) -> Tensor:
+    """The model's head applied to a tensor shaped like its distill_map: zoo nets run their head conv
+    (MobileNetV2, ShuffleNetV2) first; other timm models are assumed to feed that map to forward_head
+    directly (checked once by `check_head_from_map`)."""
+    backbone = model.backbone
+    final = backbone.head_conv(h) if isinstance(backbone, CifarNet) else h
     feature = backbone.forward_head(final, pre_logits=True)
     if model.adapter is not None:
         feature = model.adapter(feature)
@@ -69,21 +77,24 @@ def logits_from_last_map(model: KDModel, last_map: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def check_head_from_last_map(model: KDModel, image_size: int) -> None:
-    """ConfigError unless logits_from_last_map(model, last map) reproduces the model's logits."""
+def check_head_from_map(model: KDModel, image_size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the model's distill_map; ConfigError unless logits_from_map(distill_map) reproduces
+    the model's logits."""
     modes = {m: m.training for m in model.modules()}
     param = next(model.parameters())
     try:
         model.eval()
         x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(param)
         out = model(x, with_maps=True)
-        same = torch.allclose(logits_from_last_map(model, out.maps[-1]), out.logits, rtol=1e-4, atol=1e-4)
+        h = distill_map(model, out.maps)
+        same = torch.allclose(logits_from_map(model, h), out.logits, rtol=1e-4, atol=1e-4)
     finally:
         for m, training in modes.items():
             m.training = training
     if not same:
         raise ConfigError(f"camkd: teacher {model.arch}'s last feature map does not feed its classifier head "
                           "directly; use a kd zoo or timm ResNet-style teacher")
+    return tuple(h.shape[1:])
 
 
 def resize_to(f: Tensor, size: tuple[int, int]) -> Tensor:
@@ -109,11 +120,12 @@ class CAMKD(Method):
         c_s = map_shapes(student, self.image_size)[-1][0]
         embeds = []
         for teacher in teachers:
-            check_head_from_last_map(teacher, self.image_size)
-            c_t = map_shapes(teacher, self.image_size)[-1][0]
+            c_t = check_head_from_map(teacher, self.image_size)[0]
             embeds.append(nn.Sequential(nn.Conv2d(c_s, c_t, 1), nn.BatchNorm2d(c_t), nn.ReLU(inplace=True)))
         self.embeds = nn.ModuleList(embeds)
-        self.teachers = list(teachers)  # a plain list: the teachers' heads are used, never trained or saved here
+        # plain containers (not submodules): the models' final norm / heads are used, never trained or saved here
+        self.teachers = list(teachers)
+        self.student_model = (student,)
 
     def loss_terms(self, inp: StepInputs) -> dict[str, Tensor]:
         s, hard = inp.student.logits, inp.target
@@ -121,12 +133,12 @@ class CAMKD(Method):
         kd_weights = confidence_weights(torch.stack([F.cross_entropy(t, hard, reduction="none") for t in t_logits]))
         kd_rows = torch.stack([kd_loss_per_sample(s, t, self.cfg.temperature) for t in t_logits])
 
-        f_s = inp.student.maps[-1]
+        f_s = distill_map(self.student_model[0], inp.student.maps)
         feat_ce, feat_rows = [], []
         for embed, teacher, t_out in zip(self.embeds, self.teachers, inp.teachers):
-            f_t = t_out.maps[-1].detach()
+            f_t = distill_map(teacher, t_out.maps).detach()
             h = embed(resize_to(f_s, tuple(f_t.shape[2:])))
-            feat_ce.append(F.cross_entropy(logits_from_last_map(teacher, h), hard, reduction="none"))
+            feat_ce.append(F.cross_entropy(logits_from_map(teacher, h), hard, reduction="none"))
             feat_rows.append((h - f_t).pow(2).flatten(1).mean(dim=1))
         feat_weights = confidence_weights(torch.stack(feat_ce))
         return {
