@@ -14,7 +14,6 @@ runs (early termination) and its summary.json at the end. Sweep state: `<out-dir
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -34,7 +33,7 @@ import yaml
 
 from kd.engine.child import Child, Interrupted, raise_on_termination, signal_of
 from kd.engine.wandb_env import wandb_credentials_present, wandb_server_reachable
-from kd.engine.records import final_metric, flatten_config, is_teacher_phase, metric_history, read_json, read_rows
+from kd.engine.records import final_metric, is_teacher_phase, metric_history, read_json, read_rows
 from kd.errors import ConfigError
 from kd.io import atomic_write_json
 

@@ -48,7 +48,7 @@ from kd.fastloader import DeviceLoader
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.io import atomic_write_json
 from kd.methods import METHODS, Method
-from kd.methods import ATCfg, CRDCfg, DISTCfg, DKDCfg, FitNetCfg, PKTCfg, RKDCfg, SPCfg
+from kd.methods import ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg, FitNetCfg, PKTCfg, RKDCfg, SPCfg
 from kd.methods.kd import KDCfg
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
@@ -56,7 +56,8 @@ from kd.models import KDModel, check_meta, create_model
 from kd.teachers import (load_teacher, save_teacher, select_teachers, teacher_cache_path, teacher_input_spec,
                          teacher_small_input)
 
-METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "asmb"]
+METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
+                       "ebkd", "asmb"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +127,8 @@ class TeachersCfg:
     cache_dir: str = "runs/teacher_cache"
     """where fine-tuned teachers are cached (the name records dataset, arch, stem, classes, seed, data hash)."""
     select: Literal["best", "0", "1", "both"] = "best"
-    """teacher(s) a single-teacher baseline distils from: best by val accuracy, by position, or both averaged."""
+    """teacher(s) a single-teacher baseline distils from: best by val accuracy, by position, or both (KD of the
+    mean logits); multi-teacher methods (aver, camkd, ebkd) always use every teacher."""
     epochs: int = 30
     """teacher fine-tuning epochs (stage 0)."""
     lr: float = 0.01
@@ -223,7 +225,8 @@ class Config:
     """Knowledge distillation with kd. Every option below is `--group.option VALUE`; booleans take True/False."""
 
     method: METHOD_NAMES = "kd"
-    """what to train: teacher (fine-tune the teachers), ce (student alone), kd, ..., asmb (two-teacher ASMB, see --asmb.*)."""
+    """what to train: teacher (fine-tune the teachers), ce (student alone), kd, ... (single-teacher baselines),
+    aver / camkd / ebkd (multi-teacher baselines, all --teachers), asmb (two-teacher ASMB, see --asmb.*)."""
     preset: Literal["none", "smoke"] = "none"
     """start from a preset (smoke: tiny models and synthetic data, a few CPU minutes); flags override it."""
     data: DataCfg = field(default_factory=DataCfg)
@@ -241,6 +244,9 @@ class Config:
     pkt: PKTCfg = field(default_factory=PKTCfg)
     sp: SPCfg = field(default_factory=SPCfg)
     dist: DISTCfg = field(default_factory=DISTCfg)
+    aver: AverCfg = field(default_factory=AverCfg)
+    camkd: CAMKDCfg = field(default_factory=CAMKDCfg)
+    ebkd: EBKDCfg = field(default_factory=EBKDCfg)
     asmb: AsmbCfg = field(default_factory=AsmbCfg)
 
 
@@ -379,6 +385,9 @@ def validate(cfg: Config) -> None:
         if cfg.teachers.select in ("0", "1"):
             check(int(cfg.teachers.select) < len(cfg.teachers.models),
                   f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)")
+    if cfg.method in METHODS and METHODS[cfg.method][0].multi_teacher:
+        check(len(cfg.teachers.models) >= 2,
+              f"--method {cfg.method} distils from several teachers, --teachers has {len(cfg.teachers.models)}")
     if cfg.method == "asmb":
         check(len(cfg.teachers.models) == 2,
               f"--method asmb distils from two teachers, --teachers has {len(cfg.teachers.models)}")
@@ -465,8 +474,9 @@ def run(cfg: Config) -> dict[str, Any]:
         summary.update(train_asmb(cfg, data, loaders, device, logger, ckpt, clock, student,
                                   [t for t, _ in teachers], asmb_modules))
     else:
+        multi = METHODS[cfg.method][0].multi_teacher
         summary.update(train_single(cfg, data, loaders, device, logger, ckpt, clock, student,
-                                    select_teachers(cfg.teachers.select, teachers)))
+                                    [t for t, _ in teachers] if multi else select_teachers(cfg.teachers.select, teachers)))
     summary["wall_time_s"] = time.time() - t_start
     logger.write_summary(summary)
     finish_wandb(wandb_run, summary, run_dir)

@@ -10,6 +10,7 @@ teacher unless stated (only RKD does, as its reference does): detach teacher ten
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,6 +18,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Scalar = float | Tensor
+
+
+def _in_float32(loss_fn):
+    """Run a relation / similarity loss in at least float32 whatever autocast is active: Gram matrices,
+    pairwise distances and normalisations overflow or lose ~10 % in float16 / bfloat16 (SP's Gram
+    diagonal reaches ~7e4 on resnet32x4 at init, above float16's 65504). float16 / bfloat16 tensor
+    arguments (also inside lists) are upcast to float32; float32 and float64 ones are used as given."""
+
+    def upcast(v):
+        if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16):
+            return v.float()
+        if isinstance(v, (list, tuple)):
+            return type(v)(upcast(x) for x in v)
+        return v
+
+    def first_tensor(v):
+        if isinstance(v, Tensor):
+            return v
+        if isinstance(v, (list, tuple)):
+            return next((t for t in map(first_tensor, v) if t is not None), None)
+        return None
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        ref = first_tensor(args)
+        device_type = ref.device.type if ref is not None else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            return loss_fn(*upcast(args), **{k: upcast(v) for k, v in kwargs.items()})
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------- logits
@@ -46,6 +77,47 @@ def kd_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: Scalar)
     log_p_t = F.log_softmax(logits_teacher / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
     return kl * temperature**2
+
+
+def kd_loss_per_sample(logits_student: Tensor, logits_teacher: Tensor, temperature: Scalar) -> Tensor:
+    """Per-sample vanilla KD: T^2 * KL(softmax(t/T) || softmax(s/T)) for each row, [B, C] each -> [B]
+    (sum over classes, no batch reduction; kd_loss is its mean). The per-teacher term of the
+    multi-teacher methods (CA-MKD's DistillKL with is_ca=True)."""
+    log_p_s = F.log_softmax(logits_student / temperature, dim=1)
+    log_p_t = F.log_softmax(logits_teacher / temperature, dim=1)
+    return _kl_rows(log_p_t, log_p_s) * temperature**2
+
+
+def confidence_weights(teacher_ce: Tensor) -> Tensor:
+    """CA-MKD teacher weights (Zhang, Chen & Wang, ICASSP 2022, "Confidence-Aware Multi-Teacher
+    Knowledge Distillation", eq. 2): w[m, b] = (1 - softmax_m(L[:, b])[m]) / (M - 1), where L[m, b] is
+    teacher m's cross-entropy on sample b's label. Shape [M, B] -> [M, B] (M >= 2); each column sums to
+    1, the more confident (lower-CE) teacher gets the larger weight. Not detached: gradient flows into
+    L when it depends on trainable tensors (CA-MKD's feature term, as in the authors' code)."""
+    num_teachers = teacher_ce.shape[0]
+    if num_teachers < 2:
+        raise ValueError("confidence_weights needs at least 2 teachers")
+    return (1.0 - F.softmax(teacher_ce, dim=0)) / (num_teachers - 1)
+
+
+def entropy_weights(logits_teachers: Tensor) -> Tensor:
+    """EBKD teacher weights (Kwon et al., ICASSP 2020, "Adaptive Knowledge Distillation Based on
+    Entropy"; multi-teacher form of the CA-MKD authors' code): with H[m, b] the entropy of
+    softmax(logits_teachers[m, b]) (temperature 1, natural log),
+        w[m, b] = 1 - H[m, b] / sum_m' H[m', b].
+    Shape [M, B, C] -> [M, B]; each column sums to M - 1. Entropy from log_softmax: equal to the
+    reference's -p*log(p) where that is finite, and finite where p underflows to 0 (reference: NaN)."""
+    log_p = F.log_softmax(logits_teachers, dim=2)
+    ent = -(log_p.exp() * log_p).sum(dim=2)
+    return 1.0 - ent / ent.sum(dim=0, keepdim=True)
+
+
+def weighted_teacher_mean(weights: Tensor, per_sample_losses: Tensor) -> Tensor:
+    """sum_{m, b} w[m, b] * l[m, b] / (B * M): [M, B] each -> 0-dim. The reduction of CA-MKD's and
+    EBKD's weighted terms in the authors' code (note the extra 1/M although CA-MKD's weights already
+    sum to 1 over teachers)."""
+    num_teachers, batch = per_sample_losses.shape
+    return (weights * per_sample_losses).sum() / (batch * num_teachers)
 
 
 def _non_target_index(target: Tensor, num_classes: int) -> Tensor:
@@ -117,6 +189,7 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
+@_in_float32
 def dist_loss(
     logits_student: Tensor,
     logits_teacher: Tensor,
@@ -184,6 +257,7 @@ def _attention_map(f: Tensor, p: float) -> Tensor:
     return F.normalize(f.pow(p).mean(dim=1).flatten(1), dim=1)
 
 
+@_in_float32
 def at_loss(feats_student: list[Tensor], feats_teacher: list[Tensor], p: float = 2) -> Tensor:
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention to Attention");
     RepDistiller's Attention, per-stage losses summed.
@@ -206,6 +280,7 @@ def at_loss(feats_student: list[Tensor], feats_teacher: list[Tensor], p: float =
     return total
 
 
+@_in_float32
 def sp_loss(feats_student: list[Tensor], feats_teacher: list[Tensor]) -> Tensor:
     """Similarity-preserving KD (Tung & Mori, ICCV 2019); RepDistiller's Similarity, per-pair summed.
 
@@ -224,19 +299,21 @@ def sp_loss(feats_student: list[Tensor], feats_teacher: list[Tensor]) -> Tensor:
     return total
 
 
-def _pairwise_distances(x: Tensor, eps: float = 1e-12) -> Tensor:
+def _pairwise_distances(x: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
     """Euclidean distance matrix as RKD's reference computes it: [B, D] -> [B, B].
-    sqrt(clamp(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, min=eps)), diagonal set to 0 (so identical
-    off-diagonal rows get sqrt(eps) = 1e-6, not 0)."""
+    clamp(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, min=eps), square-rooted unless `squared`, diagonal set to 0
+    (so identical off-diagonal rows get sqrt(eps) = 1e-6, not 0)."""
     sq = x.pow(2).sum(dim=1)
-    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * (x @ x.t())).clamp(min=eps).sqrt()
+    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * (x @ x.t())).clamp(min=eps)
+    if not squared:
+        d = d.sqrt()
     eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
     return d.masked_fill(eye, 0.0)
 
 
-def _normalized_distances(x: Tensor) -> Tensor:
+def _normalized_distances(x: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
     """Distances divided by their mean over the non-zero entries: [B, D] -> [B, B]."""
-    d = _pairwise_distances(x)
+    d = _pairwise_distances(x, squared, eps)
     positive = d > 0
     mean_positive = (d * positive).sum() / positive.sum()
     return d / mean_positive
@@ -249,22 +326,27 @@ def _angles(x: Tensor) -> Tensor:
     return torch.bmm(e, e.transpose(1, 2)).flatten()
 
 
-def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0) -> Tensor:
+@_in_float32
+def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0,
+             squared: bool = False, eps: float = 1e-12) -> Tensor:
     """Relational KD (Park et al., CVPR 2019, "Relational Knowledge Distillation"); RepDistiller's RKDLoss.
 
     distance = smooth_l1(psi_D(s), psi_D(t)), psi_D = pairwise distances / their mean over the
     non-zero pairs, mean over the B*B entries (diagonal included);
     angle = smooth_l1(psi_A(s), psi_A(t)), psi_A = cosines of normalised differences, mean over B^3.
     loss = distance_weight * distance + angle_weight * angle (smooth_l1 with beta 1).
+    `squared` uses squared distances and `eps` is the clamp of the squared distances before the root
+    (mdistiller's RKD `squared` / `eps`, defaults False / 1e-12 = RepDistiller's fixed behaviour).
     Shapes: [B, ...] each, flattened to [B, D]; B >= 2. The teacher side is computed under
-    no_grad (as in the reference): no gradient reaches f_t.
+    no_grad (as in the reference): no gradient reaches f_t. Computed in float32 (or float64) under
+    any autocast.
     """
     if f_s.shape[0] < 2:
         raise ValueError("rkd_loss needs a batch of at least 2 samples")
     s, t = f_s.flatten(1), f_t.flatten(1)
     with torch.no_grad():
-        t_dist, t_angle = _normalized_distances(t), _angles(t)
-    loss_d = F.smooth_l1_loss(_normalized_distances(s), t_dist)
+        t_dist, t_angle = _normalized_distances(t, squared, eps), _angles(t)
+    loss_d = F.smooth_l1_loss(_normalized_distances(s, squared, eps), t_dist)
     loss_a = F.smooth_l1_loss(_angles(s), t_angle)
     return distance_weight * loss_d + angle_weight * loss_a
 
@@ -277,6 +359,7 @@ def _pkt_affinity(x: Tensor, eps: float) -> Tensor:
     return sim / sim.sum(dim=1, keepdim=True)
 
 
+@_in_float32
 def pkt_loss(f_s: Tensor, f_t: Tensor, eps: float = 1e-7) -> Tensor:
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018); RepDistiller's PKT (authors' code).
 

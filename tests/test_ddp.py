@@ -97,3 +97,30 @@ def test_ranks_take_disjoint_slices_of_the_same_global_batches():
     batches = [list(EpochBatchSampler(50, 12, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     full = list(EpochBatchSampler(50, 12, seed=3))
     assert [a + b for a, b in zip(*batches)] == full
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+def test_crd_memory_banks_under_two_gloo_processes_equal_one_process(tmp_path):
+    """CRD's memory banks, z and negatives are global state: after one epoch (every step a memory update),
+    rank 0's banks under 2 processes equal the one-process banks with the same global batch (before the
+    fix each rank updated its banks with its own half batch only)."""
+    args = [a for a in ARGS if a not in ("--run.max-steps-per-epoch", "3")]
+    args[args.index("--method") + 1] = "crd"
+    args[args.index("--optim.epochs") + 1] = "1"
+    args += ["--crd.nce-k", "64"]
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--run.out-dir", str(tmp_path / "one"),
+                          "--teachers.cache-dir", str(tmp_path / "cache-one")],
+                         capture_output=True, text=True, env=env(), timeout=600)
+    assert one.returncode == 0, one.stderr
+    # its own teacher cache: both runs fine-tune the teacher, so the method is built from the same RNG state
+    script = (f"exec {sys.executable} {ROOT / 'train.py'} {' '.join(args)} --run.out-dir {tmp_path / 'two'} "
+              f"--teachers.cache-dir {tmp_path / 'cache-two'}")
+    two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", "bash", "-c", script],
+                         capture_output=True, text=True, env=env(), timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    m1, m2 = (torch.load(tmp_path / d / "r" / "checkpoints" / "last.pt", weights_only=True)["method"]
+              for d in ("one", "two"))
+    assert float(m1["z_s"]) > 0
+    for k in ("memory_s", "memory_t", "z_s", "z_t"):
+        torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert int(m1["sample_step"]) == int(m2["sample_step"]) == 6  # 216 training samples, batches of 32

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from kd import losses as L
+from kd.losses import (at_loss, confidence_weights, dist_loss, entropy_weights, kd_loss, kd_loss_per_sample, pkt_loss,
+                       rkd_loss, sp_loss, weighted_teacher_mean)
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -548,3 +550,80 @@ def test_gradcheck_all_losses_float64():
         return L.crd_loss(sc_s, sc_t, n)
 
     assert gradcheck(crd, (e_s, e_t), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- precision and RKD options
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_relation_losses_compute_in_float32_under_autocast(dtype):
+    """SP's Gram diagonal (~1.4e5 here) overflows float16 (NaN without the float32 guard); under any
+    autocast, and for half-precision inputs, the relation losses equal their float32 values."""
+    torch.manual_seed(0)
+    fs, ft = torch.rand(8, 64, 4, 4) * 20, torch.rand(8, 64, 4, 4) * 20
+    a, b = torch.randn(16, 32) * 3, torch.randn(16, 32) * 3
+    cases = {
+        "sp": (sp_loss, ([fs], [ft])),
+        "at": (at_loss, ([fs], [ft])),
+        "rkd": (rkd_loss, (a, b)),
+        "pkt": (pkt_loss, (a, b)),
+        "dist": (dist_loss, (a, b)),
+    }
+    if dtype == torch.float16:
+        with torch.autocast("cpu", dtype=dtype):
+            assert torch.isnan(sp_loss.__wrapped__([fs], [ft]))  # what the guard prevents
+    for name, (fn, args) in cases.items():
+        want = fn(*args)
+        with torch.autocast("cpu", dtype=dtype):
+            got = fn(*args)
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
+    half = sp_loss([fs.to(dtype)], [ft.to(dtype)])
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+
+
+def test_rkd_squared_and_eps_match_naive_float64():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 5, generator=g, dtype=torch.float64)
+
+    def dist(x, squared, eps):
+        d = torch.stack([torch.stack([((x[i] - x[j]) ** 2).sum() for j in range(len(x))]) for i in range(len(x))])
+        d = d.clamp(min=eps)
+        d = d if squared else d.sqrt()
+        d = d * (1 - torch.eye(len(x), dtype=x.dtype))
+        return d / d[d > 0].mean()
+
+    def angles(x):
+        e = x.unsqueeze(0) - x.unsqueeze(1)
+        e = e / e.norm(dim=2, keepdim=True).clamp(min=1e-12)
+        return torch.einsum("jid,jkd->jik", e, e).flatten()
+
+    for squared, eps in ((True, 1e-12), (False, 1e-12), (False, 0.5)):
+        got = rkd_loss(s, t, 25.0, 50.0, squared=squared, eps=eps)
+        want = 25.0 * F.smooth_l1_loss(dist(s, squared, eps), dist(t, squared, eps)) + \
+            50.0 * F.smooth_l1_loss(angles(s), angles(t))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0],
+                                   rtol=1e-9, atol=1e-12)
+    assert rkd_loss(s, t, squared=True).item() != pytest.approx(rkd_loss(s, t).item(), rel=1e-3)
+
+
+def test_multi_teacher_weights_and_per_sample_kd_float64():
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    rows = kd_loss_per_sample(s, t, 3.0)
+    assert rows.shape == (5,)
+    torch.testing.assert_close(rows.mean(), kd_loss(s, t, 3.0), rtol=1e-13, atol=0)
+    ce = torch.rand(3, 5, generator=g, dtype=torch.float64) * 4
+    w = confidence_weights(ce)
+    for m in range(3):
+        for b in range(5):
+            want = (1 - math.exp(ce[m, b]) / sum(math.exp(ce[k, b]) for k in range(3))) / 2
+            assert w[m, b].item() == pytest.approx(want, rel=1e-12)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    p = logits.softmax(2)
+    h = -(p * p.log()).sum(2)
+    torch.testing.assert_close(entropy_weights(logits), 1 - h / h.sum(0), rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(entropy_weights(torch.tensor([[[0.0, 1e4]], [[1.0, 2.0]]], dtype=torch.float64))).all()
+    torch.testing.assert_close(weighted_teacher_mean(w, ce), (w * ce).sum() / 15)
+    with pytest.raises(ValueError, match="2 teachers"):
+        confidence_weights(ce[:1])

@@ -252,3 +252,164 @@ def test_method_trains_end_to_end(tmp_path, teacher_cache, name):
         assert any(k.startswith("regressor.") for k in state)
     if name == "crd":  # 400 images minus the 40 held out for validation
         assert state["memory_s"].shape == state["memory_t"].shape == (360, 128) and state["z_s"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ AT taps
+def test_at_taps_every_non_stem_map_on_five_map_networks():
+    """vgg13 -> vgg8 (5 maps each): AT uses the 4 non-stem maps (RepDistiller feat[1:-1]), not the last 3."""
+    torch.manual_seed(0)
+    student, teacher = create_model("cifar_vgg8", NUM_CLASSES), create_model("cifar_vgg13", NUM_CLASSES).eval()
+    method = build("at", student, [teacher])
+    inp = step_inputs(method, student, [teacher])
+    assert len(inp.student.maps) == len(inp.teachers[0].maps) == 5
+    got = method(inp)["at"]
+    assert got.item() == pytest.approx(at_loss(inp.student.maps[1:], inp.teachers[0].maps[1:]).item(), rel=1e-6)
+    assert got.item() != pytest.approx(at_loss(inp.student.maps[-3:], inp.teachers[0].maps[-3:]).item(), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ multi-teacher
+MULTI = ["aver", "ebkd", "camkd"]
+
+
+def _kl_t2(s, t, temp):
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row, written out with explicit softmaxes."""
+    p_t = torch.exp(t / temp) / torch.exp(t / temp).sum(1, keepdim=True)
+    p_s = torch.exp(s / temp) / torch.exp(s / temp).sum(1, keepdim=True)
+    return temp**2 * (p_t * (torch.log(p_t) - torch.log(p_s))).sum(1)
+
+
+def _ce_rows(logits, y):
+    p = torch.exp(logits) / torch.exp(logits).sum(1, keepdim=True)
+    return -torch.log(p[torch.arange(len(y)), y])
+
+
+def _logit_inputs(num_teachers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (3 * torch.randn(BATCH, NUM_CLASSES, generator=g, dtype=torch.float64)).requires_grad_()
+    ts = [3 * torch.randn(BATCH, NUM_CLASSES, generator=g, dtype=torch.float64) for _ in range(num_teachers)]
+    y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+    out = lambda z: ModelOutput(z.new_zeros(BATCH, 4), z, None)  # noqa: E731
+    inp = StepInputs(x=torch.zeros(BATCH, 3, 4, 4), target=y, index=torch.arange(BATCH), epoch=1, student=out(s),
+                     teachers=[out(t) for t in ts])
+    return s, ts, y, inp
+
+
+def _total(method, inp, epoch=1):
+    terms, weights = method(inp), method.loss_weights(epoch)
+    return sum(weights.get(k, 1.0) * v for k, v in terms.items())
+
+
+@pytest.mark.parametrize("num_teachers", [2, 3])
+def test_aver_is_the_mean_of_per_teacher_kd_losses_float64(nets, num_teachers):
+    s, ts, y, inp = _logit_inputs(num_teachers)
+    method = build("aver", nets[0], list(nets[1]) + [nets[1][0]] * (num_teachers - 2))
+    got = _total(method, inp)
+    want = _ce_rows(s, y).mean() + sum(_kl_t2(s, t, 4.0).mean() for t in ts) / num_teachers
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-10, atol=1e-12)
+    # not KD of the mean logits (--method kd --teachers.select both)
+    mean_logit_kd = _kl_t2(s, torch.stack(ts).mean(0), 4.0).mean()
+    assert method(inp)["kd"].item() != pytest.approx(mean_logit_kd.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("num_teachers", [2, 3])
+def test_ebkd_weights_teachers_by_entropy_float64(nets, num_teachers):
+    s, ts, y, inp = _logit_inputs(num_teachers, seed=1)
+    method = build("ebkd", nets[0], list(nets[1]) + [nets[1][0]] * (num_teachers - 2))
+    got = _total(method, inp)
+    ent = []
+    for t in ts:
+        p = torch.exp(t) / torch.exp(t).sum(1, keepdim=True)
+        ent.append(-(p * torch.log(p)).sum(1))
+    kd = 0
+    for t, h in zip(ts, ent):
+        kd = kd + ((1 - h / sum(ent)) * _kl_t2(s, t, 4.0)).sum()
+    want = _ce_rows(s, y).mean() + kd / (BATCH * num_teachers)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_teachers", [2, 3])
+def test_camkd_logit_and_feature_terms_float64(num_teachers):
+    """CA-MKD as in the authors' code, written out per teacher and sample: values and gradients w.r.t.
+    the student's logits, last map and the embedding parameters (through the not-detached weights)."""
+    torch.manual_seed(0)
+    student = create_model("resnet8", NUM_CLASSES).double()
+    archs = ["resnet20", "wrn_16_2", "cifar_vgg8"][:num_teachers]  # vgg8: a 4x4 last map (student's is 8x8)
+    teachers = [create_model(a, NUM_CLASSES).double().eval().requires_grad_(False) for a in archs]
+    method = build("camkd", student, teachers).double()
+    method.train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(BATCH, 3, 32, 32, generator=g, dtype=torch.float64)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+    with torch.no_grad():
+        t_outs = [t(x, with_maps=True) for t in teachers]
+    s_out = student(x, with_maps=True)
+    inp = StepInputs(x=x, target=y, index=torch.arange(BATCH), epoch=2, student=s_out, teachers=t_outs)
+    got = _total(method, inp, epoch=2)
+
+    # independent formula
+    s, f_s = s_out.logits, s_out.maps[-1]  # resnet8: no final norm
+    ce_t = torch.stack([_ce_rows(t.logits, y) for t in t_outs])  # [M, B]
+    w = (1 - torch.exp(ce_t) / torch.exp(ce_t).sum(0, keepdim=True)) / (num_teachers - 1)
+    kd = sum((w[m] * _kl_t2(s, t_outs[m].logits, 4.0)).sum() for m in range(num_teachers)) / (BATCH * num_teachers)
+    hs, ce_h = [], []
+    for m, (teacher, t_out) in enumerate(zip(teachers, t_outs)):
+        f_t = teacher.backbone.norm(t_out.maps[-1])  # WRN: the map after its final BN-ReLU (authors' feat[-2])
+        size = f_t.shape[2:]
+        f = F.adaptive_avg_pool2d(f_s, size) if f_s.shape[2] >= size[0] else F.interpolate(f_s, size=size, mode="bilinear")
+        conv, bn, _ = method.embeds[m]
+        z = conv(f)
+        mu, var = z.mean((0, 2, 3), keepdim=True), z.var((0, 2, 3), unbiased=False, keepdim=True)
+        h = torch.relu((z - mu) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+        bb = teacher.backbone  # the teacher's head after its last map: head conv / final norm, pool, classifier
+        logits_h = bb.head.fc(bb.head_conv(h).mean((2, 3)))
+        hs.append(((h - f_t) ** 2).flatten(1).mean(1))
+        ce_h.append(_ce_rows(logits_h, y))
+    ce_h = torch.stack(ce_h)
+    w_f = (1 - torch.exp(ce_h) / torch.exp(ce_h).sum(0, keepdim=True)) / (num_teachers - 1)
+    feat = (w_f * torch.stack(hs)).sum() / (BATCH * num_teachers)
+    want = _ce_rows(s, y).mean() + kd + 50.0 * feat
+
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    params = [s, f_s, *method.embeds.parameters()]
+    for a, b in zip(torch.autograd.grad(got, params, retain_graph=True), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    # epoch 1: no feature term; the weights differ per sample and favour the lower-CE teacher
+    assert method.loss_weights(1)["feat"] == 0.0 and method.loss_weights(2)["feat"] == 50.0
+    best = ce_t.argmin(0)
+    assert torch.equal(w.argmax(0), best) and torch.allclose(w.sum(0), torch.ones(BATCH, dtype=torch.float64))
+
+
+def test_multi_teacher_methods_need_two_teachers(nets):
+    student, teachers = nets
+    for name in MULTI:
+        assert METHODS[name][0].multi_teacher
+        with pytest.raises(ConfigError, match="several teachers"):
+            build(name, student, teachers[:1])
+        with pytest.raises(ConfigError, match="several teachers"):
+            train.validate(train.parse_config(["--preset", "smoke", "--method", name, "--teachers", "resnet20"]))
+    assert not any(METHODS[name][0].multi_teacher for name in BASELINES)
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_multi_teacher_method_trains_end_to_end_with_every_teacher(tmp_path, teacher_cache, monkeypatch, name):
+    seen = {}
+    cls = METHODS[name][0]
+    original_init = cls.__init__
+
+    def spy(self, cfg, student, teachers, **kw):
+        seen["teachers"] = [t.arch for t in teachers]
+        original_init(self, cfg, student, teachers, **kw)
+
+    monkeypatch.setattr(cls, "__init__", spy)
+    args = [*TINY, "--run.out-dir", str(tmp_path), "--teachers.cache-dir", str(teacher_cache), "--method", name,
+            "--run.name", name, "--teachers.select", "0"]  # select is ignored: all teachers
+    summary = train.run(train.parse_config(args))
+    assert seen["teachers"] == ["resnet20", "wrn_16_2"]
+    assert 0.0 <= summary["best/test_acc"] <= 100.0
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    row = [r for r in rows if r["phase"] == name][0]
+    terms = {"ce", "kd", "feat"} if name == "camkd" else {"ce", "kd"}
+    assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss"} | terms
+    assert row["train/loss"] == pytest.approx(row["train/ce"] + row["train/kd"], rel=1e-4)  # epoch 1: feat weight 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
@@ -24,7 +27,7 @@ EXACT_PARAMS = {
     'cifar_wrn_40_2': 2_255_156,
     'cifar_vgg8': 3_965_028, 'cifar_vgg11': 9_277_284, 'cifar_vgg13': 9_462_180,
     'cifar_vgg16': 14_774_436, 'cifar_vgg19': 20_086_692,
-    'cifar_mobilenetv2': 812_836, 'cifar_shufflenetv1': 949_258, 'cifar_shufflenetv2': 1_356_104,
+    'cifar_mobilenetv2': 812_836, 'cifar_shufflenetv1': 949_258, 'cifar_shufflenetv2': 1_355_528,  # 1x1 stem, as RepDistiller / mdistiller
 }
 # Pooled feature width D per model.
 NUM_FEATURES = {
@@ -213,3 +216,36 @@ def test_grad_checkpointing_same_output():
 def test_drop_rate_reaches_the_head():
     model = timm.create_model('resnet8', drop_rate=0.3)
     assert model.head.drop.p == 0.3
+
+
+def test_import_kd_registers_the_zoo():
+    """A fresh interpreter: `import kd` alone makes the zoo names known to timm."""
+    code = "import timm, kd; assert 'cifar_resnet8x4' in timm.list_models(); print('ok')"
+    env = {**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr
+
+
+def test_shufflenetv2_stem_is_a_1x1_conv():
+    model = timm.create_model('cifar_shufflenetv2')
+    assert model.stem[0].kernel_size == (1, 1)
+    assert sum(p.numel() for p in model.parameters()) == 1_355_528
+
+
+def test_initialisation_follows_the_references():
+    """VGG / MobileNetV2: classifier ~ normal(0, 0.01), zero bias; ShuffleNets: PyTorch defaults (no He init);
+    ResNets: He fan_out convs, classifier at PyTorch's default."""
+    torch.manual_seed(0)
+    for name in ('cifar_vgg13', 'cifar_mobilenetv2'):
+        fc = timm.create_model(name).head.fc
+        assert abs(fc.weight.std().item() - 0.01) < 0.001 and torch.count_nonzero(fc.bias) == 0, name
+    for name in ('cifar_shufflenetv1', 'cifar_shufflenetv2'):
+        model = timm.create_model(name)
+        conv = model.stem[0]  # default kaiming_uniform(a=sqrt(5)): std = 1/sqrt(3 * fan_in)
+        want = 1 / (3 * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]) ** 0.5
+        assert abs(conv.weight.std().item() - want) < 0.15 * want, name
+        assert abs(model.head.fc.weight.std().item() - 0.01) > 0.003, name
+    resnet = timm.create_model('cifar_resnet8')
+    conv = resnet.stem[0]  # He fan_out: std = sqrt(2 / (out * k * k))
+    want = (2 / (conv.out_channels * 9)) ** 0.5
+    assert abs(conv.weight.std().item() - want) < 0.15 * want

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from .base import Method, StepInputs, teacher_logits
 from .at import AT, ATCfg
+from .aver import Aver, AverCfg
+from .camkd import CAMKD, CAMKDCfg
 from .ce import CE
 from .crd import CRD, CRDCfg
 from .dist import DIST, DISTCfg
 from .dkd import DKD, DKDCfg
+from .ebkd import EBKD, EBKDCfg
 from .fitnet import FitNet, FitNetCfg
 from .kd import KD, KDCfg
 from .pkt import PKT, PKTCfg
@@ -31,7 +34,11 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "pkt": (PKT, PKTCfg),
     "sp": (SP, SPCfg),
     "dist": (DIST, DISTCfg),
+    # multi-teacher (Method.multi_teacher: every --teachers model, >= 2)
+    "aver": (Aver, AverCfg),
+    "camkd": (CAMKD, CAMKDCfg),
+    "ebkd": (EBKD, EBKDCfg),
 }
 
-__all__ = ["METHODS", "Method", "StepInputs", "teacher_logits", "ATCfg", "CRDCfg", "DISTCfg", "DKDCfg", "FitNetCfg",
-           "KDCfg", "PKTCfg", "RKDCfg", "SPCfg"]
+__all__ = ["METHODS", "Method", "StepInputs", "teacher_logits", "ATCfg", "AverCfg", "CAMKDCfg", "CRDCfg", "DISTCfg",
+           "DKDCfg", "EBKDCfg", "FitNetCfg", "KDCfg", "PKTCfg", "RKDCfg", "SPCfg"]

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models import KDModel, ModelOutput
 
 
@@ -38,6 +39,7 @@ class Method(nn.Module):
     uses_teachers: ClassVar[bool] = True  # False: trains without teachers (ce)
     needs_maps: ClassVar[bool] = False  # True: the loop asks models for intermediate feature maps
     needs_index: ClassVar[bool] = False  # True: uses sample indices (CRD)
+    multi_teacher: ClassVar[bool] = False  # True: gets every --teachers model (>= 2), ignoring --teachers.select
 
     def __init__(self, cfg, student: KDModel, teachers: list[KDModel], *, num_classes: int,
                  num_train: int, label_smoothing: float = 0.0, image_size: int = 0,
@@ -80,6 +82,12 @@ def map_shapes(model: KDModel, image_size: int) -> list[tuple[int, int, int]]:
         for m, training in modes.items():
             m.training = training
     return [tuple(m.shape[1:]) for m in maps]
+
+
+def check_multi_teacher(name: str, teachers: list[KDModel]) -> None:
+    """Multi-teacher methods need at least two teachers (ConfigError otherwise)."""
+    if len(teachers) < 2:
+        raise ConfigError(f"--method {name} distils from several teachers; got {len(teachers)} (--teachers a,b)")
 
 
 def teacher_logits(inp: StepInputs) -> Tensor:

@@ -16,6 +16,13 @@ capped at the fewest other-class samples any class has (small datasets). Needs t
 
 With two selected teachers (`--teachers.select both`) the first one is contrasted: CRD's teacher
 memory bank holds one network's embeddings.
+
+Several processes (torchrun): the embeddings and sample indices of all ranks are gathered before the
+memory update, negatives are drawn for the global batch, and z is estimated on the global batch, so
+the banks equal one process's with the same global batch (see `CRD.crd_term`).
+
+Recipe: CRD's CIFAR-100 protocol trains with lr 0.05, except MobileNetV2 / ShuffleNetV1 / ShuffleNetV2
+students at lr 0.01 (`--optim.lr 0.01`), as in RepDistiller's train_student.py.
 """
 
 from __future__ import annotations
@@ -83,26 +90,48 @@ class CRD(Method):
         self.register_buffer("memory_t", crd_init_memory(self.num_train, cfg.embed_dim))
         self.register_buffer("z_s", torch.zeros(()))
         self.register_buffer("z_t", torch.zeros(()))
+        # negatives come from a generator seeded by sample_seed + sample_step (the same on every rank;
+        # DDP broadcasts rank 0's buffers at construction), so resumed and multi-process runs draw alike
+        self.register_buffer("sample_seed", torch.randint(0, 2**31, (), dtype=torch.int64))
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
 
     def crd_term(self, f_s: Tensor, f_t: Tensor, index: Tensor) -> Tensor:
         """The CRD loss of one batch of pooled features; in training mode also updates the memory
         banks and, on the first batch, fixes z. Runs in float32 without autocast: exp(./0.07)
-        reaches ~1e6, beyond float16."""
+        reaches ~1e6, beyond float16.
+
+        Several processes (torch.distributed, each rank a contiguous slice of the global batch): the
+        negatives are drawn for the GLOBAL batch from a generator seeded by (sample_seed, step), the
+        same on every rank, and each rank keeps its rows; z is the mean over the global batch; the
+        memory banks are updated with the embeddings and indices of all ranks. So every rank holds
+        the banks one process would hold with the same global batch."""
+        world, rank = _world()
+        training = self.training
         with torch.autocast(f_s.device.type, enabled=False):
             e_s = F.normalize(self.embed_s(f_s.float()), dim=1)
             e_t = F.normalize(self.embed_t(f_t.float()), dim=1)
-            contrast_idx = crd_sample_negatives(self.train_labels, index, self.k)
+            global_index = _gather(index, world)
+            generator = torch.Generator(device=self.train_labels.device)
+            generator.manual_seed(int(self.sample_seed) + int(self.sample_step))
+            contrast_idx = crd_sample_negatives(self.train_labels, global_index, self.k, generator)
+            contrast_idx = contrast_idx[rank * len(index):(rank + 1) * len(index)]
             z_known = bool(self.z_s > 0)  # one host sync; the negative sampling syncs anyway
-            scores_s, scores_t, z_s, z_t = crd_contrast(
-                e_s, e_t, self.memory_s, self.memory_t, contrast_idx, self.cfg.nce_t,
-                self.z_s if z_known else None, self.z_t if z_known else None)
+            if z_known:
+                z_s, z_t = self.z_s, self.z_t
+            else:  # estimated on the first batch from the global batch's scores, then fixed
+                _, _, z_s, z_t = crd_contrast(e_s, e_t, self.memory_s, self.memory_t, contrast_idx, self.cfg.nce_t)
+                z_s, z_t = _mean_over_ranks(z_s, world), _mean_over_ranks(z_t, world)
+            scores_s, scores_t, _, _ = crd_contrast(e_s, e_t, self.memory_s, self.memory_t, contrast_idx,
+                                                    self.cfg.nce_t, z_s, z_t)
             loss = crd_loss(scores_s, scores_t, self.num_train)
-        if self.training:
+        if training:
             if not z_known:
                 self.z_s.copy_(z_s)
                 self.z_t.copy_(z_t)
-            self.memory_s = crd_update_memory(self.memory_s, e_s, index, self.cfg.momentum)
-            self.memory_t = crd_update_memory(self.memory_t, e_t, index, self.cfg.momentum)
+            self.sample_step += 1
+            all_e_s, all_e_t = _gather(e_s.detach(), world), _gather(e_t.detach(), world)
+            self.memory_s = crd_update_memory(self.memory_s, all_e_s, global_index, self.cfg.momentum)
+            self.memory_t = crd_update_memory(self.memory_t, all_e_t, global_index, self.cfg.momentum)
         return loss
 
     def loss_terms(self, inp: StepInputs) -> dict[str, Tensor]:
@@ -113,3 +142,28 @@ class CRD(Method):
 
     def loss_weights(self, epoch: int) -> dict[str, float]:
         return {"ce": self.cfg.ce_weight, "crd": self.cfg.crd_weight}
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of torch.distributed, (1, 0) without it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _gather(t: Tensor, world: int) -> Tensor:
+    """Concatenation over ranks, in rank order, of equally shaped tensors (no gradient); t itself for one process."""
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def _mean_over_ranks(t: Tensor, world: int) -> Tensor:
+    """Mean of a tensor over ranks (equal per-rank batches: the global-batch mean of per-rank means)."""
+    if world == 1:
+        return t
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t / world

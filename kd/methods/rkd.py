@@ -1,7 +1,8 @@
 """Relational KD (Park et al., CVPR 2019, "Relational Knowledge Distillation"), as in RepDistiller:
 CE on labels + distance-wise and angle-wise smooth-L1 losses on the pooled features' pairwise
 relations. Published CIFAR-100 defaults (CRD's tables / RepDistiller): distance 25, angle 50 (inside
-the term), term weight 1, CE 1.
+the term), term weight 1, CE 1; `squared` / `eps` as in mdistiller's RKD (defaults: plain distances,
+eps 1e-12). Computed in float32 under any autocast.
 
 Features: the pooled pre-logit features (`ModelOutput.feature`), RepDistiller's feat[-1]. With two
 selected teachers (`--teachers.select both`) the first one is used (relations of one network).
@@ -29,6 +30,10 @@ class RKDCfg:
     """weight of the angle-wise loss inside the RKD term."""
     ce_weight: float = 1.0
     """weight of the cross-entropy on labels."""
+    squared: bool = False
+    """use squared pairwise distances in the distance-wise loss (mdistiller's RKD.PDIST.SQUARED)."""
+    eps: float = 1e-12
+    """clamp of the squared pairwise distances before the square root (mdistiller's RKD.PDIST.EPSILON)."""
 
 
 class RKD(Method):
@@ -38,7 +43,8 @@ class RKD(Method):
         f_s, f_t = inp.student.feature, inp.teachers[0].feature.detach()
         return {
             "ce": cross_entropy(inp.student.logits, inp.target, self.label_smoothing),
-            "rkd": rkd_loss(f_s, f_t, self.cfg.distance_weight, self.cfg.angle_weight),
+            "rkd": rkd_loss(f_s, f_t, self.cfg.distance_weight, self.cfg.angle_weight, self.cfg.squared,
+                            self.cfg.eps),
         }
 
     def loss_weights(self, epoch: int) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""CIFAR-100 knowledge-distillation model zoo, registered with timm on `import kd.zoo`.
+"""CIFAR-100 knowledge-distillation model zoo, registered with timm on `import kd` (or `import kd.zoo`).
 
 The teacher/student architectures of the CIFAR-100 tables of CRD (Tian et al., "Contrastive
 Representation Distillation", ICLR 2020) and DKD (Zhao et al., "Decoupled Knowledge Distillation",
@@ -18,8 +18,9 @@ already has a model of that name, which is never overridden. With timm 1.0.31 th
 
 Feature API (see `base.CifarNet`): `feature_info` lists the stem output, then one map per stage;
 `forward_intermediates` follows timm's contract (indices, norm, stop_early, intermediates_only). Maps
-are taken after each stage's final activation (timm's choice; RepDistiller's FitNet/AT code taps the
-pre-ReLU sums instead). WRN is pre-activation, so its maps are raw residual sums and `norm=True`
+are taken after each stage's final activation, as timm does and as RepDistiller / mdistiller feed
+FitNet, AT and the other feature losses (their pre-activation `preact` maps are only used by ABound,
+which kd does not implement). WRN is pre-activation, so its maps are raw residual sums and `norm=True`
 applies the final BN-ReLU to the last one. No pretrained weights exist: `pretrained=True` raises
 `ConfigError`; load a checkpoint instead.
 

@@ -10,7 +10,7 @@ and then calls `self._init_head(...)`, which adds the pooled linear classifier a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,6 +49,11 @@ class CifarNet(nn.Module):
     stages: nn.Sequential
     norm: nn.Module
     head_conv: nn.Module
+    # Initialisation of the reference (RepDistiller / mdistiller) models: 'kaiming' = He fan_out convs and
+    # identity BatchNorm; 'pytorch' = PyTorch's module defaults (ShuffleNets). classifier_std: the linear
+    # classifier's weight ~ normal(0, std) with zero bias (VGG, MobileNetV2: 0.01); None = PyTorch default.
+    init_scheme: ClassVar[str] = 'kaiming'
+    classifier_std: ClassVar[float | None] = None
 
     def _init_head(
             self,
@@ -73,7 +78,13 @@ class CifarNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """He (fan_out) init for convs, BN at identity, as the CRD/RepDistiller CIFAR models do."""
+        """The reference models' init (see `init_scheme`, `classifier_std`): He (fan_out) convs with zero
+        bias and BN at identity for 'kaiming'; nothing for 'pytorch'; then the classifier."""
+        if self.classifier_std is not None:
+            nn.init.normal_(self.head.fc.weight, 0.0, self.classifier_std)
+            nn.init.zeros_(self.head.fc.bias)
+        if self.init_scheme == 'pytorch':
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')

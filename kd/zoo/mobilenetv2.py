@@ -54,6 +54,8 @@ class CifarMobileNetV2(CifarNet):
     Stage maps are the outputs of linear bottlenecks (MobileNetV2 has no activation there).
     """
 
+    classifier_std = 0.01  # the references: linear layer ~ normal(0, 0.01), zero bias
+
     def __init__(
             self,
             width_mult: float = 0.5,

@@ -35,6 +35,8 @@ class CifarVGG(CifarNet):
     """Block 1 is the stem (feature 0, full resolution); blocks 2-5 are stages 1-4, each opening with
     the max-pool that precedes it (none before block 5)."""
 
+    classifier_std = 0.01  # the references: linear layer ~ normal(0, 0.01), zero bias
+
     def __init__(
             self,
             depth: int,

@@ -1,0 +1,63 @@
+"""EBKD, entropy-based multi-teacher KD (Kwon, Na, Kim & Yoon, ICASSP 2020, "Adaptive Knowledge
+Distillation Based on Entropy"), in the multi-teacher form of the CA-MKD authors' code
+(github.com/Rorozhl/CA-MKD, `--ensemble_method EBKD`): each teacher's per-sample KD loss is weighted by
+how certain that teacher is on the sample,
+
+    H[m, b] = entropy(softmax(t_m[b]))                       (temperature 1)
+    w[m, b] = 1 - H[m, b] / sum_m' H[m', b]                  (columns sum to M - 1)
+    kd      = sum_{m, b} w[m, b] * T^2 * KL(softmax(t_m[b]/T) || softmax(s[b]/T)) / (B * M)
+    loss    = ce_weight * CE(s, y) + kd_weight * kd
+
+Defaults: the authors' script (`-r 1 -a 1`, T 4): CE 1, KD 1, T 4. Weights come from the frozen
+teachers only (no gradient). Uses every --teachers model (M >= 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..losses import cross_entropy, entropy_weights, kd_loss_per_sample, weighted_teacher_mean
+from ..models import KDModel
+from .base import Method, StepInputs, check_multi_teacher
+
+
+@dataclass
+class EBKDCfg:
+    """--method ebkd: entropy-weighted multi-teacher KD (all --teachers)."""
+
+    temperature: float = 4.0
+    """softmax temperature T of the KD terms (the entropies use temperature 1)."""
+    ce_weight: float = 1.0
+    """weight of the cross-entropy on labels."""
+    kd_weight: float = 1.0
+    """weight of the entropy-weighted KD term."""
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"--ebkd.temperature must be > 0, got {self.temperature}")
+
+
+class EBKD(Method):
+    name = "ebkd"
+    multi_teacher = True
+
+    def __init__(self, cfg: EBKDCfg, student: KDModel, teachers: list[KDModel], **kwargs):
+        super().__init__(cfg, student, teachers, **kwargs)
+        check_multi_teacher(self.name, teachers)
+
+    def loss_terms(self, inp: StepInputs) -> dict[str, Tensor]:
+        s = inp.student.logits
+        t_logits = torch.stack([t.logits.detach() for t in inp.teachers])  # [M, B, C]
+        per_sample = torch.stack([kd_loss_per_sample(s, t, self.cfg.temperature) for t in t_logits])
+        weights = entropy_weights(t_logits)
+        return {
+            "ce": cross_entropy(s, inp.target, self.label_smoothing),
+            "kd": weighted_teacher_mean(weights, per_sample),
+        }
+
+    def loss_weights(self, epoch: int) -> dict[str, float]:
+        return {"ce": self.cfg.ce_weight, "kd": self.cfg.kd_weight}
