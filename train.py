@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from kd.data import SyntheticSpec, build_data, make_loader
 from kd.asmb import (AsmbCfg, AsmbDistill, AsmbAdapt, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
-                     build_asmb_modules, stage_metrics, temperature_table)
+                     build_asmb_modules, stage_metrics, synergy_warning, temperature_table)
 from kd.errors import CheckpointError, ConfigError, KDError
 from kd.fastloader import DeviceLoader
 from kd.io import atomic_link, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
@@ -1296,7 +1296,7 @@ def select_teachers(cfg: Config, teachers: list[tuple[KDModel, float]]) -> list[
 
 
 # ----------------------------------------------------------------------------------------------
-# ASMB (/work/shared/ASMB.md): stage 0 (both teachers), then num_stages x (phase A: the teachers' trainable
+# ASMB (docs/asmb.md): stage 0 (both teachers), then num_stages x (phase A: the teachers' trainable
 # part + MBM + head learn the synergy; phase B: the student distils from it). The pieces live in kd/asmb.py;
 # each phase is an ordinary Trainer run by fit(), its optimiser and schedule built once for all stages.
 # ----------------------------------------------------------------------------------------------
@@ -1431,6 +1431,8 @@ def run_asmb(cfg: Config, data, loaders, device: torch.device, logger: RunLogger
             metrics = stage_metrics(run.synergy, loaders["val"], device)
             logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch, **metrics})
             say(f"[asmb stage {stage}/{run.num_stages}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            if warning := synergy_warning(stage, metrics):
+                say(warning)
     summary["synergy/test_acc"] = stage_metrics(run.synergy, loaders["test"], device)["synergy/acc"]
     summary["last/test_acc"] = evaluate_acc(student, loaders["test"], device)
     summary["last/val_acc"] = next(r["val/acc"] for r in reversed(logger.rows) if "val/acc" in r)
