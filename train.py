@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from kd.data import SyntheticSpec, build_data, make_loader
 from kd.asmb import (AsmbCfg, AsmbDistill, AsmbAdapt, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
-                     build_asmb_modules, stage_metrics, synergy_warning, temperature_table)
+                     build_asmb_modules, guard_residual, stage_metrics, synergy_warning,
+                     temperature_table)
 from kd.errors import CheckpointError, ConfigError, KDError
 from kd.fastloader import DeviceLoader
 from kd.io import atomic_link, atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
@@ -1419,6 +1420,8 @@ def run_asmb(cfg: Config, data, loaders, device: torch.device, logger: RunLogger
         if order.index(tag) >= resume_at:
             fit(run.phase_a, loaders["train"], loaders["val"], run.teacher_epochs, tag, logger, ckpt,
                 epoch_offset=epoch, save_best=False, val_key="synergy_acc")
+            if cfg.asmb.residual_guard and (line := guard_residual(run.synergy, loaders["val"], stage, device)):
+                say(line)
         epoch += run.teacher_epochs
         tag = f"asmb:B:s{stage}"
         if order.index(tag) >= resume_at:
@@ -1433,7 +1436,8 @@ def run_asmb(cfg: Config, data, loaders, device: torch.device, logger: RunLogger
             say(f"[asmb stage {stage}/{run.num_stages}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
             if warning := synergy_warning(stage, metrics):
                 say(warning)
-    summary["synergy/test_acc"] = stage_metrics(run.synergy, loaders["test"], device)["synergy/acc"]
+    test_metrics = stage_metrics(run.synergy, loaders["test"], device)
+    summary["synergy/test_acc"], summary["ensemble/test_acc"] = test_metrics["synergy/acc"], test_metrics["ensemble/acc"]
     summary["last/test_acc"] = evaluate_acc(student, loaders["test"], device)
     summary["last/val_acc"] = next(r["val/acc"] for r in reversed(logger.rows) if "val/acc" in r)
     student.load_state_dict(run.best["state"])

@@ -124,6 +124,8 @@ class AsmbCfg:
     synergy_grad_to_student: bool = False
     """phase B: let the gradient of the KD and feature-KD terms reach the student through the synergy query too
     (the target then moves with the student); off = the synergy target is a constant."""
+    residual_guard: bool = False
+    """after each phase A, if the synergy's val accuracy is below the teachers' ensemble, reset the residual to 0 (the synergy falls back to the ensemble) before phase B distils from it."""
     compile_synergy: bool = False
     """torch.compile the synergy loss path (fullgraph, static shapes; worth it on GPU); off = eager."""
 
@@ -433,6 +435,25 @@ def stage_metrics(synergy: SynergyModel, loader: Iterable, device: torch.device 
     if "attn" in outs:
         metrics.update({f"attn/teacher{i}": w for i, w in enumerate(outs["attn"].mean(dim=0).tolist())})
     return metrics
+
+
+def zero_residual(bridge: SynergyBridge) -> None:
+    """Reset the synergy residual to 0 (its last layer, as at init): the synergy is the teachers' ensemble again."""
+    last = bridge.head.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+
+
+def guard_residual(synergy: SynergyModel, loader: Iterable, stage: int, device: torch.device | str = "cpu") -> str | None:
+    """--asmb.residual-guard, after phase A of `stage`: when the synergy is less accurate than the teachers'
+    ensemble on `loader` (the validation split), reset the residual to 0 and return the line saying so."""
+    metrics = stage_metrics(synergy, loader, device)
+    if metrics["synergy/acc"] >= metrics["ensemble/acc"]:
+        return None
+    zero_residual(synergy.bridge)
+    return (f"stage {stage}: synergy val acc {metrics['synergy/acc']:.2f} < ensemble {metrics['ensemble/acc']:.2f} "
+            "after phase A: residual reset to 0 (synergy = ensemble)")
 
 
 def synergy_warning(stage: int, metrics: dict[str, float]) -> str | None:

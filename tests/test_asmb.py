@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from kd.asmb import (AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,  # noqa: E402
-                     stage_metrics, synergy_warning, tau_at)
+                     guard_residual, stage_metrics, synergy_warning, tau_at)
 from kd.errors import ConfigError  # noqa: E402
 from kd.freeze import apply_freeze, count_params, policy_params, set_train  # noqa: E402
 from kd.losses import kd_loss  # noqa: E402
@@ -405,6 +405,26 @@ def test_stage_metrics_keys_and_attention():
     assert "attn/teacher0" not in stage_metrics(make_run(mbm_kind="mlp").synergy, [(x, y)], "cpu")
 
 
+def test_residual_guard_falls_back_to_the_ensemble_only_when_the_synergy_is_worse():
+    run = make_run()
+    x, y, _ = batch()
+    with torch.no_grad():
+        ensemble = torch.stack([t(x).logits for t in run.teachers]).mean(0)
+        run.bridge.head.net[-1].bias.copy_(100.0 * torch.nn.functional.one_hot(torch.tensor(0), C))  # always class 0
+        worse = (ensemble.argmax(1) == y).sum() > (y == 0).sum()
+    assert worse  # the batch is chosen so that "always class 0" loses to the ensemble
+    line = guard_residual(run.synergy, [(x, y)], stage=1)
+    assert line.startswith("stage 1: synergy val acc") and line.endswith("residual reset to 0 (synergy = ensemble)")
+    metrics = stage_metrics(run.synergy, [(x, y)], "cpu")
+    assert metrics["synergy/acc"] == metrics["ensemble/acc"]
+    assert run.bridge.head.net[-1].weight.abs().sum() == 0 and run.bridge.head.net[-1].bias.abs().sum() == 0
+    with torch.no_grad():
+        run.bridge.head.net[-1].bias.copy_(100.0 * torch.nn.functional.one_hot(y[0], C))
+    kept = snapshot(run.bridge)
+    assert guard_residual(run.synergy, [(x[:1], y[:1])], stage=2) is None  # not worse: the residual is kept
+    assert changed(kept, run.bridge) == set()
+
+
 def test_synergy_warning_only_below_the_ensemble():
     assert synergy_warning(1, {"synergy/acc": 50.0, "ensemble/acc": 50.0}) is None
     assert synergy_warning(2, {"synergy/acc": 48.5, "ensemble/acc": 50.0}) == \
@@ -489,7 +509,7 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
     assert summary["best/val_acc"] == best and summary["last/val_acc"] == b_rows[-1]["val/acc"]
     assert summary["best/epoch"] == next(r["epoch"] for r in b_rows if r["val/acc"] == best)
     assert stages[-1]["student/acc"] == pytest.approx(b_rows[-1]["val/acc"])
-    for key in ("synergy/test_acc", "best/test_acc", "last/test_acc", "teacher/resnet20/val_acc",
+    for key in ("synergy/test_acc", "ensemble/test_acc", "best/test_acc", "last/test_acc", "teacher/resnet20/val_acc",
                 "teacher/wrn_16_2/val_acc"):
         assert 0 <= summary[key] <= 100, key
     assert json.loads((run_dir / "summary.json").read_text())["synergy/test_acc"] == summary["synergy/test_acc"]
