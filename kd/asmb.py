@@ -75,8 +75,8 @@ class AsmbCfg:
     """attention heads; must divide E."""
     mbm_dropout: float = 0.0
     """dropout in the MBM (attention weights / MLP) and the synergy head."""
-    learnable_query: bool = False
-    """attn (and ib with attn fusion): one learned query token shared by all samples instead of the projected student feature."""
+    learnable_query: bool = True
+    """attn (and ib with attn fusion): one learned query token shared by all samples instead of the projected student feature (False = the student queries; the residual then sees phase B's moving student features it was not trained on)."""
     mbm_feat_norm: Literal["none", "layer"] = "none"
     """per-sample normalisation of each teacher feature before the MBM: none, or layer (zero mean, unit variance, no affine)."""
     mbm_hidden: int = 512
@@ -89,8 +89,8 @@ class AsmbCfg:
     """ib: weight of the mean KL of the bottleneck in phase A."""
     synergy_ce: float = 1.0
     """phase A: weight of CE(z_syn, y) (synergy_ce and adapt_kd cannot both be 0: phase A would have no task signal)."""
-    adapt_kd: float = 1.0
-    """phase A: weight of T^2 KL(softmax(z_s/T) || softmax(z_syn/T)) (keeps the synergy within the student's reach)."""
+    adapt_kd: float = 0.0
+    """phase A: weight of T^2 KL(softmax(z_s/T) || softmax(z_syn/T)) (pulls the synergy towards the student; at 1 the stage-1 pull towards an untrained student put the synergy below the ensemble)."""
     reg_lambda: float = 1e-5
     """phase A: weight of the sum of squared trainable teacher parameters."""
     mbm_reg_lambda: float = 1e-5
@@ -124,7 +124,7 @@ class AsmbCfg:
     synergy_grad_to_student: bool = False
     """phase B: let the gradient of the KD and feature-KD terms reach the student through the synergy query too
     (the target then moves with the student); off = the synergy target is a constant."""
-    residual_guard: bool = False
+    residual_guard: bool = True
     """after each phase A, if the synergy's val accuracy is below the teachers' ensemble, reset the residual to 0 (the synergy falls back to the ensemble) before phase B distils from it."""
     compile_synergy: bool = False
     """torch.compile the synergy loss path (fullgraph, static shapes; worth it on GPU); off = eager."""
