@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kd.asmb import (AsmbCfg, AsmbAdapt, AsmbDistill, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
-                     build_asmb_modules, stage_metrics, temperature_table)
+                     build_asmb_modules, guard_residual, stage_metrics, synergy_warning, temperature_table)
 from kd.data import SyntheticSpec, build_data, make_loader
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume, reseed_loader
 from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
@@ -684,6 +684,8 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
         if order.index(f"asmb:A:s{stage}") >= resume_at:
             fit(run.phase_a, loaders, run.teacher_epochs, f"asmb:A:s{stage}", logger, ckpt, epoch_offset=epoch,
                 save_best=False, val_key="synergy_acc")
+            if cfg.asmb.residual_guard and (line := guard_residual(run.synergy, loaders["val"], stage, device)):
+                say(line)
         epoch += run.teacher_epochs
         if order.index(f"asmb:B:s{stage}") >= resume_at:
             prior = {**run.best, "epoch": run.best["epoch"] - epoch}  # fit() counts epochs from its offset
@@ -695,8 +697,10 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
             metrics = stage_metrics(run.synergy, loaders["val"], device)
             logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch, **metrics})
             say(f"[asmb stage {stage}/{run.num_stages}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    synergy_test = stage_metrics(run.synergy, loaders["test"], device)["synergy/acc"]
-    return {"synergy/test_acc": synergy_test,
+            if warning := synergy_warning(stage, metrics):
+                say(warning)
+    test = stage_metrics(run.synergy, loaders["test"], device)
+    return {"synergy/test_acc": test["synergy/acc"], "ensemble/test_acc": test["ensemble/acc"],
             **test_summary(student, run.best, loaders, device, logger)}
 
 
