@@ -515,7 +515,7 @@ def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] |
     apply_freeze(student, cfg.student.freeze)
     if resume is not None and resume["phase"] == cfg.method:
         check_meta(student.meta(), resume["meta"], f"resume checkpoint {cfg.run.resume}")
-        check_shapes(student, resume["model"], f"resume checkpoint {cfg.run.resume}")
+        check_shapes(student, resume["model"], f"resume checkpoint {cfg.run.resume}", same_keys=True)
     return student
 
 

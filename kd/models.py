@@ -336,12 +336,19 @@ def load_model_weights(model: KDModel, path: str) -> dict[str, Any]:
     return meta
 
 
-def check_shapes(model: nn.Module, state: Any, what: str) -> None:
+def check_shapes(model: nn.Module, state: Any, what: str, *, same_keys: bool = False) -> None:
     """Raise CheckpointError naming the first tensor of `state` whose shape differs from `model`'s entry of
-    the same name (keys only one side has are left to the loader; torch.compile's prefix is ignored)."""
+    the same name, and with `same_keys` a key only one side has (torch.compile's prefix is ignored)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{what}: expected a state dict, found {type(state).__name__}")
     own = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    if same_keys:
+        theirs = {str(k).replace("_orig_mod.", "") for k in state}
+        missing, unexpected = sorted(set(own) - theirs), sorted(theirs - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"{what}: state dict does not match {getattr(model, 'arch', 'the model')} "
+                                  f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
+                                  f"e.g. {unexpected[:3]})")
     for key, value in state.items():
         mine = own.get(str(key).replace("_orig_mod.", ""))
         if mine is not None and (not isinstance(value, Tensor) or value.shape != mine.shape):
