@@ -177,11 +177,11 @@ class OptimCfg:
 @dataclass
 class RunCfg:
     name: str = ""
-    """run directory name under out_dir (default: <method>-<student>-<dataset>-<time>)."""
+    """run directory name, relative, under out_dir (default: <method>-<student>-<dataset>-<time>)."""
     out_dir: str = "runs"
     """parent directory of run directories."""
     overwrite: bool = False
-    """replace an existing run directory of the same name."""
+    """empty and reuse an existing kd run directory of the same name (one holding .kd-run), after every check."""
     seed: int = 0
     """seed for python, numpy, torch and the data order and split."""
     deterministic: bool = False
