@@ -54,8 +54,8 @@ from kd.methods.kd import KDCfg
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
-from kd.teachers import (check_teacher_checkpoints, load_teacher, save_teacher, select_teachers, teacher_cache_path, teacher_input_spec,
-                         teacher_small_input)
+from kd.teachers import (check_teacher_checkpoints, load_teacher, save_teacher, select_teachers, teacher_cache_path,
+                         teacher_input_spec, teacher_small_input)
 
 METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
                        "ebkd", "asmb"]
@@ -376,7 +376,7 @@ def validate(cfg: Config) -> None:
     check(max(cfg.data.image_size, cfg.teachers.image_size, cfg.data.synthetic_image_size) <= 1024,
           "--data.image-size, --teachers.image-size and --data.synthetic-image-size must be <= 1024")
     check_run_name(cfg.run.name)
-    for name in ((cfg.student.model,) if cfg.method != "teacher" else ()) + (cfg.teachers.models if cfg.method != "ce" else ()):
+    for name in [cfg.student.model] * (cfg.method != "teacher") + list(cfg.teachers.models) * (cfg.method != "ce"):
         check_model_name(name)  # before any data is downloaded or extracted
     check(cfg.optim.epochs > 0, "--optim.epochs must be > 0")
     check(cfg.teachers.epochs > 0, "--teachers.epochs must be > 0")

@@ -50,7 +50,8 @@ def test_overwrite_never_deletes_what_is_not_a_kd_run_directory(capsys, tmp_path
                                                "--run.overwrite", "True")
     (work / MARKER).write_text("")
     before = snapshot(tmp_path)
-    assert "working directory" in refused(capsys, "--run.out-dir", "..", "--run.name", "work", "--run.overwrite", "True")
+    err = refused(capsys, "--run.out-dir", "..", "--run.name", "work", "--run.overwrite", "True")
+    assert "working directory" in err
     assert snapshot(tmp_path) == before
 
 
