@@ -39,6 +39,7 @@ from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.records import is_teacher_phase
 from kd.engine.device import prepare_model, resolve_amp, resolve_device
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
+from kd.engine.rundir import check_run_dir, check_run_name, prepare_run_dir, release_run_dirs
 from kd.engine.runlog import RunLogger
 from kd.engine.tracker import LossTracker, TrainingDiverged
 from kd.engine.trainer import StepClock, StudentStep, Trainer
@@ -52,9 +53,9 @@ from kd.methods import ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCf
 from kd.methods.kd import KDCfg
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
-from kd.models import KDModel, check_meta, create_model
-from kd.teachers import (load_teacher, save_teacher, select_teachers, teacher_cache_path, teacher_input_spec,
-                         teacher_small_input)
+from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
+from kd.teachers import (check_teacher_checkpoints, load_teacher, save_teacher, select_teachers, teacher_cache_path,
+                         teacher_input_spec, teacher_small_input)
 
 METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
                        "ebkd", "asmb"]
@@ -176,11 +177,11 @@ class OptimCfg:
 @dataclass
 class RunCfg:
     name: str = ""
-    """run directory name under out_dir (default: <method>-<student>-<dataset>-<time>)."""
+    """run directory name, relative, under out_dir (default: <method>-<student>-<dataset>-<time>)."""
     out_dir: str = "runs"
     """parent directory of run directories."""
     overwrite: bool = False
-    """replace an existing run directory of the same name."""
+    """empty and reuse an existing kd run directory of the same name (one holding .kd-run), after every check."""
     seed: int = 0
     """seed for python, numpy, torch and the data order and split."""
     deterministic: bool = False
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        release_run_dirs()
         close_distributed()
     return 0
 
@@ -358,7 +360,7 @@ def validate(cfg: Config) -> None:
             v = getattr(group, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"--{_group_name(cfg, group)}.{f.name.replace('_', '-')} must be finite, got {v}")
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 and f.name != "seed":
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise ConfigError(f"--{_group_name(cfg, group)}.{f.name.replace('_', '-')} must be >= 0, got {v}")
     method_group = getattr(cfg, cfg.method, None)
     if hasattr(method_group, "check"):
@@ -368,6 +370,14 @@ def validate(cfg: Config) -> None:
     check(cfg.data.eval_batch_size > 0, "--data.eval-batch-size must be > 0")
     check(cfg.student.drop_rate < 1, f"--student.drop-rate must be < 1, got {cfg.student.drop_rate}")
     check(cfg.optim.lr > 0, f"--optim.lr must be > 0, got {cfg.optim.lr}")
+    check(cfg.optim.momentum < 1, f"--optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    check(cfg.run.seed < 2 ** 32, f"--run.seed must be in [0, 2**32), got {cfg.run.seed}")
+    check(cfg.optim.gamma > 0, f"--optim.gamma must be > 0, got {cfg.optim.gamma}")
+    check(max(cfg.data.image_size, cfg.teachers.image_size, cfg.data.synthetic_image_size) <= 1024,
+          "--data.image-size, --teachers.image-size and --data.synthetic-image-size must be <= 1024")
+    check_run_name(cfg.run.name)
+    for name in [cfg.student.model] * (cfg.method != "teacher") + list(cfg.teachers.models) * (cfg.method != "ce"):
+        check_model_name(name)  # before any data is downloaded or extracted
     check(cfg.optim.epochs > 0, "--optim.epochs must be > 0")
     check(cfg.teachers.epochs > 0, "--teachers.epochs must be > 0")
     check(cfg.optim.label_smoothing < 1 and cfg.teachers.label_smoothing < 1, "label smoothing must be < 1")
@@ -429,6 +439,8 @@ def run(cfg: Config) -> dict[str, Any]:
                             resume["path"])
         say(f"resuming from {resume['path']} ({resume['phase']}, step {resume['progress']['step']})")
     run_dir = resume_dir or new_run_dir(cfg)
+    if DIST.main:
+        check_run_dir(run_dir, overwrite=cfg.run.overwrite)  # held by another run? overwritable?
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     device = resolve_device(cfg.run.device)
     data = load_data(cfg)
@@ -438,14 +450,13 @@ def run(cfg: Config) -> dict[str, Any]:
     teacher_dims = [create_model(arch, data.num_classes, small_input=teacher_small).num_features  # unknown names
                     for arch in (cfg.teachers.models if cfg.method != "ce" else ())]  # fail here, before any write
     asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
+    check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, data.num_classes, teacher_small,
+                              cfg.teachers.image_size or None)
 
     # 2. The run directory, its records and its checkpoints.
     barrier()  # every rank has checked the run directory before rank 0 creates it
     if DIST.main:
-        if run_dir.exists() and cfg.run.overwrite:
-            import shutil
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=bool(cfg.run.resume))
+        prepare_run_dir(run_dir, overwrite=cfg.run.overwrite, fresh=not cfg.run.resume and not cfg.run.overwrite)
         atomic_write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     barrier()
     wandb_run = start_wandb(cfg, run_dir, resume)
@@ -504,6 +515,7 @@ def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] |
     apply_freeze(student, cfg.student.freeze)
     if resume is not None and resume["phase"] == cfg.method:
         check_meta(student.meta(), resume["meta"], f"resume checkpoint {cfg.run.resume}")
+        check_shapes(student, resume["model"], f"resume checkpoint {cfg.run.resume}", same_keys=True)
     return student
 
 
