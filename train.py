@@ -25,12 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal
 
-import torch
 import tyro
+
+from kd.configs import (MULTI_TEACHER_METHODS, AsmbCfg, ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg,
+                        FitNetCfg, KDCfg, PKTCfg, RKDCfg, SPCfg)
+from kd.engine.cli import bool_flags, focused_config, load_config_json, normalize_booleans, pop_option, run_name
+from kd.errors import ConfigError, KDError
+
+# torch, timm, tqdm and the training machinery take seconds to import: loaded by load_runtime() when a run
+# starts (or when train is imported as a library), never for --help or a bad flag.
+RUNTIME_IMPORTS = """
+import torch
 from torch import Tensor, nn
 from tqdm import tqdm
-
-from kd.asmb import (AsmbCfg, AsmbAdapt, AsmbDistill, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
+from kd.asmb import (AsmbAdapt, AsmbDistill, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
                      build_asmb_modules, stage_metrics, temperature_table)
 from kd.data import SyntheticSpec, build_data, make_loader
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume, reseed_loader
@@ -43,18 +51,21 @@ from kd.engine.runlog import RunLogger
 from kd.engine.tracker import LossTracker, TrainingDiverged
 from kd.engine.trainer import StepClock, StudentStep, Trainer
 from kd.engine.wandb_env import resolve_wandb_mode, wandb_server_reachable
-from kd.errors import ConfigError, KDError
 from kd.fastloader import DeviceLoader
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.io import atomic_write_json
 from kd.methods import METHODS, Method
-from kd.methods import ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg, FitNetCfg, PKTCfg, RKDCfg, SPCfg
-from kd.methods.kd import KDCfg
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, create_model
 from kd.teachers import (load_teacher, save_teacher, select_teachers, teacher_cache_path, teacher_input_spec,
                          teacher_small_input)
+"""
+
+
+def load_runtime() -> None:
+    exec(RUNTIME_IMPORTS, globals())
+
 
 METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
                        "ebkd", "asmb"]
@@ -222,7 +233,8 @@ class WandbCfg:
 
 @dataclass
 class Config:
-    """Knowledge distillation with kd. Every option below is `--group.option VALUE`; booleans take True/False."""
+    """Knowledge distillation with kd. Every option below is `--group.option VALUE`; booleans take true/false
+    (or 1/0, yes/no); `--config PATH` starts from a saved config.json (flags override it)."""
 
     method: METHOD_NAMES = "kd"
     """what to train: teacher (fine-tune the teachers), ce (student alone), kd, ... (single-teacher baselines),
@@ -263,28 +275,36 @@ def smoke_preset() -> Config:
 
 
 PRESETS = {"none": Config, "smoke": smoke_preset}
+METHOD_GROUPS = ("kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd", "ebkd", "asmb")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        run(parse_config(argv))
+        cfg = parse_config(argv)
+        validate(cfg)  # bad values fail in a fraction of a second, before torch and timm load
+        load_runtime()
+        run(cfg)
     except KDError as e:
         rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank fails alike on bad input
         if rank == 0 or not isinstance(e, ConfigError):
             print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr, flush=True)
-        return 3 if isinstance(e, TrainingDiverged) else 2
+        return 3 if type(e).__name__ == "TrainingDiverged" else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        close_distributed()
+        if "close_distributed" in globals():
+            close_distributed()
     return 0
 
 
 def parse_config(argv: list[str]) -> Config:
-    """Parse argv with tyro on top of the chosen preset. Booleans take explicit values so wandb agents'
-    `--flag=True` works; `--teachers a,b` is split on commas."""
+    """Parse argv with tyro on top of the chosen preset and `--config PATH` (a saved config.json, or a run
+    directory holding one). Booleans take explicit values (true/false, 1/0, yes/no in any case) so wandb
+    agents' `--flag=True` works; `--teachers a,b` is split on commas; `--method X --help` shows X's group only."""
+    config_path, argv = pop_option(argv, "--config")
+    argv = normalize_booleans(argv, bool_flags(Config))
     preset = "none"
     for i, arg in enumerate(argv):
         if arg == "--preset" and i + 1 < len(argv):
@@ -293,10 +313,19 @@ def parse_config(argv: list[str]) -> Config:
             preset = arg.split("=", 1)[1]
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    default = PRESETS[preset]()
+    if config_path is not None:
+        default = load_config_json(config_path, default)
+    cfg_type, description = Config, __doc__.split("\n\n")[0]
+    if "--help" in argv or "-h" in argv:  # focused help: the common groups and the chosen method's group only
+        method = pop_option(argv, "--method")[0] or default.method
+        cfg_type = focused_config(Config, method, METHOD_GROUPS, lambda t: Annotated[t, tyro.conf.Suppress])
+        default = cfg_type(**{f.name: getattr(default, f.name) for f in dataclasses.fields(Config)})
+        description += f" Showing --method {method}'s options; `--method X --help` shows another method's."
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            cfg, unknown = tyro.cli(Config, args=argv, default=PRESETS[preset](), description=__doc__.split("\n\n")[0],
+            cfg, unknown = tyro.cli(cfg_type, args=argv, default=default, description=description,
                                     config=(tyro.conf.FlagConversionOff,), return_unknown_args=True)
     except SystemExit as e:
         if e.code in (0, None):
@@ -385,7 +414,7 @@ def validate(cfg: Config) -> None:
         if cfg.teachers.select in ("0", "1"):
             check(int(cfg.teachers.select) < len(cfg.teachers.models),
                   f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)")
-    if cfg.method in METHODS and METHODS[cfg.method][0].multi_teacher:
+    if cfg.method in MULTI_TEACHER_METHODS:
         check(len(cfg.teachers.models) >= 2,
               f"--method {cfg.method} distils from several teachers, --teachers has {len(cfg.teachers.models)}")
     if cfg.method == "asmb":
@@ -488,7 +517,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def new_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or f"{cfg.method}-{cfg.student.model}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.run.name or run_name(cfg.method, cfg.student.model, cfg.teachers.models if cfg.method != "ce" else (),
+                                    cfg.data.dataset)
     run_dir = Path(cfg.run.out_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite and not cfg.run.resume:
         raise ConfigError(f"run directory {run_dir} exists; pass --run.resume auto to continue it, "
@@ -962,3 +992,5 @@ def finish_wandb(wandb_run, summary: dict[str, Any], run_dir: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    load_runtime()
