@@ -8,6 +8,7 @@ build its parser, print --help and reject bad flags in a fraction of a second; t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -334,3 +335,13 @@ class AsmbCfg:
     def epochs_per_stage(self, optim_epochs: int) -> tuple[int, int]:
         """(phase A, phase B) epochs of each stage; phase B defaults to --optim.epochs // num_stages."""
         return self.teacher_epochs, self.student_epochs or max(1, optim_epochs // self.num_stages)
+
+
+def feat_kd_map_index(key: str) -> int | None:
+    """--asmb.feat-kd-key: "feature" -> None (the pooled feature); "map:<i>" -> i (a feature map index)."""
+    if key == "feature":
+        return None
+    match = re.fullmatch(r"map:(-?\d+)", key)
+    if match is None:
+        raise ConfigError(f"--asmb.feat-kd-key must be 'feature' or 'map:<index>' (e.g. map:-1), got {key!r}")
+    return int(match.group(1))
