@@ -44,6 +44,7 @@ from kd.data import SyntheticSpec, build_data, make_loader
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume, reseed_loader
 from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
+from kd.engine.progress import RunProgress, mean_img_per_s
 from kd.engine.records import is_teacher_phase
 from kd.engine.device import prepare_model, resolve_amp, resolve_device
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
@@ -215,6 +216,8 @@ class RunCfg:
     """how many step checkpoints (checkpoints/step-*.pt) to keep besides best.pt and last.pt."""
     sync_bn: bool = False
     """with several processes (torchrun), convert BatchNorm to SyncBatchNorm (CUDA only)."""
+    log_every: int = 0
+    """off a terminal (slurm, `| tee`): a progress line (step, loss, images/s, ETA) every N steps; 0 = about every 30 s."""
 
 
 @dataclass
@@ -486,6 +489,8 @@ def run(cfg: Config) -> dict[str, Any]:
     say(f"run directory: {run_dir}  (device {device}, {data.num_classes} classes, "
         f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
     loaders = build_loaders(cfg, data, device)
+    clock.progress = RunProgress(planned_epochs(cfg) * steps_per_epoch(cfg, loaders["train"]),
+                                 log_every=cfg.run.log_every, num_stages=cfg.asmb.num_stages * (cfg.method == "asmb"))
     t_start = time.time()
     summary: dict[str, Any] = {"method": cfg.method, "dataset": cfg.data.dataset, "num_classes": data.num_classes,
                                "run_dir": str(run_dir)}
@@ -506,6 +511,10 @@ def run(cfg: Config) -> dict[str, Any]:
         multi = METHODS[cfg.method][0].multi_teacher
         summary.update(train_single(cfg, data, loaders, device, logger, ckpt, clock, student,
                                     [t for t, _ in teachers] if multi else select_teachers(cfg.teachers.select, teachers)))
+    trained = (lambda p: p.startswith("teacher:")) if cfg.method == "teacher" else \
+        (lambda p: not p.startswith(("teacher:", "asmb:A")))  # the phases of the model the run trains
+    img_per_s = mean_img_per_s(logger.rows, trained)
+    summary.update({"img_per_s": img_per_s} if img_per_s is not None else {})
     summary["wall_time_s"] = time.time() - t_start
     logger.write_summary(summary)
     finish_wandb(wandb_run, summary, run_dir)
@@ -514,6 +523,13 @@ def run(cfg: Config) -> dict[str, Any]:
     for k, v in summary.items():
         say(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
     return summary
+
+
+def planned_epochs(cfg: Config) -> int:
+    """Epochs of the method's training (stage-0 teachers are planned when they start: they may be cached)."""
+    if cfg.method == "asmb":
+        return cfg.asmb.num_stages * sum(cfg.asmb.epochs_per_stage(cfg.optim.epochs))
+    return 0 if cfg.method == "teacher" else cfg.optim.epochs
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -624,6 +640,7 @@ def finetune_teacher(cfg: Config, arch: str, path: Path, spec, data, loaders, de
     """Fine-tune one teacher with cross-entropy (phase `teacher:<arch>`, resumable), select it by validation
     accuracy and cache it at `path`."""
     say(f"stage 0: fine-tuning teacher {arch} for {cfg.teachers.epochs} epochs -> {path}")
+    clock.progress.plan(cfg.teachers.epochs * steps_per_epoch(cfg, loaders["train"]))
     model = create_model(arch, data.num_classes, pretrained=cfg.teachers.pretrained, small_input=small_input,
                          img_size=cfg.teachers.image_size or None)
     if spec is not None:
@@ -859,7 +876,8 @@ def fit(tr: Trainer, loaders: dict[str, Any], epochs: int, tag: str, logger: Run
                **{f"train/{k}": v for k, v in terms.items()}, f"val/{val_key}": val_acc,
                f"val/best_{val_key}": tr.best["acc"], "time_s": time.time() - t0}
         logger.log(row)
-        say(f"[{tag}] epoch {e}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val_acc:.2f}  ({row['time_s']:.1f}s)")
+        say(f"[{tag}] epoch {e}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val_acc:.2f}  "
+            f"{terms['img_per_s']:.0f} img/s  ({row['time_s']:.1f}s)  | {tr.clock.progress.where(tag, e, epochs, tr.clock.steps)}")
         ckpt.save(tr.clock.steps, tag, tr.state_dict, epoch_end=True)
     return dict(tr.best)
 
@@ -868,23 +886,29 @@ def train_epoch(tr: Trainer, loader, epoch: int, desc: str, ckpt: Checkpointer,
                 start_rng: dict[str, Any] | None = None) -> dict[str, float]:
     """One epoch (tr.steps_per_epoch steps), or the rest of one when tr.tracker holds a resumed mid-epoch state
     (`start_rng`: its RNG states). The checkpointer is called after every step but the last (the epoch-end
-    checkpoint follows validation). Returns the mean loss terms (one host sync); raises TrainingDiverged."""
+    checkpoint follows validation). Returns the mean loss terms (one host sync) and img_per_s; raises
+    TrainingDiverged. Shows the running loss and images/s in the bar, or off a terminal every --run.log-every."""
     set_train(tr.model, tr.freeze_policy)
     tr.method.train()
     tr.tracker = tr.tracker or LossTracker()
     steps, batches = tr.steps_per_epoch, iter(loader)
     if start_rng is not None:  # after iter(): a DataLoader draws its worker seed there, as it did before the kill
         set_rng_state(start_rng)
-    for x, y, index in progress(itertools.islice(batches, steps - tr.tracker.n), desc=desc, total=steps,
-                                initial=tr.tracker.n):
+    meter = tr.clock.progress.meter(steps, tr.tracker.n, tr.clock.steps)
+    bar = progress(itertools.islice(batches, steps - tr.tracker.n), desc=desc, total=steps, initial=tr.tracker.n)
+    for x, y, index in bar:
         x, y, index = (t.to(tr.device, non_blocking=True) for t in (x, y, index))
         tr.clock.steps += 1
         tr.tracker.add(train_step(tr, x, y, index, epoch), tr.clock.steps)
+        meter.add(len(x) * DIST.world_size)
+        if meter.due(interval_s=None if bar.disable else 1.0):  # reading the loss syncs the device: not every step
+            loss = tr.tracker.sums[0].item() / tr.tracker.n
+            bar.set_postfix(meter.postfix(loss)) if not bar.disable else say(meter.line(desc, loss))
         if tr.tracker.n < steps:
             ckpt.save(tr.clock.steps, tr.tag, tr.state_dict)
     tr.tracker.check(f"epoch {epoch} ({tr.tag})")
     terms, tr.tracker = tr.tracker.means(), None
-    return terms
+    return {**terms, "img_per_s": meter.rate()}
 
 
 def train_step(tr: Trainer, x: Tensor, y: Tensor, index: Tensor, epoch: int) -> dict[str, Tensor]:
