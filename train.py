@@ -45,18 +45,17 @@ from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume,
 from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.progress import RunProgress, mean_img_per_s
-from kd.engine.records import is_teacher_phase
 from kd.engine.device import prepare_model, resolve_amp, resolve_device
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
 from kd.engine.runlog import RunLogger
 from kd.engine.tracker import LossTracker, TrainingDiverged
 from kd.engine.trainer import StepClock, StudentStep, Trainer
-from kd.engine.wandb_env import resolve_wandb_mode, wandb_server_reachable
+from kd.engine.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb_keys, wandb_server_reachable
 from kd.fastloader import DeviceLoader
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.io import atomic_write_json
 from kd.methods import METHODS, Method
-from kd.metrics import evaluate_acc
+from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, create_model
 from kd.teachers import (load_teacher, save_teacher, select_teachers, teacher_cache_path, teacher_input_spec,
@@ -481,7 +480,7 @@ def run(cfg: Config) -> dict[str, Any]:
         atomic_write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     barrier()
     wandb_run = start_wandb(cfg, run_dir, resume)
-    logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=wandb_sink(wandb_run),
+    logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=wandb_sink(wandb_run, cfg.teachers.models),
                        wandb_id=wandb_run.id if wandb_run is not None else (resume or {}).get("wandb_id"))
     ckpt = Checkpointer(run_dir, dataclasses.asdict(cfg), every_steps=cfg.run.ckpt_every_steps,
                         keep_last=cfg.run.keep_last, resume=resume, logger=logger)
@@ -700,11 +699,11 @@ def train_labels_of(data) -> Tensor:
 
 def test_summary(student: KDModel, best: dict[str, Any], loaders, device, logger: RunLogger) -> dict[str, Any]:
     """Test accuracy of the last and of the selected (best validation) student; the test split only reports."""
-    last = {"last/test_acc": evaluate_acc(student, loaders["test"], device),
-            "last/val_acc": next(r["val/acc"] for r in reversed(logger.rows) if "val/acc" in r)}
+    last = dict(zip(("last/test_acc", "last/test_acc5"), evaluate_top1_top5(student, loaders["test"], device)),
+                **{"last/val_acc": next(r["val/acc"] for r in reversed(logger.rows) if "val/acc" in r)})
     student.load_state_dict(best["state"])
-    return {**last, "best/test_acc": evaluate_acc(student, loaders["test"], device), "best/val_acc": best["acc"],
-            "best/epoch": best["epoch"]}
+    best_test = dict(zip(("best/test_acc", "best/test_acc5"), evaluate_top1_top5(student, loaders["test"], device)))
+    return {**last, **best_test, "best/val_acc": best["acc"], "best/epoch": best["epoch"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,8 +742,10 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
             logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch, **metrics})
             say(f"[asmb stage {stage}/{run.num_stages}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     synergy_test = stage_metrics(run.synergy, loaders["test"], device)["synergy/acc"]
-    return {"synergy/test_acc": synergy_test,
-            **test_summary(student, run.best, loaders, device, logger)}
+    # best/epoch counts the student's training epochs (phase B), as for every method; the row's epoch is global
+    stage = -(-run.best["epoch"] // (run.teacher_epochs + run.student_epochs))
+    return {"synergy/test_acc": synergy_test, **test_summary(student, run.best, loaders, device, logger),
+            "best/epoch": run.best["epoch"] - stage * run.teacher_epochs, "best/global_epoch": run.best["epoch"]}
 
 
 class AsmbRun:
@@ -867,13 +868,13 @@ def fit(tr: Trainer, loaders: dict[str, Any], epochs: int, tag: str, logger: Run
         t0, epoch = time.time(), epoch_offset + e
         terms = train_epoch(tr, train_loader, epoch, f"{tag} {e}/{epochs}", ckpt, start_rng)
         start_rng, tr.epochs_done = None, e
-        val_acc = evaluate_acc(tr.model, loaders["val"], tr.device)
+        val_acc, val_acc5 = evaluate_top1_top5(tr.model, loaders["val"], tr.device)
         if val_acc > tr.best["acc"]:
             tr.best = {"acc": val_acc, "epoch": e, "state": cpu_copy(tr.model)}
             if save_best:
                 ckpt.save_best(tr.model.meta(), tr.best["state"], val_acc, epoch)
-        row = {"phase": tag, "epoch": epoch, "lr": tr.optimizer.param_groups[0]["lr"],
-               **{f"train/{k}": v for k, v in terms.items()}, f"val/{val_key}": val_acc,
+        row = {"phase": tag, "epoch": epoch, "step": tr.clock.steps, "lr": tr.optimizer.param_groups[0]["lr"],
+               **{f"train/{k}": v for k, v in terms.items()}, f"val/{val_key}": val_acc, f"val/{val_key}5": val_acc5,
                f"val/best_{val_key}": tr.best["acc"], "time_s": time.time() - t0}
         logger.log(row)
         say(f"[{tag}] epoch {e}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val_acc:.2f}  "
@@ -964,33 +965,28 @@ def init_wandb(cfg: Config, run_dir: Path, mode: str, run_id: str | None = None)
 
     kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity or None, group=cfg.wandb.group or None,
                   tags=list(cfg.wandb.tags) or None, name=run_dir.name, dir=str(run_dir), job_type=cfg.method,
-                  config=dataclasses.asdict(cfg))
+                  config=wandb_config(dataclasses.asdict(cfg), cfg.method, METHOD_GROUPS))
     if run_id:
         kwargs.update(id=run_id, resume="allow")
     if mode == "online" and not wandb_server_reachable():
         say(f"wandb server unreachable; logging offline under {run_dir}/wandb (upload later with `wandb sync`)")
         mode = "offline"
     try:
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=20), **kwargs)
+        wandb_run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=20), **kwargs)
     except Exception as e:  # no network: never block or fail the run
         if mode != "online":
             raise
         say(f"wandb online init failed ({type(e).__name__}); logging offline under {run_dir}/wandb")
-        return wandb.init(mode="offline", **kwargs)
+        wandb_run = wandb.init(mode="offline", **kwargs)
+    for axis in WANDB_AXES:
+        wandb_run.define_metric(axis)
+    wandb_run.define_metric("*", step_metric="epoch")  # charts over the global epoch, not wandb's _step
+    return wandb_run
 
 
-def wandb_sink(wandb_run):
-    return None if wandb_run is None else (lambda row: wandb_run.log(wandb_row(row)))
-
-
-def wandb_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A metrics.jsonl row as wandb keys: numbers and strings as they are, stage-0 teacher rows prefixed."""
-    row = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
-    phase = str(row.get("phase", ""))
-    if not is_teacher_phase(phase):
-        return row
-    prefix = f"teacher/{phase.split(':', 1)[1]}/"
-    return {k if k == "phase" else prefix + k: v for k, v in row.items()}
+def wandb_sink(wandb_run, teachers: tuple[str, ...] = ()):
+    """Rows to wandb with phase-scoped keys (kd.engine.wandb_env.wandb_keys)."""
+    return None if wandb_run is None else (lambda row: wandb_run.log(wandb_keys(row, teachers)))
 
 
 def finish_wandb(wandb_run, summary: dict[str, Any], run_dir: Path) -> None:
