@@ -875,10 +875,11 @@ def fit(tr: Trainer, loaders: dict[str, Any], epochs: int, tag: str, logger: Run
                 ckpt.save_best(tr.model.meta(), tr.best["state"], val_acc, epoch)
         row = {"phase": tag, "epoch": epoch, "step": tr.clock.steps, "lr": tr.optimizer.param_groups[0]["lr"],
                **{f"train/{k}": v for k, v in terms.items()}, f"val/{val_key}": val_acc, f"val/{val_key}5": val_acc5,
-               f"val/best_{val_key}": tr.best["acc"], "time_s": time.time() - t0}
+               f"val/best_{val_key}": tr.best["acc"], "train/img_per_s": tr.clock.progress.epoch.rate(),
+               "time_s": time.time() - t0}
         logger.log(row)
         say(f"[{tag}] epoch {e}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val_acc:.2f}  "
-            f"{terms['img_per_s']:.0f} img/s  ({row['time_s']:.1f}s)  | {tr.clock.progress.where(tag, e, epochs, tr.clock.steps)}")
+            f"{row['train/img_per_s']:.0f} img/s  ({row['time_s']:.1f}s)  | {tr.clock.progress.where(tag, e, epochs, tr.clock.steps)}")
         ckpt.save(tr.clock.steps, tag, tr.state_dict, epoch_end=True)
     return dict(tr.best)
 
@@ -887,8 +888,7 @@ def train_epoch(tr: Trainer, loader, epoch: int, desc: str, ckpt: Checkpointer,
                 start_rng: dict[str, Any] | None = None) -> dict[str, float]:
     """One epoch (tr.steps_per_epoch steps), or the rest of one when tr.tracker holds a resumed mid-epoch state
     (`start_rng`: its RNG states). The checkpointer is called after every step but the last (the epoch-end
-    checkpoint follows validation). Returns the mean loss terms (one host sync) and img_per_s; raises
-    TrainingDiverged. Shows the running loss and images/s in the bar, or off a terminal every --run.log-every."""
+    checkpoint follows validation). Returns the mean loss terms (one host sync); raises TrainingDiverged. Shows the running loss and images/s in the bar, or off a terminal every --run.log-every."""
     set_train(tr.model, tr.freeze_policy)
     tr.method.train()
     tr.tracker = tr.tracker or LossTracker()
@@ -909,7 +909,7 @@ def train_epoch(tr: Trainer, loader, epoch: int, desc: str, ckpt: Checkpointer,
             ckpt.save(tr.clock.steps, tr.tag, tr.state_dict)
     tr.tracker.check(f"epoch {epoch} ({tr.tag})")
     terms, tr.tracker = tr.tracker.means(), None
-    return {**terms, "img_per_s": meter.rate()}
+    return terms
 
 
 def train_step(tr: Trainer, x: Tensor, y: Tensor, index: Tensor, epoch: int) -> dict[str, Tensor]:

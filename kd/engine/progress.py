@@ -23,6 +23,7 @@ class RunProgress:
     now: Callable[[], float] = time.monotonic
     start_step: int | None = None
     start_time: float = field(default=0.0)
+    epoch: "EpochMeter | None" = None  # the running or last epoch's meter
 
     def plan(self, steps: int) -> None:
         self.planned_steps += steps
@@ -48,7 +49,8 @@ class RunProgress:
         meter of the session starts the run clock)."""
         if self.start_step is None:
             self.start_step, self.start_time = step, self.now()
-        return EpochMeter(total, initial, self.log_every, self.interval_s, self.now)
+        self.epoch = EpochMeter(total, initial, self.log_every, self.interval_s, self.now)
+        return self.epoch
 
 
 class EpochMeter:
