@@ -444,8 +444,8 @@ def _group_name(cfg: Config, group: Any) -> str:
 # checkpoints, wandb. Everything else (method, models, data, batch size, optimiser, schedule, epochs, seed,
 # precision) must match, or the continued run would not be the run that was started.
 RESUME_MAY_CHANGE = ("preset", "run.resume", "run.overwrite", "run.name", "run.out_dir", "run.device",
-                     "run.deterministic", "run.compile", "run.ckpt_every_steps", "run.keep_last", "data.workers",
-                     "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir", "wandb.")
+                     "run.deterministic", "run.compile", "run.ckpt_every_steps", "run.keep_last", "run.log_every",
+                     "data.workers", "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir", "wandb.")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -879,7 +879,8 @@ def fit(tr: Trainer, loaders: dict[str, Any], epochs: int, tag: str, logger: Run
                "time_s": time.time() - t0}
         logger.log(row)
         say(f"[{tag}] epoch {e}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val_acc:.2f}  "
-            f"{row['train/img_per_s']:.0f} img/s  ({row['time_s']:.1f}s)  | {tr.clock.progress.where(tag, e, epochs, tr.clock.steps)}")
+            f"{row['train/img_per_s']:.0f} img/s  ({row['time_s']:.1f}s)  | "
+            + tr.clock.progress.where(tag, e, epochs, tr.clock.steps))
         ckpt.save(tr.clock.steps, tag, tr.state_dict, epoch_end=True)
     return dict(tr.best)
 
@@ -888,7 +889,8 @@ def train_epoch(tr: Trainer, loader, epoch: int, desc: str, ckpt: Checkpointer,
                 start_rng: dict[str, Any] | None = None) -> dict[str, float]:
     """One epoch (tr.steps_per_epoch steps), or the rest of one when tr.tracker holds a resumed mid-epoch state
     (`start_rng`: its RNG states). The checkpointer is called after every step but the last (the epoch-end
-    checkpoint follows validation). Returns the mean loss terms (one host sync); raises TrainingDiverged. Shows the running loss and images/s in the bar, or off a terminal every --run.log-every."""
+    checkpoint follows validation). Returns the mean loss terms (one host sync); raises TrainingDiverged. The bar
+    shows the running loss and images/s; off a terminal a line every --run.log-every steps (or ~30 s)."""
     set_train(tr.model, tr.freeze_policy)
     tr.method.train()
     tr.tracker = tr.tracker or LossTracker()
