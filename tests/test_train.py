@@ -46,7 +46,7 @@ def test_method_runs_and_writes_run_dir(tmp_path, method):
     rows = [r for r in read_rows(run_dir) if r["phase"] == method]
     assert [r["epoch"] for r in rows] == [1, 2]
     expected_terms = {"ce"} if method == "ce" else {"ce", "kd"}
-    assert {k[len("train/"):] for k in rows[0] if k.startswith("train/")} == expected_terms | {"loss"}
+    assert {k[len("train/"):] for k in rows[0] if k.startswith("train/")} == expected_terms | {"loss", "img_per_s"}
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["method"] == method and saved == json.loads(json.dumps(summary))
     for key in ("best/test_acc", "last/test_acc", "best/val_acc"):
