@@ -25,37 +25,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal
 
-import torch
 import tyro
+
+from kd.configs import (MULTI_TEACHER_METHODS, AsmbCfg, ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg,
+                        FitNetCfg, KDCfg, PKTCfg, RKDCfg, SPCfg)
+from kd.engine.cli import bool_flags, focused_config, load_config_json, normalize_booleans, pop_option, run_name
+from kd.engine.rundir import check_run_dir, check_run_name, prepare_run_dir, release_run_dirs
+from kd.errors import ConfigError, KDError
+
+# torch, timm, tqdm and the training machinery take seconds to import: loaded by load_runtime() when a run
+# starts (or when train is imported as a library), never for --help or a bad flag.
+RUNTIME_IMPORTS = """
+import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kd.asmb import (AsmbCfg, AsmbAdapt, AsmbDistill, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
+from kd.asmb import (AsmbAdapt, AsmbDistill, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
                      build_asmb_modules, guard_residual, stage_metrics, synergy_warning, temperature_table)
 from kd.data import SyntheticSpec, build_data, make_loader
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume, reseed_loader
 from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
-from kd.engine.records import is_teacher_phase
+from kd.engine.progress import RunProgress, mean_img_per_s
 from kd.engine.device import prepare_model, resolve_amp, resolve_device
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
-from kd.engine.rundir import check_run_dir, check_run_name, prepare_run_dir, release_run_dirs
 from kd.engine.runlog import RunLogger
 from kd.engine.tracker import LossTracker, TrainingDiverged
 from kd.engine.trainer import StepClock, StudentStep, Trainer
-from kd.engine.wandb_env import resolve_wandb_mode, wandb_server_reachable
-from kd.errors import ConfigError, KDError
+from kd.engine.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb_keys, wandb_server_reachable
 from kd.fastloader import DeviceLoader
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.io import atomic_write_json
 from kd.methods import METHODS, Method
-from kd.methods import ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg, FitNetCfg, PKTCfg, RKDCfg, SPCfg
-from kd.methods.kd import KDCfg
-from kd.metrics import evaluate_acc
+from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
 from kd.teachers import (check_teacher_checkpoints, load_teacher, save_teacher, select_teachers, teacher_cache_path,
                          teacher_input_spec, teacher_small_input)
+"""
+
+
+def load_runtime() -> None:
+    exec(RUNTIME_IMPORTS, globals())
+
 
 METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
                        "ebkd", "asmb"]
@@ -205,6 +217,8 @@ class RunCfg:
     """how many step checkpoints (checkpoints/step-*.pt) to keep besides best.pt and last.pt."""
     sync_bn: bool = False
     """with several processes (torchrun), convert BatchNorm to SyncBatchNorm (CUDA only)."""
+    log_every: int = 0
+    """off a terminal (slurm, `| tee`): a progress line (step, loss, images/s, ETA) every N steps; 0 = about every 30 s."""
 
 
 @dataclass
@@ -223,7 +237,8 @@ class WandbCfg:
 
 @dataclass
 class Config:
-    """Knowledge distillation with kd. Every option below is `--group.option VALUE`; booleans take True/False."""
+    """Knowledge distillation with kd. Every option below is `--group.option VALUE`; booleans take true/false
+    (or 1/0, yes/no); `--config PATH` starts from a saved config.json (flags override it)."""
 
     method: METHOD_NAMES = "kd"
     """what to train: teacher (fine-tune the teachers), ce (student alone), kd, ... (single-teacher baselines),
@@ -264,29 +279,37 @@ def smoke_preset() -> Config:
 
 
 PRESETS = {"none": Config, "smoke": smoke_preset}
+METHOD_GROUPS = ("kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd", "ebkd", "asmb")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        run(parse_config(argv))
+        cfg = parse_config(argv)
+        validate(cfg)  # bad values fail in a fraction of a second, before torch and timm load
+        load_runtime()
+        run(cfg)
     except KDError as e:
         rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank fails alike on bad input
         if rank == 0 or not isinstance(e, ConfigError):
             print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr, flush=True)
-        return 3 if isinstance(e, TrainingDiverged) else 2
+        return 3 if type(e).__name__ == "TrainingDiverged" else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
         release_run_dirs()
-        close_distributed()
+        if "close_distributed" in globals():  # the runtime was loaded
+            close_distributed()
     return 0
 
 
 def parse_config(argv: list[str]) -> Config:
-    """Parse argv with tyro on top of the chosen preset. Booleans take explicit values so wandb agents'
-    `--flag=True` works; `--teachers a,b` is split on commas."""
+    """Parse argv with tyro on top of the chosen preset and `--config PATH` (a saved config.json, or a run
+    directory holding one). Booleans take explicit values (true/false, 1/0, yes/no in any case) so wandb
+    agents' `--flag=True` works; `--teachers a,b` is split on commas; `--method X --help` shows X's group only."""
+    config_path, argv = pop_option(argv, "--config")
+    argv = normalize_booleans(argv, bool_flags(Config))
     preset = "none"
     for i, arg in enumerate(argv):
         if arg == "--preset" and i + 1 < len(argv):
@@ -295,10 +318,19 @@ def parse_config(argv: list[str]) -> Config:
             preset = arg.split("=", 1)[1]
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    default = PRESETS[preset]()
+    if config_path is not None:
+        default = load_config_json(config_path, default)
+    cfg_type, description = Config, __doc__.split("\n\n")[0]
+    if "--help" in argv or "-h" in argv:  # focused help: the common groups and the chosen method's group only
+        method = pop_option(argv, "--method")[0] or default.method
+        cfg_type = focused_config(Config, method, METHOD_GROUPS, lambda t: Annotated[t, tyro.conf.Suppress])
+        default = cfg_type(**{f.name: getattr(default, f.name) for f in dataclasses.fields(Config)})
+        description += f" Showing --method {method}'s options; `--method X --help` shows another method's."
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            cfg, unknown = tyro.cli(Config, args=argv, default=PRESETS[preset](), description=__doc__.split("\n\n")[0],
+            cfg, unknown = tyro.cli(cfg_type, args=argv, default=default, description=description,
                                     config=(tyro.conf.FlagConversionOff,), return_unknown_args=True)
     except SystemExit as e:
         if e.code in (0, None):
@@ -376,8 +408,6 @@ def validate(cfg: Config) -> None:
     check(max(cfg.data.image_size, cfg.teachers.image_size, cfg.data.synthetic_image_size) <= 1024,
           "--data.image-size, --teachers.image-size and --data.synthetic-image-size must be <= 1024")
     check_run_name(cfg.run.name)
-    for name in [cfg.student.model] * (cfg.method != "teacher") + list(cfg.teachers.models) * (cfg.method != "ce"):
-        check_model_name(name)  # before any data is downloaded or extracted
     check(cfg.optim.epochs > 0, "--optim.epochs must be > 0")
     check(cfg.teachers.epochs > 0, "--teachers.epochs must be > 0")
     check(cfg.optim.label_smoothing < 1 and cfg.teachers.label_smoothing < 1, "label smoothing must be < 1")
@@ -395,7 +425,7 @@ def validate(cfg: Config) -> None:
         if cfg.teachers.select in ("0", "1"):
             check(int(cfg.teachers.select) < len(cfg.teachers.models),
                   f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)")
-    if cfg.method in METHODS and METHODS[cfg.method][0].multi_teacher:
+    if cfg.method in MULTI_TEACHER_METHODS:
         check(len(cfg.teachers.models) >= 2,
               f"--method {cfg.method} distils from several teachers, --teachers has {len(cfg.teachers.models)}")
     if cfg.method == "asmb":
@@ -423,13 +453,15 @@ def _group_name(cfg: Config, group: Any) -> str:
 # checkpoints, wandb. Everything else (method, models, data, batch size, optimiser, schedule, epochs, seed,
 # precision) must match, or the continued run would not be the run that was started.
 RESUME_MAY_CHANGE = ("preset", "run.resume", "run.overwrite", "run.name", "run.out_dir", "run.device",
-                     "run.deterministic", "run.compile", "run.ckpt_every_steps", "run.keep_last", "data.workers",
-                     "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir", "wandb.")
+                     "run.deterministic", "run.compile", "run.ckpt_every_steps", "run.keep_last", "run.log_every",
+                     "data.workers", "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir", "wandb.")
 
 
 def run(cfg: Config) -> dict[str, Any]:
     # 1. Every check before anything is written: values, processes, the resume checkpoint, names, dimensions.
     validate(cfg)
+    for name in [cfg.student.model] * (cfg.method != "teacher") + list(cfg.teachers.models) * (cfg.method != "ce"):
+        check_model_name(name)  # before any data is downloaded or extracted
     init_distributed(cfg.data.batch_size, use_cuda=cfg.run.device != "cpu", sync_bn=cfg.run.sync_bn)
     named_dir = Path(cfg.run.out_dir) / cfg.run.name if cfg.run.name else None
     resume_dir, resume = find_resume(cfg.run.resume, named_dir)
@@ -460,7 +492,7 @@ def run(cfg: Config) -> dict[str, Any]:
         atomic_write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     barrier()
     wandb_run = start_wandb(cfg, run_dir, resume)
-    logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=wandb_sink(wandb_run),
+    logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=wandb_sink(wandb_run, cfg.teachers.models),
                        wandb_id=wandb_run.id if wandb_run is not None else (resume or {}).get("wandb_id"))
     ckpt = Checkpointer(run_dir, dataclasses.asdict(cfg), every_steps=cfg.run.ckpt_every_steps,
                         keep_last=cfg.run.keep_last, resume=resume, logger=logger)
@@ -468,6 +500,8 @@ def run(cfg: Config) -> dict[str, Any]:
     say(f"run directory: {run_dir}  (device {device}, {data.num_classes} classes, "
         f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
     loaders = build_loaders(cfg, data, device)
+    clock.progress = RunProgress(planned_epochs(cfg) * steps_per_epoch(cfg, loaders["train"]),
+                                 log_every=cfg.run.log_every, num_stages=cfg.asmb.num_stages * (cfg.method == "asmb"))
     t_start = time.time()
     summary: dict[str, Any] = {"method": cfg.method, "dataset": cfg.data.dataset, "num_classes": data.num_classes,
                                "run_dir": str(run_dir)}
@@ -488,6 +522,10 @@ def run(cfg: Config) -> dict[str, Any]:
         multi = METHODS[cfg.method][0].multi_teacher
         summary.update(train_single(cfg, data, loaders, device, logger, ckpt, clock, student,
                                     [t for t, _ in teachers] if multi else select_teachers(cfg.teachers.select, teachers)))
+    trained = (lambda p: p.startswith("teacher:")) if cfg.method == "teacher" else \
+        (lambda p: not p.startswith(("teacher:", "asmb:A")))  # the phases of the model the run trains
+    img_per_s = mean_img_per_s(logger.rows, trained)
+    summary.update({"img_per_s": img_per_s} if img_per_s is not None else {})
     summary["wall_time_s"] = time.time() - t_start
     logger.write_summary(summary)
     finish_wandb(wandb_run, summary, run_dir)
@@ -498,8 +536,16 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def planned_epochs(cfg: Config) -> int:
+    """Epochs of the method's training (stage-0 teachers are planned when they start: they may be cached)."""
+    if cfg.method == "asmb":
+        return cfg.asmb.num_stages * sum(cfg.asmb.epochs_per_stage(cfg.optim.epochs))
+    return 0 if cfg.method == "teacher" else cfg.optim.epochs
+
+
 def new_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or f"{cfg.method}-{cfg.student.model}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.run.name or run_name(cfg.method, cfg.student.model, cfg.teachers.models if cfg.method != "ce" else (),
+                                    cfg.data.dataset)
     run_dir = Path(cfg.run.out_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite and not cfg.run.resume:
         raise ConfigError(f"run directory {run_dir} exists; pass --run.resume auto to continue it, "
@@ -606,6 +652,7 @@ def finetune_teacher(cfg: Config, arch: str, path: Path, spec, data, loaders, de
     """Fine-tune one teacher with cross-entropy (phase `teacher:<arch>`, resumable), select it by validation
     accuracy and cache it at `path`."""
     say(f"stage 0: fine-tuning teacher {arch} for {cfg.teachers.epochs} epochs -> {path}")
+    clock.progress.plan(cfg.teachers.epochs * steps_per_epoch(cfg, loaders["train"]))
     model = create_model(arch, data.num_classes, pretrained=cfg.teachers.pretrained, small_input=small_input,
                          img_size=cfg.teachers.image_size or None)
     if spec is not None:
@@ -665,11 +712,11 @@ def train_labels_of(data) -> Tensor:
 
 def test_summary(student: KDModel, best: dict[str, Any], loaders, device, logger: RunLogger) -> dict[str, Any]:
     """Test accuracy of the last and of the selected (best validation) student; the test split only reports."""
-    last = {"last/test_acc": evaluate_acc(student, loaders["test"], device),
-            "last/val_acc": next(r["val/acc"] for r in reversed(logger.rows) if "val/acc" in r)}
+    last = dict(zip(("last/test_acc", "last/test_acc5"), evaluate_top1_top5(student, loaders["test"], device)),
+                **{"last/val_acc": next(r["val/acc"] for r in reversed(logger.rows) if "val/acc" in r)})
     student.load_state_dict(best["state"])
-    return {**last, "best/test_acc": evaluate_acc(student, loaders["test"], device), "best/val_acc": best["acc"],
-            "best/epoch": best["epoch"]}
+    best_test = dict(zip(("best/test_acc", "best/test_acc5"), evaluate_top1_top5(student, loaders["test"], device)))
+    return {**last, **best_test, "best/val_acc": best["acc"], "best/epoch": best["epoch"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,8 +759,11 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
             if warning := synergy_warning(stage, metrics):
                 say(warning)
     test = stage_metrics(run.synergy, loaders["test"], device)
+    # best/epoch counts the student's training epochs (phase B), as for every method; the row's epoch is global
+    stage = -(-run.best["epoch"] // (run.teacher_epochs + run.student_epochs))
     return {"synergy/test_acc": test["synergy/acc"], "ensemble/test_acc": test["ensemble/acc"],
-            **test_summary(student, run.best, loaders, device, logger)}
+            **test_summary(student, run.best, loaders, device, logger),
+            "best/epoch": run.best["epoch"] - stage * run.teacher_epochs, "best/global_epoch": run.best["epoch"]}
 
 
 class AsmbRun:
@@ -836,16 +886,19 @@ def fit(tr: Trainer, loaders: dict[str, Any], epochs: int, tag: str, logger: Run
         t0, epoch = time.time(), epoch_offset + e
         terms = train_epoch(tr, train_loader, epoch, f"{tag} {e}/{epochs}", ckpt, start_rng)
         start_rng, tr.epochs_done = None, e
-        val_acc = evaluate_acc(tr.model, loaders["val"], tr.device)
+        val_acc, val_acc5 = evaluate_top1_top5(tr.model, loaders["val"], tr.device)
         if val_acc > tr.best["acc"]:
             tr.best = {"acc": val_acc, "epoch": e, "state": cpu_copy(tr.model)}
             if save_best:
                 ckpt.save_best(tr.model.meta(), tr.best["state"], val_acc, epoch)
-        row = {"phase": tag, "epoch": epoch, "lr": tr.optimizer.param_groups[0]["lr"],
-               **{f"train/{k}": v for k, v in terms.items()}, f"val/{val_key}": val_acc,
-               f"val/best_{val_key}": tr.best["acc"], "time_s": time.time() - t0}
+        row = {"phase": tag, "epoch": epoch, "step": tr.clock.steps, "lr": tr.optimizer.param_groups[0]["lr"],
+               **{f"train/{k}": v for k, v in terms.items()}, f"val/{val_key}": val_acc, f"val/{val_key}5": val_acc5,
+               f"val/best_{val_key}": tr.best["acc"], "train/img_per_s": tr.clock.progress.epoch.rate(),
+               "time_s": time.time() - t0}
         logger.log(row)
-        say(f"[{tag}] epoch {e}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val_acc:.2f}  ({row['time_s']:.1f}s)")
+        say(f"[{tag}] epoch {e}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val_acc:.2f}  "
+            f"{row['train/img_per_s']:.0f} img/s  ({row['time_s']:.1f}s)  | "
+            + tr.clock.progress.where(tag, e, epochs, tr.clock.steps))
         ckpt.save(tr.clock.steps, tag, tr.state_dict, epoch_end=True)
     return dict(tr.best)
 
@@ -854,18 +907,24 @@ def train_epoch(tr: Trainer, loader, epoch: int, desc: str, ckpt: Checkpointer,
                 start_rng: dict[str, Any] | None = None) -> dict[str, float]:
     """One epoch (tr.steps_per_epoch steps), or the rest of one when tr.tracker holds a resumed mid-epoch state
     (`start_rng`: its RNG states). The checkpointer is called after every step but the last (the epoch-end
-    checkpoint follows validation). Returns the mean loss terms (one host sync); raises TrainingDiverged."""
+    checkpoint follows validation). Returns the mean loss terms (one host sync); raises TrainingDiverged. The bar
+    shows the running loss and images/s; off a terminal a line every --run.log-every steps (or ~30 s)."""
     set_train(tr.model, tr.freeze_policy)
     tr.method.train()
     tr.tracker = tr.tracker or LossTracker()
     steps, batches = tr.steps_per_epoch, iter(loader)
     if start_rng is not None:  # after iter(): a DataLoader draws its worker seed there, as it did before the kill
         set_rng_state(start_rng)
-    for x, y, index in progress(itertools.islice(batches, steps - tr.tracker.n), desc=desc, total=steps,
-                                initial=tr.tracker.n):
+    meter = tr.clock.progress.meter(steps, tr.tracker.n, tr.clock.steps)
+    bar = progress(itertools.islice(batches, steps - tr.tracker.n), desc=desc, total=steps, initial=tr.tracker.n)
+    for x, y, index in bar:
         x, y, index = (t.to(tr.device, non_blocking=True) for t in (x, y, index))
         tr.clock.steps += 1
         tr.tracker.add(train_step(tr, x, y, index, epoch), tr.clock.steps)
+        meter.add(len(x) * DIST.world_size)
+        if meter.due(interval_s=None if bar.disable else 1.0):  # reading the loss syncs the device: not every step
+            loss = tr.tracker.sums[0].item() / tr.tracker.n
+            bar.set_postfix(meter.postfix(loss)) if not bar.disable else say(meter.line(desc, loss))
         if tr.tracker.n < steps:
             ckpt.save(tr.clock.steps, tr.tag, tr.state_dict)
     tr.tracker.check(f"epoch {epoch} ({tr.tag})")
@@ -926,33 +985,28 @@ def init_wandb(cfg: Config, run_dir: Path, mode: str, run_id: str | None = None)
 
     kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity or None, group=cfg.wandb.group or None,
                   tags=list(cfg.wandb.tags) or None, name=run_dir.name, dir=str(run_dir), job_type=cfg.method,
-                  config=dataclasses.asdict(cfg))
+                  config=wandb_config(dataclasses.asdict(cfg), cfg.method, METHOD_GROUPS))
     if run_id:
         kwargs.update(id=run_id, resume="allow")
     if mode == "online" and not wandb_server_reachable():
         say(f"wandb server unreachable; logging offline under {run_dir}/wandb (upload later with `wandb sync`)")
         mode = "offline"
     try:
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=20), **kwargs)
+        wandb_run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=20), **kwargs)
     except Exception as e:  # no network: never block or fail the run
         if mode != "online":
             raise
         say(f"wandb online init failed ({type(e).__name__}); logging offline under {run_dir}/wandb")
-        return wandb.init(mode="offline", **kwargs)
+        wandb_run = wandb.init(mode="offline", **kwargs)
+    for axis in WANDB_AXES:
+        wandb_run.define_metric(axis)
+    wandb_run.define_metric("*", step_metric="epoch")  # charts over the global epoch, not wandb's _step
+    return wandb_run
 
 
-def wandb_sink(wandb_run):
-    return None if wandb_run is None else (lambda row: wandb_run.log(wandb_row(row)))
-
-
-def wandb_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A metrics.jsonl row as wandb keys: numbers and strings as they are, stage-0 teacher rows prefixed."""
-    row = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
-    phase = str(row.get("phase", ""))
-    if not is_teacher_phase(phase):
-        return row
-    prefix = f"teacher/{phase.split(':', 1)[1]}/"
-    return {k if k == "phase" else prefix + k: v for k, v in row.items()}
+def wandb_sink(wandb_run, teachers: tuple[str, ...] = ()):
+    """Rows to wandb with phase-scoped keys (kd.engine.wandb_env.wandb_keys)."""
+    return None if wandb_run is None else (lambda row: wandb_run.log(wandb_keys(row, teachers)))
 
 
 def finish_wandb(wandb_run, summary: dict[str, Any], run_dir: Path) -> None:
@@ -978,3 +1032,5 @@ def finish_wandb(wandb_run, summary: dict[str, Any], run_dir: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    load_runtime()

@@ -19,14 +19,13 @@ The multi-stage loop (stage 0 teachers, persistent optimisers, epochs, checkpoin
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
-from typing import Any, Iterable, Literal, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .configs import AsmbCfg, feat_kd_map_index  # noqa: F401  (the --asmb.* group lives with the light configs)
 from .errors import ConfigError
 from .freeze import set_train
 from .losses import cross_entropy
@@ -35,136 +34,6 @@ from .methods.base import Method, StepInputs
 from .metrics import accuracy, disagreement_rate, gather_outputs
 from .models import KDModel, ModelOutput
 from .synergy import compile_synergy, synergy_losses
-
-
-@dataclass
-class AsmbCfg:
-    """--method asmb (docs/asmb.md): stage 0 (both teachers fine-tuned, cached), then num_stages x (phase A: the
-    teachers' trainable part + MBM + head learn the synergy = the teachers' mean logits + a residual that starts
-    at 0; phase B: the student distils from it). Phase B's optimiser, learning
-    rate, schedule, label smoothing, MixUp/CutMix and gradient clipping are the --optim.* ones (its schedule spans
-    all phase-B epochs, num_stages x student_epochs); phase A uses Adam with the teacher_* options below."""
-
-    num_stages: int = 2
-    """number of (phase A, phase B) stages after stage 0."""
-    teacher_epochs: int = 2
-    """phase A (teacher adaptation) epochs per stage."""
-    student_epochs: int = 0
-    """phase B (student distillation) epochs per stage; 0 = --optim.epochs // num_stages (at least 1)."""
-    teacher_lr: float = 1e-4
-    """phase A Adam learning rate of the teachers' trainable parameters."""
-    teacher_weight_decay: float = 0.0
-    """phase A Adam weight decay of the teachers' trainable parameters (--optim.weight-decay is phase B's)."""
-    mbm_lr_factor: float = 10.0
-    """the MBM and synergy head learn at teacher_lr * mbm_lr_factor (no weight decay; see mbm_reg_lambda)."""
-    teacher_schedule: Literal["cosine", "constant"] = "cosine"
-    """phase A learning-rate schedule over all phase-A steps of the run (built once, persists across stages)."""
-    teacher_freeze: Literal["none", "head", "bn_head", "adapter", "last_block"] = "bn_head"
-    """what phase A trains in each teacher (its logits enter the synergy, so all of it gets the task gradient): none (everything), head (classifier), bn_head (norm affines + classifier), adapter (a new residual adapter + classifier), last_block (last stage + classifier)."""
-    teacher_adapter_dim: int = 64
-    """hidden width of the residual adapter put on each teacher's pooled feature under teacher_freeze adapter."""
-    mbm_kind: Literal["attn", "mlp", "ib"] = "attn"
-    """MBM: attn (student-query attention over the teachers), mlp (concat MLP), ib (variational information bottleneck)."""
-    mbm_query_dim: int = 0
-    """size of the MBM query; 0 = the student's feature dim (the query is the student feature, so any other value is an error)."""
-    mbm_out_dim: int = 0
-    """size D_out of the synergy feature h (ib: of the attention fusion's output; h = z has z_dim); 0 = the student's feature dim."""
-    mbm_r: int = 4
-    """attention width E = mbm_out_dim // mbm_r (attn, and ib with attn fusion)."""
-    mbm_n_head: int = 1
-    """attention heads; must divide E."""
-    mbm_dropout: float = 0.0
-    """dropout in the MBM (attention weights / MLP) and the synergy head."""
-    learnable_query: bool = True
-    """attn (and ib with attn fusion): one learned query token shared by all samples instead of the projected student feature (False = the student queries; the residual then sees phase B's moving student features it was not trained on)."""
-    mbm_feat_norm: Literal["none", "layer"] = "none"
-    """per-sample normalisation of each teacher feature before the MBM: none, or layer (zero mean, unit variance, no affine)."""
-    mbm_hidden: int = 512
-    """mlp: hidden width."""
-    z_dim: int = 0
-    """ib: latent size of z = h (0 = mbm_out_dim, else the student's feature dim); an error with another mbm_kind."""
-    ib_fusion: Literal["attn", "concat"] = "attn"
-    """ib: what gives mu and logvar: the attention fusion or the plain concat of the teacher features."""
-    ib_beta: float = 1e-3
-    """ib: weight of the mean KL of the bottleneck in phase A."""
-    synergy_ce: float = 1.0
-    """phase A: weight of CE(z_syn, y) (synergy_ce and adapt_kd cannot both be 0: phase A would have no task signal)."""
-    adapt_kd: float = 0.0
-    """phase A: weight of T^2 KL(softmax(z_s/T) || softmax(z_syn/T)) (pulls the synergy towards the student; at 1 the stage-1 pull towards an untrained student put the synergy below the ensemble)."""
-    reg_lambda: float = 1e-5
-    """phase A: weight of the sum of squared trainable teacher parameters."""
-    mbm_reg_lambda: float = 1e-5
-    """phase A: weight of the sum of squared MBM and head parameters."""
-    ce: float = 1.0
-    """phase B: weight of CE(z_s, y) (label smoothing and MixUp/CutMix from --optim)."""
-    kd: float = 1.0
-    """phase B: weight of T^2 KL(softmax(target/T) || softmax(z_s/T)), target = z_syn (or the hybrid below)."""
-    hybrid_beta: float = 0.0
-    """phase B hybrid guidance: KD term = (1 - beta) KD(z_syn) + beta KD(mean of the teachers' logits); 0 = synergy only."""
-    feat_kd_alpha: float = 1.0
-    """phase B: weight of MSE(P(student feature), h) with a trainable projection P (0 = off, no projection). With mbm_kind ib, h = mu in phase B, the same target as latent_alpha's (through another projection)."""
-    feat_kd_key: str = "feature"
-    """student feature fed to P: feature (pooled, pre-logit) or map:<i> (its i-th feature map, average-pooled; map:-1 = last)."""
-    feat_kd_norm: Literal["none", "l2"] = "none"
-    """feature KD: l2 = L2-normalise both sides per sample before the MSE."""
-    latent_alpha: float = 0.0
-    """IB-KD (mbm_kind ib): weight of MSE(P_z(student feature), mu) with a trainable projection P_z (0 = off)."""
-    latent_l2_input: bool = False
-    """IB-KD: L2-normalise the student feature before P_z."""
-    latent_bn: bool = False
-    """IB-KD: BatchNorm1d on the output of P_z."""
-    tau_schedule: Literal["fixed", "linear", "cosine"] = "fixed"
-    """temperature T over the global epoch (phase A and B epochs counted alike): fixed = tau_start."""
-    tau_start: float = 4.0
-    """T at the first epoch."""
-    tau_end: float = 1.0
-    """T at the end of the decay (linear, cosine)."""
-    tau_decay_epochs: int = 0
-    """global epochs over which T goes from tau_start to tau_end; 0 = the whole run (tau_end at its last epoch)."""
-    synergy_grad_to_student: bool = False
-    """phase B: let the gradient of the KD and feature-KD terms reach the student through the synergy query too
-    (the target then moves with the student); off = the synergy target is a constant."""
-    residual_guard: bool = True
-    """after each phase A, if the synergy's val accuracy is below the teachers' ensemble, reset the residual to 0 (the synergy falls back to the ensemble) before phase B distils from it."""
-    compile_synergy: bool = False
-    """torch.compile the synergy loss path (fullgraph, static shapes; worth it on GPU); off = eager."""
-
-    def check(self) -> None:
-        """Ranges that train.py's generic checks (finite, >= 0) do not cover."""
-        rules = [
-            (self.num_stages >= 1, f"--asmb.num-stages must be >= 1, got {self.num_stages}"),
-            (self.teacher_epochs >= 1, f"--asmb.teacher-epochs must be >= 1, got {self.teacher_epochs}"),
-            (self.teacher_lr > 0, f"--asmb.teacher-lr must be > 0, got {self.teacher_lr}"),
-            (self.mbm_lr_factor > 0, f"--asmb.mbm-lr-factor must be > 0, got {self.mbm_lr_factor}"),
-            (self.hybrid_beta <= 1, f"--asmb.hybrid-beta must be in [0, 1], got {self.hybrid_beta}"),
-            (self.mbm_dropout < 1, f"--asmb.mbm-dropout must be in [0, 1), got {self.mbm_dropout}"),
-            (self.mbm_r >= 1, f"--asmb.mbm-r must be >= 1, got {self.mbm_r}"),
-            (self.mbm_n_head >= 1, f"--asmb.mbm-n-head must be >= 1, got {self.mbm_n_head}"),
-            (self.mbm_hidden >= 1, f"--asmb.mbm-hidden must be >= 1, got {self.mbm_hidden}"),
-            (self.tau_start > 0 and self.tau_end > 0,
-             f"--asmb.tau-start and --asmb.tau-end must be > 0, got {self.tau_start} and {self.tau_end}"),
-            (self.teacher_freeze != "adapter" or self.teacher_adapter_dim >= 1,
-             "--asmb.teacher-freeze adapter needs --asmb.teacher-adapter-dim >= 1"),
-            (self.latent_alpha == 0 or self.mbm_kind == "ib",
-             f"--asmb.latent-alpha > 0 (IB-KD) needs --asmb.mbm-kind ib, got {self.mbm_kind}"),
-            (self.synergy_ce > 0 or self.adapt_kd > 0,
-             "--asmb.synergy-ce and --asmb.adapt-kd are both 0: phase A would train the teachers and the bridge "
-             "on their L2 terms alone"),
-            (self.z_dim == 0 or self.mbm_kind == "ib", f"--asmb.z-dim only applies to --asmb.mbm-kind ib, got {self.mbm_kind}"),
-            (self.mbm_out_dim == 0 or self.mbm_kind != "ib" or self.ib_fusion == "attn",
-             "--asmb.mbm-out-dim has no effect with --asmb.ib-fusion concat (set --asmb.z-dim for the latent size)"),
-        ]
-        for ok, msg in rules:
-            if not ok:
-                raise ConfigError(msg)
-        feat_kd_map_index(self.feat_kd_key)
-
-    def epochs_per_stage(self, optim_epochs: int) -> tuple[int, int]:
-        """(phase A, phase B) epochs of each stage; phase B defaults to --optim.epochs // num_stages."""
-        return self.teacher_epochs, self.student_epochs or max(1, optim_epochs // self.num_stages)
-
-
-# ----------------------------------------------------------------------------------------------- temperature
 
 
 def tau_at(epoch: int, cfg: AsmbCfg, total_epochs: int) -> float:
@@ -187,16 +56,6 @@ def temperature_table(cfg: AsmbCfg, total_epochs: int, device: torch.device | st
 
 
 # ----------------------------------------------------------------------------------------------- modules
-
-
-def feat_kd_map_index(key: str) -> int | None:
-    """--asmb.feat-kd-key: "feature" -> None (the pooled feature); "map:<i>" -> i (a feature map index)."""
-    if key == "feature":
-        return None
-    match = re.fullmatch(r"map:(-?\d+)", key)
-    if match is None:
-        raise ConfigError(f"--asmb.feat-kd-key must be 'feature' or 'map:<index>' (e.g. map:-1), got {key!r}")
-    return int(match.group(1))
 
 
 def student_kd_feature(out: ModelOutput, map_index: int | None) -> Tensor:

@@ -50,6 +50,20 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
 
 
+def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 5) -> float:
+    """Top-k accuracy in percent: the label is among the k highest logits (k capped at the number of classes).
+    logits [N, C], labels [N] class indices."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1).float().mean().item() * 100.0
+
+
+@torch.no_grad()
+def evaluate_top1_top5(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(top-1, top-5) accuracy (%) of `model` over `loader` in one pass (as evaluate_acc)."""
+    logits, labels = predict_logits(model, loader, device)
+    return accuracy(logits, labels), topk_accuracy(logits, labels, 5)
+
+
 @torch.no_grad()
 def evaluate_acc(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy (%) of `model` over `loader`. Works with any module returning logits or a

@@ -508,7 +508,9 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
     best = max(r["val/acc"] for r in b_rows)
     assert b_rows[-1]["val/best_acc"] == best  # selection spans the stages
     assert summary["best/val_acc"] == best and summary["last/val_acc"] == b_rows[-1]["val/acc"]
-    assert summary["best/epoch"] == next(r["epoch"] for r in b_rows if r["val/acc"] == best)
+    best_row = next(i for i, r in enumerate(b_rows) if r["val/acc"] == best)
+    assert summary["best/global_epoch"] == b_rows[best_row]["epoch"]  # the row's (global) epoch
+    assert summary["best/epoch"] == best_row + 1  # student (phase-B) epochs, as for every method
     assert stages[-1]["student/acc"] == pytest.approx(b_rows[-1]["val/acc"])
     for key in ("synergy/test_acc", "ensemble/test_acc", "best/test_acc", "last/test_acc", "teacher/resnet20/val_acc",
                 "teacher/wrn_16_2/val_acc"):
@@ -522,7 +524,7 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
     assert all(set(p) == {"optimizer", "scheduler", "scaler"} for p in (extra["phase_a"], extra["phase_b"]))
     assert "mbm.query_token" in extra["bridge"] and "head.net.0.weight" in extra["bridge"]
     best_ck = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
-    assert best_ck["val_acc"] == best and best_ck["epoch"] == summary["best/epoch"]
+    assert best_ck["val_acc"] == best and best_ck["epoch"] == summary["best/global_epoch"]
 
 
 def test_checkpoint_rebuilds_the_synergy(tmp_path, teacher_cache):

@@ -243,7 +243,7 @@ def test_method_trains_end_to_end(tmp_path, teacher_cache, name):
     assert 0.0 <= summary["best/test_acc"] <= 100.0
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     row = [r for r in rows if r["phase"] == name][0]
-    assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss", "ce", TERMS[name]}
+    assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss", "ce", TERMS[name], "img_per_s"}
     ce_weight = 0.1 if name == "kd" else 1.0
     want = ce_weight * row["train/ce"] + WEIGHTS_EPOCH1[name] * row[f"train/{TERMS[name]}"]
     assert row["train/loss"] == pytest.approx(want, rel=1e-4)
@@ -411,5 +411,5 @@ def test_multi_teacher_method_trains_end_to_end_with_every_teacher(tmp_path, tea
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     row = [r for r in rows if r["phase"] == name][0]
     terms = {"ce", "kd", "feat"} if name == "camkd" else {"ce", "kd"}
-    assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss"} | terms
+    assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss", "img_per_s"} | terms
     assert row["train/loss"] == pytest.approx(row["train/ce"] + row["train/kd"], rel=1e-4)  # epoch 1: feat weight 0

@@ -575,12 +575,12 @@ def test_wandb_offline_run_directory_holds_the_logged_keys(tmp_path):
 
 
 def test_wandb_row_keys_are_the_metrics_keys_with_teacher_rows_prefixed():
-    import train
+    from kd.engine.wandb_env import wandb_keys
 
     row = {"phase": "kd", "epoch": 3, "lr": 0.1, "train/kd": 1.5, "val/acc": 50.0, "note": [1]}
-    assert train.wandb_row(row) == {"phase": "kd", "epoch": 3, "lr": 0.1, "train/kd": 1.5, "val/acc": 50.0}
-    teacher = train.wandb_row({"phase": "teacher:resnet20", "epoch": 1, "val/acc": 40.0})
-    assert teacher == {"phase": "teacher:resnet20", "teacher/resnet20/epoch": 1, "teacher/resnet20/val/acc": 40.0}
+    assert wandb_keys(row) == {"phase": "kd", "epoch": 3, "lr": 0.1, "train/kd": 1.5, "val/acc": 50.0}
+    teacher = wandb_keys({"phase": "teacher:resnet20", "epoch": 1, "val/acc": 40.0})
+    assert teacher == {"phase": "teacher:resnet20", "epoch": 1, "teacher/resnet20/val/acc": 40.0}
 
 
 def test_wandb_mode_resolution(monkeypatch, tmp_path):

@@ -39,14 +39,14 @@ def test_method_runs_and_writes_run_dir(tmp_path, method):
     run_dir = tmp_path / "runs" / method
     assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.jsonl", "summary.json", "checkpoints"}
     # a checkpoint per epoch end named by the run-wide step (kd: after 2 x 3 teacher fine-tuning steps), the
-    # newest 2 kept (--run.keep-last), last.pt = the newest, best.pt = the selected model
+    # newest 2 kept (--run.keep-last), last.pt = the newest, best.pt = the selected model (+ its timm weights)
     ends = (3, 6) if method == "ce" else (9, 12)
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.pt", "best.pt",
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.pt", "best.pt", "best.safetensors",
                                                                      *(f"step-{n:09d}.pt" for n in ends)}
     rows = [r for r in read_rows(run_dir) if r["phase"] == method]
     assert [r["epoch"] for r in rows] == [1, 2]
     expected_terms = {"ce"} if method == "ce" else {"ce", "kd"}
-    assert {k[len("train/"):] for k in rows[0] if k.startswith("train/")} == expected_terms | {"loss"}
+    assert {k[len("train/"):] for k in rows[0] if k.startswith("train/")} == expected_terms | {"loss", "img_per_s"}
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["method"] == method and saved == json.loads(json.dumps(summary))
     for key in ("best/test_acc", "last/test_acc", "best/val_acc"):

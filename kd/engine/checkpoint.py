@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError
+from ..export import save_safetensors, timm_state_dict
 from ..io import atomic_link, atomic_torch_save, safe_torch_load
 from .distributed import DIST, say
 from .records import flatten_config
@@ -94,6 +95,11 @@ class Checkpointer:
         if self.dir is not None and DIST.main:
             atomic_torch_save({"meta": meta, "model": model_state, "val_acc": val_acc, "epoch": epoch,
                                "config": self.config}, self.dir / "best.pt")
+            weights = timm_state_dict(model_state, meta)  # the same weights, loadable into timm.create_model
+            if weights is not None:
+                save_safetensors(weights, self.dir / "best.safetensors",
+                                 {"arch": meta["arch"], "num_classes": meta["num_classes"],
+                                  "small_input": meta["small_input"], "val_acc": f"{val_acc:.4f}"})
 
 
 def check_finite(state: Any, where: str) -> None:

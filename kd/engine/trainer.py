@@ -14,14 +14,17 @@ from ..methods.base import Method, StepInputs
 from ..models import KDModel, check_meta
 from .checkpoint import load_loader_state, loader_state
 from .distributed import say
+from .progress import RunProgress
 from .rng import rank_rng, set_rng_state
 from .tracker import LossTracker
 
 
 @dataclass
 class StepClock:
-    """The run-wide count of optimisation steps, shared by every phase's trainer (checkpoints are named by it)."""
+    """The run-wide count of optimisation steps, shared by every phase's trainer (checkpoints are named by it),
+    and the run's progress report (steps planned, ETA, how often to print)."""
     steps: int = 0
+    progress: RunProgress = field(default_factory=RunProgress)
 
 
 @dataclass

@@ -13,29 +13,11 @@ at_loss. Computed in float32 under any autocast. With two selected teachers
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..losses import at_loss, cross_entropy
+from ..configs import ATCfg
 from .base import Method, StepInputs
-
-
-@dataclass
-class ATCfg:
-    """--method at: attention transfer on every non-stem stage."""
-
-    at_weight: float = 1000.0
-    """weight of the attention term (the paper's beta/2)."""
-    p: float = 2.0
-    """power of the activations in the attention map mean_c |f|^p."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
-
-    def check(self) -> None:
-        if self.p <= 0:
-            raise ConfigError(f"--at.p must be > 0, got {self.p}")
 
 
 class AT(Method):

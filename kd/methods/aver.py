@@ -14,31 +14,13 @@ CE 1, KD 1, T 4. Uses every --teachers model (M >= 2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..losses import cross_entropy, kd_loss
 from ..models import KDModel
+from ..configs import AverCfg
 from .base import Method, StepInputs, check_multi_teacher
-
-
-@dataclass
-class AverCfg:
-    """--method aver: mean over teachers of each teacher's KD loss (all --teachers)."""
-
-    temperature: float = 4.0
-    """softmax temperature T of each teacher's KD term."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
-    kd_weight: float = 1.0
-    """weight of the teacher-averaged KD term."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--aver.temperature must be > 0, got {self.temperature}")
 
 
 class Aver(Method):

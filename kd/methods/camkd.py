@@ -24,8 +24,6 @@ gets the student map resized from the original (the same whenever the teachers' 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,27 +32,8 @@ from ..errors import ConfigError
 from ..losses import confidence_weights, cross_entropy, kd_loss_per_sample, weighted_teacher_mean
 from ..models import KDModel
 from ..zoo.base import CifarNet
+from ..configs import CAMKDCfg
 from .base import Method, StepInputs, check_multi_teacher, map_shapes
-
-
-@dataclass
-class CAMKDCfg:
-    """--method camkd: confidence-aware multi-teacher KD on logits and the last feature map (all --teachers)."""
-
-    temperature: float = 4.0
-    """softmax temperature T of the KD terms."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
-    kd_weight: float = 1.0
-    """weight of the confidence-weighted KD term."""
-    feature_weight: float = 50.0
-    """weight of the confidence-weighted feature (MSE) term."""
-    feature_start_epoch: int = 2
-    """first epoch (1-based) of the feature term (the authors leave it out in epoch 1)."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--camkd.temperature must be > 0, got {self.temperature}")
 
 
 def distill_map(model: KDModel, maps: list[Tensor]) -> Tensor:

@@ -27,8 +27,6 @@ students at lr 0.01 (`--optim.lr 0.01`), as in RepDistiller's train_student.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,33 +34,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..losses import crd_contrast, crd_init_memory, crd_loss, crd_sample_negatives, crd_update_memory, cross_entropy
 from ..models import KDModel
+from ..configs import CRDCfg
 from .base import Method, StepInputs
-
-
-@dataclass
-class CRDCfg:
-    """--method crd: contrastive representation distillation."""
-
-    crd_weight: float = 0.8
-    """weight of the CRD (NCE) term."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
-    embed_dim: int = 128
-    """dimension of the L2-normalised student and teacher embeddings."""
-    nce_k: int = 16384
-    """negatives per sample, drawn from other classes (capped at what the training set has)."""
-    nce_t: float = 0.07
-    """temperature of the contrast scores exp(<e_s, e_t> / T)."""
-    momentum: float = 0.5
-    """momentum of the memory-bank update (share of the old entry kept)."""
-
-    def check(self) -> None:
-        if self.embed_dim < 1 or self.nce_k < 1:
-            raise ConfigError("--crd.embed-dim and --crd.nce-k must be >= 1")
-        if self.nce_t <= 0:
-            raise ConfigError(f"--crd.nce-t must be > 0, got {self.nce_t}")
-        if not self.momentum < 1:
-            raise ConfigError(f"--crd.momentum must be in [0, 1), got {self.momentum}")
 
 
 def num_negatives(train_labels: Tensor, nce_k: int) -> int:

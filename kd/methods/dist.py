@@ -9,33 +9,11 @@ at weight 1 is their ImageNet setting. With two selected teachers their logits a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..losses import cross_entropy, dist_loss
+from ..configs import DISTCfg
 from .base import Method, StepInputs, teacher_logits
-
-
-@dataclass
-class DISTCfg:
-    """--method dist: DIST (correlation-based logit distillation)."""
-
-    beta: float = 1.0
-    """weight of the inter-class (per-sample) relation loss inside the DIST term."""
-    gamma: float = 1.0
-    """weight of the intra-class (per-class, over the batch) relation loss inside the DIST term."""
-    temperature: float = 4.0
-    """softmax temperature T (the term is scaled by T^2)."""
-    dist_weight: float = 2.0
-    """weight of the DIST term."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--dist.temperature must be > 0, got {self.temperature}")
 
 
 class DIST(Method):

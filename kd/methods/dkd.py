@@ -13,36 +13,11 @@ beta by 9 as well (their KD weight 9): `--dkd.standardize True --dkd.temperature
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..losses import cross_entropy, dkd_loss, standardize_logits
+from ..configs import DKDCfg
 from .base import Method, StepInputs, teacher_logits
-
-
-@dataclass
-class DKDCfg:
-    """--method dkd: decoupled knowledge distillation."""
-
-    alpha: float = 1.0
-    """weight of the target-class term TCKD."""
-    beta: float = 8.0
-    """weight of the non-target-class term NCKD."""
-    temperature: float = 4.0
-    """softmax temperature T (the base temperature when standardize is on)."""
-    warmup: int = 20
-    """epochs over which the DKD weight ramps up as min(epoch / warmup, 1) (0 = no warm-up)."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
-    standardize: bool = False
-    """logit standardisation (Sun et al., CVPR 2024) of student and teacher logits before the DKD term (the authors'
-    recipe: temperature 2, alpha 9, beta 72)."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--dkd.temperature must be > 0, got {self.temperature}")
 
 
 def warmup_factor(epoch: int, warmup: int) -> float:

@@ -14,31 +14,13 @@ teachers only (no gradient). Uses every --teachers model (M >= 2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..losses import cross_entropy, entropy_weights, kd_loss_per_sample, weighted_teacher_mean
 from ..models import KDModel
+from ..configs import EBKDCfg
 from .base import Method, StepInputs, check_multi_teacher
-
-
-@dataclass
-class EBKDCfg:
-    """--method ebkd: entropy-weighted multi-teacher KD (all --teachers)."""
-
-    temperature: float = 4.0
-    """softmax temperature T of the KD terms (the entropies use temperature 1)."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
-    kd_weight: float = 1.0
-    """weight of the entropy-weighted KD term."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--ebkd.temperature must be > 0, got {self.temperature}")
 
 
 class EBKD(Method):

@@ -10,24 +10,13 @@ averaging maps of different networks has no meaning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..losses import cross_entropy, hint_loss
 from ..models import KDModel
+from ..configs import FitNetCfg
 from .base import Method, StepInputs, map_shapes
-
-
-@dataclass
-class FitNetCfg:
-    """--method fitnet: hints on the middle stage through a trained regressor."""
-
-    hint_weight: float = 100.0
-    """weight of the hint (MSE) term."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
 
 
 def middle_index(num_maps: int) -> int:

@@ -8,31 +8,11 @@ Knowledge Distillation") to both logits before kd_loss; `temperature` is then th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..losses import cross_entropy, kd_loss, standardize_logits
+from ..configs import KDCfg
 from .base import Method, StepInputs, teacher_logits
-
-
-@dataclass
-class KDCfg:
-    """--method kd: vanilla knowledge distillation."""
-
-    temperature: float = 4.0
-    """softmax temperature T of the KD term."""
-    ce_weight: float = 0.1
-    """weight of the cross-entropy on labels."""
-    kd_weight: float = 0.9
-    """weight of the T^2-scaled KL to the teacher."""
-    standardize: bool = False
-    """logit standardisation (Sun et al., CVPR 2024) of student and teacher logits before the KD term."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--kd.temperature must be > 0, got {self.temperature}")
 
 
 class KD(Method):

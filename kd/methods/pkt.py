@@ -10,22 +10,11 @@ selected teachers (`--teachers.select both`) the first one is used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
 from ..losses import cross_entropy, pkt_loss
+from ..configs import PKTCfg
 from .base import Method, StepInputs
-
-
-@dataclass
-class PKTCfg:
-    """--method pkt: probabilistic knowledge transfer on pooled features."""
-
-    pkt_weight: float = 30000.0
-    """weight of the PKT term."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
 
 
 class PKT(Method):

@@ -10,30 +10,11 @@ selected teachers (`--teachers.select both`) the first one is used (relations of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
 from ..losses import cross_entropy, rkd_loss
+from ..configs import RKDCfg
 from .base import Method, StepInputs
-
-
-@dataclass
-class RKDCfg:
-    """--method rkd: relational knowledge distillation on pooled features."""
-
-    rkd_weight: float = 1.0
-    """weight of the RKD term (distance and angle weights below are inside it)."""
-    distance_weight: float = 25.0
-    """weight of the distance-wise loss inside the RKD term."""
-    angle_weight: float = 50.0
-    """weight of the angle-wise loss inside the RKD term."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
-    squared: bool = False
-    """use squared pairwise distances in the distance-wise loss (mdistiller's RKD.PDIST.SQUARED)."""
-    eps: float = 1e-12
-    """clamp of the squared pairwise distances before the square root (mdistiller's RKD.PDIST.EPSILON)."""
 
 
 class RKD(Method):

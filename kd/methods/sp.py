@@ -8,22 +8,11 @@ feat[-2]). With two selected teachers (`--teachers.select both`) the first one i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
 from ..losses import cross_entropy, sp_loss
+from ..configs import SPCfg
 from .base import Method, StepInputs
-
-
-@dataclass
-class SPCfg:
-    """--method sp: similarity-preserving distillation on the last feature map."""
-
-    sp_weight: float = 3000.0
-    """weight of the SP term."""
-    ce_weight: float = 1.0
-    """weight of the cross-entropy on labels."""
 
 
 class SP(Method):

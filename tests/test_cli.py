@@ -1,0 +1,116 @@
+"""The command line a researcher types: focused and light --help, boolean spellings, --config, run names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+from kd.engine.cli import run_name
+from kd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs train.py as a script and reports which heavy libraries it imported.
+PROBE = """
+import runpy, sys
+sys.argv = ["train.py", *{args!r}]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code)
+print("heavy", sorted(m for m in ("torch", "timm", "wandb", "tqdm") if m in sys.modules))
+"""
+
+
+def probe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE.format(args=list(args))], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_and_config_errors_never_import_torch_or_timm():
+    for args, code in [(["--help"], 0), (["--method", "asmb", "--help"], 0), (["--data.aug", "maybe"], 2),
+                       (["--lr", "0.1"], 2), (["--optim.lr", "-1"], 2), (["--method", "aver", "--teachers", "a"], 2)]:
+        out = probe(*args)
+        assert f"exit {code}" in out.stdout, (args, out.stdout, out.stderr)
+        assert "heavy []" in out.stdout, (args, out.stdout)
+
+
+def test_method_help_shows_the_common_groups_and_that_method_only():
+    out = probe("--method", "asmb", "--help").stdout
+    for flag in ("--data.dataset", "--student.model", "--teachers.models", "--optim.lr", "--run.seed",
+                 "--wandb.mode", "--asmb.num-stages", "--asmb.tau-start"):
+        assert flag in out, flag
+    for other in ("--kd.temperature", "--dkd.beta", "--crd.nce-k", "--camkd.feature-weight"):
+        assert other not in out, other
+    assert "--method asmb's options" in out
+    plain = probe("--help").stdout  # no --method: the default method's group, and a pointer to the others
+    assert "--kd.temperature" in plain and "--asmb.num-stages" not in plain and "--method X --help" in plain
+
+
+def test_unknown_flag_keeps_the_suggestion(capsys):
+    assert train.main(["--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean" in err and "--optim.epochs" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("word, value", [("true", True), ("TRUE", True), ("True", True), ("1", True), ("yes", True),
+                                         ("Yes", True), ("false", False), ("FALSE", False), ("0", False),
+                                         ("no", False), ("NO", False)])
+def test_booleans_accept_common_spellings(word, value):
+    cfg = train.parse_config(["--data.aug", word, f"--run.channels_last={word}", "--kd.standardize", word])
+    assert cfg.data.aug is value and cfg.run.channels_last is value and cfg.kd.standardize is value
+
+
+def test_a_bad_boolean_is_one_clear_line(capsys):
+    with pytest.raises(ConfigError, match="--data.aug"):
+        train.parse_config(["--data.aug", "maybe"])
+
+
+def test_config_loads_a_saved_config_and_the_command_line_wins(tmp_path):
+    saved = train.parse_config(["--preset", "smoke", "--method", "dkd", "--dkd.beta", "3", "--optim.lr", "0.2",
+                                "--teachers", "resnet20,wrn_16_2", "--data.aug", "false"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(saved)))
+    cfg = train.parse_config(["--config", str(run_dir / "config.json"), "--optim.lr", "0.3"])
+    assert cfg.method == "dkd" and cfg.dkd.beta == 3 and cfg.data.aug is False and cfg.data.dataset == "synthetic"
+    assert cfg.teachers.models == ("resnet20", "wrn_16_2") and cfg.optim.milestones == ()  # lists back to tuples
+    assert cfg.optim.lr == 0.3  # the command line on top
+    assert train.parse_config([f"--config={run_dir}"]) == saved  # a run directory works too
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        train.parse_config(["--config", str(tmp_path / "missing.json")])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"optim": {"lrr": 0.1}}))
+    with pytest.raises(ConfigError, match="unknown option optim.lrr"):
+        train.parse_config(["--config", str(bad)])
+
+
+def test_run_names_describe_the_run():
+    when = 0.0
+    assert run_name("kd", "resnet8", ("resnet32x4",), "cifar100", when).startswith("kd-resnet8-from-resnet32x4-cifar100-")
+    assert run_name("teacher", "resnet8", ("resnet20", "wrn_16_2"), "synthetic", when).startswith(
+        "teacher-resnet20+wrn_16_2-synthetic-")
+    assert run_name("ce", "resnet8", (), "cifar100", when).startswith("ce-resnet8-cifar100-")
+    assert "/" not in run_name("kd", "hf_hub:org/net", ("a",), "x", when)
+
+
+def test_light_configs_agree_with_the_methods():
+    """kd.configs holds the method configs without torch; the method modules use the same classes."""
+    import kd.asmb
+    from kd import configs
+    from kd.methods import METHODS
+
+    assert set(configs.MULTI_TEACHER_METHODS) == {n for n, (cls, _) in METHODS.items() if cls.multi_teacher}
+    assert all(cfg is None or cfg is getattr(configs, cfg.__name__) for _, cfg in METHODS.values())
+    # kd/asmb.py is to import AsmbCfg from kd.configs; until then the two definitions must not drift apart
+    fields = lambda cls: [(f.name, f.type, f.default) for f in dataclasses.fields(cls)]  # noqa: E731
+    assert fields(kd.asmb.AsmbCfg) == fields(configs.AsmbCfg)
