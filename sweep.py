@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from kd.engine.cli import flag_names
 from kd.engine.child import Child, Interrupted, raise_on_termination, signal_of
 from kd.engine.wandb_env import wandb_credentials_present, wandb_server_reachable
 from kd.engine.records import final_metric, is_teacher_phase, metric_history, read_json, read_rows
@@ -192,7 +193,7 @@ def config_flag_names() -> list[str]:
     """Every train.py flag in dotted dash form (the leaves of train.Config)."""
     import train
 
-    return train.flag_names(train.Config())
+    return flag_names(train.Config())
 
 
 def check_names(spec: Spec, spec_path: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import io
 import itertools
 import math
@@ -29,7 +28,8 @@ import tyro
 
 from kd.configs import (MULTI_TEACHER_METHODS, AsmbCfg, ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg,
                         FitNetCfg, KDCfg, PKTCfg, RKDCfg, SPCfg)
-from kd.engine.cli import bool_flags, focused_config, load_config_json, normalize_booleans, pop_option, run_name
+from kd.engine.cli import (bool_flags, first_message, flag_names, focused_config, load_config_json, normalize_booleans,
+                           pop_option, run_name, unknown_flag_message)
 from kd.engine.rundir import check_run_dir, check_run_name, prepare_run_dir, release_run_dirs
 from kd.errors import ConfigError, KDError
 
@@ -40,9 +40,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kd.asmb import (AsmbAdapt, AsmbDistill, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
-                     build_asmb_modules, guard_residual, stage_metrics, synergy_warning, temperature_table)
-from kd.data import SyntheticSpec, build_data, make_loader
+from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules, guard_residual, stage_metrics,
+                     synergy_warning)
+from kd.data import SyntheticSpec, build_data, labels_in_order, make_loader
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume, reseed_loader
 from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
@@ -337,45 +337,9 @@ def parse_config(argv: list[str]) -> Config:
             raise
         raise ConfigError(first_message(captured.getvalue())) from None
     if unknown:
-        raise ConfigError(unknown_flag_message(unknown))
+        raise ConfigError(unknown_flag_message(unknown, flag_names(Config())))
     cfg.teachers.models = tuple(m.strip() for s in cfg.teachers.models for m in s.split(",") if m.strip())
     return cfg
-
-
-def first_message(tyro_error: str) -> str:
-    """tyro reports a bad value in a box: keep its message (the lines before the first rule)."""
-    lines = []
-    for raw in tyro_error.splitlines():
-        line = raw.strip().strip("│╭╮╰╯").strip()
-        if raw.lstrip().startswith("╭"):
-            continue  # the box title ("Invalid choice"): the message below says it better
-        if line.startswith("─") or not line:
-            if lines:
-                break
-            continue
-        lines.append(line)
-    return " ".join(lines) or "invalid command line (see --help)"
-
-
-def unknown_flag_message(unknown: list[str]) -> str:
-    """One line for flags tyro does not know, suggesting the flags they most likely meant: the same field in
-    another group (`--lr` -> `--optim.lr`), else the closest spellings."""
-    name = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), unknown[0])
-    valid = flag_names(Config())
-    field_name = name.lstrip("-").replace("_", "-")
-    close = [f for f in valid if f.rsplit(".", 1)[-1] == field_name.rsplit(".", 1)[-1]] or \
-        difflib.get_close_matches(field_name, valid, n=3, cutoff=0.6)
-    return f"unrecognized option {name}" + (f"; did you mean {' or '.join('--' + f for f in close)}?" if close
-                                             else " (see --help)")
-
-
-def flag_names(cfg: Any, prefix: str = "") -> list[str]:
-    """Every flag of a config dataclass in its dotted dash form (`optim.lr`, `kd.ce-weight`)."""
-    names = []
-    for f in dataclasses.fields(cfg):
-        value, name = getattr(cfg, f.name), prefix + f.name.replace("_", "-")
-        names += flag_names(value, name + ".") if dataclasses.is_dataclass(value) else [name]
-    return names
 
 
 def validate(cfg: Config) -> None:
@@ -693,21 +657,10 @@ def single_trainer(cfg: Config, data, device, clock: StepClock, student: KDModel
     method = method_cls(getattr(cfg, cfg.method, None), student, teachers, num_classes=data.num_classes,
                         num_train=len(data.train), label_smoothing=cfg.optim.label_smoothing,
                         image_size=data.image_size,
-                        train_labels=train_labels_of(data) if method_cls.needs_index else None).to(device)
+                        train_labels=labels_in_order(data.train, data.train_labels) if method_cls.needs_index else None).to(device)
     optimizer = optimizer_for([student, method], cfg.optim, cfg.optim.lr, device)
     return make_trainer(cfg, student, method, teachers, device, clock, optimizer, cfg.optim, cfg.optim.epochs,
                         steps, data.num_classes, distill=bool(teachers), freeze_policy=cfg.student.freeze)
-
-
-def train_labels_of(data) -> Tensor:
-    """[N] int64 labels of the training split in loader index order (CRD samples negatives by class):
-    DataSplits.train_labels, else the image folder's sample list, else one pass over the dataset."""
-    if data.train_labels is not None:
-        return data.train_labels
-    samples = getattr(data.train, "samples", None)
-    if samples is not None:
-        return torch.tensor([label for _, label in samples], dtype=torch.long)
-    return torch.tensor([int(data.train[i][1]) for i in range(len(data.train))], dtype=torch.long)
 
 
 def test_summary(student: KDModel, best: dict[str, Any], loaders, device, logger: RunLogger) -> dict[str, Any]:
@@ -730,8 +683,8 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
     accuracy over every phase-B epoch of every stage (best.pt); the test split only reports."""
     for teacher in teachers:
         apply_freeze(teacher, cfg.asmb.teacher_freeze)  # partly trainable; modes are set per phase
-    run = AsmbRun(cfg, prepare(student, cfg, device), teachers, modules, device,
-                  steps_per_epoch(cfg, loaders["train"]), data.num_classes, clock)
+    run = build_asmb_run(cfg, prepare(student, cfg, device), teachers, modules, device,
+                         steps_per_epoch(cfg, loaders["train"]), data.num_classes, clock)
     say(freeze_report({"student": student, **{f"teacher {t.arch} ({cfg.asmb.teacher_freeze})": t for t in teachers},
                        "MBM + head": run.bridge, "projections": run.distill}))
     # A resumed run skips the phases before its checkpoint's; fit() restores that one (and, via Trainer.extra, all).
@@ -766,68 +719,25 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
             "best/epoch": run.best["epoch"] - stage * run.teacher_epochs, "best/global_epoch": run.best["epoch"]}
 
 
-class AsmbRun:
-    """An ASMB run's models, its two phase trainers (built once, persisting across stages) and its progress.
-
-    Phase A (`phase_a`) trains the synergy model (each teacher's trainable part + MBM + head) with AsmbAdapt's
-    terms, by Adam; phase B (`phase_b`) trains the student (+ projections) with AsmbDistill's terms, with
-    --optim's optimiser and a schedule over all phase-B epochs. Both carry this object as Trainer.extra, so
-    every checkpoint holds the whole run: student, each teacher's adapted entries (the cached teacher plus
-    these rebuild it), bridge, projections, both optimisers/schedules/scalers, the stage and the best student."""
-
-    def __init__(self, cfg: Config, student: KDModel, teachers: list[KDModel], modules: AsmbModules,
-                 device: torch.device, steps: int, num_classes: int, clock: StepClock | None = None):
-        clock = clock or StepClock()
-        a = cfg.asmb
-        self.num_stages = a.num_stages
-        self.teacher_epochs, self.student_epochs = a.epochs_per_stage(cfg.optim.epochs)
-        temperatures = temperature_table(a, a.num_stages * (self.teacher_epochs + self.student_epochs), device)
-        self.student, self.teachers, self.bridge = student, teachers, modules.bridge.to(device)
-        self.teacher_keys = [adapted_keys(t, a.teacher_freeze) for t in teachers]
-        self.synergy = SynergyModel(self.bridge, student, teachers, a.teacher_freeze)
-        adapt = AsmbAdapt(a, self.bridge, teachers, temperatures, num_classes=num_classes,
-                          label_smoothing=cfg.optim.label_smoothing)
-        self.distill = AsmbDistill(a, student, teachers, modules, temperatures, num_classes=num_classes,
-                                   label_smoothing=cfg.optim.label_smoothing).to(device)
-        adapt_optimizer = torch.optim.Adam([  # the MBM + head learn faster and without decay (mbm_reg_lambda)
-            {"params": [p for t in teachers for p in t.parameters() if p.requires_grad], "lr": a.teacher_lr,
-             "weight_decay": a.teacher_weight_decay},
-            {"params": list(self.bridge.parameters()), "lr": a.teacher_lr * a.mbm_lr_factor, "weight_decay": 0.0},
-        ], **fused_kwargs(device))
-        self.phase_a = make_trainer(  # validated every epoch as val/synergy_acc; no MixUp/CutMix
-            cfg, self.synergy, adapt, [], device, clock, adapt_optimizer,
-            dataclasses.replace(cfg.optim, schedule=a.teacher_schedule, warmup_epochs=0.0),
-            a.num_stages * self.teacher_epochs, steps, num_classes, mix=False,
-            step_module=TeacherAdaptStep(student, teachers, self.bridge, adapt))
-        self.phase_b = make_trainer(cfg, student, self.distill, teachers, device, clock,
-                                    optimizer_for([student, self.distill], cfg.optim, cfg.optim.lr, device),
-                                    cfg.optim, a.num_stages * self.student_epochs, steps, num_classes,
-                                    distill=True, freeze_policy=cfg.student.freeze)
-        self.phase_a.extra = self.phase_b.extra = self
-        self.stage = 0
-        self.best: dict[str, Any] = {"acc": -1.0, "epoch": 0, "state": None}  # best student (global epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage, "student_meta": self.student.meta(), "student": self.student.state_dict(),
-            "teachers": [{"meta": t.meta(), "adapted": {k: v for k, v in t.state_dict().items() if k in keys}}
-                         for t, keys in zip(self.teachers, self.teacher_keys)],
-            "bridge": self.bridge.state_dict(), "projections": self.distill.state_dict(),
-            "phase_a": self.phase_a.optim_state(), "phase_b": self.phase_b.optim_state(),
-            # the best student before the running phase B (during one, fit()'s own "best"/"progress" lead)
-            "best": {"acc": self.best["acc"], "epoch": self.best["epoch"]}, "best_student": self.best["state"],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stage = int(state["stage"])
-        self.student.load_state_dict(state["student"])
-        for teacher, saved in zip(self.teachers, state["teachers"]):
-            teacher.load_state_dict(saved["adapted"], strict=False)
-        self.bridge.load_state_dict(state["bridge"])
-        self.distill.load_state_dict(state["projections"])
-        self.phase_a.load_optim_state(state["phase_a"])
-        self.phase_b.load_optim_state(state["phase_b"])
-        self.best = {**state["best"], "state": state["best_student"]}
+def build_asmb_run(cfg: Config, student: KDModel, teachers: list[KDModel], modules: AsmbModules, device,
+                   steps: int, num_classes: int, clock: StepClock | None = None) -> AsmbRun:
+    """ASMB's models and progress (kd.asmb.AsmbRun) and its two phase trainers, built once and persisting across
+    stages: phase A trains the synergy model (each teacher's trainable part + MBM + head) by Adam, validated as
+    val/synergy_acc, without MixUp/CutMix; phase B trains the student (+ projections) with --optim's optimiser,
+    scheduled over all phase-B epochs. Both carry the run as Trainer.extra: every checkpoint holds all of it."""
+    a, clock = cfg.asmb, clock or StepClock()
+    run = AsmbRun(a, student, teachers, modules, device, num_classes, cfg.optim.epochs, cfg.optim.label_smoothing)
+    run.phase_a = make_trainer(cfg, run.synergy, run.adapt, [], device, clock,
+                               torch.optim.Adam(run.adapt_param_groups(), **fused_kwargs(device)),
+                               dataclasses.replace(cfg.optim, schedule=a.teacher_schedule, warmup_epochs=0.0),
+                               a.num_stages * run.teacher_epochs, steps, num_classes, mix=False,
+                               step_module=TeacherAdaptStep(student, teachers, run.bridge, run.adapt))
+    run.phase_b = make_trainer(cfg, student, run.distill, teachers, device, clock,
+                               optimizer_for([student, run.distill], cfg.optim, cfg.optim.lr, device),
+                               cfg.optim, a.num_stages * run.student_epochs, steps, num_classes, distill=True,
+                               freeze_policy=cfg.student.freeze)
+    run.phase_a.extra = run.phase_b.extra = run
+    return run
 
 
 # ----------------------------------------------------------------------------------------------

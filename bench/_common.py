@@ -132,7 +132,7 @@ def build_ours(cfg: train.Config, data, phase: str = "single") -> Bundle:
     for t in teachers:
         apply_freeze(t, cfg.asmb.teacher_freeze)  # as train_asmb() does after stage 0
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, data.num_classes)
-    run = train.AsmbRun(cfg, train.prepare(student, cfg, device), teachers, modules, device, steps, data.num_classes)
+    run = train.build_asmb_run(cfg, train.prepare(student, cfg, device), teachers, modules, device, steps, data.num_classes)
     return Bundle(cfg, run.phase_a if phase == "A" else run.phase_b, loader, student, teachers, phase, {"run": run})
 
 

@@ -269,6 +269,60 @@ class AsmbDistill(Method):
 
 
 @torch.no_grad()
+class AsmbRun:
+    """An ASMB run's models and progress: the synergy model, both phases' methods, the stage, the best student,
+    and (set by the training script) the two phase trainers `phase_a` / `phase_b`, whose optimiser states its
+    state_dict() includes. state_dict() holds the whole run: student, each teacher's adapted entries (the cached
+    teacher plus these rebuild it), bridge, projections, both optimisers/schedules/scalers, the stage and the
+    best student so far; everything loads with torch.load(weights_only=True)."""
+
+    def __init__(self, cfg: AsmbCfg, student: KDModel, teachers: Sequence[KDModel], modules: AsmbModules,
+                 device: torch.device | str, num_classes: int, optim_epochs: int, label_smoothing: float = 0.0):
+        self.cfg, self.num_stages = cfg, cfg.num_stages
+        self.teacher_epochs, self.student_epochs = cfg.epochs_per_stage(optim_epochs)
+        temperatures = temperature_table(cfg, cfg.num_stages * (self.teacher_epochs + self.student_epochs), device)
+        self.student, self.teachers, self.bridge = student, list(teachers), modules.bridge.to(device)
+        self.teacher_keys = [adapted_keys(t, cfg.teacher_freeze) for t in teachers]
+        self.synergy = SynergyModel(self.bridge, student, teachers, cfg.teacher_freeze)
+        self.adapt = AsmbAdapt(cfg, self.bridge, teachers, temperatures, num_classes=num_classes,
+                               label_smoothing=label_smoothing)
+        self.distill = AsmbDistill(cfg, student, teachers, modules, temperatures, num_classes=num_classes,
+                                   label_smoothing=label_smoothing).to(device)
+        self.phase_a = self.phase_b = None  # the phases' trainers (optimizer, scheduler, scaler; optim_state())
+        self.stage = 0
+        self.best: dict[str, Any] = {"acc": -1.0, "epoch": 0, "state": None}  # best student (global epoch)
+
+    def adapt_param_groups(self) -> list[dict[str, Any]]:
+        """Phase A's optimiser groups: each teacher's trainable part at teacher_lr (teacher_weight_decay); the MBM
+        + head faster (teacher_lr * mbm_lr_factor) and without decay (mbm_reg_lambda regularises them)."""
+        c = self.cfg
+        return [{"params": [p for t in self.teachers for p in t.parameters() if p.requires_grad], "lr": c.teacher_lr,
+                 "weight_decay": c.teacher_weight_decay},
+                {"params": list(self.bridge.parameters()), "lr": c.teacher_lr * c.mbm_lr_factor, "weight_decay": 0.0}]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "student_meta": self.student.meta(), "student": self.student.state_dict(),
+            "teachers": [{"meta": t.meta(), "adapted": {k: v for k, v in t.state_dict().items() if k in keys}}
+                         for t, keys in zip(self.teachers, self.teacher_keys)],
+            "bridge": self.bridge.state_dict(), "projections": self.distill.state_dict(),
+            "phase_a": self.phase_a.optim_state(), "phase_b": self.phase_b.optim_state(),
+            # the best student before the running phase B (during one, the trainer's own "best"/"progress" lead)
+            "best": {"acc": self.best["acc"], "epoch": self.best["epoch"]}, "best_student": self.best["state"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage = int(state["stage"])
+        self.student.load_state_dict(state["student"])
+        for teacher, saved in zip(self.teachers, state["teachers"]):
+            teacher.load_state_dict(saved["adapted"], strict=False)
+        self.bridge.load_state_dict(state["bridge"])
+        self.distill.load_state_dict(state["projections"])
+        self.phase_a.load_optim_state(state["phase_a"])
+        self.phase_b.load_optim_state(state["phase_b"])
+        self.best = {**state["best"], "state": state["best_student"]}
+
+
 def stage_metrics(synergy: SynergyModel, loader: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
     """The per-stage report on `loader`, every model in eval: teacher<i>/acc, ensemble/acc (the teachers'
     mean logits), synergy/acc (ensemble + the bridge's residual, queried by the student), disagreement/pred and disagreement/both_wrong of the first two teachers, student/acc (all %),

@@ -519,3 +519,14 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
         test=TensorImageDataset(test_images, test_labels, eval_tf),
         num_classes=num_classes, image_size=size, mean=mean, std=std, class_names=class_names,
         train_images=train_images, train_labels=train_labels)
+
+
+def labels_in_order(dataset, labels: Tensor | None = None) -> Tensor:
+    """[N] int64 labels of `dataset` in loader index order (CRD samples negatives by class): `labels` when the
+    split is tensor-backed, else an image folder's sample list, else one pass over the dataset."""
+    if labels is not None:
+        return labels
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        return torch.tensor([label for _, label in samples], dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)

@@ -65,7 +65,7 @@ def make_run(seed: int = 0, **asmb) -> train.AsmbRun:
         t.eval().requires_grad_(False)
         apply_freeze(t, a.teacher_freeze)
     modules = build_asmb_modules(a, [t.num_features for t in teachers], student, C)
-    return train.AsmbRun(cfg, student, teachers, modules, torch.device("cpu"), steps=2, num_classes=C)
+    return train.build_asmb_run(cfg, student, teachers, modules, torch.device("cpu"), steps=2, num_classes=C)
 
 
 def train_epoch(tr, batches, epoch: int, desc: str) -> dict[str, float]:

@@ -5,6 +5,7 @@ They take the config class or instance explicitly, so any script with a nested-d
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 import time
@@ -127,3 +128,38 @@ def run_name(method: str, student: str, teachers: Sequence[str], dataset: str, w
     else:
         what = f"{student}-from-{'+'.join(teachers)}"
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{method}-{what}-{dataset}-{stamp}")
+
+
+def first_message(tyro_error: str) -> str:
+    """tyro reports a bad value in a box (on stderr): keep its message (the lines before the first rule)."""
+    lines = []
+    for raw in tyro_error.splitlines():
+        line = raw.strip().strip("│╭╮╰╯").strip()
+        if raw.lstrip().startswith("╭"):
+            continue  # the box title ("Invalid choice"): the message below says it better
+        if line.startswith("─") or not line:
+            if lines:
+                break
+            continue
+        lines.append(line)
+    return " ".join(lines) or "invalid command line (see --help)"
+
+
+def unknown_flag_message(unknown: list[str], valid: list[str]) -> str:
+    """One line for flags the parser does not know (`valid`: flag_names of the config), suggesting the flags they
+    most likely meant: the same field in another group (`--lr` -> `--optim.lr`), else the closest spellings."""
+    name = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), unknown[0])
+    field_name = name.lstrip("-").replace("_", "-")
+    close = [f for f in valid if f.rsplit(".", 1)[-1] == field_name.rsplit(".", 1)[-1]] or \
+        difflib.get_close_matches(field_name, valid, n=3, cutoff=0.6)
+    return f"unrecognized option {name}" + (f"; did you mean {' or '.join('--' + f for f in close)}?" if close
+                                             else " (see --help)")
+
+
+def flag_names(cfg: Any, prefix: str = "") -> list[str]:
+    """Every flag of a config dataclass in its dotted dash form (`optim.lr`, `kd.ce-weight`)."""
+    names = []
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), prefix + f.name.replace("_", "-")
+        names += flag_names(value, name + ".") if dataclasses.is_dataclass(value) else [name]
+    return names
