@@ -37,7 +37,7 @@ from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume,
 from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.records import is_teacher_phase
-from kd.engine.device import prepare_model, resolve_amp, resolve_device
+from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
 from kd.engine.runlog import RunLogger
 from kd.engine.tracker import LossTracker, TrainingDiverged
@@ -53,7 +53,7 @@ from kd.methods.kd import KDCfg
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, create_model
-from kd.teachers import (load_teacher, save_teacher, select_teachers, teacher_cache_path, teacher_input_spec,
+from kd.teachers import (FrozenModel, frozen_forward, load_teacher, save_teacher, select_teachers, teacher_cache_path, teacher_input_spec,
                          teacher_small_input)
 
 METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
@@ -137,6 +137,12 @@ class TeachersCfg:
     """label smoothing for teacher fine-tuning."""
     image_size: int = 0
     """teachers see the batch resized to this size inside their wrapper (0 = the student's size)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """precision of the frozen teachers' forward (inference mode; outputs float32), whatever --run.amp: auto =
+    bf16 on CUDA and on CPUs with AMX / AVX-512-BF16, else fp32. ASMB: phase B's teachers, phase A's student."""
+    compile: bool = False
+    """torch.compile the frozen teachers for inference (weights frozen into the graph; CUDA graphs on GPU); not
+    with --method asmb, whose teachers train in phase A."""
 
 
 @dataclass
@@ -391,6 +397,8 @@ def validate(cfg: Config) -> None:
     if cfg.method == "asmb":
         check(len(cfg.teachers.models) == 2,
               f"--method asmb distils from two teachers, --teachers has {len(cfg.teachers.models)}")
+        check(not cfg.teachers.compile, "--teachers.compile freezes the teachers' weights into the graph, but asmb's "
+              "teachers train in phase A (use --run.compile)")
     check(min(cfg.data.randaugment) >= 0 and cfg.data.randaugment[1] <= 30,
           f"--data.randaugment needs N >= 0 and M in [0, 30], got {' '.join(map(str, cfg.data.randaugment))}")
     if cfg.data.loader == "fast":
@@ -414,7 +422,8 @@ def _group_name(cfg: Config, group: Any) -> str:
 # precision) must match, or the continued run would not be the run that was started.
 RESUME_MAY_CHANGE = ("preset", "run.resume", "run.overwrite", "run.name", "run.out_dir", "run.device",
                      "run.deterministic", "run.compile", "run.ckpt_every_steps", "run.keep_last", "data.workers",
-                     "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir", "wandb.")
+                     "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir", "teachers.compile",
+                     "wandb.")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -612,7 +621,8 @@ def finetune_teacher(cfg: Config, arch: str, path: Path, spec, data, loaders, de
 
 def prepare(model: KDModel, cfg: Config, device: torch.device, inference: bool = False) -> KDModel:
     return prepare_model(model, device, channels_last=cfg.run.channels_last, compile=cfg.run.compile,
-                         sync_bn=cfg.run.sync_bn, inference=inference)
+                         sync_bn=cfg.run.sync_bn, inference=inference,
+                         frozen_compile=cfg.teachers.compile and cfg.method not in ("asmb", "teacher"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,7 +742,8 @@ class AsmbRun:
             cfg, self.synergy, adapt, [], device, clock, adapt_optimizer,
             dataclasses.replace(cfg.optim, schedule=a.teacher_schedule, warmup_epochs=0.0),
             a.num_stages * self.teacher_epochs, steps, num_classes, mix=False,
-            step_module=TeacherAdaptStep(student, teachers, self.bridge, adapt))
+            step_module=TeacherAdaptStep(FrozenModel(student, resolve_teacher_dtype(cfg.teachers.precision, device)),
+                                         teachers, self.bridge, adapt))
         self.phase_b = make_trainer(cfg, student, self.distill, teachers, device, clock,
                                     optimizer_for([student, self.distill], cfg.optim, cfg.optim.lr, device),
                                     cfg.optim, a.num_stages * self.student_epochs, steps, num_classes,
@@ -788,7 +799,8 @@ def make_trainer(cfg: Config, model: KDModel, method: Method, teachers: list[KDM
         device=device, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         mixer=build_mixer(num_classes, *mix_alphas(o, distill)) if mix else None, grad_clip_norm=o.grad_clip_norm,
         channels_last=cfg.run.channels_last, clock=clock, steps_per_epoch=steps, freeze_policy=freeze_policy,
-        seed=cfg.run.seed, step_module=distribute(step_module or StudentStep(model, method), device))
+        seed=cfg.run.seed, step_module=distribute(step_module or StudentStep(model, method), device),
+        teacher_dtype=resolve_teacher_dtype(cfg.teachers.precision, device))
 
 
 def mix_alphas(o: OptimCfg, distill: bool) -> tuple[float, float]:
@@ -865,8 +877,7 @@ def train_step(tr: Trainer, x: Tensor, y: Tensor, index: Tensor, epoch: int) -> 
         x = x.contiguous(memory_format=torch.channels_last)
     maps = tr.method.needs_maps
     with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32, enabled=tr.amp_dtype is not None):
-        with torch.no_grad():
-            t_outs = [t(x, with_maps=maps) for t in tr.teachers]
+        t_outs = frozen_forward(tr.teachers, x, with_maps=maps, dtype=tr.teacher_dtype)
         terms = tr.step_module(x, y, index, epoch, t_outs)
         weights = tr.method.loss_weights(epoch)
         loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
