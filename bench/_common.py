@@ -35,7 +35,7 @@ from kd.engine.trainer import StepClock, Trainer  # noqa: E402
 from kd.freeze import apply_freeze, set_train  # noqa: E402
 from kd.methods import METHODS, StepInputs  # noqa: E402
 from kd.models import create_model  # noqa: E402
-from kd.teachers import select_teachers, teacher_small_input  # noqa: E402
+from kd.teachers import FrozenModel, frozen_forward, select_teachers, teacher_small_input  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -153,16 +153,15 @@ def cycle(loader) -> Iterator:
 
 def forward_loss(b: Bundle, x: Tensor, y: Tensor, index: Tensor, weights: dict[str, float]) -> tuple[Any, Tensor]:
     """The forward and weighted loss both hand-written loops share: phase A runs the (frozen) student for the
-    query and the teachers with grad; otherwise the teachers run under no_grad and the student trains."""
+    query and the teachers with grad; otherwise the teachers run frozen (kd.teachers.frozen_forward at
+    --teachers.precision) and the student trains."""
     method = b.trainer.method
     if b.phase == "A":
         synergy = b.extra["run"].synergy
-        with torch.no_grad():
-            s_out = synergy.student(x)
+        s_out = FrozenModel(synergy.student, b.trainer.teacher_dtype)(x)
         t_outs = [t(x) for t in synergy.teachers]
     else:
-        with torch.no_grad():
-            t_outs = [t(x, with_maps=method.needs_maps) for t in b.teachers]
+        t_outs = frozen_forward(b.teachers, x, with_maps=method.needs_maps, dtype=b.trainer.teacher_dtype)
         s_out = b.student(x, with_maps=method.needs_maps)
     terms = method.loss_terms(StepInputs(x=x, target=y, index=index, epoch=1, student=s_out, teachers=t_outs))
     return s_out, sum(weights.get(k, 1.0) * v for k, v in terms.items())
