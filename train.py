@@ -53,8 +53,8 @@ from kd.methods.kd import KDCfg
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, create_model
-from kd.teachers import (FrozenModel, frozen_forward, load_teacher, save_teacher, select_teachers, teacher_cache_path, teacher_input_spec,
-                         teacher_small_input)
+from kd.teachers import (FrozenModel, frozen_forward, load_teacher, save_teacher, select_teachers, teacher_cache_path,
+                         teacher_input_spec, teacher_small_input)
 
 METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
                        "ebkd", "asmb"]
@@ -141,8 +141,8 @@ class TeachersCfg:
     """precision of the frozen teachers' forward (inference mode; outputs float32), whatever --run.amp: auto =
     bf16 on CUDA and on CPUs with AMX / AVX-512-BF16, else fp32. ASMB: phase B's teachers, phase A's student."""
     compile: bool = False
-    """torch.compile the frozen teachers for inference (weights frozen into the graph; CUDA graphs on GPU); not
-    with --method asmb, whose teachers train in phase A."""
+    """torch.compile the frozen teachers for inference (weights frozen into the graph; CUDA graphs on GPU), instead
+    of --run.compile's; not with --method asmb, whose teachers train in phase A."""
 
 
 @dataclass
