@@ -33,9 +33,6 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
 def resolve_teacher_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of frozen forwards (--teachers.precision; None = float32): auto = bfloat16 on CUDA and
     on CPUs with bfloat16 instructions (AMX / AVX-512-BF16), float32 elsewhere. Inference needs no GradScaler,
