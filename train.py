@@ -47,10 +47,10 @@ from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume,
 from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.progress import RunProgress, mean_img_per_s
-from kd.engine.device import prepare_model, resolve_amp, resolve_device
+from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
 from kd.engine.runlog import RunLogger
-from kd.engine.tracker import LossTracker, TrainingDiverged
+from kd.engine.tracker import LossTracker
 from kd.engine.trainer import StepClock, StudentStep, Trainer
 from kd.engine.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb_keys, wandb_server_reachable
 from kd.fastloader import DeviceLoader
@@ -60,8 +60,8 @@ from kd.methods import METHODS, Method
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
-from kd.teachers import (check_teacher_checkpoints, load_teacher, save_teacher, select_teachers, teacher_cache_path,
-                         teacher_input_spec, teacher_small_input)
+from kd.teachers import (FrozenModel, check_teacher_checkpoints, frozen_forward, load_teacher, save_teacher,
+                         select_teachers, teacher_cache_path, teacher_input_spec, teacher_small_input)
 """
 
 
@@ -150,6 +150,12 @@ class TeachersCfg:
     """label smoothing for teacher fine-tuning."""
     image_size: int = 0
     """teachers see the batch resized to this size inside their wrapper (0 = the student's size)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """precision of the frozen teachers' forward (inference mode; outputs float32), whatever --run.amp: auto =
+    bf16 on CUDA and on CPUs with AMX / AVX-512-BF16, else fp32. ASMB: phase B's teachers, phase A's student."""
+    compile: bool = False
+    """torch.compile the frozen teachers for inference (weights frozen into the graph; CUDA graphs on GPU), instead
+    of --run.compile's; not with --method asmb, whose teachers train in phase A."""
 
 
 @dataclass
@@ -395,6 +401,8 @@ def validate(cfg: Config) -> None:
     if cfg.method == "asmb":
         check(len(cfg.teachers.models) == 2,
               f"--method asmb distils from two teachers, --teachers has {len(cfg.teachers.models)}")
+        check(not cfg.teachers.compile, "--teachers.compile freezes the teachers' weights into the graph, but asmb's "
+              "teachers train in phase A (use --run.compile)")
     check(min(cfg.data.randaugment) >= 0 and cfg.data.randaugment[1] <= 30,
           f"--data.randaugment needs N >= 0 and M in [0, 30], got {' '.join(map(str, cfg.data.randaugment))}")
     if cfg.data.loader == "fast":
@@ -418,7 +426,8 @@ def _group_name(cfg: Config, group: Any) -> str:
 # precision) must match, or the continued run would not be the run that was started.
 RESUME_MAY_CHANGE = ("preset", "run.resume", "run.overwrite", "run.name", "run.out_dir", "run.device",
                      "run.deterministic", "run.compile", "run.ckpt_every_steps", "run.keep_last", "run.log_every",
-                     "data.workers", "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir", "wandb.")
+                     "data.workers", "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir",
+                     "teachers.compile", "wandb.")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -635,7 +644,8 @@ def finetune_teacher(cfg: Config, arch: str, path: Path, spec, data, loaders, de
 
 def prepare(model: KDModel, cfg: Config, device: torch.device, inference: bool = False) -> KDModel:
     return prepare_model(model, device, channels_last=cfg.run.channels_last, compile=cfg.run.compile,
-                         sync_bn=cfg.run.sync_bn, inference=inference)
+                         sync_bn=cfg.run.sync_bn, inference=inference,
+                         frozen_compile=cfg.teachers.compile and cfg.method not in ("asmb", "teacher"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,12 +736,13 @@ def build_asmb_run(cfg: Config, student: KDModel, teachers: list[KDModel], modul
     val/synergy_acc, without MixUp/CutMix; phase B trains the student (+ projections) with --optim's optimiser,
     scheduled over all phase-B epochs. Both carry the run as Trainer.extra: every checkpoint holds all of it."""
     a, clock = cfg.asmb, clock or StepClock()
+    frozen_student = FrozenModel(student, resolve_teacher_dtype(cfg.teachers.precision, device))  # phase A's query
     run = AsmbRun(a, student, teachers, modules, device, num_classes, cfg.optim.epochs, cfg.optim.label_smoothing)
     run.phase_a = make_trainer(cfg, run.synergy, run.adapt, [], device, clock,
                                torch.optim.Adam(run.adapt_param_groups(), **fused_kwargs(device)),
                                dataclasses.replace(cfg.optim, schedule=a.teacher_schedule, warmup_epochs=0.0),
                                a.num_stages * run.teacher_epochs, steps, num_classes, mix=False,
-                               step_module=TeacherAdaptStep(student, teachers, run.bridge, run.adapt))
+                               step_module=TeacherAdaptStep(frozen_student, teachers, run.bridge, run.adapt))
     run.phase_b = make_trainer(cfg, student, run.distill, teachers, device, clock,
                                optimizer_for([student, run.distill], cfg.optim, cfg.optim.lr, device),
                                cfg.optim, a.num_stages * run.student_epochs, steps, num_classes, distill=True,
@@ -764,7 +775,8 @@ def make_trainer(cfg: Config, model: KDModel, method: Method, teachers: list[KDM
         device=device, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         mixer=build_mixer(num_classes, *mix_alphas(o, distill)) if mix else None, grad_clip_norm=o.grad_clip_norm,
         channels_last=cfg.run.channels_last, clock=clock, steps_per_epoch=steps, freeze_policy=freeze_policy,
-        seed=cfg.run.seed, step_module=distribute(step_module or StudentStep(model, method), device))
+        seed=cfg.run.seed, step_module=distribute(step_module or StudentStep(model, method), device),
+        teacher_dtype=resolve_teacher_dtype(cfg.teachers.precision, device))
 
 
 def mix_alphas(o: OptimCfg, distill: bool) -> tuple[float, float]:
@@ -850,8 +862,7 @@ def train_step(tr: Trainer, x: Tensor, y: Tensor, index: Tensor, epoch: int) -> 
         x = x.contiguous(memory_format=torch.channels_last)
     maps = tr.method.needs_maps
     with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32, enabled=tr.amp_dtype is not None):
-        with torch.no_grad():
-            t_outs = [t(x, with_maps=maps) for t in tr.teachers]
+        t_outs = frozen_forward(tr.teachers, x, with_maps=maps, dtype=tr.teacher_dtype)
         terms = tr.step_module(x, y, index, epoch, t_outs)
         weights = tr.method.loss_weights(epoch)
         loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())

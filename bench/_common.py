@@ -35,7 +35,7 @@ from kd.engine.trainer import StepClock, Trainer  # noqa: E402
 from kd.freeze import apply_freeze, set_train  # noqa: E402
 from kd.methods import METHODS, StepInputs  # noqa: E402
 from kd.models import create_model  # noqa: E402
-from kd.teachers import select_teachers, teacher_small_input  # noqa: E402
+from kd.teachers import FrozenModel, frozen_forward, select_teachers, teacher_small_input  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -151,18 +151,27 @@ def cycle(loader) -> Iterator:
         yield from loader
 
 
-def forward_loss(b: Bundle, x: Tensor, y: Tensor, index: Tensor, weights: dict[str, float]) -> tuple[Any, Tensor]:
+def forward_loss(b: Bundle, x: Tensor, y: Tensor, index: Tensor, weights: dict[str, float],
+                 reference: bool = False) -> tuple[Any, Tensor]:
     """The forward and weighted loss both hand-written loops share: phase A runs the (frozen) student for the
-    query and the teachers with grad; otherwise the teachers run under no_grad and the student trains."""
+    query and the teachers with grad; otherwise the teachers run frozen (kd.teachers.frozen_forward at
+    --teachers.precision) and the student trains. `reference`: as the toolboxes do, the frozen models run
+    under no_grad in the caller's precision (float32 for the reference loop)."""
     method = b.trainer.method
-    if b.phase == "A":
-        synergy = b.extra["run"].synergy
+    if reference:
         with torch.no_grad():
-            s_out = synergy.student(x)
+            s_out = b.extra["run"].synergy.student(x) if b.phase == "A" else None
+            t_outs = [] if b.phase == "A" else [t(x, with_maps=method.needs_maps) for t in b.teachers]
+        if b.phase == "A":
+            t_outs = [t(x) for t in b.extra["run"].synergy.teachers]
+        else:
+            s_out = b.student(x, with_maps=method.needs_maps)
+    elif b.phase == "A":
+        synergy = b.extra["run"].synergy
+        s_out = FrozenModel(synergy.student, b.trainer.teacher_dtype)(x)
         t_outs = [t(x) for t in synergy.teachers]
     else:
-        with torch.no_grad():
-            t_outs = [t(x, with_maps=method.needs_maps) for t in b.teachers]
+        t_outs = frozen_forward(b.teachers, x, with_maps=method.needs_maps, dtype=b.trainer.teacher_dtype)
         s_out = b.student(x, with_maps=method.needs_maps)
     terms = method.loss_terms(StepInputs(x=x, target=y, index=index, epoch=1, student=s_out, teachers=t_outs))
     return s_out, sum(weights.get(k, 1.0) * v for k, v in terms.items())
@@ -256,7 +265,7 @@ def reference_stepper(b: Bundle, batches: Iterator) -> Callable[[int], None]:
         for _ in range(n):
             x, y, index = next(batches)
             x, y, index = x.float().to(device), y.to(device), index.to(device)
-            s_out, loss = forward_loss(b, x, y, index, weights)
+            s_out, loss = forward_loss(b, x, y, index, weights, reference=True)
             top1, top5 = accuracy(s_out.logits, y)
             opt.zero_grad()
             loss.backward()
@@ -273,7 +282,8 @@ def plain_flags(flags: str) -> str:
     """The reference loop's train.py flags: the caller's with layout / precision / compile set to the toolboxes'
     eager NCHW float32 (the Bundle's models are prepared with them)."""
     out, words = [], shlex.split(flags)
-    skip = {"--run.channels-last", "--run.channels_last", "--run.amp", "--run.compile"}
+    skip = {"--run.channels-last", "--run.channels_last", "--run.amp", "--run.compile", "--teachers.precision",
+            "--teachers.compile"}
     it = iter(words)
     for w in it:
         key = w.split("=", 1)[0]
@@ -282,7 +292,8 @@ def plain_flags(flags: str) -> str:
                 next(it, None)
             continue
         out.append(w)
-    return shlex.join(out + ["--run.channels-last", "False", "--run.amp", "off", "--run.compile", "False"])
+    return shlex.join(out + ["--run.channels-last", "False", "--run.amp", "off", "--run.compile", "False",
+                             "--teachers.precision", "fp32"])
 
 
 def describe_machine() -> str:

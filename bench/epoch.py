@@ -23,6 +23,7 @@ import torch
 
 import _common as C
 from kd.freeze import set_train  # noqa: E402  (_common put the checkout on sys.path)
+from kd.teachers import frozen_forward  # noqa: E402
 from train import LossTracker  # noqa: E402
 
 EPOCHS = 240
@@ -72,8 +73,8 @@ def instrumented_epoch(b: C.Bundle, steps: int) -> dict[str, float]:
             x = x.contiguous(memory_format=torch.channels_last)
         C.sync(device)
         t1 = time.perf_counter()
-        with torch.autocast(**amp), torch.no_grad():
-            t_outs = [t(x, with_maps=maps) for t in tr.teachers]
+        with torch.autocast(**amp):  # as train.py's train_step: the teachers' own precision, inference mode
+            t_outs = frozen_forward(tr.teachers, x, with_maps=maps, dtype=tr.teacher_dtype)
         C.sync(device)
         t2 = time.perf_counter()
         with torch.autocast(**amp):

@@ -1,5 +1,6 @@
 """Teachers as cached artefacts: the input adapter a teacher sees, the cache file that names what made it,
-and loading a fine-tuned teacher back (checked against the architecture, class count and stem).
+and loading a fine-tuned teacher back (checked against the architecture, class count and stem); and the
+forward of a frozen model at inference cost (frozen_forward, FrozenModel).
 
 Stage 0 itself (fine-tuning a missing teacher) is train.py's: it is an ordinary training phase."""
 
@@ -12,10 +13,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import timm
+import torch
+from torch import Tensor
 
 from .errors import CheckpointError
 from .io import atomic_torch_save, safe_torch_load
-from .models import KDModel, check_meta, check_shapes, create_model
+from .models import KDModel, ModelOutput, check_meta, check_shapes, create_model
 
 
 def teacher_input_spec(arch: str, pretrained: bool, image_size: int, data_mean: Sequence[float],
@@ -96,3 +99,35 @@ def select_teachers(select: str, teachers: list[tuple[KDModel, float]]) -> list[
     if select == "best":
         return [max(teachers, key=lambda t: t[1])[0]] if teachers else []
     return [teachers[int(select)][0]]
+
+
+def frozen_forward(models: Sequence[KDModel], x: Tensor, *, with_maps: bool = False,
+                   dtype: torch.dtype | None = None) -> list[ModelOutput]:
+    """Each frozen model's output for batch `x` at inference cost: under torch.inference_mode (no autograd
+    bookkeeping) and autocast to `dtype` (None = float32, autocast off even inside the student's), whatever
+    precision the caller trains in. The outputs come back as float32 COPIES made outside inference mode:
+    ordinary tensors that autograd may save (FitNet's target, CRD's trained teacher embedding) and that a
+    CUDA-graph replay of a compiled model cannot overwrite."""
+    if not models:
+        return []
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outs = [m(x, with_maps=with_maps) for m in models]
+    return [float32_copy(o) for o in outs]
+
+
+def float32_copy(out: ModelOutput) -> ModelOutput:
+    """A new float32 tensor for every tensor of `out` (feature, logits, maps)."""
+    copy = lambda t: t.to(torch.float32, copy=True)  # noqa: E731
+    return ModelOutput(copy(out.feature), copy(out.logits), None if out.maps is None else [copy(m) for m in out.maps])
+
+
+class FrozenModel:
+    """A model called as frozen_forward calls it (inference mode, autocast to `dtype`, float32 copies out), with
+    the model's call signature: for a model that is frozen in one phase and trained in another (ASMB phase A's
+    student query). Not an nn.Module, so holding it registers nothing."""
+
+    def __init__(self, model: KDModel, dtype: torch.dtype | None):
+        self.model, self.dtype = model, dtype
+
+    def __call__(self, x: Tensor, with_maps: bool = False) -> ModelOutput:
+        return frozen_forward([self.model], x, with_maps=with_maps, dtype=self.dtype)[0]

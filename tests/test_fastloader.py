@@ -248,3 +248,12 @@ def test_bad_inputs_raise_config_error():
         DeviceLoader(images, labels, batch_size=11, mean=MEAN, std=STD, train=True)
     with pytest.raises(ConfigError, match="uint8"):
         DeviceLoader(images.float(), labels, batch_size=2, mean=MEAN, std=STD, train=True)
+
+
+def test_the_loader_keeps_no_padded_copy_of_the_dataset():
+    """Padding is per batch: on the CPU the loader holds the dataset's own tensor, nothing bigger."""
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.arange(40) % 4, batch_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, train=True)
+    held = [v for v in vars(loader).values() if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.ndim == 4]
+    assert [t.data_ptr() for t in held] == [images.data_ptr()]
+    assert next(iter(loader))[0].shape == (8, 3, 32, 32)

@@ -49,6 +49,7 @@ class Trainer:
     step_module: nn.Module  # model + method as one module; DDP-wrapped with several processes
     freeze_policy: str = "none"  # the model's partial-freeze policy: frozen norm layers stay in eval
     seed: int = 0  # --run.seed: each phase reseeds from it
+    teacher_dtype: torch.dtype | None = None  # autocast dtype of the teachers' frozen forward (None = float32)
     extra: Any = None  # more state its checkpoints carry (state_dict/load_state_dict): ASMB's whole run
     # the fit in progress (set by train.py's fit)
     tag: str = ""
