@@ -360,7 +360,8 @@ def zero_residual(bridge: SynergyBridge) -> None:
 
 def guard_residual(synergy: SynergyModel, loader: Iterable, stage: int, device: torch.device | str = "cpu") -> str | None:
     """--asmb.residual-guard, after phase A of `stage`: when the synergy is less accurate than the teachers'
-    ensemble on `loader` (the validation split), reset the residual to 0 and return the line saying so."""
+    ensemble on `loader` (the validation split), reset the residual to 0 and return the line saying so. Every
+    process evaluates the whole validation split, so under DDP all ranks take the same decision."""
     metrics = stage_metrics(synergy, loader, device)
     if metrics["synergy/acc"] >= metrics["ensemble/acc"]:
         return None
