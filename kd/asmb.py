@@ -13,7 +13,8 @@
 Both phases take their synergy terms, unweighted, from `kd.synergy.synergy_losses` (optionally torch.compiled)
 with the temperature as a tensor; the only place the loss weights live is each phase's `loss_weights()`
 (read from AsmbCfg), which the loop applies.
-The multi-stage loop (stage 0 teachers, persistent optimisers, epochs, checkpoints) is train.py's run_asmb.
+`AsmbRun`: the run's models and progress as one state_dict. The multi-stage loop (stage 0 teachers, the phase
+trainers, epochs, checkpoints) is train.py's train_asmb / build_asmb_run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from .configs import AsmbCfg, feat_kd_map_index  # noqa: F401  (the --asmb.* group lives with the light configs)
 from .errors import ConfigError
-from .freeze import set_train
+from .freeze import kept_modes, set_train
 from .losses import cross_entropy
 from .mbm import MBMOutput, SynergyBridge, build_bridge, ensemble_logits
 from .methods.base import Method, StepInputs
@@ -383,14 +384,10 @@ def adapted_keys(model: nn.Module, policy: str) -> set[str]:
     """The state_dict keys phase A can change in a teacher under `policy` (call after apply_freeze): its
     trainable parameters and the buffers (BatchNorm statistics) of the modules set_train leaves in training
     mode. The cached teacher (+ adapter) plus these entries, loaded with strict=False, is the adapted teacher."""
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with kept_modes(model):
         set_train(model, policy)
         keys = {name for name, p in model.named_parameters() if p.requires_grad}
         for prefix, module in model.named_modules():
             if module.training:
                 keys |= {f"{prefix}.{name}" if prefix else name for name, _ in module.named_buffers(recurse=False)}
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return keys & set(model.state_dict())

@@ -23,7 +23,8 @@ name patterns silently miss layers named otherwise.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import contextlib
+from typing import Iterable, Iterator, Mapping
 
 import timm.layers
 from torch import nn
@@ -154,3 +155,15 @@ def freeze_report(named_models: Mapping[str, nn.Module]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every submodule's train/eval mode on exit: a partly frozen model's modes differ per module, so
+    model.train(was_training) would not put it back."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training

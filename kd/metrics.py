@@ -7,6 +7,8 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch import Tensor, nn
 
+from .freeze import kept_modes
+
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
     out = model(x)
@@ -18,15 +20,14 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | st
                    forward: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """All logits [N, C] and labels [N] of `model` on `loader` (items (x, y, ...)), in eval mode.
     `forward` overrides how logits are computed from a batch (e.g. a synergy path)."""
-    was_training = model.training
-    model.eval()
     all_logits, all_labels = [], []
-    for batch in loader:
-        x, y = batch[0].to(device, non_blocking=True), batch[1]
-        logits = forward(x) if forward is not None else _logits(model, x)
-        all_logits.append(logits.float().cpu())
-        all_labels.append(torch.as_tensor(y).cpu())
-    model.train(was_training)
+    with kept_modes(model):
+        model.eval()
+        for batch in loader:
+            x, y = batch[0].to(device, non_blocking=True), batch[1]
+            logits = forward(x) if forward is not None else _logits(model, x)
+            all_logits.append(logits.float().cpu())
+            all_labels.append(torch.as_tensor(y).cpu())
     return torch.cat(all_logits), torch.cat(all_labels)
 
 

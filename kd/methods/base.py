@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..freeze import kept_modes
 from ..models import KDModel, ModelOutput
 
 
@@ -72,15 +73,11 @@ class Method(nn.Module):
 def map_shapes(model: KDModel, image_size: int) -> list[tuple[int, int, int]]:
     """(C, H, W) of each map model(x, with_maps=True) returns for `image_size` px inputs, from one
     forward of a zero image in eval mode (so BatchNorm statistics are untouched)."""
-    modes = {m: m.training for m in model.modules()}  # restored per module (e.g. partly frozen models)
     param = next(model.parameters())
-    try:
+    with kept_modes(model):
         model.eval()
         x = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
         maps = model(x, with_maps=True).maps
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return [tuple(m.shape[1:]) for m in maps]
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..freeze import kept_modes
 from ..losses import confidence_weights, cross_entropy, kd_loss_per_sample, weighted_teacher_mean
 from ..models import KDModel
 from ..zoo.base import CifarNet
@@ -59,17 +60,13 @@ def logits_from_map(model: KDModel, h: Tensor) -> Tensor:
 def check_head_from_map(model: KDModel, image_size: int) -> tuple[int, int, int]:
     """(C, H, W) of the model's distill_map; ConfigError unless logits_from_map(distill_map) reproduces
     the model's logits."""
-    modes = {m: m.training for m in model.modules()}
     param = next(model.parameters())
-    try:
+    with kept_modes(model):
         model.eval()
         x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(param)
         out = model(x, with_maps=True)
         h = distill_map(model, out.maps)
         same = torch.allclose(logits_from_map(model, h), out.logits, rtol=1e-4, atol=1e-4)
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if not same:
         raise ConfigError(f"camkd: teacher {model.arch}'s last feature map does not feed its classifier head "
                           "directly; use a kd zoo or timm ResNet-style teacher")
