@@ -269,7 +269,6 @@ class AsmbDistill(Method):
 # ----------------------------------------------------------------------------------------------- reporting, state
 
 
-@torch.no_grad()
 class AsmbRun:
     """An ASMB run's models and progress: the synergy model, both phases' methods, the stage, the best student,
     and (set by the training script) the two phase trainers `phase_a` / `phase_b`, whose optimiser states its
@@ -324,6 +323,7 @@ class AsmbRun:
         self.best = {**state["best"], "state": state["best_student"]}
 
 
+@torch.no_grad()
 def stage_metrics(synergy: SynergyModel, loader: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
     """The per-stage report on `loader`, every model in eval: teacher<i>/acc, ensemble/acc (the teachers'
     mean logits), synergy/acc (ensemble + the bridge's residual, queried by the student), disagreement/pred and disagreement/both_wrong of the first two teachers, student/acc (all %),
