@@ -624,8 +624,15 @@ def run_online_trial(spec: Spec, state: dict[str, Any], sweep_dir: Path, extra: 
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (ConfigError: `error: ...`, exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see python {self.prog} --help)")
+
+
 def sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="sweep.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
         epilog="Report: python sweep.py report RUNS_DIR [--out DIR]  (python sweep.py report --help)")
     p.add_argument("spec", type=Path,

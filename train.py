@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kd.asmb import (AsmbCfg, AsmbAdapt, AsmbDistill, AsmbModules, SynergyModel, TeacherAdaptStep, adapted_keys,
-                     build_asmb_modules, stage_metrics, temperature_table)
+                     build_asmb_modules, guard_residual, stage_metrics, synergy_warning, temperature_table)
 from kd.data import SyntheticSpec, build_data, make_loader
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume, reseed_loader
 from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
@@ -39,6 +39,7 @@ from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.records import is_teacher_phase
 from kd.engine.device import prepare_model, resolve_amp, resolve_device
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
+from kd.engine.rundir import check_run_dir, check_run_name, prepare_run_dir, release_run_dirs
 from kd.engine.runlog import RunLogger
 from kd.engine.tracker import LossTracker, TrainingDiverged
 from kd.engine.trainer import StepClock, StudentStep, Trainer
@@ -52,10 +53,10 @@ from kd.methods import ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCf
 from kd.methods.kd import KDCfg
 from kd.metrics import evaluate_acc
 from kd.mix import build_mixer
-from kd.models import KDModel, check_meta, create_model
-from kd.teachers import (check_resume_teachers, load_teacher, save_teacher, select_teachers, teacher_cache_path,
-                         teacher_identity, teacher_input_spec, teacher_recipe, teacher_seed, teacher_small_input,
-                         teacher_test_summary)
+from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
+from kd.teachers import (check_resume_teachers, check_teacher_checkpoints, load_teacher, save_teacher, select_teachers,
+                         teacher_cache_path, teacher_identity, teacher_input_spec, teacher_recipe, teacher_seed,
+                         teacher_small_input, teacher_test_summary)
 
 METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
                        "ebkd", "asmb"]
@@ -181,11 +182,11 @@ class OptimCfg:
 @dataclass
 class RunCfg:
     name: str = ""
-    """run directory name under out_dir (default: <method>-<student>-<dataset>-<time>)."""
+    """run directory name, relative, under out_dir (default: <method>-<student>-<dataset>-<time>)."""
     out_dir: str = "runs"
     """parent directory of run directories."""
     overwrite: bool = False
-    """replace an existing run directory of the same name."""
+    """empty and reuse an existing kd run directory of the same name (one holding .kd-run), after every check."""
     seed: int = 0
     """seed of the student: its initialisation and data order (the split: --data.split-seed; teachers: --teachers.seed)."""
     deterministic: bool = False
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        release_run_dirs()
         close_distributed()
     return 0
 
@@ -363,7 +365,7 @@ def validate(cfg: Config) -> None:
             v = getattr(group, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"--{_group_name(cfg, group)}.{f.name.replace('_', '-')} must be finite, got {v}")
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 and f.name != "seed":
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise ConfigError(f"--{_group_name(cfg, group)}.{f.name.replace('_', '-')} must be >= 0, got {v}")
     method_group = getattr(cfg, cfg.method, None)
     if hasattr(method_group, "check"):
@@ -373,6 +375,14 @@ def validate(cfg: Config) -> None:
     check(cfg.data.eval_batch_size > 0, "--data.eval-batch-size must be > 0")
     check(cfg.student.drop_rate < 1, f"--student.drop-rate must be < 1, got {cfg.student.drop_rate}")
     check(cfg.optim.lr > 0, f"--optim.lr must be > 0, got {cfg.optim.lr}")
+    check(cfg.optim.momentum < 1, f"--optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    check(cfg.run.seed < 2 ** 32, f"--run.seed must be in [0, 2**32), got {cfg.run.seed}")
+    check(cfg.optim.gamma > 0, f"--optim.gamma must be > 0, got {cfg.optim.gamma}")
+    check(max(cfg.data.image_size, cfg.teachers.image_size, cfg.data.synthetic_image_size) <= 1024,
+          "--data.image-size, --teachers.image-size and --data.synthetic-image-size must be <= 1024")
+    check_run_name(cfg.run.name)
+    for name in [cfg.student.model] * (cfg.method != "teacher") + list(cfg.teachers.models) * (cfg.method != "ce"):
+        check_model_name(name)  # before any data is downloaded or extracted
     check(cfg.optim.epochs > 0, "--optim.epochs must be > 0")
     check(cfg.teachers.epochs > 0, "--teachers.epochs must be > 0")
     check(cfg.teachers.lr > 0, f"--teachers.lr must be > 0, got {cfg.teachers.lr}")
@@ -435,6 +445,8 @@ def run(cfg: Config) -> dict[str, Any]:
                             resume["path"])
         say(f"resuming from {resume['path']} ({resume['phase']}, step {resume['progress']['step']})")
     run_dir = resume_dir or new_run_dir(cfg)
+    if DIST.main:
+        check_run_dir(run_dir, overwrite=cfg.run.overwrite)  # held by another run? overwritable?
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     device = resolve_device(cfg.run.device)
     data = load_data(cfg)
@@ -446,16 +458,15 @@ def run(cfg: Config) -> dict[str, Any]:
     asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
     uses_teachers = cfg.method != "ce" and (cfg.method in ("teacher", "asmb") or METHODS[cfg.method][0].uses_teachers)
     teacher_ids = teacher_identities(cfg, data, teacher_small) if uses_teachers else []
+    check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, data.num_classes, teacher_small,
+                              cfg.teachers.image_size or None, teacher_ids)
     if resume is not None:  # the data may have moved (--data.root): the teachers must still be the run's
         check_resume_teachers(teacher_ids, resume["config"].get("teacher_identities"), resume["path"])
 
     # 2. The run directory, its records and its checkpoints.
     barrier()  # every rank has checked the run directory before rank 0 creates it
     if DIST.main:
-        if run_dir.exists() and cfg.run.overwrite:
-            import shutil
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=bool(cfg.run.resume))
+        prepare_run_dir(run_dir, overwrite=cfg.run.overwrite, fresh=not cfg.run.resume and not cfg.run.overwrite)
         atomic_write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     barrier()
     wandb_run = start_wandb(cfg, run_dir, resume)
@@ -513,6 +524,7 @@ def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] |
     apply_freeze(student, cfg.student.freeze)
     if resume is not None and resume["phase"] == cfg.method:
         check_meta(student.meta(), resume["meta"], f"resume checkpoint {cfg.run.resume}")
+        check_shapes(student, resume["model"], f"resume checkpoint {cfg.run.resume}", same_keys=True)
     return student
 
 
@@ -695,6 +707,8 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
         if order.index(f"asmb:A:s{stage}") >= resume_at:
             fit(run.phase_a, loaders, run.teacher_epochs, f"asmb:A:s{stage}", logger, ckpt, epoch_offset=epoch,
                 save_best=False, val_key="synergy_acc")
+            if cfg.asmb.residual_guard and (line := guard_residual(run.synergy, loaders["val"], stage, device)):
+                say(line)
         epoch += run.teacher_epochs
         if order.index(f"asmb:B:s{stage}") >= resume_at:
             prior = {**run.best, "epoch": run.best["epoch"] - epoch}  # fit() counts epochs from its offset
@@ -706,8 +720,10 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
             metrics = stage_metrics(run.synergy, loaders["val"], device)
             logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch, **metrics})
             say(f"[asmb stage {stage}/{run.num_stages}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    synergy_test = stage_metrics(run.synergy, loaders["test"], device)["synergy/acc"]
-    return {"synergy/test_acc": synergy_test,
+            if warning := synergy_warning(stage, metrics):
+                say(warning)
+    test = stage_metrics(run.synergy, loaders["test"], device)
+    return {"synergy/test_acc": test["synergy/acc"], "ensemble/test_acc": test["ensemble/acc"],
             **test_summary(student, run.best, loaders, device, logger)}
 
 

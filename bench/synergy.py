@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from kd.mbm import build_bridge  # noqa: E402
-from kd.synergy import compile_synergy, synergy_losses, weight_vector  # noqa: E402
+from kd.synergy import compile_synergy, synergy_losses  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,11 +59,11 @@ def make_step(args: argparse.Namespace, device: torch.device, phase: str, fn: Ca
     student_feat = torch.randn(b, args.student_dim, device=device)
     logits_s = torch.randn(b, c, device=device, requires_grad=True)
     y = torch.randint(0, c, (b,), device=device)
-    t_mean = torch.randn(b, c, device=device)
+    teacher_logits = [torch.randn(b, c, device=device, requires_grad=True) for _ in args.teacher_dims]
     proj = nn.Linear(args.student_dim, args.student_dim).to(device)
     if phase == "A":
         bridge.train()
-        leaves = [*bridge.parameters(), *feats]
+        leaves = [*bridge.parameters(), *feats, *teacher_logits]
     else:
         bridge.eval()
         leaves = [logits_s, *proj.parameters()]
@@ -71,16 +71,17 @@ def make_step(args: argparse.Namespace, device: torch.device, phase: str, fn: Ca
     def step(i: int) -> None:
         temperature = torch.tensor(4.0 - 0.01 * i, device=device)
         if phase == "A":
-            w = weight_vector({"synergy_ce": 1.0, "adapt_kd": 0.5 + 0.001 * i, "ib_kl": 1e-3, "mbm_l2": 1e-4}, "A", device)
-            _, _, terms = fn(bridge, params, student_feat, feats, logits_s, y, None, w, temperature, phase="A")
+            w = {"synergy_ce": 1.0, "adapt_kd": 0.5 + 0.001 * i, "ib_kl": 1e-3, "mbm_l2": 1e-4}
+            _, _, terms = fn(bridge, params, student_feat, feats, teacher_logits, logits_s, y, temperature, phase="A")
         else:
-            w = weight_vector({"kd": 1.0, "feat_kd": 0.1 + 0.001 * i}, "B", device)
+            w = {"kd": 1.0, "feat_kd": 0.1 + 0.001 * i}
             hybrid_beta = torch.tensor(0.3, device=device)
             _, _, terms = fn(
-                bridge, params, student_feat, feats, logits_s, y, t_mean, w, temperature,
+                bridge, params, student_feat, feats, teacher_logits, logits_s, y, temperature,
                 phase="B", hybrid_beta=hybrid_beta, feat_pred=proj(student_feat),
             )  # fmt: skip
-        torch.autograd.grad(terms["total"], leaves)
+        total = sum(w.get(name, 0.0) * term for name, term in terms.items())  # the loop's loss_weights() weighing
+        torch.autograd.grad(total, leaves)
 
     return step
 

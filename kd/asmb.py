@@ -1,4 +1,4 @@
-"""ASMB (Adaptive Synergy Manifold Bridging, /work/shared/ASMB.md): everything of the method except the loop.
+"""ASMB (Adaptive Synergy Manifold Bridging, defined in docs/asmb.md): everything of the method except the loop.
 
 - `AsmbCfg`: the `--asmb.*` CLI group, with its range checks.
 - `tau_at`: the temperature schedule on one global epoch counter (phases A and B alike).
@@ -8,9 +8,11 @@
 - Phase A (teacher adaptation): `TeacherAdaptStep` runs the frozen student and the partly trainable
   teachers, `AsmbAdapt` turns their outputs into the loss terms.
 - Phase B (student distillation): `AsmbDistill`, a Method of the ordinary student loop (teachers frozen).
-- `stage_metrics`: the per-stage report (teachers, synergy, disagreement, student, attention).
-Both phases take their synergy terms from `kd.synergy.synergy_losses` (optionally torch.compiled) with the
-loss weights and the temperature as tensors; the loop weighs the returned terms with `loss_weights()`.
+- `stage_metrics`: the per-stage report (teachers, their ensemble, synergy, disagreement, student, attention);
+  `synergy_warning`: the line to print when a stage's synergy is below the ensemble.
+Both phases take their synergy terms, unweighted, from `kd.synergy.synergy_losses` (optionally torch.compiled)
+with the temperature as a tensor; the only place the loss weights live is each phase's `loss_weights()`
+(read from AsmbCfg), which the loop applies.
 The multi-stage loop (stage 0 teachers, persistent optimisers, epochs, checkpoints) is train.py's run_asmb.
 """
 
@@ -28,17 +30,18 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .freeze import set_train
 from .losses import cross_entropy
-from .mbm import MBMOutput, SynergyBridge, build_bridge
+from .mbm import MBMOutput, SynergyBridge, build_bridge, ensemble_logits
 from .methods.base import Method, StepInputs
 from .metrics import accuracy, disagreement_rate, gather_outputs
 from .models import KDModel, ModelOutput
-from .synergy import compile_synergy, synergy_losses, weight_vector
+from .synergy import compile_synergy, synergy_losses
 
 
 @dataclass
 class AsmbCfg:
-    """--method asmb: stage 0 (both teachers fine-tuned, cached), then num_stages x (phase A: teachers' trainable
-    part + MBM + head learn the synergy; phase B: the student distils from it). Phase B's optimiser, learning
+    """--method asmb (docs/asmb.md): stage 0 (both teachers fine-tuned, cached), then num_stages x (phase A: the
+    teachers' trainable part + MBM + head learn the synergy = the teachers' mean logits + a residual that starts
+    at 0; phase B: the student distils from it). Phase B's optimiser, learning
     rate, schedule, label smoothing, MixUp/CutMix and gradient clipping are the --optim.* ones (its schedule spans
     all phase-B epochs, num_stages x student_epochs); phase A uses Adam with the teacher_* options below."""
 
@@ -57,7 +60,7 @@ class AsmbCfg:
     teacher_schedule: Literal["cosine", "constant"] = "cosine"
     """phase A learning-rate schedule over all phase-A steps of the run (built once, persists across stages)."""
     teacher_freeze: Literal["none", "head", "bn_head", "adapter", "last_block"] = "bn_head"
-    """what phase A trains in each teacher: none (everything), head, bn_head (norm affines + head), adapter (+ head), last_block (+ head)."""
+    """what phase A trains in each teacher (its logits enter the synergy, so all of it gets the task gradient): none (everything), head (classifier), bn_head (norm affines + classifier), adapter (a new residual adapter + classifier), last_block (last stage + classifier)."""
     teacher_adapter_dim: int = 64
     """hidden width of the residual adapter put on each teacher's pooled feature under teacher_freeze adapter."""
     mbm_kind: Literal["attn", "mlp", "ib"] = "attn"
@@ -65,27 +68,29 @@ class AsmbCfg:
     mbm_query_dim: int = 0
     """size of the MBM query; 0 = the student's feature dim (the query is the student feature, so any other value is an error)."""
     mbm_out_dim: int = 0
-    """size D_out of the synergy feature h; 0 = the student's feature dim."""
+    """size D_out of the synergy feature h (ib: of the attention fusion's output; h = z has z_dim); 0 = the student's feature dim."""
     mbm_r: int = 4
     """attention width E = mbm_out_dim // mbm_r (attn, and ib with attn fusion)."""
     mbm_n_head: int = 1
     """attention heads; must divide E."""
     mbm_dropout: float = 0.0
     """dropout in the MBM (attention weights / MLP) and the synergy head."""
-    learnable_query: bool = False
-    """attn: one learned query token shared by all samples instead of the projected student feature."""
+    learnable_query: bool = True
+    """attn (and ib with attn fusion): one learned query token shared by all samples instead of the projected student feature (False = the student queries; the residual then sees phase B's moving student features it was not trained on)."""
+    mbm_feat_norm: Literal["none", "layer"] = "none"
+    """per-sample normalisation of each teacher feature before the MBM: none, or layer (zero mean, unit variance, no affine)."""
     mbm_hidden: int = 512
     """mlp: hidden width."""
     z_dim: int = 0
-    """ib: latent size (0 = mbm_out_dim)."""
+    """ib: latent size of z = h (0 = mbm_out_dim, else the student's feature dim); an error with another mbm_kind."""
     ib_fusion: Literal["attn", "concat"] = "attn"
     """ib: what gives mu and logvar: the attention fusion or the plain concat of the teacher features."""
     ib_beta: float = 1e-3
     """ib: weight of the mean KL of the bottleneck in phase A."""
     synergy_ce: float = 1.0
-    """phase A: weight of CE(z_syn, y)."""
-    adapt_kd: float = 1.0
-    """phase A: weight of T^2 KL(softmax(z_s/T) || softmax(z_syn/T)) (keeps the synergy within the student's reach)."""
+    """phase A: weight of CE(z_syn, y) (synergy_ce and adapt_kd cannot both be 0: phase A would have no task signal)."""
+    adapt_kd: float = 0.0
+    """phase A: weight of T^2 KL(softmax(z_s/T) || softmax(z_syn/T)) (pulls the synergy towards the student; at 1 the stage-1 pull towards an untrained student put the synergy below the ensemble)."""
     reg_lambda: float = 1e-5
     """phase A: weight of the sum of squared trainable teacher parameters."""
     mbm_reg_lambda: float = 1e-5
@@ -97,7 +102,7 @@ class AsmbCfg:
     hybrid_beta: float = 0.0
     """phase B hybrid guidance: KD term = (1 - beta) KD(z_syn) + beta KD(mean of the teachers' logits); 0 = synergy only."""
     feat_kd_alpha: float = 1.0
-    """phase B: weight of MSE(P(student feature), h) with a trainable projection P (0 = off, no projection)."""
+    """phase B: weight of MSE(P(student feature), h) with a trainable projection P (0 = off, no projection). With mbm_kind ib, h = mu in phase B, the same target as latent_alpha's (through another projection)."""
     feat_kd_key: str = "feature"
     """student feature fed to P: feature (pooled, pre-logit) or map:<i> (its i-th feature map, average-pooled; map:-1 = last)."""
     feat_kd_norm: Literal["none", "l2"] = "none"
@@ -118,7 +123,9 @@ class AsmbCfg:
     """global epochs over which T goes from tau_start to tau_end; 0 = the whole run (tau_end at its last epoch)."""
     synergy_grad_to_student: bool = False
     """phase B: let the gradient of the KD and feature-KD terms reach the student through the synergy query too
-    (the target then moves with the student); off = the synergy target is a constant (ASMB.md)."""
+    (the target then moves with the student); off = the synergy target is a constant."""
+    residual_guard: bool = True
+    """after each phase A, if the synergy's val accuracy is below the teachers' ensemble, reset the residual to 0 (the synergy falls back to the ensemble) before phase B distils from it."""
     compile_synergy: bool = False
     """torch.compile the synergy loss path (fullgraph, static shapes; worth it on GPU); off = eager."""
 
@@ -140,6 +147,12 @@ class AsmbCfg:
              "--asmb.teacher-freeze adapter needs --asmb.teacher-adapter-dim >= 1"),
             (self.latent_alpha == 0 or self.mbm_kind == "ib",
              f"--asmb.latent-alpha > 0 (IB-KD) needs --asmb.mbm-kind ib, got {self.mbm_kind}"),
+            (self.synergy_ce > 0 or self.adapt_kd > 0,
+             "--asmb.synergy-ce and --asmb.adapt-kd are both 0: phase A would train the teachers and the bridge "
+             "on their L2 terms alone"),
+            (self.z_dim == 0 or self.mbm_kind == "ib", f"--asmb.z-dim only applies to --asmb.mbm-kind ib, got {self.mbm_kind}"),
+            (self.mbm_out_dim == 0 or self.mbm_kind != "ib" or self.ib_fusion == "attn",
+             "--asmb.mbm-out-dim has no effect with --asmb.ib-fusion concat (set --asmb.z-dim for the latent size)"),
         ]
         for ok, msg in rules:
             if not ok:
@@ -218,7 +231,7 @@ def build_asmb_modules(cfg: AsmbCfg, teacher_dims: Sequence[int], student: KDMod
     bridge = build_bridge(cfg.mbm_kind, teacher_dims, student.num_features, num_classes, query_dim=cfg.mbm_query_dim,
                           out_dim=cfg.mbm_out_dim, r=cfg.mbm_r, n_head=cfg.mbm_n_head, dropout=cfg.mbm_dropout,
                           learnable_query=cfg.learnable_query, hidden=cfg.mbm_hidden, z_dim=cfg.z_dim,
-                          ib_fusion=cfg.ib_fusion)
+                          ib_fusion=cfg.ib_fusion, feat_norm=cfg.mbm_feat_norm)
     h_dim = bridge.mbm.out_dim  # the synergy feature (z for ib)
     feat_proj = latent_proj = None
     if cfg.feat_kd_alpha > 0:
@@ -246,8 +259,8 @@ def _keep_unregistered(module: nn.Module, name: str, value: Any) -> None:
 
 
 class SynergyModel(nn.Module):
-    """The synergy classifier as one model: the student's pooled feature queries the bridge over the teachers'
-    pooled features; forward(x) -> z_syn [B, C]. Phase A's trainer trains it: train() puts each teacher in the
+    """The synergy classifier as one model: the teachers' mean logits plus the bridge's residual, the bridge
+    queried by the student's pooled feature over the teachers' pooled features; forward(x) -> z_syn [B, C]. Phase A's trainer trains it: train() puts each teacher in the
     training mode of its freeze policy (frozen norm layers stay in eval) and keeps the student in eval (it only
     supplies the query). Only the bridge is a registered submodule; teachers and student belong to the loop."""
 
@@ -269,7 +282,7 @@ class SynergyModel(nn.Module):
         """(student output, teacher outputs, z_syn [B, C], the MBM's output) for images x [B, 3, H, W]."""
         s = self.student(x)
         t_outs = [t(x) for t in self.teachers]
-        z_syn, out = self.bridge(s.feature, [t.feature for t in t_outs])
+        z_syn, out = self.bridge(s.feature, [t.feature for t in t_outs], [t.logits for t in t_outs])
         return s, t_outs, z_syn, out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -286,7 +299,7 @@ class SynergyModel(nn.Module):
 class TeacherAdaptStep(nn.Module):
     """Phase A's forward (what the loop's Trainer.step calls; DDP-wrapped with several processes): the frozen
     student (eval, no grad) gives the query and the logits the synergy is pulled towards; the teachers run WITH
-    gradient so their trainable part learns (bug 2 of the old code: teacher features under no_grad).
+    gradient so their trainable part learns (a teacher run under no_grad here would never adapt).
     Registered: the teachers and the bridge (phase A's trained parameters); the student is not."""
 
     def __init__(self, student: KDModel, teachers: Sequence[KDModel], bridge: SynergyBridge, method: "AsmbAdapt"):
@@ -304,11 +317,13 @@ class TeacherAdaptStep(nn.Module):
 
 
 class AsmbAdapt(Method):
-    """Phase A loss terms (ASMB.md "Phase A"), unweighted; weights in loss_weights():
+    """Phase A loss terms (docs/asmb.md, "Phase A"), unweighted; weights in loss_weights():
     synergy_ce = CE(z_syn, y); adapt_kd = T^2 KL(softmax(z_s/T) || softmax(z_syn/T)) with the student detached
-    (positive sign, bug 1); ib_kl = mean KL of the bottleneck (ib only); mbm_l2 = sum of squared MBM + head
-    parameters; teacher_l2 = sum of squared trainable teacher parameters. `inp.student` is the frozen student's
-    output, `inp.teachers` the teachers' outputs WITH gradient (TeacherAdaptStep)."""
+    (positive sign: a negative KL would be unbounded below); ib_kl = mean KL of the bottleneck (ib only);
+    mbm_l2 = sum of squared MBM + head parameters; teacher_l2 = sum of squared trainable teacher parameters.
+    `inp.student` is the frozen student's output, `inp.teachers` the teachers' outputs WITH gradient
+    (TeacherAdaptStep): their logits make the synergy's ensemble part, so every trainable teacher tensor lies
+    on the path of synergy_ce (a teacher with nothing trainable is a ConfigError here, before phase A)."""
 
     name = "asmb:A"
 
@@ -317,17 +332,18 @@ class AsmbAdapt(Method):
         super().__init__(cfg, None, list(teachers), num_classes=num_classes, num_train=0, label_smoothing=label_smoothing)
         _keep_unregistered(self, "bridge", bridge)
         _keep_unregistered(self, "teacher_models", list(teachers))
+        for teacher in teachers:
+            if not any(p.requires_grad for p in teacher.parameters()):
+                raise ConfigError(f"--asmb.teacher-freeze {cfg.teacher_freeze} leaves nothing of teacher {teacher.arch} "
+                                  "to train in phase A")
         self.register_buffer("temperatures", temperatures, persistent=False)
-        weights = {"synergy_ce": cfg.synergy_ce, "adapt_kd": cfg.adapt_kd, "ib_kl": cfg.ib_beta, "mbm_l2": cfg.mbm_reg_lambda}
-        self.register_buffer("weights", weight_vector(weights, "A", temperatures.device), persistent=False)
         self.synergy = compile_synergy(synergy_losses, cfg.compile_synergy)
 
     def loss_terms(self, inp: StepInputs) -> dict[str, Tensor]:
         _, _, terms = self.synergy(
             self.bridge, bridge_state(self.bridge), inp.student.feature, [t.feature for t in inp.teachers],
-            inp.student.logits, inp.target, None, self.weights, self.temperatures[inp.epoch - 1],
+            [t.logits for t in inp.teachers], inp.student.logits, inp.target, self.temperatures[inp.epoch - 1],
             phase="A", label_smoothing=self.label_smoothing)  # fmt: skip
-        del terms["total"]  # the loop sums weight * term with loss_weights()
         params = [p for t in self.teacher_models for p in t.parameters() if p.requires_grad]
         terms["teacher_l2"] = torch.stack([p.pow(2).sum() for p in params]).sum()
         return terms
@@ -342,7 +358,7 @@ class AsmbAdapt(Method):
 
 
 class AsmbDistill(Method):
-    """Phase B loss terms (ASMB.md "Phase B"), unweighted; weights in loss_weights(): ce = CE(z_s, y) (soft
+    """Phase B loss terms (docs/asmb.md, "Phase B"), unweighted; weights in loss_weights(): ce = CE(z_s, y) (soft
     labels under MixUp/CutMix); kd = T^2 KL(softmax(z_syn/T) || softmax(z_s/T)), or with hybrid_beta > 0
     (1 - beta) KD(z_syn) + beta KD(mean teacher logits); feat_kd = MSE(P(student feature), h) (feat_kd_alpha > 0);
     latent = MSE(P_z(s), mu) (IB-KD). The synergy is computed with the student's current feature as query and
@@ -363,8 +379,6 @@ class AsmbDistill(Method):
         self.needs_maps = self.map_index is not None  # the loop then asks the student for its feature maps
         device = temperatures.device
         self.register_buffer("temperatures", temperatures, persistent=False)
-        weights = {"kd": cfg.kd, "feat_kd": cfg.feat_kd_alpha, "latent": cfg.latent_alpha}
-        self.register_buffer("weights", weight_vector(weights, "B", device), persistent=False)
         hybrid = torch.tensor(cfg.hybrid_beta, device=device) if cfg.hybrid_beta > 0 else None
         self.register_buffer("hybrid_beta", hybrid, persistent=False)
         self.synergy = compile_synergy(synergy_losses, cfg.compile_synergy)
@@ -380,13 +394,11 @@ class AsmbDistill(Method):
         s = inp.student
         feat_pred = self.feat_proj(student_kd_feature(s, self.map_index)) if self.feat_proj is not None else None
         latent_pred = self.latent_proj(s.feature) if self.latent_proj is not None else None
-        t_mean = torch.stack([t.logits for t in inp.teachers]).mean(0) if self.hybrid_beta is not None else None
         _, _, terms = self.synergy(
-            self.bridge, bridge_state(self.bridge), s.feature, [t.feature for t in inp.teachers], s.logits,
-            inp.target, t_mean, self.weights, self.temperatures[inp.epoch - 1], phase="B",
+            self.bridge, bridge_state(self.bridge), s.feature, [t.feature for t in inp.teachers],
+            [t.logits for t in inp.teachers], s.logits, inp.target, self.temperatures[inp.epoch - 1], phase="B",
             hybrid_beta=self.hybrid_beta, feat_pred=feat_pred, feat_kd_norm=self.cfg.feat_kd_norm,
             latent_pred=latent_pred, query_grad=self.cfg.synergy_grad_to_student)  # fmt: skip
-        del terms["total"]  # the loop sums weight * term with loss_weights()
         return {"ce": cross_entropy(s.logits, inp.target, self.label_smoothing), **terms}
 
     def loss_weights(self, epoch: int) -> dict[str, float]:
@@ -399,8 +411,8 @@ class AsmbDistill(Method):
 
 @torch.no_grad()
 def stage_metrics(synergy: SynergyModel, loader: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
-    """The per-stage report on `loader`, every model in eval: teacher<i>/acc, synergy/acc (the bridge queried by
-    the student), disagreement/pred and disagreement/both_wrong of the first two teachers, student/acc (all %),
+    """The per-stage report on `loader`, every model in eval: teacher<i>/acc, ensemble/acc (the teachers'
+    mean logits), synergy/acc (ensemble + the bridge's residual, queried by the student), disagreement/pred and disagreement/both_wrong of the first two teachers, student/acc (all %),
     and, when the bridge attends (attn, ib with attn fusion), attn/teacher<i>: the mean attention weight on
     teacher i (over samples and heads; they sum to 1)."""
     synergy.eval()
@@ -415,6 +427,7 @@ def stage_metrics(synergy: SynergyModel, loader: Iterable, device: torch.device 
     outs, labels = gather_outputs(forward, loader, device)
     n_teachers = len(synergy.teachers)
     metrics = {f"teacher{i}/acc": accuracy(outs[f"teacher{i}"], labels) for i in range(n_teachers)}
+    metrics["ensemble/acc"] = accuracy(ensemble_logits([outs[f"teacher{i}"] for i in range(n_teachers)]), labels)
     metrics["synergy/acc"] = accuracy(outs["synergy"], labels)
     for mode in ("pred", "both_wrong"):
         metrics[f"disagreement/{mode}"] = disagreement_rate(outs["teacher0"], outs["teacher1"], labels, mode)
@@ -422,6 +435,34 @@ def stage_metrics(synergy: SynergyModel, loader: Iterable, device: torch.device 
     if "attn" in outs:
         metrics.update({f"attn/teacher{i}": w for i, w in enumerate(outs["attn"].mean(dim=0).tolist())})
     return metrics
+
+
+def zero_residual(bridge: SynergyBridge) -> None:
+    """Reset the synergy residual to 0 (its last layer, as at init): the synergy is the teachers' ensemble again."""
+    last = bridge.head.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+
+
+def guard_residual(synergy: SynergyModel, loader: Iterable, stage: int, device: torch.device | str = "cpu") -> str | None:
+    """--asmb.residual-guard, after phase A of `stage`: when the synergy is less accurate than the teachers'
+    ensemble on `loader` (the validation split), reset the residual to 0 and return the line saying so."""
+    metrics = stage_metrics(synergy, loader, device)
+    if metrics["synergy/acc"] >= metrics["ensemble/acc"]:
+        return None
+    zero_residual(synergy.bridge)
+    return (f"stage {stage}: synergy val acc {metrics['synergy/acc']:.2f} < ensemble {metrics['ensemble/acc']:.2f} "
+            "after phase A: residual reset to 0 (synergy = ensemble)")
+
+
+def synergy_warning(stage: int, metrics: dict[str, float]) -> str | None:
+    """One warning line when stage `stage`'s synergy is less accurate than the teachers' ensemble (a student
+    distilled from it learns from something worse than averaging the teachers), else None."""
+    if metrics["synergy/acc"] >= metrics["ensemble/acc"]:
+        return None
+    return (f"warning: stage {stage}: synergy val acc {metrics['synergy/acc']:.2f} is below the teachers' ensemble "
+            f"{metrics['ensemble/acc']:.2f}")
 
 
 def adapted_keys(model: nn.Module, policy: str) -> set[str]:

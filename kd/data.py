@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets as tvd
 from torchvision.transforms import v2
 
-from .errors import ConfigError, DataError, first_line
-from .io import atomic_torch_save
+from .errors import CheckpointError, ConfigError, DataError, first_line
+from .io import atomic_torch_save, current_umask, safe_torch_load
 from .sampler import EpochBatchSampler
 
 DATASETS = ("synthetic", "cifar100", "imagefolder", "tiny-imagenet")
@@ -103,7 +103,11 @@ class FileSubset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
         path, label = self.samples[i]
-        return self.transform(self.loader(path)), label, i
+        try:
+            image = self.loader(path)
+        except Exception as e:  # a file whose header was fine but whose pixels are not (truncated)
+            raise DataError(f"cannot decode image {path}: {first_line(e)}") from None
+        return self.transform(image), label, i
 
 
 # ----------------------------------------------------------------------------------------------- splits, loaders
@@ -273,6 +277,7 @@ def _extract_once(archive: Path, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.extract-"))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: the cache is shared like any folder
         if archive.name.endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(tmp)
@@ -387,8 +392,8 @@ def tiny_cache_path(dataset_dir: Path, cache_dir: Path) -> Path:
 def _read_cache(path: Path) -> dict | None:
     """The decoded-image cache, or None when absent or unreadable (then it is rebuilt)."""
     try:
-        return torch.load(path, weights_only=True) if path.is_file() else None
-    except Exception:  # truncated/corrupt file: many error types, all mean "decode again"
+        return safe_torch_load(path) if path.is_file() else None
+    except CheckpointError:  # truncated/corrupt/changed file: decode again
         warnings.warn(f"ignoring unreadable cache {path}; decoding the images again")
         return None
 
@@ -467,7 +472,24 @@ def _load_imagefolder(root: Path) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
     if folders[0].classes != folders[1].classes:
         only = sorted(set(folders[0].classes) ^ set(folders[1].classes))[:5]
         raise DataError(f"class folders of {root}/train and {root}/val differ (e.g. {only})")
+    _check_image_headers([path for folder in folders for path, _ in folder.samples])
     return folders[0], folders[1]
+
+
+def _check_image_headers(files: list[str]) -> None:
+    """Every image file opens as an image (its header is read, not the pixels: fast), so an undecodable file
+    is reported naming it before the run writes anything instead of stopping training later."""
+
+    def check(path: str) -> None:
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 (parsed from the header)
+        except Exception as e:  # PIL raises many types for one meaning: not a readable image
+            raise DataError(f"cannot read image {path}: {first_line(e)}") from None
+
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
+        for _ in pool.map(check, files):
+            pass
 
 
 def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int = 0, image_size: int = 0,

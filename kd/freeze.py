@@ -1,4 +1,4 @@
-"""Partial freezing of a KDModel (teacher adaptation in ASMB phase A, /work/shared/ASMB.md).
+"""Partial freezing of a KDModel (teacher adaptation in ASMB phase A, docs/asmb.md; student freezing).
 
 Policies (what stays trainable; everything else gets requires_grad=False):
 - `none`: everything.
@@ -13,9 +13,12 @@ Policies (what stays trainable; everything else gets requires_grad=False):
 When the model has an adapter, it is trainable under every policy: it only exists to be trained,
 and a frozen randomly initialised adapter would perturb the features for nothing.
 
+Every policy keeps the classifier trainable: in ASMB phase A the teachers' logits are part of the synergy,
+so the classifier always has a task gradient (docs/asmb.md, "Freeze policies").
+
 Norm layers are detected by class (torch's `_NormBase`, `LayerNorm`, `GroupNorm`, `RMSNorm`, of
-which most timm norm layers are subclasses, plus timm's RMS norms), never by parameter name
-(bug 12 of the old code base).
+which most timm norm layers are subclasses, plus timm's RMS norms), never by parameter name, since
+name patterns silently miss layers named otherwise.
 """
 
 from __future__ import annotations

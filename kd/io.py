@@ -1,8 +1,14 @@
 """Crash-safe file output: every file is written to a temp file in the same directory,
-flushed, fsynced, then renamed over the target, so a kill leaves the old file or the new one."""
+flushed, fsynced, then renamed over the target, so a kill leaves the old file or the new one. Files get
+the permissions the umask gives (as open() would), not mkstemp's 0600.
+
+Checkpoints (atomic_torch_save) end with a trailer holding the SHA-256 of the bytes before it, so a file
+changed on disk (bit rot, a bad copy) is detected on load; torch.load ignores the trailer, so the files
+stay ordinary torch checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +25,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600: readable by the owner alone
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -36,9 +43,62 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         os.close(dir_fd)
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: restore at once
+    os.umask(mask)
+    return mask
+
+
+CHECKSUM_TAG = b"\nkd-sha256:"  # trailer: tag + 32-byte digest of every byte before the tag
+TRAILER_LEN = len(CHECKSUM_TAG) + 32
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through (torch.save writes sequentially)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save `obj` to `path` atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save `obj` to `path` atomically, followed by the checksum trailer (verified by safe_torch_load)."""
+
+    def write(f: IO[bytes]) -> None:
+        hashing = _HashingWriter(f)
+        torch.save(obj, hashing)
+        f.write(CHECKSUM_TAG + hashing.sha.digest())
+
+    _atomic_write(path, write)
+
+
+def verify_checksum(path: Path) -> bool | None:
+    """True when the file's checksum trailer matches its content, False when it does not, None when the
+    file has no trailer (written by torch.save elsewhere, or by an older kd)."""
+    size = path.stat().st_size
+    if size < TRAILER_LEN:
+        return None
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(size - TRAILER_LEN)
+        trailer = f.read(TRAILER_LEN)
+        if not trailer.startswith(CHECKSUM_TAG):
+            return None
+        f.seek(0)
+        left = size - TRAILER_LEN
+        while left:
+            chunk = f.read(min(left, 1 << 24))
+            if not chunk:
+                return False
+            sha.update(chunk)
+            left -= len(chunk)
+    return sha.digest() == trailer[len(CHECKSUM_TAG):]
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
@@ -72,10 +132,19 @@ def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load with weights_only=True; a missing or unreadable file raises CheckpointError (one line)."""
+    """torch.load with weights_only=True; a missing or unreadable file, or one whose checksum trailer does not
+    match its content, raises CheckpointError (one line). Files without a trailer (torch.save elsewhere, older
+    kd versions) load unverified."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        verified = verify_checksum(path)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
+    if verified is False:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its content does not match its sha256 checksum "
+                              "(changed on disk after it was written)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types; all mean "not a valid checkpoint"

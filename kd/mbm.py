@@ -1,10 +1,15 @@
-"""Manifold Bridging Modules (MBM): fuse the two teachers' pooled features into one synergy feature.
+"""Manifold Bridging Modules (MBM): fuse the two teachers' pooled features into one synergy feature,
+and the synergy bridge that turns it into synergy logits (ASMB, defined in docs/asmb.md).
 
-ASMB (Adaptive Synergy Manifold Bridging, /work/shared/ASMB.md). Every module's forward is a pure
-function of its inputs and parameters (no stored state), so the same module works eagerly, under
-`torch.func.functional_call` and under `torch.compile`. All modules take `(query, feats)` so callers
-do not need to know the kind: `query` is the student's pooled feature `s` [B, D_s] (ignored where
-the kind does not use it) and `feats` the list of teacher features `[f_1 [B, d_1], f_2 [B, d_2], ...]`.
+Every module's forward is a pure function of its inputs and parameters (no stored state), so the same
+module works eagerly, under `torch.func.functional_call` and under `torch.compile`. All MBMs take
+`(query, feats)` so callers do not need to know the kind: `query` is the student's pooled feature `s`
+[B, D_s] (ignored where the kind does not use it) and `feats` the list of teacher features
+`[f_1 [B, d_1], f_2 [B, d_2], ...]`.
+
+The synergy logits are the teachers' mean logits plus a residual the synergy head computes from the MBM's
+feature; the head's last layer starts at zero, so an untrained bridge is exactly the teachers' ensemble and
+phase A can only move it where the loss asks (docs/asmb.md, "Synergy logits").
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ from .errors import ConfigError
 
 MBM_KINDS = ("attn", "mlp", "ib")
 IB_FUSIONS = ("attn", "concat")
+FEAT_NORMS = ("none", "layer")
+
+
+def normalise_feats(feats: Sequence[Tensor], norm: str) -> list[Tensor]:
+    """Per-sample normalisation of each teacher feature before the MBM. none: as given; layer: zero mean and
+    unit variance over the feature dim, no affine (F.layer_norm), so teachers whose feature norms differ
+    (e.g. 11.6 vs 7.7) enter the keys and values on one scale. [B, d_i] -> [B, d_i] each."""
+    if norm == "none":
+        return list(feats)
+    return [torch.nn.functional.layer_norm(f, f.shape[-1:]) for f in feats]
 
 
 class MBMOutput(NamedTuple):
@@ -144,19 +159,20 @@ def ib_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 class IBMBM(nn.Module):
     """Variational information bottleneck bridge (Alemi et al., 2017).
 
-    The fused input (attention over the teachers, width z_dim, or the plain concat of the
+    The fused input (attention over the teachers with output size fused_dim, or the plain concat of the
     teacher features) goes through one linear layer to (mu, logvar) of size z_dim; logvar is
     clamped to [-logvar_clamp, logvar_clamp] so exp() stays finite. Training: z = mu + eps *
     exp(logvar / 2) with eps ~ N(0, I) from torch's global RNG (seeded, no stored state);
-    eval: z = mu. Returns h = z together with mu and logvar.
+    eval: z = mu. Returns h = z [B, z_dim] together with mu and logvar. So in eval (phase B) h equals mu.
     """
 
     def __init__(
         self,
         teacher_dims: Sequence[int],
         query_dim: int,
-        out_dim: int,
+        z_dim: int,
         fusion: str = "attn",
+        fused_dim: int = 0,
         r: int = 4,
         n_head: int = 1,
         dropout: float = 0.0,
@@ -169,15 +185,16 @@ class IBMBM(nn.Module):
         if logvar_clamp <= 0:
             raise ConfigError(f"ib logvar_clamp must be > 0, got {logvar_clamp}")
         self.teacher_dims = tuple(int(d) for d in teacher_dims)
-        self.out_dim = out_dim
+        self.out_dim = z_dim  # h = z
         self.fusion = fusion
         self.logvar_clamp = float(logvar_clamp)
         if fusion == "attn":
-            self.fuse = AttnMBM(teacher_dims, query_dim, out_dim, r=r, n_head=n_head, dropout=dropout, learnable_query=learnable_query)
-            fused_dim = out_dim
+            fused_dim = fused_dim or z_dim
+            self.fuse = AttnMBM(teacher_dims, query_dim, fused_dim, r=r, n_head=n_head, dropout=dropout,
+                                learnable_query=learnable_query)
         else:
             fused_dim = sum(self.teacher_dims)
-        self.to_stats = nn.Linear(fused_dim, 2 * out_dim)
+        self.to_stats = nn.Linear(fused_dim, 2 * z_dim)
 
     def forward(self, query: Tensor | None, feats: Sequence[Tensor]) -> MBMOutput:
         check_teacher_feats(feats, self.teacher_dims)
@@ -193,28 +210,44 @@ class IBMBM(nn.Module):
 
 
 class SynergyHead(nn.Module):
-    """Synergy classifier: Linear(D, D) -> ReLU -> Dropout -> Linear(D, C). [B, D] -> [B, C]."""
+    """Synergy residual: Linear(D, D) -> ReLU -> Dropout -> Linear(D, C), [B, D] -> [B, C]. The last layer is
+    zero-initialised, so the residual starts at 0 (the synergy starts at the teachers' ensemble); it receives
+    gradient from the first step, the layers before it from the second."""
 
     def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(in_dim, num_classes))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.net(h)
 
 
-class SynergyBridge(nn.Module):
-    """MBM + synergy head: forward(query, feats) -> (z_syn [B, C], MBMOutput)."""
+def ensemble_logits(teacher_logits: Sequence[Tensor]) -> Tensor:
+    """The teachers' mean-logit ensemble: [B, C] each -> [B, C]."""
+    return torch.stack(list(teacher_logits)).mean(dim=0)
 
-    def __init__(self, mbm: nn.Module, head: SynergyHead, kind: str) -> None:
+
+class SynergyBridge(nn.Module):
+    """MBM + synergy head: forward(query, feats, teacher_logits) -> (z_syn [B, C], MBMOutput) with
+    z_syn = mean_i(teacher_logits_i) + head(MBM(query, normalise(feats)).h)."""
+
+    def __init__(self, mbm: nn.Module, head: SynergyHead, kind: str, feat_norm: str = "none") -> None:
         super().__init__()
+        if feat_norm not in FEAT_NORMS:
+            raise ConfigError(f"unknown mbm feature norm {feat_norm!r}; choose one of {', '.join(FEAT_NORMS)}")
         self.mbm = mbm
         self.head = head
         self.kind = kind
+        self.feat_norm = feat_norm
 
-    def forward(self, query: Tensor | None, feats: Sequence[Tensor]) -> tuple[Tensor, MBMOutput]:
-        out = self.mbm(query, feats)
-        return self.head(out.h), out
+    def forward(self, query: Tensor | None, feats: Sequence[Tensor],
+                teacher_logits: Sequence[Tensor]) -> tuple[Tensor, MBMOutput]:
+        if len(teacher_logits) != len(feats):
+            raise ValueError(f"synergy bridge: {len(feats)} teacher features but {len(teacher_logits)} teacher logits")
+        out = self.mbm(query, normalise_feats(feats, self.feat_norm))
+        return ensemble_logits(teacher_logits) + self.head(out.h), out
 
 
 def build_bridge(
@@ -232,10 +265,13 @@ def build_bridge(
     hidden: int = 512,
     z_dim: int = 0,
     ib_fusion: str = "attn",
+    feat_norm: str = "none",
 ) -> SynergyBridge:
     """Build MBM + head. query_dim and out_dim default (0) to the student's feature dim; z_dim (ib)
-    defaults to out_dim. A non-zero query_dim that differs from student_dim is a ConfigError, since
-    the query is always the student's pooled feature."""
+    defaults to out_dim. For ib, out_dim is the attention fusion's output size and z_dim the latent size
+    (h = z); with concat fusion out_dim has no use, so a non-zero one is a ConfigError, as is z_dim with
+    another kind. A non-zero query_dim that differs from student_dim is a ConfigError, since the query is
+    always the student's pooled feature."""
     if kind not in MBM_KINDS:
         raise ConfigError(f"unknown mbm kind {kind!r}; choose one of {', '.join(MBM_KINDS)}")
     if len(teacher_dims) < 1 or any(d < 1 for d in teacher_dims):
@@ -245,15 +281,19 @@ def build_bridge(
     for name, value in (("out_dim", out_dim), ("z_dim", z_dim), ("query_dim", query_dim)):
         if value < 0:
             raise ConfigError(f"mbm {name} must be >= 0 (0 = default), got {value}")
+    if z_dim and kind != "ib":
+        raise ConfigError(f"mbm z_dim {z_dim} only applies to the ib kind, not {kind}")
+    if kind == "ib" and ib_fusion == "concat" and out_dim:
+        raise ConfigError(f"mbm out_dim {out_dim} has no effect with ib fusion concat (the latent size is z_dim)")
     query_dim = query_dim or student_dim
+    fused_dim = out_dim
     out_dim = out_dim or student_dim
     if kind == "attn":
         mbm: nn.Module = AttnMBM(teacher_dims, query_dim, out_dim, r=r, n_head=n_head, dropout=dropout, learnable_query=learnable_query)
     elif kind == "mlp":
         mbm = MLPMBM(teacher_dims, out_dim, hidden=hidden, dropout=dropout)
     else:
-        out_dim = z_dim or out_dim
-        mbm = IBMBM(
-            teacher_dims, query_dim, out_dim, fusion=ib_fusion, r=r, n_head=n_head, dropout=dropout, learnable_query=learnable_query
-        )
-    return SynergyBridge(mbm, SynergyHead(out_dim, num_classes, dropout=dropout), kind)
+        out_dim = z_dim or out_dim  # h = z
+        mbm = IBMBM(teacher_dims, query_dim, out_dim, fusion=ib_fusion, fused_dim=fused_dim, r=r, n_head=n_head,
+                    dropout=dropout, learnable_query=learnable_query)
+    return SynergyBridge(mbm, SynergyHead(out_dim, num_classes, dropout=dropout), kind, feat_norm=feat_norm)

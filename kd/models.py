@@ -164,7 +164,7 @@ def create_model(
     `img_size` matters only for patch-embedding models (ViT, Swin, ...), whose token grid is
     fixed at creation; CNNs accept any size. `pretrained` downloads (or reads cached) timm weights.
     """
-    _check_name(name)
+    check_model_name(name)
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if adapter_dim < 0:
@@ -184,7 +184,8 @@ def create_model(
     return model
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Raise ConfigError (with close names) unless `name` is a timm or zoo model: cheap, before any work."""
     if timm.is_model(name):
         return
     # names containing the query, those starting with it and shortest first; else near spellings
@@ -333,6 +334,27 @@ def load_model_weights(model: KDModel, path: str) -> dict[str, Any]:
     _check_state(model, state, what)
     model.load_state_dict(state)
     return meta
+
+
+def check_shapes(model: nn.Module, state: Any, what: str, *, same_keys: bool = False) -> None:
+    """Raise CheckpointError naming the first tensor of `state` whose shape differs from `model`'s entry of
+    the same name, and with `same_keys` a key only one side has (torch.compile's prefix is ignored)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what}: expected a state dict, found {type(state).__name__}")
+    own = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    if same_keys:
+        theirs = {str(k).replace("_orig_mod.", "") for k in state}
+        missing, unexpected = sorted(set(own) - theirs), sorted(theirs - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"{what}: state dict does not match {getattr(model, 'arch', 'the model')} "
+                                  f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
+                                  f"e.g. {unexpected[:3]})")
+    for key, value in state.items():
+        mine = own.get(str(key).replace("_orig_mod.", ""))
+        if mine is not None and (not isinstance(value, Tensor) or value.shape != mine.shape):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise CheckpointError(f"{what}: {key} has shape {shape}, {getattr(model, 'arch', 'the model')} "
+                                  f"expects {tuple(mine.shape)}")
 
 
 def _unpack_checkpoint(ckpt: Any, what: str) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -1,17 +1,20 @@
-"""The synergy-logit loss path of ASMB (/work/shared/ASMB.md), one function for both phases.
+"""The synergy-logit loss path of ASMB (docs/asmb.md), one function for both phases.
 
 `synergy_losses` runs the bridge through `torch.func.functional_call` on an explicit parameter
 dict, so the caller decides where gradient goes:
 - phase A (teacher adaptation): pass the bridge's live parameters (`dict(bridge.named_parameters())`
-  plus buffers); the student query and logits are detached here; teacher features are used as
-  given, so the trainable part of each teacher learns through them (bug 2 of the old code).
-- phase B (student distillation): parameters and teacher features are detached here, the synergy
-  logits and feature are constants (bug 4), and gradient reaches the student through its logits
-  and through the caller-owned projections (`feat_pred`, `latent_pred`).
+  plus buffers); the student query and logits are detached here; the teachers' features and logits are
+  used as given, so each teacher's trainable part learns through them (a teacher run under no_grad here
+  would never adapt).
+- phase B (student distillation): parameters, teacher features and teacher logits are detached here, so
+  the synergy logits and feature are constants for the student (a student that could move its own target
+  would lower the loss by moving the target), and gradient reaches the student through its logits and
+  through the caller-owned projections (`feat_pred`, `latent_pred`).
 The train/eval mode of the bridge is the caller's (phase B: `bridge.eval()`).
 
-Loss weights and the temperature are tensors, so changing their values never makes
-`torch.compile` recompile. Terms are returned unweighted, plus the weighted `total`.
+Terms are returned unweighted; their weights live in one place, the methods' `loss_weights()`
+(kd.asmb), which the loop applies. The temperature (and hybrid_beta) are tensors, so changing
+their values never makes `torch.compile` recompile.
 """
 
 from __future__ import annotations
@@ -25,36 +28,10 @@ from torch.func import functional_call
 
 from .errors import ConfigError
 from .losses import cross_entropy, kd_loss
-from .mbm import ib_kl
+from .mbm import ensemble_logits, ib_kl
 
 PHASES = ("A", "B")
-# Order of the entries of a 1-D `weights` tensor, per phase.
-PHASE_A_TERMS = ("synergy_ce", "adapt_kd", "ib_kl", "mbm_l2")
-PHASE_B_TERMS = ("kd", "feat_kd", "latent")
 FEAT_KD_NORMS = ("none", "l2")
-
-
-def weight_vector(weights: Mapping[str, float], phase: str, device: torch.device | str = "cpu") -> Tensor:
-    """Pack named weights into the 1-D tensor `synergy_losses` expects (missing names weigh 0)."""
-    if phase not in PHASES:
-        raise ConfigError(f"unknown synergy phase {phase!r}; choose one of {', '.join(PHASES)}")
-    names = PHASE_A_TERMS if phase == "A" else PHASE_B_TERMS
-    unknown = set(weights) - set(names)
-    if unknown:
-        raise ConfigError(f"unknown phase {phase} loss weight(s) {sorted(unknown)}; known: {', '.join(names)}")
-    return torch.tensor([float(weights.get(n, 0.0)) for n in names], device=device)
-
-
-def _weighted_sum(terms: Mapping[str, Tensor], weights: Tensor | Mapping[str, Tensor], names: tuple[str, ...]) -> Tensor:
-    """sum_n w_n * term_n; a 1-D `weights` is indexed by position in `names`, a dict by name
-    (a name missing from the dict weighs 0)."""
-    if isinstance(weights, Tensor):
-        if weights.shape != (len(names),):
-            raise ValueError(f"weights must be a 1-D tensor of {len(names)} ({', '.join(names)}), got {list(weights.shape)}")
-        parts = [weights[names.index(n)] * v for n, v in terms.items()]
-    else:
-        parts = [weights[n] * v for n, v in terms.items() if n in weights]
-    return sum(parts[1:], parts[0]) if parts else torch.zeros_like(next(iter(terms.values())))
 
 
 def feature_mse(pred: Tensor, target: Tensor, norm: str = "none") -> Tensor:
@@ -91,10 +68,9 @@ def synergy_losses(
     params: Mapping[str, Tensor],
     query: Tensor | None,
     feats: Sequence[Tensor],
+    teacher_logits: Sequence[Tensor],
     logits_student: Tensor,
     target: Tensor,
-    teacher_logits_mean: Tensor | None,
-    weights: Tensor | Mapping[str, Tensor],
     temperature: Tensor,
     *,
     phase: str,
@@ -105,24 +81,23 @@ def synergy_losses(
     latent_pred: Tensor | None = None,
     query_grad: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Synergy logits and the loss terms of one phase. Returns (z_syn [B, C], h [B, D_out], terms).
+    """Synergy logits and the unweighted loss terms of one phase. Returns (z_syn [B, C], h [B, D_out], terms).
 
     params: the bridge's parameters and buffers by name (phase A: live ones; phase B: detached here).
-    query: the student's pooled feature [B, D_s] (always detached here). feats: teacher features.
-    logits_student: z_s [B, C]. target: labels [B] or soft/mixed labels [B, C].
-    weights: 1-D tensor ordered as PHASE_A_TERMS / PHASE_B_TERMS (see `weight_vector`), or a dict
-    of 0-dim tensors by term name (missing names weigh 0).
-    temperature: 0-dim tensor T.
+    query: the student's pooled feature [B, D_s] (always detached here). feats: teacher features [B, d_i].
+    teacher_logits: the teachers' logits [B, C] each; z_syn = their mean + the bridge's residual.
+    logits_student: z_s [B, C]. target: labels [B] or soft/mixed labels [B, C]. temperature: 0-dim tensor T.
 
     Phase A terms: `synergy_ce` = CE(z_syn, y); `adapt_kd` = T^2 KL(softmax(z_s/T) || softmax(z_syn/T))
-    with z_s detached (positive sign, bug 1); `ib_kl` = mean per-sample KL (ib bridges only);
-    `mbm_l2` = sum of squared bridge parameters (the mbm_reg_lambda term).
+    with z_s detached (positive: it pulls the synergy towards the student; a negative sign would be
+    unbounded below); `ib_kl` = mean per-sample KL (ib bridges only); `mbm_l2` = sum of squared bridge
+    parameters.
     Phase B terms: `kd` = T^2 KL(softmax(z_syn/T) || softmax(z_s/T)) (hybrid with the teachers' mean
-    when hybrid_beta is set); `feat_kd` = MSE(feat_pred, h) when feat_pred is given (optionally
+    logits when hybrid_beta is set); `feat_kd` = MSE(feat_pred, h) when feat_pred is given (optionally
     L2-normalised); `latent` = MSE(latent_pred, mu) when latent_pred is given (IB-KD).
-    `total` = sum of weight * term over the terms present. All reductions are batch means.
-    query_grad (phase B only; ASMB.md's off-by-default option): keep the query attached and the phase-B
-    targets (z_syn, h, mu) undetached, so gradient also reaches the student through its query.
+    All reductions are batch means.
+    query_grad (phase B only, off by default): keep the query attached and the phase-B targets
+    (z_syn, h, mu) undetached, so gradient also reaches the student through its query.
     """
     if phase not in PHASES:
         raise ConfigError(f"unknown synergy phase {phase!r}; choose one of {', '.join(PHASES)}")
@@ -134,11 +109,11 @@ def synergy_losses(
     if phase == "B":
         params = {k: v.detach() for k, v in params.items()}
         feats = [f.detach() for f in feats]
-    z_syn, out = functional_call(bridge, dict(params), (query, list(feats)))
+        teacher_logits = [t.detach() for t in teacher_logits]
+    z_syn, out = functional_call(bridge, dict(params), (query, list(feats), list(teacher_logits)))
 
     terms: dict[str, Tensor] = {}
     if phase == "A":
-        names = PHASE_A_TERMS
         terms["synergy_ce"] = cross_entropy(z_syn, target, label_smoothing)
         terms["adapt_kd"] = kd_loss(z_syn, logits_student.detach(), temperature)
         if out.mu is not None:
@@ -146,15 +121,14 @@ def synergy_losses(
         param_names = {n for n, _ in bridge.named_parameters()}
         terms["mbm_l2"] = sum(v.pow(2).sum() for n, v in params.items() if n in param_names)
     else:
-        names = PHASE_B_TERMS
-        terms["kd"] = hybrid_kd(logits_student, z_syn, teacher_logits_mean, temperature, hybrid_beta, not keep_query)
+        t_mean = ensemble_logits(teacher_logits) if hybrid_beta is not None else None
+        terms["kd"] = hybrid_kd(logits_student, z_syn, t_mean, temperature, hybrid_beta, not keep_query)
         if feat_pred is not None:
             terms["feat_kd"] = feature_mse(feat_pred, out.h if keep_query else out.h.detach(), feat_kd_norm)
         if latent_pred is not None:
             if out.mu is None:
                 raise ConfigError("latent KD needs an ib bridge (mbm kind 'ib')")
             terms["latent"] = F.mse_loss(latent_pred, out.mu if keep_query else out.mu.detach())
-    terms["total"] = _weighted_sum(terms, weights, names)
     return z_syn, out.h, terms
 
 
@@ -164,7 +138,7 @@ FnT = TypeVar("FnT", bound=Callable)
 def compile_synergy(fn: FnT, enabled: bool) -> FnT:
     """torch.compile(fn, fullgraph=True, dynamic=False) when enabled, else fn unchanged.
     Static shapes: keep the batch size fixed (drop_last=True) or each new size compiles once more.
-    Pass weights, temperature and hybrid_beta as tensors (Python floats are baked into the graph).
+    Pass temperature and hybrid_beta as tensors (Python floats are baked into the graph).
     Random ops (IB noise, dropout) use inductor's RNG when compiled: same distribution, different
     draws than eager (torch._inductor.config.fallback_random=True makes them match)."""
     return torch.compile(fn, fullgraph=True, dynamic=False) if enabled else fn

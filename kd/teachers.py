@@ -21,7 +21,7 @@ from .engine.distributed import say
 from .errors import CheckpointError
 from .io import atomic_torch_save, safe_torch_load
 from .metrics import accuracy, gather_outputs
-from .models import KDModel, check_meta, create_model
+from .models import KDModel, check_meta, check_shapes, create_model
 
 
 def teacher_input_spec(arch: str, pretrained: bool, image_size: int, data_mean: Sequence[float],
@@ -143,15 +143,26 @@ def load_teacher(path: Path, arch: str, num_classes: int, small_input: bool, img
     check_meta({"arch": arch, "num_classes": num_classes, "small_input": small_input}, ckpt["meta"],
                f"teacher checkpoint {path}")
     model = create_model(arch, num_classes, small_input=small_input, img_size=img_size, adapter_dim=adapter_dim)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=not adapter_dim)
-    if unexpected or any(not k.startswith("adapter.") for k in missing):
-        raise CheckpointError(f"teacher checkpoint {path} does not fit {arch} with an adapter "
-                              f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+    check_shapes(model, ckpt.get("model"), f"teacher checkpoint {path}")
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)  # checked here: one line
+    if unexpected or any(not k.startswith("adapter.") for k in missing):  # only a new adapter may be missing
+        raise CheckpointError(f"teacher checkpoint {path} does not fit {arch} (unexpected keys {unexpected[:3]}, "
+                              f"missing {missing[:3]})")
     spec = ckpt.get("input_transform", input_spec)
     if spec is not None:
         model.set_input_transform(**spec)
     val_acc = ckpt.get("val_acc")
     return model, None if val_acc is None else float(val_acc)
+
+
+def check_teacher_checkpoints(paths: Sequence[str], archs: Sequence[str], num_classes: int, small_input: bool,
+                              img_size: int | None = None, identities: Sequence[dict[str, Any]] = ()) -> None:
+    """Load each given teacher checkpoint once (file, metadata, keys and tensor shapes, and the identity it
+    records against `identities`), so a bad one stops the run before it writes anything (stage 0 loads them
+    again for use)."""
+    for i, (path, arch) in enumerate(zip(paths, archs)):
+        load_teacher(Path(path), arch, num_classes, small_input, img_size,
+                     identity=identities[i] if i < len(identities) else None)
 
 
 def select_teachers(select: str, teachers: list[tuple[KDModel, float]]) -> list[KDModel]:

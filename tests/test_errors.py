@@ -4,11 +4,20 @@ a missing tiny-imagenet root and an existing run directory through the CLI; thes
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
+from kd.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--preset", "smoke", "--data.synthetic-train-size", "200", "--data.synthetic-test-size", "50",
         "--data.batch-size", "16", "--optim.epochs", "1", "--run.max-steps-per-epoch", "2", "--wandb.mode", "disabled"]
@@ -42,6 +51,14 @@ def refused(capsys, tmp_path: Path, *args: str) -> str:
     (["--run.resume", "auto"], "--run.resume auto needs --run.name"),
     (["--run.resume", "auto", "--run.name", "r", "--run.overwrite", "True"], "exclude each other"),
     (["--run.resume", "/nonexistent/run"], "no such checkpoint file or run directory"),
+    (["--run.seed", "-1"], "--run.seed must be >= 0, got -1"),
+    (["--run.seed", "4294967296"], "--run.seed must be in [0, 2**32), got 4294967296"),
+    (["--optim.momentum", "5"], "--optim.momentum must be in [0, 1), got 5.0"),
+    (["--optim.gamma", "0"], "--optim.gamma must be > 0"),
+    (["--data.image-size", "100000"], "must be <= 1024"),
+    (["--run.name", ".."], "--run.name '..' must be a relative name"),
+    (["--method", "kd", "--teachers", "resnet8", "--teachers.checkpoints", "/nonexistent/t.pt"],
+     "checkpoint not found: /nonexistent/t.pt"),
 ])
 def test_bad_input_one_line_exit_2_nothing_created(capsys, tmp_path, args, message):
     assert message in refused(capsys, tmp_path, *args)
@@ -66,3 +83,72 @@ def test_resume_into_another_existing_run_directory_is_refused(capsys, tmp_path)
                   str(tmp_path / "runs" / "a" / "checkpoints" / "last.pt"))
     assert "runs/b exists and is not the run of" in err
     assert [p.name for p in (tmp_path / "runs" / "b").iterdir()] == ["notes.txt"]
+
+
+def test_unknown_model_is_reported_before_an_archive_is_extracted(capsys, tmp_path):
+    archive = tmp_path / "tiny-imagenet-200.tar.gz"
+    payload = tmp_path / "wnids.txt"
+    payload.write_text("n01\n")
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(payload, arcname="tiny-imagenet-200/wnids.txt")
+    err = refused(capsys, tmp_path, "--data.dataset", "tiny-imagenet", "--data.root", str(archive),
+                  "--data.cache-dir", str(tmp_path / "cache"), "--student.model", "no_such_student")
+    assert "unknown model 'no_such_student'" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_teacher_checkpoint_with_right_metadata_but_wrong_shapes_is_one_line_before_any_write(capsys, tmp_path):
+    teacher = create_model("resnet8", 10, small_input=True)
+    state = teacher.state_dict()
+    state["backbone.head.fc.weight"] = torch.zeros(10, 7)
+    path = tmp_path / "teacher.pt"
+    torch.save({"meta": teacher.meta(), "model": state}, path)
+    err = refused(capsys, tmp_path, "--method", "kd", "--teachers", "resnet8", "--teachers.checkpoints", str(path))
+    assert f"teacher checkpoint {path}: backbone.head.fc.weight has shape (10, 7)" in err
+    del state["backbone.head.fc.weight"]
+    torch.save({"meta": teacher.meta(), "model": state}, path)
+    err = refused(capsys, tmp_path, "--method", "kd", "--teachers", "resnet8", "--teachers.checkpoints", str(path))
+    assert "does not fit resnet8" in err and "backbone.head.fc.weight" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_undecodable_image_is_named_before_the_run_directory(capsys, tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "images" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(folder / f"{i}.png")
+    broken = tmp_path / "images" / "train" / "b" / "3.png"
+    broken.write_bytes(b"this is not a png")
+    err = refused(capsys, tmp_path, "--data.dataset", "imagefolder", "--data.root", str(tmp_path / "images"),
+                  "--data.batch-size", "4", "--data.image-size", "8", "--data.workers", "0")
+    assert f"cannot read image {broken}" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_files_honour_the_umask_and_stale_temp_files_are_removed(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        args = [*TINY, "--method", "ce", "--run.out-dir", str(tmp_path / "runs"), "--run.name", "r"]
+        assert train.main(args) == 0
+        run_dir = tmp_path / "runs" / "r"
+        for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+            assert (run_dir / name).stat().st_mode & 0o777 == 0o644, name  # mkstemp alone gives 0600
+        stale = [run_dir / ".metrics.jsonl.abc123.tmp", run_dir / ".config.json.def456.tmp",
+                 run_dir / "checkpoints" / ".step-000000009.pt.gh78.tmp"]
+        for path in stale:
+            path.write_text("partial")
+        assert train.main([*args, "--run.resume", "auto"]) == 0
+        assert not any(path.exists() for path in stale)
+    finally:
+        os.umask(mask)
+
+
+def test_sweep_usage_errors_are_one_line_exit_2(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "spec.yaml", "--nope", "1"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
+    assert "--nope" in out.stderr and list(tmp_path.iterdir()) == []

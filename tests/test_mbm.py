@@ -1,4 +1,5 @@
-"""Manifold Bridging Modules: shapes, attention, learnable query, IB formula and noise, config errors."""
+"""Manifold Bridging Modules: shapes, attention, learnable query, IB formula and noise, the synergy bridge
+(ensemble + zero-initialised residual, feature normalisation), config errors."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def _inputs(seed: int = 0):
     return torch.randn(B, S_DIM, generator=g), feats
 
 
+def _logits(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + seed)
+    return [torch.randn(B, C, generator=g) for _ in T_DIMS]
+
+
 @pytest.mark.parametrize(
     "kind,kwargs,h_dim",
     [
@@ -27,7 +33,9 @@ def _inputs(seed: int = 0):
         ("attn", {"out_dim": 8, "n_head": 2, "learnable_query": True}, 8),
         ("mlp", {"hidden": 32}, S_DIM),
         ("ib", {"z_dim": 6}, 6),
+        ("ib", {"out_dim": 8, "z_dim": 6}, 6),
         ("ib", {"ib_fusion": "concat"}, S_DIM),
+        ("attn", {"feat_norm": "layer"}, S_DIM),
     ],
 )
 def test_bridge_shapes(kind, kwargs, h_dim):
@@ -35,7 +43,7 @@ def test_bridge_shapes(kind, kwargs, h_dim):
     bridge = build_bridge(kind, T_DIMS, S_DIM, C, **kwargs)
     assert isinstance(bridge, SynergyBridge)
     query, feats = _inputs()
-    z_syn, out = bridge(query, feats)
+    z_syn, out = bridge(query, feats, _logits())
     assert isinstance(out, MBMOutput)
     assert z_syn.shape == (B, C)
     assert out.h.shape == (B, h_dim)
@@ -113,7 +121,7 @@ def test_ib_kl_matches_hand_computation():
 
 def test_ib_eval_is_deterministic_and_train_is_stochastic_but_seeded():
     torch.manual_seed(0)
-    mbm = IBMBM(T_DIMS, S_DIM, out_dim=6)
+    mbm = IBMBM(T_DIMS, S_DIM, z_dim=6)
     query, feats = _inputs()
     mbm.eval()
     a, b = mbm(query, feats), mbm(query, feats)
@@ -135,12 +143,41 @@ def test_ib_eval_is_deterministic_and_train_is_stochastic_but_seeded():
 
 def test_ib_logvar_is_clamped():
     torch.manual_seed(0)
-    mbm = IBMBM(T_DIMS, S_DIM, out_dim=6, fusion="concat", logvar_clamp=0.1).eval()
+    mbm = IBMBM(T_DIMS, S_DIM, z_dim=6, fusion="concat", logvar_clamp=0.1).eval()
     with torch.no_grad():
         mbm.to_stats.weight.mul_(100)
     out = mbm(None, [f * 100 for f in _inputs()[1]])
     assert out.logvar.abs().max().item() <= 0.1 + 1e-6
     assert out.logvar.abs().max().item() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", ["attn", "mlp", "ib"])
+def test_fresh_bridge_gives_the_teachers_mean_logits(kind):
+    torch.manual_seed(0)
+    bridge = build_bridge(kind, T_DIMS, S_DIM, C).eval()
+    query, feats = _inputs()
+    logits = _logits()
+    z_syn, _ = bridge(query, feats, logits)
+    torch.testing.assert_close(z_syn, (logits[0] + logits[1]) / 2, rtol=0, atol=0)
+    torch.nn.init.normal_(bridge.head.net[-1].weight)  # a trained residual moves it
+    assert not torch.allclose(bridge(query, feats, logits)[0], z_syn)
+
+
+def test_ib_out_dim_is_the_fusion_width_and_z_dim_the_latent():
+    bridge = build_bridge("ib", T_DIMS, S_DIM, C, out_dim=8, z_dim=6)
+    assert bridge.mbm.fuse.out_dim == 8 and bridge.mbm.out_dim == 6
+    assert bridge.mbm.to_stats.in_features == 8 and bridge.mbm.to_stats.out_features == 12
+    assert bridge.head.net[0].in_features == 6
+
+
+def test_layer_feat_norm_puts_teachers_on_one_scale():
+    torch.manual_seed(0)
+    bridge = build_bridge("attn", T_DIMS, S_DIM, C, feat_norm="layer").eval()
+    query, feats = _inputs()
+    logits = _logits()
+    h = bridge(query, feats, logits)[1].h
+    h_scaled = bridge(query, [feats[0] * 4, feats[1] * 0.5 + 3], logits)[1].h  # per-sample affine changes vanish
+    torch.testing.assert_close(h, h_scaled, rtol=1e-4, atol=1e-4)
 
 
 def test_build_bridge_defaults_to_student_dim():
@@ -158,17 +195,26 @@ def test_config_errors():
         build_bridge("transformer", (8, 8), 16, 3)
     with pytest.raises(ConfigError, match="unknown ib fusion"):
         build_bridge("ib", (8, 8), 16, 3, ib_fusion="sum")
+    with pytest.raises(ConfigError, match="z_dim 4 only applies to the ib kind"):
+        build_bridge("attn", (8, 8), 16, 3, z_dim=4)
+    with pytest.raises(ConfigError, match="out_dim 8 has no effect with ib fusion concat"):
+        build_bridge("ib", (8, 8), 16, 3, ib_fusion="concat", out_dim=8)
+    with pytest.raises(ConfigError, match="unknown mbm feature norm"):
+        build_bridge("attn", (8, 8), 16, 3, feat_norm="batch")
     build_bridge("attn", (8, 8), 16, 3, query_dim=16)  # equal to the student's dim: fine
 
 
 def test_forward_shape_errors_are_readable():
     bridge = build_bridge("attn", T_DIMS, S_DIM, C)
     query, feats = _inputs()
+    logits = _logits()
     with pytest.raises(ValueError, match="expects 2 teacher features, got 1"):
-        bridge(query, feats[:1])
+        bridge(query, feats[:1], logits[:1])
     with pytest.raises(ValueError, match=r"teacher 2 feature must be \[B, 10\], got \[4, 11\]"):
-        bridge(query, [feats[0], torch.randn(B, 11)])
+        bridge(query, [feats[0], torch.randn(B, 11)], logits)
     with pytest.raises(ValueError, match=r"query must be \[B=4, 16\]"):
-        bridge(torch.randn(B, 7), feats)
+        bridge(torch.randn(B, 7), feats, logits)
+    with pytest.raises(ValueError, match="2 teacher features but 1 teacher logits"):
+        bridge(query, feats, logits[:1])
     with pytest.raises(ValueError, match="expects 2 teacher features"):
-        build_bridge("mlp", T_DIMS, S_DIM, C)(None, feats + feats)
+        build_bridge("mlp", T_DIMS, S_DIM, C)(None, feats + feats, logits + logits)

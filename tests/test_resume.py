@@ -20,7 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 import train
-from kd.engine.checkpoint import check_resume_config, find_resume
+from kd.engine.checkpoint import _float_tensors, check_resume_config, find_resume
+from kd.io import atomic_torch_save
 
 # Tiny, deterministic: 16 px synthetic images, batch 16, 3 steps per epoch, a checkpoint every 2 steps.
 BASE = ["--preset", "smoke", "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60",
@@ -244,8 +245,8 @@ def test_divergence_stops_with_step_and_term_and_keeps_the_last_good_checkpoint(
     ck_dir = tmp / "runs" / "nan" / "checkpoints"
     saved = sorted(int(p.stem.split("-")[1]) for p in ck_dir.glob("step-*.pt"))
     assert saved and max(saved) < step  # nothing saved at or after the bad step
-    last = torch.load(ck_dir / "last.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    for path in ck_dir.glob("*.pt"):  # every tensor: weights, buffers, optimiser state, best model
+        assert all(torch.isfinite(t).all() for _, t in _float_tensors(torch.load(path, weights_only=True), ""))
 
 
 # One process imports train once, then forks writers (before any multithreaded torch op) and kills each
@@ -324,7 +325,56 @@ def test_resume_refuses_a_checkpoint_for_another_model_shape(capsys, tmp, ce_ref
     ck["meta"] = {**ck["meta"], "num_classes": 7}
     path = tmp / "runs" / "other-shape" / "checkpoints" / "last.pt"
     path.parent.mkdir(parents=True)
-    torch.save(ck, path)
+    atomic_torch_save(ck, path)
     err = refused(capsys, tmp, "other-shape", *CE_TORCH, "--run.resume", "auto", "--run.deterministic", "False")
     assert "resume checkpoint auto: resnet8 expects 10 classes, checkpoint has 7" in err
     assert [p.name for p in (tmp / "runs" / "other-shape").rglob("*")] == ["checkpoints", "last.pt"]
+    # right metadata, wrong tensor shapes (a checkpoint edited or written by other code): one line, too
+    ck["meta"]["num_classes"] = 10
+    ck["model"]["backbone.head.fc.weight"] = torch.zeros(10, 3)
+    atomic_torch_save(ck, path)
+    err = refused(capsys, tmp, "other-shape", *CE_TORCH, "--run.resume", "auto", "--run.deterministic", "False")
+    assert "backbone.head.fc.weight has shape (10, 3)" in err
+    del ck["model"]["backbone.head.fc.weight"]
+    atomic_torch_save(ck, path)
+    err = refused(capsys, tmp, "other-shape", *CE_TORCH, "--run.resume", "auto", "--run.deterministic", "False")
+    assert "state dict does not match resnet8 (1 missing, e.g. ['backbone.head.fc.weight']" in err
+
+
+def test_a_bit_flipped_checkpoint_is_detected_and_auto_resume_falls_back(capsys, tmp, ce_reference):
+    """64 flipped bytes inside the tensor data of the newest step file (last.pt is the same file): the
+    checksum catches it; auto falls back to the older step file and ends equal to the uninterrupted run;
+    the file given explicitly is refused with one line."""
+    ref = tmp / "runs" / ce_reference / "checkpoints"
+    ck_dir = tmp / "runs" / "ce-flipped" / "checkpoints"
+    ck_dir.mkdir(parents=True)
+    for name in ("step-000000004.pt", "step-000000006.pt"):
+        (ck_dir / name).write_bytes((ref / name).read_bytes())
+    newest = bytearray((ck_dir / "step-000000006.pt").read_bytes())
+    start = len(newest) // 2
+    newest[start:start + 64] = bytes(b ^ 0xFF for b in newest[start:start + 64])
+    (ck_dir / "step-000000006.pt").write_bytes(bytes(newest))
+    os.link(ck_dir / "step-000000006.pt", ck_dir / "last.pt")
+    err = refused(capsys, tmp, "ce-flipped", *CE_TORCH, "--run.resume", str(ck_dir / "step-000000006.pt"))
+    assert "does not match its sha256 checksum" in err
+    out = train_cli(tmp, "ce-flipped", *CE_TORCH, "--run.resume", "auto")
+    assert out.returncode == 0, out.stderr
+    assert "skipped 2 unreadable checkpoint(s)" in out.stdout and "sha256" in out.stdout
+    assert "resumed ce at step 4" in out.stdout
+    assert_same_run(tmp, ce_reference, "ce-flipped")
+
+
+def test_a_state_turned_non_finite_stops_as_diverged_and_is_never_checkpointed(tmp):
+    """--optim.lr 1000: the loss stays finite, but BatchNorm running statistics overflow to inf. The run
+    stops with exit 3 naming the tensor (it used to finish with exit 0) and no checkpoint file holds a
+    non-finite tensor (last.pt used to hold 5)."""
+    out = train_cli(tmp, "inf-state", "--method", "ce", "--optim.lr", "1000", "--run.ckpt-every-steps", "1")
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert "training diverged at step" in line and "running_var is not finite" in line, line
+    files = list((tmp / "runs" / "inf-state" / "checkpoints").glob("*.pt"))
+    assert files
+    for path in files:
+        ck = torch.load(path, weights_only=True)
+        for name, t in _float_tensors(ck, ""):
+            assert torch.isfinite(t).all(), f"{path.name}: {name}"

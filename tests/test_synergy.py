@@ -1,6 +1,6 @@
 """The synergy loss path: term values, where gradient flows in each phase, hybrid KD, and that
-torch.compile (fullgraph, static shapes) agrees with eager and never recompiles when the loss
-weights or the temperature change. Compile tests are slow on CPU: KD_SKIP_COMPILE=1 skips them."""
+torch.compile (fullgraph, static shapes) agrees with eager and never recompiles when the
+temperature or hybrid_beta change. Compile tests are slow on CPU: KD_SKIP_COMPILE=1 skips them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from kd.errors import ConfigError
 from kd.losses import cross_entropy, kd_loss
 from kd.mbm import build_bridge, ib_kl
-from kd.synergy import PHASE_A_TERMS, PHASE_B_TERMS, compile_synergy, synergy_losses, weight_vector
+from kd.synergy import compile_synergy, synergy_losses
 
 T_DIMS = (6, 5)
 S_DIM = 8
@@ -28,32 +28,41 @@ def bridge_params(bridge: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def make_case(kind: str = "attn", seed: int = 0):
+    """A bridge whose residual is no longer zero (as after some training: a fresh one has a zero last layer,
+    so nothing but that layer would get gradient), teacher features and logits with gradient, a student."""
     torch.manual_seed(seed)
     bridge = build_bridge(kind, T_DIMS, S_DIM, C)
+    nn.init.normal_(bridge.head.net[-1].weight, std=0.5)
     feats = [torch.randn(B, d, requires_grad=True) for d in T_DIMS]  # trainable-teacher features
+    t_logits = [torch.randn(B, C, requires_grad=True) for _ in T_DIMS]  # trainable-teacher logits
     query = torch.randn(B, S_DIM, requires_grad=True)
     logits_s = torch.randn(B, C, requires_grad=True)
     y = torch.tensor([0, 1, 2, 1])
-    t_mean = torch.randn(B, C)
-    return bridge, feats, query, logits_s, y, t_mean
+    return bridge, feats, t_logits, query, logits_s, y
 
 
 def grad_or_zero(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(t) if t.grad is None else t.grad
 
 
+def weighted(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """What the loop does with loss_weights(): sum of weight * term (a missing weight counts 0 here)."""
+    return sum(weights.get(name, 0.0) * term for name, term in terms.items())
+
+
 # --------------------------------------------------------------------------- values
 
 
-def test_phase_a_terms_and_total():
-    bridge, feats, query, logits_s, y, _ = make_case()
+def test_phase_a_terms():
+    bridge, feats, t_logits, query, logits_s, y = make_case()
     T = torch.tensor(3.0)
-    w = weight_vector({"synergy_ce": 1.0, "adapt_kd": 0.5, "mbm_l2": 0.01}, "A")
-    z_syn, h, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, logits_s, y, None, w, T, phase="A", label_smoothing=0.1)
-    z_ref, out = bridge(query, feats)
+    z_syn, h, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, T,
+                                     phase="A", label_smoothing=0.1)
+    z_ref, out = bridge(query, feats, t_logits)
     torch.testing.assert_close(z_syn, z_ref)
+    torch.testing.assert_close(z_ref, (t_logits[0] + t_logits[1]) / 2 + bridge.head(out.h))  # ensemble + residual
     torch.testing.assert_close(h, out.h)
-    assert set(terms) == {"synergy_ce", "adapt_kd", "mbm_l2", "total"}
+    assert set(terms) == {"synergy_ce", "adapt_kd", "mbm_l2"}  # unweighted; the weights are loss_weights()'
     torch.testing.assert_close(terms["synergy_ce"], F.cross_entropy(z_ref, y, label_smoothing=0.1))
     # positive-sign KL(p_s || p_syn) * T^2, written out
     p_s = F.softmax(logits_s / 3, 1)
@@ -62,41 +71,47 @@ def test_phase_a_terms_and_total():
     assert terms["adapt_kd"] > 0
     l2 = sum(p.pow(2).sum() for p in bridge.parameters())
     torch.testing.assert_close(terms["mbm_l2"], l2)
-    torch.testing.assert_close(terms["total"], terms["synergy_ce"] + 0.5 * terms["adapt_kd"] + 0.01 * l2)
 
 
-def test_phase_a_soft_targets_and_dict_weights():
-    bridge, feats, query, logits_s, _, _ = make_case()
+def test_fresh_bridge_is_exactly_the_ensemble():
+    torch.manual_seed(0)
+    bridge = build_bridge("attn", T_DIMS, S_DIM, C)
+    _, feats, t_logits, query, logits_s, y = make_case()
+    z_syn, _, _ = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y,
+                                 torch.tensor(1.0), phase="A")
+    torch.testing.assert_close(z_syn, torch.stack(t_logits).mean(0), rtol=0, atol=0)
+
+
+def test_phase_a_soft_targets():
+    bridge, feats, t_logits, query, logits_s, _ = make_case()
     soft = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0], [0.2, 0.2, 0.6]])
-    w = {"synergy_ce": torch.tensor(2.0), "adapt_kd": torch.tensor(1.0)}  # mbm_l2 missing: weight 0
-    z_syn, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, logits_s, soft, None, w, torch.tensor(1.0), phase="A")
+    z_syn, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, soft,
+                                     torch.tensor(1.0), phase="A")
     torch.testing.assert_close(terms["synergy_ce"], cross_entropy(z_syn, soft))
-    torch.testing.assert_close(terms["total"], 2 * terms["synergy_ce"] + terms["adapt_kd"])
 
 
 def test_ib_kl_term():
-    bridge, feats, query, logits_s, y, _ = make_case("ib")
+    bridge, feats, t_logits, query, logits_s, y = make_case("ib")
     bridge.eval()
-    w = weight_vector({"synergy_ce": 1.0, "ib_kl": 0.1}, "A")
-    _, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, logits_s, y, None, w, torch.tensor(2.0), phase="A")
+    _, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y,
+                                 torch.tensor(2.0), phase="A")
     out = bridge.mbm(query, feats)
     torch.testing.assert_close(terms["ib_kl"], ib_kl(out.mu, out.logvar).mean())
-    torch.testing.assert_close(terms["total"], terms["synergy_ce"] + 0.1 * terms["ib_kl"])
 
 
 @pytest.mark.parametrize("norm", ["none", "l2"])
 def test_phase_b_terms(norm):
-    bridge, feats, query, logits_s, y, t_mean = make_case("ib")
+    bridge, feats, t_logits, query, logits_s, y = make_case("ib")
     bridge.eval()
     feat_pred = torch.randn(B, S_DIM)
     latent_pred = torch.randn(B, S_DIM)
-    w = weight_vector({"kd": 1.0, "feat_kd": 2.0, "latent": 3.0}, "B")
     T = torch.tensor(4.0)
     z_syn, h, terms = synergy_losses(
-        bridge, bridge_params(bridge), query, feats, logits_s, y, t_mean, w, T,
+        bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, T,
         phase="B", feat_pred=feat_pred, feat_kd_norm=norm, latent_pred=latent_pred,
     )  # fmt: skip
     out = bridge.mbm(query, feats)
+    assert set(terms) == {"kd", "feat_kd", "latent"}
     torch.testing.assert_close(terms["kd"], kd_loss(logits_s, z_syn, T))
     if norm == "l2":
         expected_feat = ((feat_pred / feat_pred.norm(dim=1, keepdim=True) - h / h.norm(dim=1, keepdim=True)) ** 2).mean()
@@ -104,16 +119,16 @@ def test_phase_b_terms(norm):
         expected_feat = ((feat_pred - h) ** 2).mean()
     torch.testing.assert_close(terms["feat_kd"], expected_feat)
     torch.testing.assert_close(terms["latent"], ((latent_pred - out.mu) ** 2).mean())
-    torch.testing.assert_close(terms["total"], terms["kd"] + 2 * terms["feat_kd"] + 3 * terms["latent"])
 
 
 def test_hybrid_beta_reduces_to_the_pure_cases():
-    bridge, feats, query, logits_s, y, t_mean = make_case()
+    bridge, feats, t_logits, query, logits_s, y = make_case()
     T = torch.tensor(2.0)
-    w = weight_vector({"kd": 1.0}, "B")
+    t_mean = torch.stack(t_logits).mean(0)
 
     def kd_term(beta):
-        z_syn, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, logits_s, y, t_mean, w, T, phase="B", hybrid_beta=beta)
+        z_syn, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, T,
+                                         phase="B", hybrid_beta=beta)
         return z_syn, terms["kd"]
 
     z_syn, pure_syn = kd_term(None)
@@ -129,63 +144,58 @@ def test_hybrid_beta_reduces_to_the_pure_cases():
 
 @pytest.mark.parametrize("term", ["synergy_ce", "adapt_kd", "ib_kl", "mbm_l2"])
 def test_phase_a_gradient_reaches_bridge_and_teachers_only(term):
-    bridge, feats, query, logits_s, y, _ = make_case("ib")
-    w = weight_vector({term: 1.0}, "A")
-    _, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, logits_s, y, None, w, torch.tensor(2.0), phase="A")
-    terms["total"].backward()
+    bridge, feats, t_logits, query, logits_s, y = make_case("ib")
+    _, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y,
+                                 torch.tensor(2.0), phase="A")
+    terms[term].backward()
     assert sum(grad_or_zero(p).abs().sum() for p in bridge.parameters()) > 0
     if term != "mbm_l2":  # the L2 penalty does not depend on the teachers
         assert all(grad_or_zero(f).abs().sum() > 0 for f in feats), "teacher features must carry gradient in phase A"
+    if term in ("synergy_ce", "adapt_kd"):  # the ensemble part: the teachers' heads learn from the task
+        assert all(grad_or_zero(t).abs().sum() > 0 for t in t_logits), "teacher logits must carry gradient in phase A"
     assert query.grad is None and logits_s.grad is None  # the student is frozen in phase A
 
 
 def test_phase_b_gradient_reaches_student_and_projections_only():
-    bridge, feats, query, logits_s, y, t_mean = make_case("ib")
+    bridge, feats, t_logits, query, logits_s, y = make_case("ib")
     bridge.eval()
     proj = nn.Linear(S_DIM, S_DIM)  # caller-owned feature-KD projection
     latent_proj = nn.Linear(S_DIM, S_DIM)
     student_feat = torch.randn(B, S_DIM)
-    w = weight_vector({"kd": 1.0, "feat_kd": 1.0, "latent": 1.0}, "B")
     _, _, terms = synergy_losses(
-        bridge, bridge_params(bridge), query, feats, logits_s, y, t_mean, w, torch.tensor(2.0),
+        bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, torch.tensor(2.0),
         phase="B", hybrid_beta=0.5, feat_pred=proj(student_feat), latent_pred=latent_proj(student_feat),
     )  # fmt: skip
-    terms["total"].backward()
+    weighted(terms, {"kd": 1.0, "feat_kd": 1.0, "latent": 1.0}).backward()
     assert logits_s.grad.abs().sum() > 0
     assert proj.weight.grad.abs().sum() > 0 and latent_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in bridge.parameters()), "bridge is frozen in phase B"
-    assert query.grad is None and all(f.grad is None for f in feats)
+    assert query.grad is None and all(f.grad is None for f in feats) and all(t.grad is None for t in t_logits)
 
 
 @pytest.mark.parametrize("term", ["kd", "feat_kd"])
 def test_each_phase_b_term_has_gradient(term):
-    bridge, feats, query, logits_s, y, t_mean = make_case()
+    bridge, feats, t_logits, query, logits_s, y = make_case()
     proj = nn.Linear(S_DIM, S_DIM)
-    w = weight_vector({term: 1.0}, "B")
-    _, _, terms = synergy_losses(
-        bridge, bridge_params(bridge), query, feats, logits_s, y, t_mean, w, torch.tensor(2.0), phase="B", feat_pred=proj(query)
-    )
-    terms["total"].backward()
+    _, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y,
+                                 torch.tensor(2.0), phase="B", feat_pred=proj(query))
+    terms[term].backward()
     moved = logits_s if term == "kd" else proj.weight
     assert moved.grad is not None and moved.grad.abs().sum() > 0
 
 
 def test_config_errors():
-    bridge, feats, query, logits_s, y, t_mean = make_case()
-    args = (bridge, bridge_params(bridge), query, feats, logits_s, y)
-    w = weight_vector({"kd": 1.0}, "B")
+    bridge, feats, t_logits, query, logits_s, y = make_case()
+    args = (bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, torch.tensor(1.0))
     with pytest.raises(ConfigError, match="unknown synergy phase"):
-        synergy_losses(*args, None, w, torch.tensor(1.0), phase="C")
+        synergy_losses(*args, phase="C")
     with pytest.raises(ConfigError, match="needs an ib bridge"):
-        synergy_losses(*args, None, w, torch.tensor(1.0), phase="B", latent_pred=torch.randn(B, S_DIM))
-    with pytest.raises(ConfigError, match="needs the teachers' mean logits"):
-        synergy_losses(*args, None, w, torch.tensor(1.0), phase="B", hybrid_beta=0.5)
+        synergy_losses(*args, phase="B", latent_pred=torch.randn(B, S_DIM))
     with pytest.raises(ConfigError, match="unknown feat_kd_norm"):
-        synergy_losses(*args, None, w, torch.tensor(1.0), phase="B", feat_kd_norm="cos")
-    with pytest.raises(ConfigError, match="unknown phase A loss weight"):
-        weight_vector({"kd": 1.0}, "A")
-    assert weight_vector({"latent": 2.0}, "B").tolist() == [0.0, 0.0, 2.0]
-    assert len(PHASE_A_TERMS) == 4 and len(PHASE_B_TERMS) == 3
+        synergy_losses(*args, phase="B", feat_kd_norm="cos")
+    with pytest.raises(ValueError, match="2 teacher features but 1 teacher logits"):
+        synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits[:1], logits_s, y, torch.tensor(1.0),
+                       phase="A")
 
 
 # --------------------------------------------------------------------------- torch.compile
@@ -196,22 +206,22 @@ def _run_steps(fn, phase: str, steps: int = 3):
     values and gradients of each step (fresh leaves per step so both runs see identical inputs)."""
     results = []
     for step in range(steps):
-        bridge, feats, query, logits_s, y, t_mean = make_case(seed=0)
+        bridge, feats, t_logits, query, logits_s, y = make_case(seed=0)
         T = torch.tensor(1.0 + step)
         if phase == "A":
             params = bridge_params(bridge)
-            w = weight_vector({"synergy_ce": 1.0, "adapt_kd": 0.5 * step, "mbm_l2": 1e-3 * (step + 1)}, "A")
-            z_syn, h, terms = fn(bridge, params, query, feats, logits_s, y, None, w, T, phase="A")
-            leaves = [*bridge.parameters(), *feats]
+            w = {"synergy_ce": 1.0, "adapt_kd": 0.5 * step, "mbm_l2": 1e-3 * (step + 1)}
+            z_syn, h, terms = fn(bridge, params, query, feats, t_logits, logits_s, y, T, phase="A")
+            leaves = [*bridge.parameters(), *feats, *t_logits]
         else:
             proj = nn.Linear(S_DIM, S_DIM)
-            w = weight_vector({"kd": 1.0 + step, "feat_kd": 0.1 * step}, "B")
+            w = {"kd": 1.0 + step, "feat_kd": 0.1 * step}
             z_syn, h, terms = fn(
-                bridge, bridge_params(bridge), query, feats, logits_s, y, t_mean, w, T,
+                bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, T,
                 phase="B", hybrid_beta=torch.tensor(0.2 * step), feat_pred=proj(query.detach()),
             )  # fmt: skip
             leaves = [logits_s, proj.weight, proj.bias]
-        grads = torch.autograd.grad(terms["total"], leaves)
+        grads = torch.autograd.grad(weighted(terms, w), leaves)
         results.append(([z_syn.detach(), h.detach(), *(v.detach() for v in terms.values())], grads))
     return results
 
@@ -242,14 +252,15 @@ def test_functional_call_grad_vmap_trace_as_one_graph():
     traced by dynamo as one graph (fullgraph=True; aot_eager backend to keep CPU time low)."""
     torch._dynamo.reset()
     bridges = [make_case(seed=s)[0].eval() for s in (0, 1)]
-    _, feats, query, logits_s, y, _ = make_case()
+    _, feats, t_logits, query, logits_s, y = make_case()
     feats = [f.detach() for f in feats]
+    t_logits = [t.detach() for t in t_logits]
     stacked, _ = torch.func.stack_module_state(bridges)
-    w = weight_vector({"synergy_ce": 1.0, "adapt_kd": 1.0, "mbm_l2": 1e-2}, "A")
+    w = {"synergy_ce": 1.0, "adapt_kd": 1.0, "mbm_l2": 1e-2}
     base = bridges[0]
 
     def total(params, T):
-        return synergy_losses(base, params, query, feats, logits_s, y, None, w, T, phase="A")[2]["total"]
+        return weighted(synergy_losses(base, params, query, feats, t_logits, logits_s, y, T, phase="A")[2], w)
 
     ensemble_grads = torch.func.vmap(torch.func.grad(total), in_dims=(0, None))
     compiled = torch.compile(ensemble_grads, fullgraph=True, dynamic=False, backend="aot_eager")

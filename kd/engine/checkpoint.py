@@ -10,7 +10,10 @@ state function it is given. A disabled checkpointer (no run directory) returns a
 - checkpoints/last.pt: the newest of them (a hard link, replaced by a rename), read by resume;
 - checkpoints/best.pt: the model selected on validation.
 Every file is written to a temp file, fsynced and renamed: a kill at any moment leaves the previous complete
-checkpoint or the new one. Loading is weights_only (kd.io.safe_torch_load)."""
+checkpoint or the new one; each ends with a sha256 of its bytes, verified on load (kd.io: weights_only,
+a changed file is refused and resume falls back to an older one). No file is written holding a non-finite
+tensor (weights, buffers such as BatchNorm statistics, optimiser state): such a state stops the run as
+diverged (TrainingDiverged, exit 3) even when its loss still looked finite."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from ..io import atomic_link, atomic_torch_save, safe_torch_load
 from .distributed import DIST, say
 from .records import flatten_config
 from .rng import gather_rng
+from .tracker import TrainingDiverged
 
 CKPT_FORMAT = 2  # 1: the foundation's last.pt without data position; 2: resumable at any step
 
@@ -70,6 +74,7 @@ class Checkpointer:
         if self.dir is None or not (epoch_end or (self.every and step % self.every == 0)):
             return
         payload = state()  # before the collective: it may raise (a diverged run is never checkpointed)
+        check_finite(payload, f"at step {step} ({phase})")
         rng = gather_rng()
         if not DIST.main:
             return
@@ -84,9 +89,48 @@ class Checkpointer:
             old.unlink(missing_ok=True)
 
     def save_best(self, meta: dict[str, Any], model_state: dict[str, Tensor], val_acc: float, epoch: int) -> None:
+        if self.dir is not None:
+            check_finite(model_state, f"at epoch {epoch} (best model)")
         if self.dir is not None and DIST.main:
             atomic_torch_save({"meta": meta, "model": model_state, "val_acc": val_acc, "epoch": epoch,
                                "config": self.config}, self.dir / "best.pt")
+
+
+def check_finite(state: Any, where: str) -> None:
+    """Raise TrainingDiverged naming the first floating tensor of the nested `state` that holds NaN or inf
+    (one host sync per device; every process agrees under DDP, so all stop together)."""
+    named = list(_float_tensors(state, ""))
+    flags: dict[torch.device, list[Tensor]] = {}
+    for _, t in named:
+        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    finite = {device: torch.stack(fs).tolist() for device, fs in flags.items()}
+    position = {device: 0 for device in flags}
+    bad = None
+    for name, t in named:
+        ok, position[t.device] = finite[t.device][position[t.device]], position[t.device] + 1
+        if not ok and bad is None:
+            bad = name
+    if DIST.enabled:  # one rank's BatchNorm statistics may break alone
+        nccl = torch.distributed.get_backend() == "nccl"
+        flag = torch.tensor([float(bad is not None)], device=torch.cuda.current_device() if nccl else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and bad is None:
+            bad = "a tensor of another process"
+    if bad is not None:
+        raise TrainingDiverged(f"training diverged {where}: {bad} is not finite (NaN/inf in the state, not only "
+                               "the loss); stopped, the last good checkpoint is kept")
+
+
+def _float_tensors(obj: Any, name: str):
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield name or "tensor", obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _float_tensors(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _float_tensors(v, f"{name}[{i}]")
 
 
 # ----------------------------------------------------------------------------------------------
