@@ -60,8 +60,9 @@ from kd.methods import METHODS, Method
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
-from kd.teachers import (FrozenModel, check_teacher_checkpoints, frozen_forward, load_teacher, save_teacher,
-                         select_teachers, teacher_cache_path, teacher_input_spec, teacher_small_input)
+from kd.teachers import (FrozenModel, check_resume_teachers, check_teacher_checkpoints, frozen_forward, load_teacher,
+                         save_teacher, select_teachers, teacher_cache_path, teacher_identity, teacher_input_spec,
+                         teacher_recipe, teacher_seed, teacher_small_input, teacher_test_summary)
 """
 
 
@@ -86,6 +87,8 @@ class DataCfg:
     """where archives are extracted and decoded images cached (empty = $KD_CACHE_DIR or ~/.cache/kd); never the data root."""
     val_fraction: float = 0.1
     """share of the training set held out (stratified, seeded) as the validation split used for model selection."""
+    split_seed: int = 0
+    """seed of the validation split (and of synthetic data): fixed, so every --run.seed sees the same split."""
     image_size: int = 0
     """resize images to this size (0 = the dataset's native size)."""
     aug: bool = True
@@ -150,6 +153,8 @@ class TeachersCfg:
     """label smoothing for teacher fine-tuning."""
     image_size: int = 0
     """teachers see the batch resized to this size inside their wrapper (0 = the student's size)."""
+    seed: int = 0
+    """seed of teacher fine-tuning (with the teacher's identity: its init and data order); not --run.seed."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """precision of the frozen teachers' forward (inference mode; outputs float32), whatever --run.amp: auto =
     bf16 on CUDA and on CPUs with AMX / AVX-512-BF16, else fp32. ASMB: phase B's teachers, phase A's student."""
@@ -201,7 +206,7 @@ class RunCfg:
     overwrite: bool = False
     """empty and reuse an existing kd run directory of the same name (one holding .kd-run), after every check."""
     seed: int = 0
-    """seed for python, numpy, torch and the data order and split."""
+    """seed of the student: its initialisation and data order (the split: --data.split-seed; teachers: --teachers.seed)."""
     deterministic: bool = False
     """use deterministic algorithms (slower on GPU)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -380,6 +385,7 @@ def validate(cfg: Config) -> None:
     check_run_name(cfg.run.name)
     check(cfg.optim.epochs > 0, "--optim.epochs must be > 0")
     check(cfg.teachers.epochs > 0, "--teachers.epochs must be > 0")
+    check(cfg.teachers.lr > 0, f"--teachers.lr must be > 0, got {cfg.teachers.lr}")
     check(cfg.optim.label_smoothing < 1 and cfg.teachers.label_smoothing < 1, "label smoothing must be < 1")
     check(all(m > 0 for m in cfg.optim.milestones), "--optim.milestones must be positive epochs")
     check(cfg.optim.warmup_epochs < cfg.optim.epochs, "--optim.warmup-epochs must be < --optim.epochs")
@@ -455,8 +461,12 @@ def run(cfg: Config) -> dict[str, Any]:
     teacher_dims = [create_model(arch, data.num_classes, small_input=teacher_small).num_features  # unknown names
                     for arch in (cfg.teachers.models if cfg.method != "ce" else ())]  # fail here, before any write
     asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
+    uses_teachers = cfg.method != "ce" and (cfg.method in ("teacher", "asmb") or METHODS[cfg.method][0].uses_teachers)
+    teacher_ids = teacher_identities(cfg, data, teacher_small) if uses_teachers else []
     check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, data.num_classes, teacher_small,
-                              cfg.teachers.image_size or None)
+                              cfg.teachers.image_size or None, teacher_ids)
+    if resume is not None:  # the data may have moved (--data.root): the teachers must still be the run's
+        check_resume_teachers(teacher_ids, resume["config"].get("teacher_identities"), resume["path"])
 
     # 2. The run directory, its records and its checkpoints.
     barrier()  # every rank has checked the run directory before rank 0 creates it
@@ -467,8 +477,8 @@ def run(cfg: Config) -> dict[str, Any]:
     wandb_run = start_wandb(cfg, run_dir, resume)
     logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=wandb_sink(wandb_run, cfg.teachers.models),
                        wandb_id=wandb_run.id if wandb_run is not None else (resume or {}).get("wandb_id"))
-    ckpt = Checkpointer(run_dir, dataclasses.asdict(cfg), every_steps=cfg.run.ckpt_every_steps,
-                        keep_last=cfg.run.keep_last, resume=resume, logger=logger)
+    ckpt = Checkpointer(run_dir, {**dataclasses.asdict(cfg), "teacher_identities": teacher_ids},  # resume checks them
+                        every_steps=cfg.run.ckpt_every_steps, keep_last=cfg.run.keep_last, resume=resume, logger=logger)
     clock = StepClock(ckpt.resume_step)
     say(f"run directory: {run_dir}  (device {device}, {data.num_classes} classes, "
         f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
@@ -481,17 +491,16 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # 3. Stage 0 (teachers, fine-tuned when not cached), then the method's training.
     teachers = []
-    if cfg.method != "ce" and (cfg.method in ("teacher", "asmb") or METHODS[cfg.method][0].uses_teachers):
+    if uses_teachers:  # the teachers' time and accuracies are reported apart from the student's
         adapter_dim = cfg.asmb.teacher_adapter_dim if cfg.method == "asmb" and cfg.asmb.teacher_freeze == "adapter" else 0
         teachers = stage0_teachers(cfg, data, loaders, device, logger, ckpt, clock, teacher_small, adapter_dim)
         summary.update({f"teacher/{arch}/val_acc": acc for arch, (_, acc) in zip(cfg.teachers.models, teachers)})
-    if cfg.method == "teacher":
-        for arch, (model, _) in zip(cfg.teachers.models, teachers):
-            summary[f"teacher/{arch}/test_acc"] = evaluate_acc(model, loaders["test"], device)
-    elif cfg.method == "asmb":
+        summary.update(teacher_test_summary(cfg.teachers.models, [t for t, _ in teachers], loaders["test"], device))
+        summary["teacher_time_s"] = time.time() - t_start
+    if cfg.method == "asmb":
         summary.update(train_asmb(cfg, data, loaders, device, logger, ckpt, clock, student,
                                   [t for t, _ in teachers], asmb_modules))
-    else:
+    elif cfg.method != "teacher":
         multi = METHODS[cfg.method][0].multi_teacher
         summary.update(train_single(cfg, data, loaders, device, logger, ckpt, clock, student,
                                     [t for t, _ in teachers] if multi else select_teachers(cfg.teachers.select, teachers)))
@@ -499,7 +508,7 @@ def run(cfg: Config) -> dict[str, Any]:
         (lambda p: not p.startswith(("teacher:", "asmb:A")))  # the phases of the model the run trains
     img_per_s = mean_img_per_s(logger.rows, trained)
     summary.update({"img_per_s": img_per_s} if img_per_s is not None else {})
-    summary["wall_time_s"] = time.time() - t_start
+    summary["wall_time_s"] = time.time() - t_start - summary.get("teacher_time_s", 0.0)
     logger.write_summary(summary)
     finish_wandb(wandb_run, summary, run_dir)
     say("\nresults")
@@ -543,11 +552,11 @@ def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] |
 # ----------------------------------------------------------------------------------------------
 def load_data(cfg: Config):
     d = cfg.data
-    data = build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=cfg.run.seed, image_size=d.image_size,
+    data = build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=d.split_seed, image_size=d.image_size,
                       aug=d.aug, randaugment=d.randaugment, cache_dir=d.cache_dir or None,
                       synthetic=SyntheticSpec(num_classes=d.synthetic_classes, train_size=d.synthetic_train_size,
                                               test_size=d.synthetic_test_size, image_size=d.synthetic_image_size,
-                                              seed=cfg.run.seed))
+                                              seed=d.split_seed))
     if len(data.train) < d.batch_size:
         raise ConfigError(f"--data.batch-size {d.batch_size} is larger than the training split ({len(data.train)})")
     return data
@@ -581,7 +590,7 @@ def steps_per_epoch(cfg: Config, loader) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 0: teachers (fine-tuned once per dataset/arch/stem/seed, then cached; kd/teachers.py)
+# Stage 0: teachers (fine-tuned once per identity: what made them, then cached; kd/teachers.py)
 # ----------------------------------------------------------------------------------------------
 def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Checkpointer, clock: StepClock,
                     small_input: bool, adapter_dim: int = 0) -> list[tuple[KDModel, float]]:
@@ -590,17 +599,15 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
     run was fine-tuning when it stopped, even if cached, so it continues exactly). `adapter_dim` > 0 gives
     each a new zero-initialised residual adapter (ASMB's teacher_freeze adapter)."""
     out = []
-    for i, arch in enumerate(cfg.teachers.models):
-        spec = teacher_input_spec(arch, cfg.teachers.pretrained, cfg.teachers.image_size, data.mean, data.std)
+    for i, (arch, identity) in enumerate(zip(cfg.teachers.models, teacher_identities(cfg, data, small_input))):
         given = bool(cfg.teachers.checkpoints)
-        path = Path(cfg.teachers.checkpoints[i]) if given else \
-            teacher_cache_path(cfg.teachers.cache_dir, arch, small_input, data.num_classes, data_identity(cfg), spec)
+        path = Path(cfg.teachers.checkpoints[i]) if given else teacher_cache_path(cfg.teachers.cache_dir, identity)
         if not given and (not path.exists() or ckpt.pending_phase() == f"teacher:{arch}"):
-            finetune_teacher(cfg, arch, path, spec, data, loaders, device, logger, ckpt, clock, small_input)
+            finetune_teacher(cfg, arch, path, identity, data, loaders, device, logger, ckpt, clock, small_input)
         elif not given:
             say(f"teacher {arch}: using cached {path}")
         model, val_acc = load_teacher(path, arch, data.num_classes, small_input, cfg.teachers.image_size or None,
-                                      adapter_dim, spec)
+                                      adapter_dim, identity["input"], identity)
         model = prepare(model, cfg, device, inference=True)
         if val_acc is None:
             val_acc = evaluate_acc(model, loaders["val"], device)
@@ -608,24 +615,27 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
     return out
 
 
-def data_identity(cfg: Config) -> dict[str, Any]:
-    """What a teacher's training data depends on: a cached teacher is reused only for the same data and the
-    same held-out validation split (otherwise it would have trained on our val split)."""
+def teacher_identities(cfg: Config, data, small_input: bool) -> list[dict[str, Any]]:
+    """Each teacher's identity (kd.teachers.teacher_identity): what made it, the key of its cache file. The data
+    part is the data itself (fingerprint) and the validation split (fraction, --data.split-seed), not the path."""
     d = cfg.data
-    ident = {"dataset": d.dataset, "val_fraction": d.val_fraction, "image_size": d.image_size, "seed": cfg.run.seed}
-    if d.dataset == "synthetic":
-        ident.update(classes=d.synthetic_classes, train=d.synthetic_train_size, size=d.synthetic_image_size)
-    else:
-        ident["root"] = str(Path(d.root).resolve())
-    return ident
+    data_ident = {"dataset": d.dataset, "fingerprint": data.fingerprint, "image_size": data.image_size,
+                  "val_fraction": d.val_fraction, "split_seed": d.split_seed}
+    recipe = teacher_recipe(cfg.teachers, cfg.optim, cfg.data, cfg.run)
+    return [teacher_identity(arch, num_classes=data.num_classes, small_input=small_input, recipe=recipe,
+                             input_spec=teacher_input_spec(arch, cfg.teachers.pretrained, cfg.teachers.image_size,
+                                                           data.mean, data.std), seed=cfg.teachers.seed, data=data_ident)
+            for arch in cfg.teachers.models]
 
 
-def finetune_teacher(cfg: Config, arch: str, path: Path, spec, data, loaders, device, logger: RunLogger,
-                     ckpt: Checkpointer, clock: StepClock, small_input: bool) -> None:
+def finetune_teacher(cfg: Config, arch: str, path: Path, identity: dict[str, Any], data, loaders, device,
+                     logger: RunLogger, ckpt: Checkpointer, clock: StepClock, small_input: bool) -> None:
     """Fine-tune one teacher with cross-entropy (phase `teacher:<arch>`, resumable), select it by validation
-    accuracy and cache it at `path`."""
+    accuracy and cache it at `path` with its identity. Its init and data order come from teacher_seed(identity)."""
     say(f"stage 0: fine-tuning teacher {arch} for {cfg.teachers.epochs} epochs -> {path}")
     clock.progress.plan(cfg.teachers.epochs * steps_per_epoch(cfg, loaders["train"]))
+    seed_everything(teacher_seed(identity))
+    spec = identity["input"]
     model = create_model(arch, data.num_classes, pretrained=cfg.teachers.pretrained, small_input=small_input,
                          img_size=cfg.teachers.image_size or None)
     if spec is not None:
@@ -636,9 +646,10 @@ def finetune_teacher(cfg: Config, arch: str, path: Path, spec, data, loaders, de
     optimizer = optimizer_for([model], cfg.optim, cfg.teachers.lr, device)
     tr = make_trainer(cfg, model, method, [], device, clock, optimizer, cfg.optim, cfg.teachers.epochs,
                       steps_per_epoch(cfg, loaders["train"]), data.num_classes)
+    tr.seed = teacher_seed(identity)  # fit() reseeds the phase from it, not from --run.seed
     best = fit(tr, loaders, cfg.teachers.epochs, f"teacher:{arch}", logger, ckpt, save_best=False)
     if DIST.main:
-        save_teacher(path, model, best["state"], best["acc"], data_identity(cfg), spec)
+        save_teacher(path, model, best["state"], best["acc"], identity)
     barrier()  # the other ranks load the teacher from the cache rank 0 just wrote
 
 

@@ -70,6 +70,8 @@ class DataSplits:
     # uint8 [N,3,H,W] at native resolution / int64 [N]: the training subset (val removed); None for imagefolder
     train_images: Tensor | None = field(default=None, repr=False)
     train_labels: Tensor | None = field(default=None, repr=False)
+    # a short hash of the data itself (labels, a sample of images or files): what a cached teacher learnt from
+    fingerprint: str = ""
 
 
 class TensorImageDataset(Dataset):
@@ -432,6 +434,33 @@ def _check_labels(labels: Tensor, num_classes: int, split: str, every_class: boo
         raise DataError(f"{split} split has no samples of class(es) {missing[:10]} (of {num_classes})")
 
 
+def tensor_fingerprint(images: Tensor, labels: Tensor, test_images: Tensor, test_labels: Tensor,
+                       sample: int = 512) -> str:
+    """16 hex digits of sha1 over the shapes, every label of both splits and the bytes of an evenly strided
+    sample of `sample` images of each split: relabelled or replaced data gets another fingerprint, cheaply."""
+    h = hashlib.sha1()
+    for imgs, labs in ((images, labels), (test_images, test_labels)):
+        h.update(f"{tuple(imgs.shape)}|{tuple(labs.shape)}".encode())
+        h.update(labs.long().contiguous().numpy().tobytes())
+        h.update(imgs[:: max(1, len(imgs) // sample)].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def folder_fingerprint(folders: list[tvd.ImageFolder], sample: int = 256, head_bytes: int = 4096) -> str:
+    """16 hex digits of sha1 over each folder's classes, every (relative path, label) and the size and first
+    `head_bytes` bytes of an evenly strided sample of `sample` files (not the whole dataset: cheap)."""
+    h = hashlib.sha1()
+    for folder in folders:
+        root = Path(folder.root)
+        h.update("|".join(folder.classes).encode())
+        for path, label in folder.samples:
+            h.update(f"{Path(path).relative_to(root)}:{label};".encode())
+        for path, _ in folder.samples[:: max(1, len(folder.samples) // sample)]:
+            with open(path, "rb") as f:
+                h.update(f"{os.path.getsize(path)}".encode() + f.read(head_bytes))
+    return h.hexdigest()[:16]
+
+
 def _load_imagefolder(root: Path) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
     folders = []
     for split in ("train", "val"):
@@ -470,6 +499,7 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
                randaugment: tuple[int, int] = (0, 0), cache_dir: str | Path | None = None) -> DataSplits:
     """Train / val (held out from train, eval transform) / test splits of `dataset` at `root`.
 
+    seed: the validation split's seed (keep it fixed across student seeds: every run then sees the same split).
     cache_dir: where archives are extracted and decoded images cached (None = default_cache_dir()).
 
     image_size: 0 = native (imagefolder: 224), > 0 resizes. aug: train-time augmentation.
@@ -497,7 +527,7 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
             val=FileSubset(train_folder, val_idx, eval_tf),
             test=FileSubset(test_folder, torch.arange(len(test_folder)), eval_tf),
             num_classes=num_classes, image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            class_names=list(train_folder.classes))
+            class_names=list(train_folder.classes), fingerprint=folder_fingerprint([train_folder, test_folder]))
 
     if dataset == "synthetic":
         loaded, (mean, std) = _load_synthetic(synthetic), (SYNTHETIC_MEAN, SYNTHETIC_STD)
@@ -520,7 +550,8 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
         val=TensorImageDataset(images[val_idx], labels[val_idx], eval_tf),
         test=TensorImageDataset(test_images, test_labels, eval_tf),
         num_classes=num_classes, image_size=size, mean=mean, std=std, class_names=class_names,
-        train_images=train_images, train_labels=train_labels)
+        train_images=train_images, train_labels=train_labels,
+        fingerprint=tensor_fingerprint(images, labels, test_images, test_labels))
 
 
 def labels_in_order(dataset, labels: Tensor | None = None) -> Tensor:

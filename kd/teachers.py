@@ -1,6 +1,9 @@
-"""Teachers as cached artefacts: the input adapter a teacher sees, the cache file that names what made it,
-and loading a fine-tuned teacher back (checked against the architecture, class count and stem); and the
-forward of a frozen model at inference cost (frozen_forward, FrozenModel).
+"""Teachers as their own artefacts: the input adapter a teacher sees, its identity (everything that made it:
+architecture, stem, input adapter, fine-tuning recipe, its own seed, the data's fingerprint and the validation
+split), the cache file named by that identity's hash, and loading a fine-tuned teacher back (checked against
+the identity the run expects). A teacher's weights depend on its identity only, never on --run.seed, so every
+student seed of a study distils from the same teacher file. Also the forward of a frozen model at
+inference cost (frozen_forward, FrozenModel).
 
 Stage 0 itself (fine-tuning a missing teacher) is train.py's: it is an ordinary training phase."""
 
@@ -16,8 +19,10 @@ import timm
 import torch
 from torch import Tensor
 
+from .engine.distributed import say
 from .errors import CheckpointError
 from .io import atomic_torch_save, safe_torch_load
+from .metrics import accuracy, gather_outputs
 from .models import KDModel, ModelOutput, check_meta, check_shapes, create_model
 
 
@@ -41,33 +46,102 @@ def teacher_small_input(student_small_input: bool, teacher_image_size: int) -> b
     return teacher_image_size <= 64 if teacher_image_size else student_small_input
 
 
-def teacher_cache_path(cache_dir: str | Path, arch: str, small_input: bool, num_classes: int,
-                       data_identity: dict[str, Any], input_spec: dict[str, Any] | None = None) -> Path:
-    """<cache_dir>/<dataset>-<arch>-<stem>-<C>c-s<seed>-<hash>.pt; the hash covers the data identity (dataset,
-    split, size, seed, root) and the input adapter (a teacher trained behind one is another teacher)."""
-    ident = dict(data_identity)
-    if input_spec is not None:
-        ident["input"] = input_spec
-    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
-    stem = "small" if small_input else "std"
-    return Path(cache_dir) / f"{ident['dataset']}-{arch}-{stem}-{num_classes}c-s{ident['seed']}-{digest}.pt"
+def teacher_recipe(teachers: Any, optim: Any, data: Any, run: Any) -> dict[str, Any]:
+    """How stage 0 fine-tunes a teacher, from the config groups (--teachers, --optim, --data, --run): every
+    setting its weights depend on besides the architecture, the data and its seed."""
+    return {"epochs": teachers.epochs, "lr": teachers.lr, "label_smoothing": teachers.label_smoothing,
+            "pretrained": teachers.pretrained, "image_size": teachers.image_size,
+            "optimizer": optim.name, "momentum": optim.momentum, "nesterov": optim.nesterov,
+            "weight_decay": optim.weight_decay, "schedule": optim.schedule, "milestones": list(optim.milestones),
+            "gamma": optim.gamma, "warmup_epochs": optim.warmup_epochs, "mixup_alpha": optim.mixup_alpha,
+            "cutmix_alpha": optim.cutmix_alpha, "grad_clip_norm": optim.grad_clip_norm,
+            "batch_size": data.batch_size, "aug": data.aug, "randaugment": list(data.randaugment),
+            "loader": data.loader, "max_steps_per_epoch": run.max_steps_per_epoch, "amp": run.amp}
 
 
-def save_teacher(path: Path, model: KDModel, state: dict[str, Any], val_acc: float, data_identity: dict[str, Any],
-                 input_spec: dict[str, Any] | None) -> None:
-    atomic_torch_save({"meta": model.meta(), "model": state, "val_acc": val_acc, "data": data_identity,
-                       "input_transform": input_spec}, path)
+def teacher_identity(arch: str, *, num_classes: int, small_input: bool, input_spec: dict[str, Any] | None,
+                     recipe: dict[str, Any], seed: int, data: dict[str, Any]) -> dict[str, Any]:
+    """Everything that made a teacher, as a JSON-able dict: `data` names the dataset, its fingerprint and the
+    validation split (fraction and seed); `seed` is --teachers.seed (not --run.seed)."""
+    return {"arch": arch, "num_classes": num_classes, "stem": "small" if small_input else "std",
+            "input": input_spec, "recipe": recipe, "seed": seed, "data": data}
+
+
+def teacher_key(identity: dict[str, Any]) -> str:
+    """12 hex digits of sha1 over the identity: equal keys = the same teacher."""
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def teacher_seed(identity: dict[str, Any]) -> int:
+    """The seed of a teacher's initialisation and data order: a function of its identity (its --teachers.seed
+    included) only, so the same identity gives the same weights whichever run or method trains it."""
+    return int(teacher_key(identity)[:8], 16) % 2**31
+
+
+def teacher_cache_path(cache_dir: str | Path, identity: dict[str, Any]) -> Path:
+    """<cache_dir>/<dataset>-<arch>-<stem>-<C>c-s<teacher seed>-<identity key>.pt."""
+    i = identity
+    return Path(cache_dir) / f"{i['data']['dataset']}-{i['arch']}-{i['stem']}-{i['num_classes']}c-s{i['seed']}-" \
+                             f"{teacher_key(i)}.pt"
+
+
+def identity_difference(here: dict[str, Any] | None, there: dict[str, Any] | None) -> str | None:
+    """The first field (dotted, e.g. `recipe.epochs`) whose value differs, as "<field> is A here but B there",
+    or None when the identities are equal."""
+    flat_here, flat_there = _flatten(here or {}), _flatten(there or {})
+    for key in sorted(set(flat_here) | set(flat_there)):
+        if flat_here.get(key) != flat_there.get(key):
+            return f"{key} is {flat_here.get(key)!r} here but {flat_there.get(key)!r} there"
+    return None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def check_resume_teachers(now: list[dict[str, Any]], saved: list[dict[str, Any]] | None, path: str) -> None:
+    """Refuse (one line) to resume a run whose teachers would differ from the ones it started with (its data
+    moved to another, different, root; another recipe): a checkpoint records its teachers' identities."""
+    if saved is None:
+        return  # a checkpoint of an older version: nothing recorded to compare
+    if len(now) != len(saved):
+        raise CheckpointError(f"cannot resume from {path}: {len(now)} teacher(s) here, {len(saved)} in the checkpoint")
+    for here, there in zip(now, saved):
+        if teacher_key(here) != teacher_key(there):
+            raise CheckpointError(f"cannot resume from {path}: teacher {here['arch']} is not the one the run started "
+                                  f"with ({identity_difference(here, there)} in the checkpoint)")
+
+
+def save_teacher(path: Path, model: KDModel, state: dict[str, Any], val_acc: float,
+                 identity: dict[str, Any]) -> None:
+    """The fine-tuned teacher with its validation accuracy and full identity (and the identity's key)."""
+    atomic_torch_save({"meta": model.meta(), "model": state, "val_acc": val_acc, "identity": identity,
+                       "key": teacher_key(identity), "input_transform": identity["input"]}, path)
 
 
 def load_teacher(path: Path, arch: str, num_classes: int, small_input: bool, img_size: int | None = None,
-                 adapter_dim: int = 0, input_spec: dict[str, Any] | None = None) -> tuple[KDModel, float | None]:
+                 adapter_dim: int = 0, input_spec: dict[str, Any] | None = None,
+                 identity: dict[str, Any] | None = None) -> tuple[KDModel, float | None]:
     """A fine-tuned teacher from `path` and its recorded validation accuracy (None when not recorded).
     `adapter_dim` > 0 adds a new residual adapter (zero-initialised: the same function) on top of the saved
     weights, which have none (ASMB's teacher_freeze adapter). The input adapter recorded in the file wins
-    over `input_spec`."""
+    over `input_spec`. `identity`: the teacher the run expects; a file recording another identity is refused
+    (one line naming the first field that differs), a file recording none is used with a note."""
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or "meta" not in ckpt:
         raise CheckpointError(f"teacher checkpoint {path} has no model metadata (not written by kd?)")
+    if identity is not None and ckpt.get("identity") is None:
+        say(f"note: teacher checkpoint {path} records no identity (how it was trained); using it as given")
+    elif identity is not None and teacher_key(ckpt["identity"]) != teacher_key(identity):
+        raise CheckpointError(f"teacher checkpoint {path} was made differently from this run's {arch} teacher: "
+                              f"{identity_difference(identity, ckpt['identity'])} in the file (match the "
+                              "--teachers/--optim/--data flags, or leave --teachers.checkpoints empty to use the cache)")
     check_meta({"arch": arch, "num_classes": num_classes, "small_input": small_input}, ckpt["meta"],
                f"teacher checkpoint {path}")
     model = create_model(arch, num_classes, small_input=small_input, img_size=img_size, adapter_dim=adapter_dim)
@@ -84,11 +158,13 @@ def load_teacher(path: Path, arch: str, num_classes: int, small_input: bool, img
 
 
 def check_teacher_checkpoints(paths: Sequence[str], archs: Sequence[str], num_classes: int, small_input: bool,
-                              img_size: int | None = None) -> None:
-    """Load each given teacher checkpoint once (file, metadata, keys and tensor shapes), so a bad one stops
-    the run before it writes anything (stage 0 loads them again for use)."""
-    for path, arch in zip(paths, archs):
-        load_teacher(Path(path), arch, num_classes, small_input, img_size)
+                              img_size: int | None = None, identities: Sequence[dict[str, Any]] = ()) -> None:
+    """Load each given teacher checkpoint once (file, metadata, keys and tensor shapes, and the identity it
+    records against `identities`), so a bad one stops the run before it writes anything (stage 0 loads them
+    again for use)."""
+    for i, (path, arch) in enumerate(zip(paths, archs)):
+        load_teacher(Path(path), arch, num_classes, small_input, img_size,
+                     identity=identities[i] if i < len(identities) else None)
 
 
 def select_teachers(select: str, teachers: list[tuple[KDModel, float]]) -> list[KDModel]:
@@ -131,3 +207,15 @@ class FrozenModel:
 
     def __call__(self, x: Tensor, with_maps: bool = False) -> ModelOutput:
         return frozen_forward([self.model], x, with_maps=with_maps, dtype=self.dtype)[0]
+
+
+def teacher_test_summary(archs: Sequence[str], models: Sequence[KDModel], loader: Any, device: Any) -> dict[str, float]:
+    """`teacher/<arch>/test_acc` of every teacher and, with several, `ensemble/test_acc` (their mean logits),
+    from one pass over `loader` (the teachers are put in eval mode)."""
+    for model in models:
+        model.eval()
+    logits, labels = gather_outputs(lambda x: {str(i): m(x).logits for i, m in enumerate(models)}, loader, device)
+    out = {f"teacher/{arch}/test_acc": accuracy(logits[str(i)], labels) for i, arch in enumerate(archs)}
+    if len(models) > 1:
+        out["ensemble/test_acc"] = accuracy(torch.stack(list(logits.values())).mean(0), labels)
+    return out

@@ -77,7 +77,7 @@ def final_state(tmp: Path, name: str) -> tuple[dict, dict, list]:
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    drop = ("run_dir", "wall_time_s", "time_s", "img_per_s", "train/img_per_s")  # timings differ
+    drop = ("run_dir", "wall_time_s", "teacher_time_s", "time_s", "img_per_s", "train/img_per_s")  # timings differ
     last = {k: v for k, v in last.items() if k not in ("rows", "config", "wandb_id")}  # rows: below, sans times
     return (last, {k: v for k, v in summary.items() if k not in drop},
             [{k: v for k, v in r.items() if k not in drop} for r in rows])

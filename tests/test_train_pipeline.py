@@ -136,9 +136,9 @@ def test_teacher_input_spec_rules():
     assert teacher_small_input(False, 32) is True  # their own size decides their stem: 32 px -> small
     assert teacher_small_input(True, 224) is False
     assert teacher_small_input(True, 0) is True  # no size of their own: like the student
-    ident = train.data_identity(train.parse_config(["--preset", "smoke"]))
-    assert teacher_cache_path("c", "resnet18", False, 4, ident) != \
-        teacher_cache_path("c", "resnet18", False, 4, ident, {"size": 224})
+    cfg = train.parse_config(["--preset", "smoke", "--teachers.models", "resnet18"])
+    (ident,) = train.teacher_identities(cfg, data, False)
+    assert teacher_cache_path("c", ident) != teacher_cache_path("c", {**ident, "input": {"size": 224}})
 
 
 def test_teachers_image_size_end_to_end(tmp_path):
