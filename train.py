@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -30,7 +30,7 @@ from kd.configs import (MULTI_TEACHER_METHODS, AsmbCfg, ATCfg, AverCfg, CAMKDCfg
                         FitNetCfg, KDCfg, PKTCfg, RKDCfg, SPCfg)
 from kd.engine.cli import (bool_flags, first_message, flag_names, focused_config, load_config_json, normalize_booleans,
                            pop_option, run_name, unknown_flag_message)
-from kd.engine.rundir import check_run_dir, check_run_name, prepare_run_dir, release_run_dirs
+from kd.engine.rundir import check_run_dir, check_run_name, new_run_dir, prepare_run_dir, release_run_dirs
 from kd.errors import ConfigError, KDError
 
 # torch, timm, tqdm and the training machinery take seconds to import: loaded by load_runtime() when a run
@@ -42,18 +42,18 @@ from tqdm import tqdm
 
 from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules, guard_residual, stage_metrics,
                      synergy_warning)
-from kd.data import SyntheticSpec, build_data, labels_in_order, make_loader
+from kd.data import SyntheticSpec, build_data, labels_in_order
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume, reseed_loader
 from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.progress import RunProgress, mean_img_per_s
 from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
-from kd.engine.runlog import RunLogger
+from kd.engine.runlog import RunLogger, format_summary
 from kd.engine.tracker import LossTracker
 from kd.engine.trainer import StepClock, StudentStep, Trainer
 from kd.engine.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb_keys, wandb_server_reachable
-from kd.fastloader import DeviceLoader
+from kd.fastloader import DeviceLoader, make_loaders
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.io import atomic_write_json
 from kd.methods import METHODS, Method
@@ -61,8 +61,8 @@ from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
 from kd.teachers import (FrozenModel, check_resume_teachers, check_teacher_checkpoints, frozen_forward, load_teacher,
-                         save_teacher, select_teachers, teacher_cache_path, teacher_identity, teacher_input_spec,
-                         teacher_recipe, teacher_seed, teacher_small_input, teacher_test_summary)
+                         save_teacher, select_teachers, teacher_cache_path, teacher_identities,
+                         teacher_seed, teacher_small_input, teacher_test_summary)
 """
 
 
@@ -74,9 +74,7 @@ METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd
                        "ebkd", "asmb"]
 
 
-# ----------------------------------------------------------------------------------------------
-# Config: every field is a CLI flag (`--group.field`); the docstring under it is its --help line.
-# ----------------------------------------------------------------------------------------------
+# ---- Config: every field is a CLI flag (`--group.field`); the docstring under it is its --help line.
 @dataclass
 class DataCfg:
     dataset: Literal["synthetic", "cifar100", "imagefolder", "tiny-imagenet"] = "cifar100"
@@ -360,36 +358,30 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    for group in (cfg.data, cfg.student, cfg.teachers, cfg.optim, cfg.run, getattr(cfg, cfg.method, None)):
-        if group is None or not dataclasses.is_dataclass(group):
-            continue
-        for f in dataclasses.fields(group):
-            v = getattr(group, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"--{_group_name(cfg, group)}.{f.name.replace('_', '-')} must be finite, got {v}")
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ConfigError(f"--{_group_name(cfg, group)}.{f.name.replace('_', '-')} must be >= 0, got {v}")
+    for name in ("data", "student", "teachers", "optim", "run", cfg.method):
+        group = getattr(cfg, name, None)
+        for f in dataclasses.fields(group) if dataclasses.is_dataclass(group) else ():
+            v, flag = getattr(group, f.name), f"--{name}.{f.name.replace('_', '-')}"
+            check(not isinstance(v, float) or math.isfinite(v), f"{flag} must be finite, got {v}")
+            check(not isinstance(v, (int, float)) or isinstance(v, bool) or v >= 0, f"{flag} must be >= 0, got {v}")
     method_group = getattr(cfg, cfg.method, None)
     if hasattr(method_group, "check"):
         method_group.check()  # the method's own range checks (e.g. temperature > 0)
     check(0.0 < cfg.data.val_fraction < 1.0, f"--data.val-fraction must be in (0, 1), got {cfg.data.val_fraction}")
-    check(cfg.data.batch_size > 0, "--data.batch-size must be > 0")
-    check(cfg.data.eval_batch_size > 0, "--data.eval-batch-size must be > 0")
     check(cfg.student.drop_rate < 1, f"--student.drop-rate must be < 1, got {cfg.student.drop_rate}")
-    check(cfg.optim.lr > 0, f"--optim.lr must be > 0, got {cfg.optim.lr}")
     check(cfg.optim.momentum < 1, f"--optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
     check(cfg.run.seed < 2 ** 32, f"--run.seed must be in [0, 2**32), got {cfg.run.seed}")
-    check(cfg.optim.gamma > 0, f"--optim.gamma must be > 0, got {cfg.optim.gamma}")
     check(max(cfg.data.image_size, cfg.teachers.image_size, cfg.data.synthetic_image_size) <= 1024,
           "--data.image-size, --teachers.image-size and --data.synthetic-image-size must be <= 1024")
     check_run_name(cfg.run.name)
-    check(cfg.optim.epochs > 0, "--optim.epochs must be > 0")
-    check(cfg.teachers.epochs > 0, "--teachers.epochs must be > 0")
-    check(cfg.teachers.lr > 0, f"--teachers.lr must be > 0, got {cfg.teachers.lr}")
     check(cfg.optim.label_smoothing < 1 and cfg.teachers.label_smoothing < 1, "label smoothing must be < 1")
     check(all(m > 0 for m in cfg.optim.milestones), "--optim.milestones must be positive epochs")
     check(cfg.optim.warmup_epochs < cfg.optim.epochs, "--optim.warmup-epochs must be < --optim.epochs")
     check(cfg.run.keep_last >= 1, "--run.keep-last must be >= 1")
+    for flag in ("data.batch_size", "data.eval_batch_size", "optim.lr", "optim.epochs", "optim.gamma", "teachers.lr",
+                 "teachers.epochs"):
+        value = getattr(getattr(cfg, flag.split(".")[0]), flag.split(".")[1])
+        check(value > 0, f"--{flag.replace('_', '-')} must be > 0, got {value}")
     check(not (cfg.run.resume and cfg.run.overwrite), "--run.resume and --run.overwrite exclude each other")
     check(cfg.run.resume != "auto" or bool(cfg.run.name),
           "--run.resume auto needs --run.name (the run directory to continue)")
@@ -420,13 +412,7 @@ def validate(cfg: Config) -> None:
               f"data root {cfg.data.root} does not exist (--data.root)")
 
 
-def _group_name(cfg: Config, group: Any) -> str:
-    return next(f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is group)
-
-
-# ----------------------------------------------------------------------------------------------
-# The run, as a contents page
-# ----------------------------------------------------------------------------------------------
+# ---- The run, as a contents page -----------------------------------------------------------------
 # What may differ between a run and its resumption: where it runs and writes, how it loads data and
 # checkpoints, wandb. Everything else (method, models, data, batch size, optimiser, schedule, epochs, seed,
 # precision) must match, or the continued run would not be the run that was started.
@@ -449,7 +435,9 @@ def run(cfg: Config) -> dict[str, Any]:
                             ("data", "student", "teachers", "optim", "run", cfg.method), RESUME_MAY_CHANGE,
                             resume["path"])
         say(f"resuming from {resume['path']} ({resume['phase']}, step {resume['progress']['step']})")
-    run_dir = resume_dir or new_run_dir(cfg)
+    run_dir = resume_dir or new_run_dir(cfg.run.out_dir, cfg.run.name or run_name(
+        cfg.method, cfg.student.model, cfg.teachers.models if cfg.method != "ce" else (), cfg.data.dataset),
+        overwrite=cfg.run.overwrite)
     if DIST.main:
         check_run_dir(run_dir, overwrite=cfg.run.overwrite)  # held by another run? overwritable?
     seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -462,7 +450,8 @@ def run(cfg: Config) -> dict[str, Any]:
                     for arch in (cfg.teachers.models if cfg.method != "ce" else ())]  # fail here, before any write
     asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
     uses_teachers = cfg.method != "ce" and (cfg.method in ("teacher", "asmb") or METHODS[cfg.method][0].uses_teachers)
-    teacher_ids = teacher_identities(cfg, data, teacher_small) if uses_teachers else []
+    teacher_ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, teacher_small) \
+        if uses_teachers else []
     check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, data.num_classes, teacher_small,
                               cfg.teachers.image_size or None, teacher_ids)
     if resume is not None:  # the data may have moved (--data.root): the teachers must still be the run's
@@ -475,7 +464,8 @@ def run(cfg: Config) -> dict[str, Any]:
         atomic_write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     barrier()
     wandb_run = start_wandb(cfg, run_dir, resume)
-    logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=wandb_sink(wandb_run, cfg.teachers.models),
+    sink = None if wandb_run is None else (lambda row: wandb_run.log(wandb_keys(row, cfg.teachers.models)))
+    logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=sink,  # wandb keys: phase-scoped
                        wandb_id=wandb_run.id if wandb_run is not None else (resume or {}).get("wandb_id"))
     ckpt = Checkpointer(run_dir, {**dataclasses.asdict(cfg), "teacher_identities": teacher_ids},  # resume checks them
                         every_steps=cfg.run.ckpt_every_steps, keep_last=cfg.run.keep_last, resume=resume, logger=logger)
@@ -493,7 +483,8 @@ def run(cfg: Config) -> dict[str, Any]:
     teachers = []
     if uses_teachers:  # the teachers' time and accuracies are reported apart from the student's
         adapter_dim = cfg.asmb.teacher_adapter_dim if cfg.method == "asmb" and cfg.asmb.teacher_freeze == "adapter" else 0
-        teachers = stage0_teachers(cfg, data, loaders, device, logger, ckpt, clock, teacher_small, adapter_dim)
+        teachers = stage0_teachers(cfg, data, loaders, device, logger, ckpt, clock, teacher_small, teacher_ids,
+                                   adapter_dim)
         summary.update({f"teacher/{arch}/val_acc": acc for arch, (_, acc) in zip(cfg.teachers.models, teachers)})
         summary.update(teacher_test_summary(cfg.teachers.models, [t for t, _ in teachers], loaders["test"], device))
         summary["teacher_time_s"] = time.time() - t_start
@@ -506,15 +497,11 @@ def run(cfg: Config) -> dict[str, Any]:
                                     [t for t, _ in teachers] if multi else select_teachers(cfg.teachers.select, teachers)))
     trained = (lambda p: p.startswith("teacher:")) if cfg.method == "teacher" else \
         (lambda p: not p.startswith(("teacher:", "asmb:A")))  # the phases of the model the run trains
-    img_per_s = mean_img_per_s(logger.rows, trained)
-    summary.update({"img_per_s": img_per_s} if img_per_s is not None else {})
+    summary.update(mean_img_per_s(logger.rows, trained))
     summary["wall_time_s"] = time.time() - t_start - summary.get("teacher_time_s", 0.0)
     logger.write_summary(summary)
     finish_wandb(wandb_run, summary, run_dir)
-    say("\nresults")
-    width = max(len(k) for k in summary)
-    for k, v in summary.items():
-        say(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+    say(format_summary(summary))
     return summary
 
 
@@ -523,16 +510,6 @@ def planned_epochs(cfg: Config) -> int:
     if cfg.method == "asmb":
         return cfg.asmb.num_stages * sum(cfg.asmb.epochs_per_stage(cfg.optim.epochs))
     return 0 if cfg.method == "teacher" else cfg.optim.epochs
-
-
-def new_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or run_name(cfg.method, cfg.student.model, cfg.teachers.models if cfg.method != "ce" else (),
-                                    cfg.data.dataset)
-    run_dir = Path(cfg.run.out_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite and not cfg.run.resume:
-        raise ConfigError(f"run directory {run_dir} exists; pass --run.resume auto to continue it, "
-                          "--run.overwrite True to replace it, or another --run.name")
-    return run_dir
 
 
 def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] | None) -> KDModel:
@@ -547,9 +524,7 @@ def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] |
     return student
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
+# ---- Data ----------------------------------------------------------------------------------------
 def load_data(cfg: Config):
     d = cfg.data
     data = build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=d.split_seed, image_size=d.image_size,
@@ -563,25 +538,14 @@ def load_data(cfg: Config):
 
 
 def build_loaders(cfg: Config, data, device: torch.device) -> dict[str, Any]:
-    """train/val/test loaders: device-resident (kd.fastloader) for tensor-backed data without RandAugment (unless
-    --data.loader torch), else DataLoaders. With several processes each rank's train loader yields its slice of
-    every global batch (--data.batch-size); every rank evaluates the whole val/test split."""
+    """Device-resident loaders for tensor-backed data (--data.loader auto/fast, no RandAugment), else DataLoaders."""
     d = cfg.data
-    shard = dict(rank=DIST.rank, world_size=DIST.world_size)
-    if d.loader == "torch" or data.train_images is None or d.randaugment[0] > 0:  # validate() refused these for fast
-        return {
-            "train": make_loader(data.train, d.batch_size, train=True, workers=d.workers, seed=cfg.run.seed, **shard),
-            "val": make_loader(data.val, d.eval_batch_size, train=False, workers=d.workers),
-            "test": make_loader(data.test, d.eval_batch_size, train=False, workers=d.workers),
-        }
-    say(f"data: device-resident loader on {device} (--data.loader {d.loader})")
-    common = dict(mean=data.mean, std=data.std, image_size=data.image_size, device=device)
-    return {
-        "train": DeviceLoader(data.train_images, data.train_labels, batch_size=d.batch_size, train=True,
-                              augment=d.aug, seed=cfg.run.seed, **shard, **common),
-        "val": DeviceLoader(*data.val.tensor_view(), batch_size=d.eval_batch_size, train=False, **common),
-        "test": DeviceLoader(*data.test.tensor_view(), batch_size=d.eval_batch_size, train=False, **common),
-    }
+    loaders = make_loaders(data, fast=d.loader != "torch" and d.randaugment[0] == 0, batch_size=d.batch_size,
+                           eval_batch_size=d.eval_batch_size, workers=d.workers, aug=d.aug, seed=cfg.run.seed,
+                           device=device, rank=DIST.rank, world_size=DIST.world_size)
+    if isinstance(loaders["train"], DeviceLoader):
+        say(f"data: device-resident loader on {device} (--data.loader {d.loader})")
+    return loaders
 
 
 def steps_per_epoch(cfg: Config, loader) -> int:
@@ -589,17 +553,15 @@ def steps_per_epoch(cfg: Config, loader) -> int:
     return min(len(loader), cfg.run.max_steps_per_epoch) if cfg.run.max_steps_per_epoch else len(loader)
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 0: teachers (fine-tuned once per identity: what made them, then cached; kd/teachers.py)
-# ----------------------------------------------------------------------------------------------
+# ---- Stage 0: teachers (fine-tuned once per identity: what made them, then cached; kd/teachers.py)
 def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Checkpointer, clock: StepClock,
-                    small_input: bool, adapter_dim: int = 0) -> list[tuple[KDModel, float]]:
+                    small_input: bool, identities: list[dict[str, Any]], adapter_dim: int = 0) -> list[tuple[KDModel, float]]:
     """Every configured teacher, frozen and in eval mode, with its validation accuracy: from
     --teachers.checkpoints, else from the cache, fine-tuning the ones that are missing (and the one a resumed
     run was fine-tuning when it stopped, even if cached, so it continues exactly). `adapter_dim` > 0 gives
     each a new zero-initialised residual adapter (ASMB's teacher_freeze adapter)."""
     out = []
-    for i, (arch, identity) in enumerate(zip(cfg.teachers.models, teacher_identities(cfg, data, small_input))):
+    for i, (arch, identity) in enumerate(zip(cfg.teachers.models, identities)):
         given = bool(cfg.teachers.checkpoints)
         path = Path(cfg.teachers.checkpoints[i]) if given else teacher_cache_path(cfg.teachers.cache_dir, identity)
         if not given and (not path.exists() or ckpt.pending_phase() == f"teacher:{arch}"):
@@ -613,19 +575,6 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
             val_acc = evaluate_acc(model, loaders["val"], device)
         out.append((model, val_acc))
     return out
-
-
-def teacher_identities(cfg: Config, data, small_input: bool) -> list[dict[str, Any]]:
-    """Each teacher's identity (kd.teachers.teacher_identity): what made it, the key of its cache file. The data
-    part is the data itself (fingerprint) and the validation split (fraction, --data.split-seed), not the path."""
-    d = cfg.data
-    data_ident = {"dataset": d.dataset, "fingerprint": data.fingerprint, "image_size": data.image_size,
-                  "val_fraction": d.val_fraction, "split_seed": d.split_seed}
-    recipe = teacher_recipe(cfg.teachers, cfg.optim, cfg.data, cfg.run)
-    return [teacher_identity(arch, num_classes=data.num_classes, small_input=small_input, recipe=recipe,
-                             input_spec=teacher_input_spec(arch, cfg.teachers.pretrained, cfg.teachers.image_size,
-                                                           data.mean, data.std), seed=cfg.teachers.seed, data=data_ident)
-            for arch in cfg.teachers.models]
 
 
 def finetune_teacher(cfg: Config, arch: str, path: Path, identity: dict[str, Any], data, loaders, device,
@@ -659,9 +608,7 @@ def prepare(model: KDModel, cfg: Config, device: torch.device, inference: bool =
                          frozen_compile=cfg.teachers.compile and cfg.method not in ("asmb", "teacher"))
 
 
-# ----------------------------------------------------------------------------------------------
-# Single-stage training: ce and the baselines (one student, frozen teachers)
-# ----------------------------------------------------------------------------------------------
+# ---- Single-stage training: ce and the baselines (one student, frozen teachers) ------------------
 def train_single(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Checkpointer, clock: StepClock,
                  student: KDModel, teachers: list[KDModel]) -> dict[str, Any]:
     tr = single_trainer(cfg, data, device, clock, student, teachers, steps_per_epoch(cfg, loaders["train"]))
@@ -678,7 +625,8 @@ def single_trainer(cfg: Config, data, device, clock: StepClock, student: KDModel
     method = method_cls(getattr(cfg, cfg.method, None), student, teachers, num_classes=data.num_classes,
                         num_train=len(data.train), label_smoothing=cfg.optim.label_smoothing,
                         image_size=data.image_size,
-                        train_labels=labels_in_order(data.train, data.train_labels) if method_cls.needs_index else None).to(device)
+                        train_labels=labels_in_order(data.train, data.train_labels) if method_cls.needs_index else None)
+    method = method.to(device)
     optimizer = optimizer_for([student, method], cfg.optim, cfg.optim.lr, device)
     return make_trainer(cfg, student, method, teachers, device, clock, optimizer, cfg.optim, cfg.optim.epochs,
                         steps, data.num_classes, distill=bool(teachers), freeze_policy=cfg.student.freeze)
@@ -693,11 +641,9 @@ def test_summary(student: KDModel, best: dict[str, Any], loaders, device, logger
     return {**last, **best_test, "best/val_acc": best["acc"], "best/epoch": best["epoch"]}
 
 
-# ----------------------------------------------------------------------------------------------
-# ASMB (docs/asmb.md): stage 0 (both teachers), then num_stages x (phase A: the teachers' trainable part +
+# ---- ASMB (docs/asmb.md): stage 0 (both teachers), then num_stages x (phase A: the teachers' trainable part +
 # MBM + head learn the synergy; phase B: the student distils from it). The pieces live in kd/asmb.py; each
 # phase is an ordinary Trainer run by fit(), its optimiser and schedule built once for all stages.
-# ----------------------------------------------------------------------------------------------
 def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Checkpointer, clock: StepClock,
                student: KDModel, teachers: list[KDModel], modules: AsmbModules) -> dict[str, Any]:
     """The ASMB stages after stage 0; returns the summary entries. Selection: the best student by validation
@@ -762,9 +708,7 @@ def build_asmb_run(cfg: Config, student: KDModel, teachers: list[KDModel], modul
     return run
 
 
-# ----------------------------------------------------------------------------------------------
-# The trainer, fit() and the step
-# ----------------------------------------------------------------------------------------------
+# ---- The trainer, fit() and the step -------------------------------------------------------------
 def optimizer_for(modules: list[nn.Module], o: OptimCfg, lr: float, device: torch.device):
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     return build_optimizer(params, o.name, lr, device, momentum=o.momentum, nesterov=o.nesterov,
@@ -821,7 +765,8 @@ def fit(tr: Trainer, loaders: dict[str, Any], epochs: int, tag: str, logger: Run
         start_rng, tr.epochs_done = None, e
         val_acc, val_acc5 = evaluate_top1_top5(tr.model, loaders["val"], tr.device)
         if val_acc > tr.best["acc"]:
-            tr.best = {"acc": val_acc, "epoch": e, "state": cpu_copy(tr.model)}
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in tr.model.state_dict().items()}  # a copy
+            tr.best = {"acc": val_acc, "epoch": e, "state": weights}
             if save_best:
                 ckpt.save_best(tr.model.meta(), tr.best["state"], val_acc, epoch)
         row = {"phase": tag, "epoch": epoch, "step": tr.clock.steps, "lr": tr.optimizer.param_groups[0]["lr"],
@@ -849,7 +794,8 @@ def train_epoch(tr: Trainer, loader, epoch: int, desc: str, ckpt: Checkpointer,
     if start_rng is not None:  # after iter(): a DataLoader draws its worker seed there, as it did before the kill
         set_rng_state(start_rng)
     meter = tr.clock.progress.meter(steps, tr.tracker.n, tr.clock.steps)
-    bar = progress(itertools.islice(batches, steps - tr.tracker.n), desc=desc, total=steps, initial=tr.tracker.n)
+    bar = tqdm(itertools.islice(batches, steps - tr.tracker.n), desc=desc, total=steps, initial=tr.tracker.n,
+               disable=not (sys.stdout.isatty() and DIST.main), leave=False, dynamic_ncols=True)  # a bar on a terminal
     for x, y, index in bar:
         x, y, index = (t.to(tr.device, non_blocking=True) for t in (x, y, index))
         tr.clock.steps += 1
@@ -889,19 +835,8 @@ def train_step(tr: Trainer, x: Tensor, y: Tensor, index: Tensor, epoch: int) -> 
     return {"loss": loss.detach(), **{k: v.detach().float() for k, v in terms.items()}}
 
 
-def cpu_copy(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def progress(it: Iterable, **kw) -> Iterable:
-    """tqdm bar on a terminal (rank 0's), nothing when stdout is redirected."""
-    return tqdm(it, disable=not (sys.stdout.isatty() and DIST.main), leave=False, dynamic_ncols=True, **kw)
-
-
-# ----------------------------------------------------------------------------------------------
-# wandb (the only wandb code): rows as they are, stage-0 teacher rows under teacher/<arch>/, the summary and
+# ---- wandb (the only wandb code): rows as they are, stage-0 teacher rows under teacher/<arch>/, the summary and
 # the selected model at the end. `auto` = online with credentials, else disabled; no network never hangs a run.
-# ----------------------------------------------------------------------------------------------
 def start_wandb(cfg: Config, run_dir: Path, resume: dict[str, Any] | None):
     """A wandb run logging under run_dir/wandb/ (rank 0; None when disabled), continuing a resumed run's."""
     mode = resolve_wandb_mode(cfg.wandb.mode)
@@ -934,11 +869,6 @@ def init_wandb(cfg: Config, run_dir: Path, mode: str, run_id: str | None = None)
         wandb_run.define_metric(axis)
     wandb_run.define_metric("*", step_metric="epoch")  # charts over the global epoch, not wandb's _step
     return wandb_run
-
-
-def wandb_sink(wandb_run, teachers: tuple[str, ...] = ()):
-    """Rows to wandb with phase-scoped keys (kd.engine.wandb_env.wandb_keys)."""
-    return None if wandb_run is None else (lambda row: wandb_run.log(wandb_keys(row, teachers)))
 
 
 def finish_wandb(wandb_run, summary: dict[str, Any], run_dir: Path) -> None:

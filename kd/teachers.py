@@ -46,6 +46,20 @@ def teacher_small_input(student_small_input: bool, teacher_image_size: int) -> b
     return teacher_image_size <= 64 if teacher_image_size else student_small_input
 
 
+def teacher_identities(teachers: Any, optim: Any, data_cfg: Any, run: Any, data: Any,
+                       small_input: bool) -> list[dict[str, Any]]:
+    """The identity of each of `teachers.models` (teacher_identity) from the config groups (--teachers, --optim,
+    --data, --run) and the loaded kd.data.DataSplits `data`. Its data part is the data itself (fingerprint) and
+    the validation split (fraction, --data.split-seed), not the path."""
+    data_ident = {"dataset": data_cfg.dataset, "fingerprint": data.fingerprint, "image_size": data.image_size,
+                  "val_fraction": data_cfg.val_fraction, "split_seed": data_cfg.split_seed}
+    recipe = teacher_recipe(teachers, optim, data_cfg, run)
+    return [teacher_identity(arch, num_classes=data.num_classes, small_input=small_input, recipe=recipe,
+                             input_spec=teacher_input_spec(arch, teachers.pretrained, teachers.image_size, data.mean,
+                                                           data.std), seed=teachers.seed, data=data_ident)
+            for arch in teachers.models]
+
+
 def teacher_recipe(teachers: Any, optim: Any, data: Any, run: Any) -> dict[str, Any]:
     """How stage 0 fine-tunes a teacher, from the config groups (--teachers, --optim, --data, --run): every
     setting its weights depend on besides the architecture, the data and its seed."""

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import train
 from kd.engine.checkpoint import Checkpointer
 from kd.engine.trainer import StepClock
+from kd.teachers import teacher_identities
 from kd.asmb import (AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,
                      guard_residual, stage_metrics, synergy_warning, tau_at)
 from kd.errors import ConfigError
@@ -534,14 +535,12 @@ def test_checkpoint_rebuilds_the_synergy(tmp_path, teacher_cache):
     extra = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["extra"]
     cfg = train.parse_config([*TINY, "--teachers.cache-dir", str(teacher_cache), "--asmb.num-stages", "1",
                               "--asmb.teacher-freeze", "adapter", "--asmb.teacher-adapter-dim", "4"])
-    d = cfg.data
-    data = train.build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=0, image_size=0, aug=d.aug,
-                            synthetic=train.SyntheticSpec(num_classes=d.synthetic_classes,
-                                                          train_size=d.synthetic_train_size,
-                                                          test_size=d.synthetic_test_size, image_size=32, seed=0))
+    data = train.load_data(cfg)
     loaders = train.build_loaders(cfg, data, torch.device("cpu"))
+    identities = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
     teachers = [t for t, _ in train.stage0_teachers(cfg, data, loaders, torch.device("cpu"), None,
-                                                    Checkpointer.disabled(), StepClock(), True, adapter_dim=4)]
+                                                    Checkpointer.disabled(), StepClock(), True, identities,
+                                                    adapter_dim=4)]
     assert all(t.adapter is not None and t.adapter.down.out_features == 4 for t in teachers)
     for t, saved in zip(teachers, extra["teachers"]):
         assert any(k.startswith("adapter.") for k in saved["adapted"])

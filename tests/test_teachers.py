@@ -14,7 +14,7 @@ from PIL import Image
 import train
 from kd.data import SyntheticSpec, build_data, tensor_fingerprint
 from kd.errors import CheckpointError, ConfigError
-from kd.teachers import identity_difference, teacher_cache_path, teacher_key
+from kd.teachers import identity_difference, teacher_cache_path, teacher_identities, teacher_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +31,7 @@ def tiny_cfg(tmp_path: Path, *extra: str) -> train.Config:
 
 def cache_path_of(*extra: str) -> Path:
     cfg = train.parse_config([*TINY, *extra])
-    (identity,) = train.teacher_identities(cfg, train.load_data(cfg), small_input=True)
+    (identity,) = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, train.load_data(cfg), True)
     return teacher_cache_path("cache", identity)
 
 

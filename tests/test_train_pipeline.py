@@ -18,7 +18,7 @@ from kd.fastloader import DeviceLoader
 from kd.models import KDModel, create_model
 
 import train
-from kd.teachers import teacher_cache_path, teacher_input_spec, teacher_small_input
+from kd.teachers import teacher_cache_path, teacher_identities, teacher_input_spec, teacher_small_input
 
 TINY = ["--preset", "smoke", "--data.synthetic-train-size", "200", "--data.synthetic-test-size", "40",
         "--data.synthetic-image-size", "16", "--data.batch-size", "16", "--optim.epochs", "1",
@@ -137,7 +137,7 @@ def test_teacher_input_spec_rules():
     assert teacher_small_input(True, 224) is False
     assert teacher_small_input(True, 0) is True  # no size of their own: like the student
     cfg = train.parse_config(["--preset", "smoke", "--teachers.models", "resnet18"])
-    (ident,) = train.teacher_identities(cfg, data, False)
+    (ident,) = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, False)
     assert teacher_cache_path("c", ident) != teacher_cache_path("c", {**ident, "input": {"size": 224}})
 
 

@@ -116,7 +116,7 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def mean_img_per_s(rows: list[dict], phases: Callable[[str], bool]) -> float | None:
-    """Mean training images/s over the epoch rows of the phases `phases` accepts (None without such rows)."""
+def mean_img_per_s(rows: list[dict], phases: Callable[[str], bool]) -> dict[str, float]:
+    """{"img_per_s": mean training images/s over the epoch rows of the phases `phases` accepts} ({} without)."""
     rates = [r["train/img_per_s"] for r in rows if "train/img_per_s" in r and phases(str(r.get("phase", "")))]
-    return sum(rates) / len(rates) if rates else None
+    return {"img_per_s": sum(rates) / len(rates)} if rates else {}

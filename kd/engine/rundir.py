@@ -31,6 +31,15 @@ def check_run_name(name: str) -> None:
                           "no '.' or '..' parts)")
 
 
+def new_run_dir(out_dir: str | Path, name: str, *, overwrite: bool) -> Path:
+    """<out_dir>/<name> for a fresh run: refused (one line) when it exists with content, unless `overwrite`."""
+    run_dir = Path(out_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"run directory {run_dir} exists; pass --run.resume auto to continue it, "
+                          "--run.overwrite True to replace it, or another --run.name")
+    return run_dir
+
+
 def check_run_dir(run_dir: Path, *, overwrite: bool) -> None:
     """Before any write: refuse a directory that another run holds (taking its lock when it is a kd run
     directory, which writes nothing) and, with `overwrite`, anything but a kd run directory."""

@@ -34,3 +34,10 @@ class RunLogger:
     def write_summary(self, summary: dict[str, Any]) -> None:
         if DIST.main:
             atomic_write_json(summary, self.run_dir / "summary.json")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run table: one `key  value` line per summary entry, floats to 2 decimals."""
+    width = max(len(k) for k in summary)
+    return "\nresults\n" + "\n".join(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+                                      for k, v in summary.items())
