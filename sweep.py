@@ -31,10 +31,10 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from kd.engine.cli import flag_names
 from kd.engine.child import Child, Interrupted, raise_on_termination, signal_of
-from kd.engine.wandb_env import wandb_credentials_present, wandb_server_reachable
+from kd.engine.cli import flag_names
 from kd.engine.records import final_metric, is_teacher_phase, metric_history, read_json, read_rows
+from kd.engine.wandb_env import wandb_credentials_present, wandb_server_reachable
 from kd.errors import ConfigError
 from kd.io import atomic_write_json
 
@@ -189,16 +189,11 @@ def check_early_terminate(et: Any, metric: dict | None, path: Path) -> None:
         raise ConfigError(f"sweep spec {path}: hyperband eta must be > 1")
 
 
-def config_flag_names() -> list[str]:
-    """Every train.py flag in dotted dash form (the leaves of train.Config)."""
-    import train
-
-    return flag_names(train.Config())
-
-
 def check_names(spec: Spec, spec_path: Path) -> None:
     """A typo fails before the first trial, naming the closest flag and listing the valid ones."""
-    valid = config_flag_names()
+    import train
+
+    valid = flag_names(train.Config())  # every train.py flag in dotted dash form
     names = list(spec.parameters) + [flag_name(a.split("=", 1)[0]) for a in spec.fixed_args if a.startswith("--")]
     for name in names:
         if name in RESERVED:
@@ -658,11 +653,10 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 
 def resolve_mode(mode: str) -> str:
+    """auto = online with wandb credentials and a reachable server, else local."""
     if mode != "auto":
         return mode
-    if wandb_credentials_present() and wandb_server_reachable():
-        return "online"
-    return "local"
+    return "online" if wandb_credentials_present() and wandb_server_reachable() else "local"
 
 
 def sweep_main(argv: list[str]) -> int:

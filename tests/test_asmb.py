@@ -25,7 +25,7 @@ import train
 from kd.engine.checkpoint import Checkpointer
 from kd.engine.trainer import StepClock
 from kd.teachers import teacher_identities
-from kd.asmb import (AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,
+from kd.asmb import (AsmbAdapt, AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,
                      guard_residual, stage_metrics, synergy_warning, tau_at)
 from kd.errors import ConfigError
 from kd.freeze import apply_freeze, count_params, policy_params, set_train
@@ -192,7 +192,7 @@ def test_a_policy_with_nothing_to_train_is_an_error():
     for p in run.teachers[1].parameters():
         p.requires_grad_(False)
     with pytest.raises(ConfigError, match="leaves nothing of teacher wrn_16_2 to train"):
-        train.AsmbAdapt(run_cfg(run), run.bridge, run.teachers, run.distill.temperatures, num_classes=C)
+        AsmbAdapt(run_cfg(run), run.bridge, run.teachers, run.distill.temperatures, num_classes=C)
 
 
 def test_every_phase_b_term_has_gradient_to_student_only():

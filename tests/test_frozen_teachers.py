@@ -116,7 +116,7 @@ def test_asmb_phase_a_teachers_still_learn_with_bf16_teacher_precision():
         t.eval().requires_grad_(False)
         apply_freeze(t, "bn_head")
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, C)
-    run = train.AsmbRun(cfg, student, teachers, modules, CPU, steps=1, num_classes=C)
+    run = train.build_asmb_run(cfg, student, teachers, modules, CPU, steps=1, num_classes=C)
     assert isinstance(run.phase_a.step_module.student, FrozenModel)
     assert run.phase_a.step_module.student.dtype == torch.bfloat16
     run.synergy.train()

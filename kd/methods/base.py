@@ -52,6 +52,8 @@ class Method(nn.Module):
         # The models are not registered as submodules: the loop trains and saves them; the method's
         # state_dict holds only its own auxiliary modules and buffers.
         super().__init__()
+        if self.multi_teacher and len(teachers) < 2:
+            raise ConfigError(f"--method {self.name} distils from several teachers; got {len(teachers)} (--teachers a,b)")
         self.cfg = cfg
         self.num_classes = num_classes
         self.num_train = num_train
@@ -79,12 +81,6 @@ def map_shapes(model: KDModel, image_size: int) -> list[tuple[int, int, int]]:
         x = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
         maps = model(x, with_maps=True).maps
     return [tuple(m.shape[1:]) for m in maps]
-
-
-def check_multi_teacher(name: str, teachers: list[KDModel]) -> None:
-    """Multi-teacher methods need at least two teachers (ConfigError otherwise)."""
-    if len(teachers) < 2:
-        raise ConfigError(f"--method {name} distils from several teachers; got {len(teachers)} (--teachers a,b)")
 
 
 def teacher_logits(inp: StepInputs) -> Tensor:

@@ -34,7 +34,7 @@ from ..losses import confidence_weights, cross_entropy, kd_loss_per_sample, weig
 from ..models import KDModel
 from ..zoo.base import CifarNet
 from ..configs import CAMKDCfg
-from .base import Method, StepInputs, check_multi_teacher, map_shapes
+from .base import Method, StepInputs, map_shapes
 
 
 def distill_map(model: KDModel, maps: list[Tensor]) -> Tensor:
@@ -90,7 +90,6 @@ class CAMKD(Method):
 
     def __init__(self, cfg: CAMKDCfg, student: KDModel, teachers: list[KDModel], **kwargs):
         super().__init__(cfg, student, teachers, **kwargs)
-        check_multi_teacher(self.name, teachers)
         if self.image_size < 1:
             raise ConfigError("camkd needs the image size to shape its feature embeddings (image_size=...)")
         c_s = map_shapes(student, self.image_size)[-1][0]

@@ -18,18 +18,13 @@ import torch
 from torch import Tensor
 
 from ..losses import cross_entropy, entropy_weights, kd_loss_per_sample, weighted_teacher_mean
-from ..models import KDModel
 from ..configs import EBKDCfg
-from .base import Method, StepInputs, check_multi_teacher
+from .base import Method, StepInputs
 
 
 class EBKD(Method):
     name = "ebkd"
     multi_teacher = True
-
-    def __init__(self, cfg: EBKDCfg, student: KDModel, teachers: list[KDModel], **kwargs):
-        super().__init__(cfg, student, teachers, **kwargs)
-        check_multi_teacher(self.name, teachers)
 
     def loss_terms(self, inp: StepInputs) -> dict[str, Tensor]:
         s = inp.student.logits
