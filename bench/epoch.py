@@ -1,5 +1,5 @@
 """One training epoch of KD resnet32x4 -> resnet8x4 on CIFAR-shaped synthetic data, end to end through train.py's
-own loop (Trainer.train_epoch on build_loaders()' DeviceLoader, the Trainer from make_trainer), then the same
+own loop (train.train_epoch on build_loaders()' DeviceLoader, the Trainer from single_trainer), then the same
 steps through a separate instrumented copy of Trainer.step that splits the time into data / teacher forward /
 student forward + backward / optimiser, and the projected time of a 240-epoch run.
 
@@ -116,7 +116,7 @@ def main() -> None:
     C.ours_steps(ours, min(2, steps))  # warm-up: first-call allocations, oneDNN primitives, CUDA kernels
     C.sync(device)
     t = time.perf_counter()
-    C.ours_steps(ours, steps)  # one whole epoch through Trainer.train_epoch
+    C.ours_steps(ours, steps)  # one whole epoch through train.train_epoch
     C.sync(device)
     epoch_s = time.perf_counter() - t
     ips = images / epoch_s

@@ -3,7 +3,7 @@ the standard KD toolboxes, and against the best hand-written loop using the same
 
 Three loops on the same models, batch shape and images, per method:
   ours  train.py's code: the Trainer built as run() builds it (make_trainer; ASMB: AsmbRun's phase trainers),
-        stepped through Trainer.train_epoch on build_loaders()' DeviceLoader, with the train.py --flags given.
+        stepped through train.train_epoch on build_loaders()' DeviceLoader, with the train.py --flags given.
   ref   a plain loop as RepDistiller / mdistiller write it: DataLoader (2 workers) over a PIL-backed CIFAR-shaped
         dataset with torchvision PIL transforms (RandomCrop(32, padding=4), flip, ToTensor, Normalize), eager NCHW
         float32 models, teachers under no_grad, plain torch.optim.SGD (Adam for ASMB phase A), `.item()` of the
