@@ -18,8 +18,18 @@ from .errors import ConfigError
 MULTI_TEACHER_METHODS = ("aver", "camkd", "ebkd")
 
 
+class TemperatureChecked:
+    """Range check of a method group with a softmax `temperature` field: --<group>.temperature must be > 0 (the
+    group is the class name without "Cfg", lower-cased)."""
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            group = type(self).__name__.removesuffix("Cfg").lower()
+            raise ConfigError(f"--{group}.temperature must be > 0, got {self.temperature}")
+
+
 @dataclass
-class KDCfg:
+class KDCfg(TemperatureChecked):
     """--method kd: vanilla knowledge distillation."""
 
     temperature: float = 4.0
@@ -30,10 +40,6 @@ class KDCfg:
     """weight of the T^2-scaled KL to the teacher."""
     standardize: bool = False
     """logit standardisation (Sun et al., CVPR 2024) of student and teacher logits before the KD term."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--kd.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -63,7 +69,7 @@ class ATCfg:
 
 
 @dataclass
-class DKDCfg:
+class DKDCfg(TemperatureChecked):
     """--method dkd: decoupled knowledge distillation."""
 
     alpha: float = 1.0
@@ -79,10 +85,6 @@ class DKDCfg:
     standardize: bool = False
     """logit standardisation (Sun et al., CVPR 2024) of student and teacher logits before the DKD term (the authors'
     recipe: temperature 2, alpha 9, beta 72)."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--dkd.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -150,7 +152,7 @@ class SPCfg:
 
 
 @dataclass
-class DISTCfg:
+class DISTCfg(TemperatureChecked):
     """--method dist: DIST (correlation-based logit distillation)."""
 
     beta: float = 1.0
@@ -164,13 +166,9 @@ class DISTCfg:
     ce_weight: float = 1.0
     """weight of the cross-entropy on labels."""
 
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--dist.temperature must be > 0, got {self.temperature}")
-
 
 @dataclass
-class AverCfg:
+class AverCfg(TemperatureChecked):
     """--method aver: mean over teachers of each teacher's KD loss (all --teachers)."""
 
     temperature: float = 4.0
@@ -180,13 +178,9 @@ class AverCfg:
     kd_weight: float = 1.0
     """weight of the teacher-averaged KD term."""
 
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--aver.temperature must be > 0, got {self.temperature}")
-
 
 @dataclass
-class CAMKDCfg:
+class CAMKDCfg(TemperatureChecked):
     """--method camkd: confidence-aware multi-teacher KD on logits and the last feature map (all --teachers)."""
 
     temperature: float = 4.0
@@ -200,13 +194,9 @@ class CAMKDCfg:
     feature_start_epoch: int = 2
     """first epoch (1-based) of the feature term (the authors leave it out in epoch 1)."""
 
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--camkd.temperature must be > 0, got {self.temperature}")
-
 
 @dataclass
-class EBKDCfg:
+class EBKDCfg(TemperatureChecked):
     """--method ebkd: entropy-weighted multi-teacher KD (all --teachers)."""
 
     temperature: float = 4.0
@@ -215,10 +205,6 @@ class EBKDCfg:
     """weight of the cross-entropy on labels."""
     kd_weight: float = 1.0
     """weight of the entropy-weighted KD term."""
-
-    def check(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"--ebkd.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass

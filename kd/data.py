@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets as tvd
 from torchvision.transforms import v2
 
+from .engine.distributed import say  # one line about long one-time work (extraction, decoding), rank 0 only
 from .errors import CheckpointError, ConfigError, DataError, first_line
 from .io import atomic_torch_save, current_umask, safe_torch_load
 from .sampler import EpochBatchSampler
@@ -264,12 +265,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("KD_CACHE_DIR") or Path.home() / ".cache" / "kd").expanduser()
 
 
-def _note(msg: str) -> None:
-    """One line about long one-time work (extraction, decoding), so a first run never looks stuck; rank 0 only."""
-    if os.environ.get("RANK", "0") == "0":
-        print(msg, flush=True)
-
-
 def _identity_digest(path: Path) -> str:
     """A short hash of a file's or folder's resolved path, size and modification time: a replaced archive at
     the same path is another archive."""
@@ -283,7 +278,7 @@ def _extract_once(archive: Path, cache_dir: Path) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    _note(f"extracting {archive} once into {target}")
+    say(f"extracting {archive} once into {target}")
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.extract-"))
     try:
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: the cache is shared like any folder
@@ -419,7 +414,7 @@ def _load_tiny_imagenet(root: Path, cache_dir: Path) -> tuple[Tensor, Tensor, Te
     if not (cache and cache.get("format") == key["format"] and cache.get("wnids") == wnids
             and torch.equal(cache["train_labels"], key["train_labels"])
             and torch.equal(cache["test_labels"], key["test_labels"])):  # stale: the files changed
-        _note(f"decoding {len(train_files) + len(test_files)} images of {d} once into {cache_path} (about a minute "
+        say(f"decoding {len(train_files) + len(test_files)} images of {d} once into {cache_path} (about a minute "
               "per 100,000 images on 2 cores)")
         cache = {**key, "train_images": _decode_images(train_files), "test_images": _decode_images(test_files)}
         try:
