@@ -13,8 +13,10 @@ Three loops on the same models, batch shape and images, per method:
 The loss math is the same code in all three (Method.loss_terms), so the ratios measure the loops. After warm-up
 the loops alternate in one process (in a new seeded order every round), so load from other processes hits all
 alike; img/s are medians over the rounds, ratios the medians of the per-round ratios. `--alt-flags` adds a
-fourth loop, train.py's step with other flags (a before/after of a flag in one run). Then two ablations: the
-teacher forward under no_grad vs inference_mode, and the SGD step default vs foreach vs fused.
+fourth loop, train.py's step with other flags (a before/after of a flag in one run). With both ce and kd on
+the resnet32x4 pair, a last line bounds what any teacher speed-up can give: ours ce (the same step with no
+teacher at all) over ref kd. Then two ablations: the teacher forward as the toolboxes run it vs train.py's
+frozen forward (float32 and the --flags' --teachers.precision), and the SGD step default vs foreach vs fused.
 
 Pairs: resnet32x4 -> resnet8x4 (kd zoo, CIFAR shapes, 100 classes, batch 64; ce kd dkd at fitnet crd) and the
 ASMB default pair resnet152 + efficientnet_b2 -> convnext_tiny at 32 px (small-input stems; asmb phase A and B).
@@ -38,6 +40,7 @@ import torch
 
 import _common as C
 from kd.models import create_model  # noqa: E402  (_common put the checkout on sys.path)
+from kd.teachers import frozen_forward  # noqa: E402
 
 
 FULL = {"batch": 64, "asmb_batch": 16, "rounds": 5, "steps": 2, "train_size": 20_000, "hand": None}
@@ -68,7 +71,7 @@ def parse_args() -> argparse.Namespace:
                         "--quick 4000)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--no-ablations", action="store_true", help="skip the no_grad/inference_mode and optimiser rows")
+    p.add_argument("--no-ablations", action="store_true", help="skip the teacher-forward and optimiser rows")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak of the GPU (0: by its name)")
     args = p.parse_args()
     defaults = QUICK if args.quick else FULL
@@ -133,29 +136,32 @@ def alternate(fns: dict[str, Callable[[], object]], rounds: int, device: torch.d
 
 
 def ablations(args, data) -> None:
-    """Evidence for two choices of train.py's step, each pair measured alternately: the teachers' forward under
-    no_grad (train.py) vs inference_mode, and the optimiser step over the student's parameters: torch's default
-    implementation vs foreach vs fused (train.py's build_optimizer uses fused on CPU and CUDA)."""
+    """Evidence for choices of train.py's step, each set measured alternately: the teacher's forward as the
+    toolboxes run it (float32, NCHW, no_grad) vs train.py's frozen forward (kd.teachers.frozen_forward: inference
+    mode, channels_last) in float32 and at the --flags' --teachers.precision, and the optimiser step over the
+    student's parameters: torch's default implementation vs foreach vs fused (train.py uses fused)."""
     device = torch.device(args.device)
     cfg = C.parse(C.train_argv(C.CIFAR_PAIR, "kd", batch=args.batch, train_size=args.train_size, steps=1,
                                device=args.device, flags=args.flags))
     b = C.build_ours(cfg, data)
     teacher, tr = b.teachers[0], b.trainer
     x, _, _ = next(iter(b.loader))
-    if tr.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    amp = dict(device_type=device.type, dtype=tr.amp_dtype or torch.float32, enabled=tr.amp_dtype is not None)
+    ref_teacher = create_model(C.CIFAR_PAIR.teachers[0], 100, small_input=True).to(device).eval()
+    ref_teacher.load_state_dict(teacher.state_dict())
+    x_ours = x.contiguous(memory_format=torch.channels_last) if tr.channels_last else x
 
-    def forward(mode) -> Callable[[], object]:
-        def run():
-            with mode(), torch.autocast(**amp):
-                return teacher(x)
-        return run
+    def ref_forward():
+        with torch.no_grad():
+            return ref_teacher(x)
 
-    t = alternate({"no_grad": forward(torch.no_grad), "inference_mode": forward(torch.inference_mode)},
-                  args.rounds, device)
-    print(f"teacher forward ({C.CIFAR_PAIR.teachers[0]}, batch {args.batch}): no_grad {1e3 * t['no_grad']:.1f} ms, "
-          f"inference_mode {1e3 * t['inference_mode']:.1f} ms ({t['no_grad'] / t['inference_mode']:.2f}x)")
+    precision = str(tr.teacher_dtype or torch.float32).removeprefix("torch.")
+    t = alternate({"ref": ref_forward, "float32": lambda: frozen_forward([teacher], x_ours),
+                   precision: lambda: frozen_forward([teacher], x_ours, dtype=tr.teacher_dtype)}, args.rounds, device)
+    gflop = C.count_flops(ref_forward) / 1e9  # convolutions and matmuls: how close each runs to the hardware's peak
+    print(f"teacher forward ({C.CIFAR_PAIR.teachers[0]}, batch {args.batch}, {gflop:.1f} GFLOP): toolbox float32 "
+          f"NCHW no_grad {1e3 * t['ref']:.1f} ms ({gflop / t['ref']:.0f} GFLOP/s); train.py frozen forward float32 "
+          f"{1e3 * t['float32']:.1f} ms ({t['ref'] / t['float32']:.2f}x), {precision} {1e3 * t[precision]:.1f} ms "
+          f"({t['ref'] / t[precision]:.2f}x, {gflop / t[precision]:.0f} GFLOP/s)")
     models = [b.student] + ([create_model(C.ASMB_PAIR.student, 100, small_input=True).to(device)]
                             if "asmb" in args.pairs else [])
     for model in models:
@@ -201,6 +207,7 @@ def main() -> None:
         head += f"{'alt img/s':>11}{'ours/alt':>10}"
     print(head + (f"{'TFLOP/s':>9}{'% bf16 peak':>13}" if device.type == "cuda" else ""))
     ratios, hand_ratios, alt_ratios = [], [], []
+    ips: dict[tuple[str, str], dict[str, float]] = {}
     data = None
     for key in args.pairs:
         pair = pairs[key]
@@ -214,7 +221,7 @@ def main() -> None:
         ref_batches = C.cycle(C.reference_loader(data, batch, args.workers, device))
         next(ref_batches)  # start the worker processes before the models exist (smaller forks)
         for method in methods:
-            r = bench_method(pair, method, data, batch, ref_batches, args)
+            r = ips[key, method] = bench_method(pair, method, data, batch, ref_batches, args)
             gc.collect()  # this method's models go before the next method's are built
             print(table_row(pair, method, batch, r, peak), flush=True)
             ratios.append(f"{method} {r['ours/ref']:.2f}x")
@@ -224,6 +231,10 @@ def main() -> None:
                 alt_ratios.append(f"{method} {r['ours/alt']:.2f}x")
         del ref_batches
         gc.collect()
+    if ("cifar", "ce") in ips and ("cifar", "kd") in ips:
+        free, ref = ips["cifar", "ce"]["ours_ips"], ips["cifar", "kd"]["ref_ips"]
+        print(f"bound: a kd step whose teacher cost nothing (ours ce, {free:.1f} img/s) runs {free / ref:.2f}x the "
+              f"reference kd loop ({ref:.1f} img/s); ours kd: {ips['cifar', 'kd']['ours/ref']:.2f}x")
     if not args.no_ablations:
         ablations(args, data if data is not None else C.build_data(C.parse(C.train_argv(
             C.CIFAR_PAIR, "kd", batch=args.batch, train_size=args.train_size, steps=1, device=args.device))))
