@@ -430,7 +430,7 @@ def comparison_extra_keys(members: list[Run]) -> list[str]:
     archs = sorted({k.split("/")[1] for k in present if k.startswith("teacher/") and k.count("/") == 2})
     teachers = [f"teacher/{a}/test_acc" if f"teacher/{a}/test_acc" in present else f"teacher/{a}/val_acc"
                 for a in archs]
-    fused = [k for k in ("ensemble/test_acc", "synergy/test_acc") if k in present]
+    fused = [k for k in ("ensemble/test_acc", "adapted_ensemble/test_acc", "synergy/test_acc") if k in present]
     return [k for k in teachers if k in present] + fused
 
 

@@ -681,7 +681,8 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
     test = stage_metrics(run.synergy, loaders["test"], device)
     # best/epoch counts the student's training epochs (phase B), as for every method; the row's epoch is global
     stage = -(-run.best["epoch"] // (run.teacher_epochs + run.student_epochs))
-    return {"synergy/test_acc": test["synergy/acc"], "ensemble/test_acc": test["ensemble/acc"],
+    # ensemble/test_acc stays the teachers' as stage 0 left them (as for every method); the adapted ones apart
+    return {"synergy/test_acc": test["synergy/acc"], "adapted_ensemble/test_acc": test["ensemble/acc"],
             **test_summary(student, run.best, loaders, device, logger),
             "best/epoch": run.best["epoch"] - stage * run.teacher_epochs, "best/global_epoch": run.best["epoch"]}
 

@@ -513,7 +513,7 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
     assert summary["best/global_epoch"] == b_rows[best_row]["epoch"]  # the row's (global) epoch
     assert summary["best/epoch"] == best_row + 1  # student (phase-B) epochs, as for every method
     assert stages[-1]["student/acc"] == pytest.approx(b_rows[-1]["val/acc"])
-    for key in ("synergy/test_acc", "ensemble/test_acc", "best/test_acc", "last/test_acc", "teacher/resnet20/val_acc",
+    for key in ("synergy/test_acc", "ensemble/test_acc", "adapted_ensemble/test_acc", "best/test_acc", "last/test_acc", "teacher/resnet20/val_acc",
                 "teacher/wrn_16_2/val_acc"):
         assert 0 <= summary[key] <= 100, key
     assert json.loads((run_dir / "summary.json").read_text())["synergy/test_acc"] == summary["synergy/test_acc"]
