@@ -221,7 +221,7 @@ class AsmbCfg:
     """phase A (teacher adaptation) epochs per stage."""
     student_epochs: int = 0
     """phase B (student distillation) epochs per stage; 0 = --optim.epochs // num_stages (at least 1)."""
-    teacher_lr: float = 1e-4
+    teacher_lr: float = 1e-3
     """phase A Adam learning rate of the teachers' trainable parameters."""
     teacher_weight_decay: float = 0.0
     """phase A Adam weight decay of the teachers' trainable parameters (--optim.weight-decay is phase B's)."""
