@@ -517,6 +517,13 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
                 "teacher/wrn_16_2/val_acc"):
         assert 0 <= summary[key] <= 100, key
     assert json.loads((run_dir / "summary.json").read_text())["synergy/test_acc"] == summary["synergy/test_acc"]
+    # the teachers' columns are the teachers as given (what the synergy has to beat), not the adapted ones
+    pairs = [TINY[i:i + 2] for i in range(0, len(TINY), 2)]  # TINY is flag-value pairs
+    argv = [w for f, v in pairs if not f.startswith("--asmb.") for w in (f, "teacher" if v == "asmb" else v)]
+    given = train.run(train.parse_config([*argv, "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir",
+                                          str(teacher_cache), "--run.name", "given"]))
+    for key in ("ensemble/test_acc", "teacher/resnet20/test_acc", "teacher/wrn_16_2/test_acc"):
+        assert summary[key] == given[key], key
     ck = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ck["phase"] == "asmb:B:s2" and ck["epoch"] == 6
     extra = ck["extra"]
