@@ -2,6 +2,7 @@
 
     python sweep.py sweeps/smoke.yaml --count 4            # local: our runner, no server (default without credentials)
     python sweep.py sweeps/baselines.yaml --mode online    # a real wandb sweep: wandb.sweep + wandb.agent
+    python sweep.py sweeps/smoke.yaml --jobs 2             # local: up to 2 trials at the same time
     python sweep.py sweeps/smoke.yaml --resume             # continue an interrupted local sweep
     python sweep.py report runs/sweeps                     # report.md, report.csv, runs.csv and PNG plots
 
@@ -9,6 +10,8 @@ Parameter names are train.py's flags in dotted form (`kd.temperature`, `optim.lr
 fixed settings are parameters with a single `value:`. Every trial is train.py in its own subprocess writing
 its own run directory `<out-dir>/<sweep name>/<trial>/`; the runner reads the trial's metrics.jsonl while it
 runs (early termination) and its summary.json at the end. Sweep state: `<out-dir>/<sweep name>/sweep.json`.
+With --jobs N > 1 each trial runs with OMP_NUM_THREADS=1 (unless your environment sets OMP_NUM_THREADS), so
+N trials use about N cores instead of each taking them all.
 """
 
 from __future__ import annotations
@@ -328,27 +331,36 @@ def last_error(log_path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # Running one trial: train.py in a subprocess (crash-isolated), stopped by SIGINT when told to
 # ----------------------------------------------------------------------------------------------
+def start_trial(argv: list[str], log_path: Path, env: dict[str, str]) -> Child:
+    """train.py with its output to `log_path`, its own process group, dying with this process (kd.engine.child)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:  # the child holds its own copy of the file
+        return Child(argv, log, env)
+
+
+def poll_trial(child: Child, run_dir: Path, should_stop: Callable[[Path], bool] | None) -> tuple[int, bool] | None:
+    """None while the trial runs on; (exit code, stopped) once it has exited, or once `should_stop(run_dir)`
+    said so and it was stopped by SIGINT (train.py exits cleanly, wandb finishes the run; SIGKILL after 60 s)."""
+    stopped = should_stop is not None and child.poll() is None and should_stop(run_dir)
+    if child.poll() is None and not stopped:
+        return None
+    return child.stop(signal.SIGINT), stopped
+
+
 def run_trial_process(argv: list[str], run_dir: Path, log_path: Path, env: dict[str, str],
                       should_stop: Callable[[Path], bool] | None = None, poll_s: float = 1.0) -> tuple[int, bool]:
     """Run train.py until it exits or `should_stop(run_dir)` says so. Returns (exit code, stopped).
-    The trial is its own process group and dies with this process (kd.engine.child). Stopping sends SIGINT
-    (train.py exits cleanly, wandb finishes the run); an interruption of this process (Ctrl-C, SIGTERM,
-    the wandb agent's stop) is forwarded as the same signal before it propagates; SIGKILL after 60 s."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        child = Child(argv, log, env)
-        stopped = False
-        try:
-            while child.poll() is None:
-                time.sleep(poll_s)
-                if should_stop is not None and child.poll() is None and should_stop(run_dir):
-                    stopped = True
-                    break
-        except BaseException as e:
-            child.stop(signal_of(e))
-            raise
-        rc = child.stop(signal.SIGINT)
-    return rc, stopped
+    An interruption of this process (Ctrl-C, SIGTERM, the wandb agent's stop) is forwarded to the trial
+    as the same signal before it propagates."""
+    child = start_trial(argv, log_path, env)
+    try:
+        while True:
+            time.sleep(poll_s)
+            if (ended := poll_trial(child, run_dir, should_stop)) is not None:
+                return ended
+    except BaseException as e:
+        child.stop(signal_of(e))
+        raise
 
 
 def trial_command(spec: Spec, params: dict[str, Any], sweep_dir: Path, trial_id: str, wandb_mode: str,
@@ -423,8 +435,9 @@ def save_state(state: dict[str, Any], sweep_dir: Path) -> None:
 
 
 def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, seed: int | None, resume: bool,
-              trial_wandb: str, poll_s: float = 1.0) -> int:
-    """Our own runner: grid or seeded random, hyperband on the spec's metric, one trial at a time."""
+              trial_wandb: str, poll_s: float = 1.0, jobs: int = 1) -> int:
+    """Our own runner: grid or seeded random, hyperband on the spec's metric, up to `jobs` trials at a time
+    (started in index order; sweep.json is written here only)."""
     if spec.method == "bayes":
         raise ConfigError("method bayes needs the wandb server: run with --mode online "
                           "(local sweeps do grid and random)")
@@ -441,41 +454,64 @@ def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, s
     done = sum(t["status"] in DONE for t in trials.values())
     print(f"sweep {spec.name}: {spec.method}, {state['count']} trials ({done} done) in {sweep_dir}", flush=True)
     env = {**os.environ, "WANDB_MODE": trial_wandb}
-    for index in range(state["count"]):
-        trial_id = f"trial-{index:03d}"
-        if trial_id in trials and trials[trial_id]["status"] in DONE:
-            continue
-        params = trial_params(spec, index, state["seed"])
-        if params is None:
-            print(f"grid exhausted after {index} trials", flush=True)
-            break
-        trial = {"id": trial_id, "index": index, "params": params, "status": "running", "run_dir": trial_id}
-        run_dir, log_path = sweep_dir / trial_id, sweep_dir / "logs" / f"{trial_id}.log"
-        if trial_id in trials:  # started before and interrupted (or its sweep was killed): start it over
-            interrupted = trials[trial_id]
-            trial["restarts"] = interrupted.get("restarts", 0) + 1
-            state["trials"][state["trials"].index(interrupted)] = trial
-            print(f"restarting {trial_id}: it was interrupted ({interrupted['status']})", flush=True)
-            remove_trial_dir(run_dir, trial_id, sweep_dir)
-        else:
-            state["trials"].append(trial)
-        trials[trial_id] = trial
-        save_state(state, sweep_dir)
-        others = [t for t in state["trials"] if t is not trial]
-        t0 = time.time()
-        try:
-            rc, stopped = run_trial_process(trial_command(spec, params, sweep_dir, trial_id, trial_wandb), run_dir,
-                                            log_path, env, hyperband_check(spec, others, sweep_dir), poll_s)
-        except (KeyboardInterrupt, Interrupted) as e:  # the trial was ended with the same signal
-            trial["status"] = "interrupted"
+    if jobs > 1:  # trials side by side, each with a thread per core, would oversubscribe the CPUs
+        env.setdefault("OMP_NUM_THREADS", "1")
+    running: list[tuple[dict[str, Any], Child, Callable[[Path], bool] | None, float]] = []  # trial, its process
+
+    def wait_until(limit: int) -> None:
+        """Poll the running trials every poll_s until at most `limit` run; record and print each that ends."""
+        while len(running) > limit:
+            time.sleep(poll_s)
+            for entry in list(running):
+                trial, child, should_stop, t0 = entry
+                ended = poll_trial(child, sweep_dir / trial["run_dir"], should_stop)
+                if ended is not None:
+                    running.remove(entry)
+                    trial["wall_s"] = time.time() - t0
+                    finish_trial(trial, spec, sweep_dir / trial["run_dir"], sweep_dir / "logs" / f"{trial['id']}.log",
+                                 *ended)
+                    save_state(state, sweep_dir)
+                    print(describe(trial, spec), flush=True)
+
+    try:
+        for index in range(state["count"]):
+            trial_id = f"trial-{index:03d}"
+            if trial_id in trials and trials[trial_id]["status"] in DONE:
+                continue
+            params = trial_params(spec, index, state["seed"])
+            if params is None:
+                print(f"grid exhausted after {index} trials", flush=True)
+                break
+            wait_until(jobs - 1)
+            trial = {"id": trial_id, "index": index, "params": params, "status": "running", "run_dir": trial_id}
+            run_dir, log_path = sweep_dir / trial_id, sweep_dir / "logs" / f"{trial_id}.log"
+            if trial_id in trials:  # started before and interrupted (or its sweep was killed): start it over
+                interrupted = trials[trial_id]
+                trial["restarts"] = interrupted.get("restarts", 0) + 1
+                state["trials"][state["trials"].index(interrupted)] = trial
+                print(f"restarting {trial_id}: it was interrupted ({interrupted['status']})", flush=True)
+                remove_trial_dir(run_dir, trial_id, sweep_dir)
+            else:
+                state["trials"].append(trial)
+            trials[trial_id] = trial
             save_state(state, sweep_dir)
-            print(f"interrupted; continue with: python sweep.py {spec_path} --resume --out-dir {sweep_dir.parent}",
-                  file=sys.stderr, flush=True)
-            return 128 + signal_of(e)
-        trial["wall_s"] = time.time() - t0
-        finish_trial(trial, spec, run_dir, log_path, rc, stopped)
+            should_stop = hyperband_check(spec, [t for t in state["trials"] if t is not trial], sweep_dir)
+            t0 = time.time()
+            child = start_trial(trial_command(spec, params, sweep_dir, trial_id, trial_wandb), log_path, env)
+            running.append((trial, child, should_stop, t0))
+        wait_until(0)
+    except BaseException as e:  # Ctrl-C, SIGTERM (or an error): every running trial gets the same signal
+        for _, child, _, _ in running:
+            child.send(signal_of(e))
+        for trial, child, _, _ in running:
+            child.stop(signal_of(e))
+            trial["status"] = "interrupted"
         save_state(state, sweep_dir)
-        print(describe(trial, spec), flush=True)
+        if not isinstance(e, (KeyboardInterrupt, Interrupted)):
+            raise
+        print(f"interrupted; continue with: python sweep.py {spec_path} --resume --out-dir {sweep_dir.parent}",
+              file=sys.stderr, flush=True)
+        return 128 + signal_of(e)
     print_best(state, spec, sweep_dir)
     return 0
 
@@ -638,6 +674,9 @@ def sweep_parser() -> argparse.ArgumentParser:
                         "auto (default): online with credentials and a reachable server, else local")
     p.add_argument("--count", type=int, help="trials to run (local: total for the sweep, default the whole grid; "
                                               "online: trials for this agent)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="local: run up to N trials at the same time, started in order (default 1); with N > 1 "
+                        "each trial gets OMP_NUM_THREADS=1 unless your environment sets OMP_NUM_THREADS")
     p.add_argument("--sweep-id", help="online: attach to this existing wandb sweep instead of creating one")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in <out-dir>/<name>/ (finished trials are kept)")
@@ -663,16 +702,21 @@ def sweep_main(argv: list[str]) -> int:
     a = sweep_parser().parse_args(argv)
     if a.count is not None and a.count < 1:
         raise ConfigError("--count must be >= 1")
+    if a.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
     spec = load_spec(a.spec)
     mode = resolve_mode(a.mode)
     sweep_dir = a.out_dir / spec.name
     if a.sweep_id and mode != "online":
         raise ConfigError("--sweep-id attaches to a wandb sweep: it needs --mode online")
+    if a.jobs > 1 and mode == "online":
+        raise ConfigError("--jobs runs local trials side by side: it needs --mode local "
+                          "(online, start more agents with --sweep-id)")
     check_names(spec, a.spec)
     raise_on_termination()  # SIGTERM/SIGHUP end the sweep like Ctrl-C: the running trial gets the signal too
     if mode == "online":
         return run_online(spec, a.spec, sweep_dir, a.count, a.sweep_id, a.resume, a.project, a.entity)
-    return run_local(spec, a.spec, sweep_dir, a.count, a.seed, a.resume, a.trial_wandb, a.poll)
+    return run_local(spec, a.spec, sweep_dir, a.count, a.seed, a.resume, a.trial_wandb, a.poll, a.jobs)
 
 
 

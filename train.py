@@ -61,7 +61,7 @@ from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
 from kd.teachers import (FrozenModel, check_resume_teachers, check_teacher_checkpoints, frozen_forward, load_teacher,
-                         save_teacher, select_teachers, teacher_cache_path, teacher_identities,
+                         save_teacher, select_teachers, teacher_cache_path, teacher_identities, teacher_lock,
                          teacher_seed, teacher_small_input, teacher_test_summary)
 """
 
@@ -81,6 +81,8 @@ class DataCfg:
     """which dataset: synthetic (built in), cifar100 (downloaded to root), imagefolder (root/train, root/val), tiny-imagenet (folder or archive)."""
     root: str = "data"
     """where the dataset lives (or is downloaded to); for tiny-imagenet the folder or its .zip/.tar.gz."""
+    classes: str = ""
+    """class subset of imagefolder/tiny-imagenet: N = the first N classes (wnids.txt / sorted folders), or a file of class ids, one per line; empty = all."""
     cache_dir: str = ""
     """where archives are extracted and decoded images cached (empty = $KD_CACHE_DIR or ~/.cache/kd); never the data root."""
     val_fraction: float = 0.1
@@ -407,6 +409,8 @@ def validate(cfg: Config) -> None:
         check(cfg.data.dataset != "imagefolder", "--data.loader fast needs tensor-backed data (synthetic, cifar100, "
                                                  "tiny-imagenet), not imagefolder; use auto or torch")
         check(cfg.data.randaugment[0] == 0, "--data.loader fast does not do RandAugment; use auto or torch")
+    check(not cfg.data.classes or cfg.data.dataset in ("imagefolder", "tiny-imagenet"),
+          f"--data.classes selects classes of imagefolder or tiny-imagenet, not {cfg.data.dataset}")
     if cfg.data.dataset != "synthetic":
         check(Path(cfg.data.root).exists() or cfg.data.dataset == "cifar100",
               f"data root {cfg.data.root} does not exist (--data.root)")
@@ -528,7 +532,7 @@ def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] |
 def load_data(cfg: Config):
     d = cfg.data
     data = build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=d.split_seed, image_size=d.image_size,
-                      aug=d.aug, randaugment=d.randaugment, cache_dir=d.cache_dir or None,
+                      aug=d.aug, randaugment=d.randaugment, cache_dir=d.cache_dir or None, classes=d.classes,
                       synthetic=SyntheticSpec(num_classes=d.synthetic_classes, train_size=d.synthetic_train_size,
                                               test_size=d.synthetic_test_size, image_size=d.synthetic_image_size,
                                               seed=d.split_seed))
@@ -560,13 +564,26 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
     --teachers.checkpoints, else from the cache, fine-tuning the ones that are missing (and the one a resumed
     run was fine-tuning when it stopped, even if cached, so it continues exactly). `adapter_dim` > 0 gives
     each a new zero-initialised residual adapter (ASMB's teacher_freeze adapter)."""
+    given = bool(cfg.teachers.checkpoints)
+    paths = [Path(p) for p in cfg.teachers.checkpoints] if given else \
+        [teacher_cache_path(cfg.teachers.cache_dir, identity) for identity in identities]
+    tuned: set[str] = set()
+    # Fine-tune the missing ones (and the one a resumed run was fine-tuning). A teacher another process is
+    # fine-tuning (its cache lock is held) is left for last, then waited for and loaded: two trials of a sweep
+    # share the work instead of doubling it. Ranks of one run fine-tune together (rank 0 writes), unlocked.
+    for wait in (False, True):
+        for arch, identity, path in zip(cfg.teachers.models, identities, paths):
+            resumed = ckpt.pending_phase() == f"teacher:{arch}"
+            if given or arch in tuned or (path.exists() and not resumed):
+                continue
+            with teacher_lock(path, wait) if DIST.world_size == 1 else contextlib.nullcontext(True) as held:
+                if held and (resumed or not path.exists()):
+                    finetune_teacher(cfg, arch, path, identity, data, loaders, device, logger, ckpt, clock,
+                                     small_input)
+                    tuned.add(arch)
     out = []
-    for i, (arch, identity) in enumerate(zip(cfg.teachers.models, identities)):
-        given = bool(cfg.teachers.checkpoints)
-        path = Path(cfg.teachers.checkpoints[i]) if given else teacher_cache_path(cfg.teachers.cache_dir, identity)
-        if not given and (not path.exists() or ckpt.pending_phase() == f"teacher:{arch}"):
-            finetune_teacher(cfg, arch, path, identity, data, loaders, device, logger, ckpt, clock, small_input)
-        elif not given:
+    for arch, identity, path in zip(cfg.teachers.models, identities, paths):
+        if not given and arch not in tuned:
             say(f"teacher {arch}: using cached {path}")
         model, val_acc = load_teacher(path, arch, data.num_classes, small_input, cfg.teachers.image_size or None,
                                       adapter_dim, identity["input"], identity)
@@ -658,13 +675,16 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
     order = [f"asmb:{phase}:s{stage}" for stage in range(1, run.num_stages + 1) for phase in "AB"]
     resume_at = order.index(ckpt.pending_phase()) if ckpt.pending_phase() in order else 0
     epoch = 0  # the global epoch counter (phase A and B alike): the temperature schedule and rows use it
+    guard_on = cfg.asmb.residual_guard and cfg.asmb.ensemble_base  # without the base there is no residual to reset
     for stage in range(1, run.num_stages + 1):
         run.stage = stage
+        fired = 0
         if order.index(f"asmb:A:s{stage}") >= resume_at:
             fit(run.phase_a, loaders, run.teacher_epochs, f"asmb:A:s{stage}", logger, ckpt, epoch_offset=epoch,
                 save_best=False, val_key="synergy_acc")
-            if cfg.asmb.residual_guard and (line := guard_residual(run.synergy, loaders["val"], stage, device)):
+            if guard_on and (line := guard_residual(run.synergy, loaders["val"], stage, device)):
                 say(line)
+                fired = 1
         epoch += run.teacher_epochs
         if order.index(f"asmb:B:s{stage}") >= resume_at:
             prior = {**run.best, "epoch": run.best["epoch"] - epoch}  # fit() counts epochs from its offset
@@ -674,7 +694,8 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
         epoch += run.student_epochs
         if order.index(f"asmb:B:s{stage}") >= resume_at:
             metrics = stage_metrics(run.synergy, loaders["val"], device)
-            logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch, **metrics})
+            logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch, **metrics,
+                        **({"guard/fired": fired} if guard_on else {})})
             say(f"[asmb stage {stage}/{run.num_stages}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
             if warning := synergy_warning(stage, metrics):
                 say(warning)
@@ -682,7 +703,9 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
     # best/epoch counts the student's training epochs (phase B), as for every method; the row's epoch is global
     stage = -(-run.best["epoch"] // (run.teacher_epochs + run.student_epochs))
     # ensemble/test_acc stays the teachers' as stage 0 left them (as for every method); the adapted ones apart
+    fired = [r["guard/fired"] for r in logger.rows if r.get("phase") == "asmb:stage" and "guard/fired" in r]
     return {"synergy/test_acc": test["synergy/acc"], "adapted_ensemble/test_acc": test["ensemble/acc"],
+            **({"asmb/guard_fired": sum(fired)} if guard_on else {}),
             **test_summary(student, run.best, loaders, device, logger),
             "best/epoch": run.best["epoch"] - stage * run.teacher_epochs, "best/global_epoch": run.best["epoch"]}
 

@@ -91,7 +91,7 @@ def build_asmb_modules(cfg: AsmbCfg, teacher_dims: Sequence[int], student: KDMod
     bridge = build_bridge(cfg.mbm_kind, teacher_dims, student.num_features, num_classes, query_dim=cfg.mbm_query_dim,
                           out_dim=cfg.mbm_out_dim, r=cfg.mbm_r, n_head=cfg.mbm_n_head, dropout=cfg.mbm_dropout,
                           learnable_query=cfg.learnable_query, hidden=cfg.mbm_hidden, z_dim=cfg.z_dim,
-                          ib_fusion=cfg.ib_fusion, feat_norm=cfg.mbm_feat_norm)
+                          ib_fusion=cfg.ib_fusion, feat_norm=cfg.mbm_feat_norm, ensemble_base=cfg.ensemble_base)
     h_dim = bridge.mbm.out_dim  # the synergy feature (z for ib)
     feat_proj = latent_proj = None
     if cfg.feat_kd_alpha > 0:

@@ -294,8 +294,10 @@ class AsmbCfg:
     synergy_grad_to_student: bool = False
     """phase B: let the gradient of the KD and feature-KD terms reach the student through the synergy query too
     (the target then moves with the student); off = the synergy target is a constant."""
+    ensemble_base: bool = True
+    """synergy = the teachers' mean logits + the bridge's residual (head zero-initialised); False = the method's first definition: synergy = the head's output alone (default init), with no residual guard."""
     residual_guard: bool = True
-    """after each phase A, if the synergy's val accuracy is below the teachers' ensemble, reset the residual to 0 (the synergy falls back to the ensemble) before phase B distils from it."""
+    """after each phase A, if the synergy's val accuracy is below the teachers' ensemble, reset the residual to 0 (the synergy falls back to the ensemble) before phase B distils from it; counted as guard/fired (stage row) and asmb/guard_fired (summary). No effect with ensemble_base False."""
     compile_synergy: bool = False
     """torch.compile the synergy loss path (fullgraph, static shapes; worth it on GPU); off = eager."""
 

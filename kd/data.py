@@ -73,6 +73,8 @@ class DataSplits:
     train_labels: Tensor | None = field(default=None, repr=False)
     # a short hash of the data itself (labels, a sample of images or files): what a cached teacher learnt from
     fingerprint: str = ""
+    # the class ids kept by a class subset (--data.classes), in label order; empty = every class of the dataset
+    class_subset: tuple[str, ...] = ()
 
 
 class TensorImageDataset(Dataset):
@@ -247,6 +249,54 @@ def _load_cifar100(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str
     return (*out, list(splits[0].classes))
 
 
+# ----------------------------------------------------------------------------------------------- class subsets
+
+
+def parse_class_selection(spec: str) -> int | list[str] | None:
+    """--data.classes: "" = every class, a number N = the first N classes in the dataset's own order, else the
+    path of a text file with one class id per line (blank lines and `#` comments ignored)."""
+    spec = spec.strip()
+    if not spec:
+        return None
+    if spec.isdigit():
+        if int(spec) < 2:
+            raise ConfigError(f"--data.classes {spec}: a class subset needs at least 2 classes")
+        return int(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--data.classes {spec}: neither a number of classes nor a file of class ids")
+    try:
+        ids = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--data.classes {spec}: cannot read it ({first_line(e)})") from None
+    ids = [i for i in ids if i]
+    seen: set[str] = set()
+    duplicate = next((i for i in ids if i in seen or seen.add(i)), None)
+    if duplicate is not None:
+        raise ConfigError(f"--data.classes {spec}: class {duplicate!r} is listed twice")
+    if len(ids) < 2:
+        raise ConfigError(f"--data.classes {spec}: a class subset needs at least 2 classes, the file lists {len(ids)}")
+    return ids
+
+
+def select_classes(all_ids: list[str], selection: int | list[str] | None, where: str) -> list[str]:
+    """The kept class ids in the dataset's own order (so a subset's labels do not depend on the file's order)."""
+    if selection is None:
+        return list(all_ids)
+    if isinstance(selection, int):
+        if selection > len(all_ids):
+            raise DataError(f"--data.classes {selection}: {where} has only {len(all_ids)} classes")
+        return list(all_ids[:selection])
+    known = set(all_ids)
+    unknown = [i for i in selection if i not in known]
+    if unknown:
+        raise DataError(f"--data.classes: class {unknown[0]!r} is not in {where}"
+                        f"{f' (nor {len(unknown) - 1} more)' if len(unknown) > 1 else ''}")
+    wanted = set(selection)
+    return [i for i in all_ids if i in wanted]
+
+
+
 # ----------------------------------------------------------------------------------------------- tiny-imagenet
 
 
@@ -327,10 +377,14 @@ def _find_tiny_dir(root: Path, cache_dir: Path) -> Path:
     return found[0]
 
 
-def _tiny_file_lists(d: Path) -> tuple[list[str], list[Path], list[int], list[Path], list[int]]:
-    """(wnids, train_files, train_labels, test_files, test_labels) from the original Tiny-ImageNet layout."""
-    wnids = [w.strip() for w in (d / "wnids.txt").read_text().splitlines() if w.strip()]
+def _tiny_file_lists(d: Path, classes: int | list[str] | None = None
+                     ) -> tuple[list[str], list[Path], list[int], list[Path], list[int]]:
+    """(wnids, train_files, train_labels, test_files, test_labels) from the original Tiny-ImageNet layout, for the
+    classes kept by `classes` (parse_class_selection; None = all): only their folders are listed."""
+    all_wnids = [w.strip() for w in (d / "wnids.txt").read_text().splitlines() if w.strip()]
+    wnids = select_classes(all_wnids, classes, str(d / "wnids.txt"))
     index = {w: i for i, w in enumerate(wnids)}
+    known = set(all_wnids)
     train_files, train_labels = [], []
     for w in wnids:
         folder = d / "train" / w / "images"
@@ -348,8 +402,10 @@ def _tiny_file_lists(d: Path) -> tuple[list[str], list[Path], list[int], list[Pa
         if not line.strip():
             continue
         name, wnid = (line.split("\t") + [""])[:2]
-        if wnid not in index:
+        if wnid not in known:
             raise DataError(f"{annotations}:{n}: class {wnid!r} is not in {d / 'wnids.txt'}")
+        if wnid not in index:  # a class left out by --data.classes
+            continue
         test_files.append(d / "val" / "images" / name)
         test_labels.append(index[wnid])
     if not test_files:
@@ -387,10 +443,14 @@ def _class_names(d: Path, wnids: list[str]) -> list[str]:
     return [table.get(w, w).split(",")[0].strip() or w for w in wnids]
 
 
-def tiny_cache_path(dataset_dir: Path, cache_dir: Path) -> Path:
-    """The decoded-image cache file of the Tiny-ImageNet folder `dataset_dir`."""
+def tiny_cache_path(dataset_dir: Path, cache_dir: Path, subset: list[str] | None = None) -> Path:
+    """The decoded-image cache file of the Tiny-ImageNet folder `dataset_dir`, or of its class subset `subset`
+    (one file per subset beside the full one, so subsets never overwrite each other)."""
     digest = hashlib.sha1(str(dataset_dir.resolve()).encode()).hexdigest()[:10]
-    return cache_dir / "decoded" / f"{dataset_dir.name}-{digest}" / TINY_CACHE_NAME
+    name = TINY_CACHE_NAME
+    if subset is not None:
+        name = name.replace(".pt", f"-{len(subset)}c-{hashlib.sha1(' '.join(subset).encode()).hexdigest()[:10]}.pt")
+    return cache_dir / "decoded" / f"{dataset_dir.name}-{digest}" / name
 
 
 def _read_cache(path: Path) -> dict | None:
@@ -402,12 +462,14 @@ def _read_cache(path: Path) -> dict | None:
         return None
 
 
-def _load_tiny_imagenet(root: Path, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+def _load_tiny_imagenet(root: Path, cache_dir: Path, classes: int | list[str] | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str], list[str]]:
     """Tiny-ImageNet decoded once into uint8 tensors, cached as <cache_dir>/decoded/<folder>-<hash of its
-    path>/decoded_uint8.pt (rebuilt when the class list or any label changed)."""
+    path>/decoded_uint8.pt (rebuilt when the class list or any label changed). With a class subset `classes`
+    only its images are decoded, into a cache file of that subset. The last item is the kept wnids."""
     d = _find_tiny_dir(root, cache_dir)
-    wnids, train_files, train_labels, test_files, test_labels = _tiny_file_lists(d)
-    cache_path = tiny_cache_path(d, cache_dir)
+    wnids, train_files, train_labels, test_files, test_labels = _tiny_file_lists(d, classes)
+    cache_path = tiny_cache_path(d, cache_dir, None if classes is None else wnids)
     key = {"format": _CACHE_FORMAT, "wnids": wnids, "train_labels": torch.tensor(train_labels),
            "test_labels": torch.tensor(test_labels)}
     cache = _read_cache(cache_path)
@@ -422,7 +484,7 @@ def _load_tiny_imagenet(root: Path, cache_dir: Path) -> tuple[Tensor, Tensor, Te
         except OSError as e:  # read-only data folder: still usable, just decoded again next time
             warnings.warn(f"could not write the decoded-image cache {cache_path}: {e}")
     return (cache["train_images"], cache["train_labels"], cache["test_images"], cache["test_labels"],
-            _class_names(d, wnids))
+            _class_names(d, wnids), wnids)
 
 
 # ----------------------------------------------------------------------------------------------- build_data
@@ -439,10 +501,13 @@ def _check_labels(labels: Tensor, num_classes: int, split: str, every_class: boo
 
 
 def tensor_fingerprint(images: Tensor, labels: Tensor, test_images: Tensor, test_labels: Tensor,
-                       sample: int = 512) -> str:
+                       sample: int = 512, classes: tuple[str, ...] = ()) -> str:
     """16 hex digits of sha1 over the shapes, every label of both splits and the bytes of an evenly strided
-    sample of `sample` images of each split: relabelled or replaced data gets another fingerprint, cheaply."""
+    sample of `sample` images of each split (and the kept class ids of a class subset): relabelled or replaced
+    data gets another fingerprint, cheaply."""
     h = hashlib.sha1()
+    if classes:
+        h.update(("classes:" + " ".join(classes) + "|").encode())
     for imgs, labs in ((images, labels), (test_images, test_labels)):
         h.update(f"{tuple(imgs.shape)}|{tuple(labs.shape)}".encode())
         h.update(labs.long().contiguous().numpy().tobytes())
@@ -465,14 +530,29 @@ def folder_fingerprint(folders: list[tvd.ImageFolder], sample: int = 256, head_b
     return h.hexdigest()[:16]
 
 
-def _load_imagefolder(root: Path) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
+class _ClassSubsetFolder(tvd.ImageFolder):
+    """An ImageFolder of the class folders kept by `classes` (parse_class_selection): the others are never
+    listed. Labels follow the sorted folder names, as ImageFolder's own."""
+
+    def __init__(self, root: str, classes: int | list[str] | None):
+        self._selection = classes
+        super().__init__(root)
+
+    def find_classes(self, directory):
+        names, _ = super().find_classes(directory)
+        kept = select_classes(names, self._selection, f"the class folders of {directory}")
+        return kept, {name: i for i, name in enumerate(kept)}
+
+
+def _load_imagefolder(root: Path, classes: int | list[str] | None = None
+                      ) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
     folders = []
     for split in ("train", "val"):
         path = root / split
         if not path.is_dir():
             raise DataError(f"missing {path}: imagefolder expects {root}/train/<class>/* and {root}/val/<class>/*")
         try:
-            folders.append(tvd.ImageFolder(str(path)))
+            folders.append(_ClassSubsetFolder(str(path), classes))
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"bad image folder {path}: {first_line(e)}") from None
     if folders[0].classes != folders[1].classes:
@@ -500,14 +580,18 @@ def _check_image_headers(files: list[str]) -> None:
 
 def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int = 0, image_size: int = 0,
                aug: bool = True, synthetic: SyntheticSpec = SyntheticSpec(),
-               randaugment: tuple[int, int] = (0, 0), cache_dir: str | Path | None = None) -> DataSplits:
+               randaugment: tuple[int, int] = (0, 0), cache_dir: str | Path | None = None,
+               classes: str = "") -> DataSplits:
     """Train / val (held out from train, eval transform) / test splits of `dataset` at `root`.
 
     seed: the validation split's seed (keep it fixed across student seeds: every run then sees the same split).
     cache_dir: where archives are extracted and decoded images cached (None = default_cache_dir()).
 
     image_size: 0 = native (imagefolder: 224), > 0 resizes. aug: train-time augmentation.
-    randaugment: (N ops, magnitude M of 30) added to the training augmentation when aug; (0, 0) = off."""
+    randaugment: (N ops, magnitude M of 30) added to the training augmentation when aug; (0, 0) = off.
+    classes: a class subset of imagefolder / tiny-imagenet (parse_class_selection): "" = all, "N" = the first N
+    in the dataset's order (wnids.txt, sorted folders), else a file of class ids; labels follow the dataset's
+    order. The kept ids are `DataSplits.class_subset` and enter the fingerprint."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if image_size < 0:
@@ -517,9 +601,13 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
     if len(randaugment) != 2 or randaugment[0] < 0 or not 0 <= randaugment[1] <= 30:
         raise ConfigError(f"randaugment must be (N >= 0, M in [0, 30]), got {tuple(randaugment)}")
     root_path = Path(root).expanduser()
+    selection = parse_class_selection(classes)
+    if selection is not None and dataset not in ("imagefolder", "tiny-imagenet"):
+        raise ConfigError(f"--data.classes selects classes of imagefolder or tiny-imagenet, not {dataset}")
 
     if dataset == "imagefolder":
-        train_folder, test_folder = _load_imagefolder(root_path)
+        train_folder, test_folder = _load_imagefolder(root_path, selection)
+        subset = tuple(train_folder.classes) if selection is not None else ()
         num_classes, size = len(train_folder.classes), image_size or 224
         labels = torch.tensor(train_folder.targets).long()
         _check_labels(labels, num_classes, "train", every_class=True)
@@ -531,15 +619,19 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
             val=FileSubset(train_folder, val_idx, eval_tf),
             test=FileSubset(test_folder, torch.arange(len(test_folder)), eval_tf),
             num_classes=num_classes, image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            class_names=list(train_folder.classes), fingerprint=folder_fingerprint([train_folder, test_folder]))
+            class_names=list(train_folder.classes), class_subset=subset,
+            fingerprint=folder_fingerprint([train_folder, test_folder]))
 
+    subset: tuple[str, ...] = ()
     if dataset == "synthetic":
         loaded, (mean, std) = _load_synthetic(synthetic), (SYNTHETIC_MEAN, SYNTHETIC_STD)
     elif dataset == "cifar100":
         loaded, (mean, std) = _load_cifar100(root_path), (CIFAR100_MEAN, CIFAR100_STD)
     else:
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        loaded, (mean, std) = _load_tiny_imagenet(root_path, cache), (IMAGENET_MEAN, IMAGENET_STD)
+        *loaded, wnids = _load_tiny_imagenet(root_path, cache, selection)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        subset = tuple(wnids) if selection is not None else ()
     images, labels, test_images, test_labels, class_names = loaded
     num_classes, native = len(class_names), images.shape[-1]
     _check_labels(labels, num_classes, "train", every_class=True)
@@ -554,8 +646,8 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
         val=TensorImageDataset(images[val_idx], labels[val_idx], eval_tf),
         test=TensorImageDataset(test_images, test_labels, eval_tf),
         num_classes=num_classes, image_size=size, mean=mean, std=std, class_names=class_names,
-        train_images=train_images, train_labels=train_labels,
-        fingerprint=tensor_fingerprint(images, labels, test_images, test_labels))
+        train_images=train_images, train_labels=train_labels, class_subset=subset,
+        fingerprint=tensor_fingerprint(images, labels, test_images, test_labels, classes=subset))
 
 
 def labels_in_order(dataset, labels: Tensor | None = None) -> Tensor:

@@ -210,15 +210,17 @@ class IBMBM(nn.Module):
 
 
 class SynergyHead(nn.Module):
-    """Synergy residual: Linear(D, D) -> ReLU -> Dropout -> Linear(D, C), [B, D] -> [B, C]. The last layer is
-    zero-initialised, so the residual starts at 0 (the synergy starts at the teachers' ensemble); it receives
-    gradient from the first step, the layers before it from the second."""
+    """Synergy residual: Linear(D, D) -> ReLU -> Dropout -> Linear(D, C), [B, D] -> [B, C]. With `zero_init` the
+    last layer is zero-initialised, so the residual starts at 0 (the synergy starts at the teachers' ensemble); it
+    receives gradient from the first step, the layers before it from the second. Without it (the first
+    definition's head, whose output is the whole synergy) every layer keeps PyTorch's default initialisation."""
 
-    def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0, zero_init: bool = True) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(in_dim, num_classes))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        if zero_init:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.net(h)
@@ -231,9 +233,11 @@ def ensemble_logits(teacher_logits: Sequence[Tensor]) -> Tensor:
 
 class SynergyBridge(nn.Module):
     """MBM + synergy head: forward(query, feats, teacher_logits) -> (z_syn [B, C], MBMOutput) with
-    z_syn = mean_i(teacher_logits_i) + head(MBM(query, normalise(feats)).h)."""
+    z_syn = mean_i(teacher_logits_i) + head(MBM(query, normalise(feats)).h), or with `ensemble_base` False (the
+    method's first definition, docs/asmb.md) z_syn = head(MBM(query, normalise(feats)).h) alone."""
 
-    def __init__(self, mbm: nn.Module, head: SynergyHead, kind: str, feat_norm: str = "none") -> None:
+    def __init__(self, mbm: nn.Module, head: SynergyHead, kind: str, feat_norm: str = "none",
+                 ensemble_base: bool = True) -> None:
         super().__init__()
         if feat_norm not in FEAT_NORMS:
             raise ConfigError(f"unknown mbm feature norm {feat_norm!r}; choose one of {', '.join(FEAT_NORMS)}")
@@ -241,13 +245,15 @@ class SynergyBridge(nn.Module):
         self.head = head
         self.kind = kind
         self.feat_norm = feat_norm
+        self.ensemble_base = ensemble_base
 
     def forward(self, query: Tensor | None, feats: Sequence[Tensor],
                 teacher_logits: Sequence[Tensor]) -> tuple[Tensor, MBMOutput]:
         if len(teacher_logits) != len(feats):
             raise ValueError(f"synergy bridge: {len(feats)} teacher features but {len(teacher_logits)} teacher logits")
         out = self.mbm(query, normalise_feats(feats, self.feat_norm))
-        return ensemble_logits(teacher_logits) + self.head(out.h), out
+        residual = self.head(out.h)
+        return (ensemble_logits(teacher_logits) + residual if self.ensemble_base else residual), out
 
 
 def build_bridge(
@@ -266,6 +272,7 @@ def build_bridge(
     z_dim: int = 0,
     ib_fusion: str = "attn",
     feat_norm: str = "none",
+    ensemble_base: bool = True,
 ) -> SynergyBridge:
     """Build MBM + head. query_dim and out_dim default (0) to the student's feature dim; z_dim (ib)
     defaults to out_dim. For ib, out_dim is the attention fusion's output size and z_dim the latent size
@@ -296,4 +303,5 @@ def build_bridge(
         out_dim = z_dim or out_dim  # h = z
         mbm = IBMBM(teacher_dims, query_dim, out_dim, fusion=ib_fusion, fused_dim=fused_dim, r=r, n_head=n_head,
                     dropout=dropout, learnable_query=learnable_query)
-    return SynergyBridge(mbm, SynergyHead(out_dim, num_classes, dropout=dropout), kind, feat_norm=feat_norm)
+    head = SynergyHead(out_dim, num_classes, dropout=dropout, zero_init=ensemble_base)
+    return SynergyBridge(mbm, head, kind, feat_norm=feat_norm, ensemble_base=ensemble_base)

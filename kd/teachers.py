@@ -9,6 +9,8 @@ Stage 0 itself (fine-tuning a missing teacher) is train.py's: it is an ordinary 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -53,6 +55,8 @@ def teacher_identities(teachers: Any, optim: Any, data_cfg: Any, run: Any, data:
     the validation split (fraction, --data.split-seed), not the path."""
     data_ident = {"dataset": data_cfg.dataset, "fingerprint": data.fingerprint, "image_size": data.image_size,
                   "val_fraction": data_cfg.val_fraction, "split_seed": data_cfg.split_seed}
+    if data.class_subset:  # the kept class ids (absent for the whole dataset: older identities stay valid)
+        data_ident["classes"] = list(data.class_subset)
     recipe = teacher_recipe(teachers, optim, data_cfg, run)
     return [teacher_identity(arch, num_classes=data.num_classes, small_input=small_input, recipe=recipe,
                              input_spec=teacher_input_spec(arch, teachers.pretrained, teachers.image_size, data.mean,
@@ -97,6 +101,24 @@ def teacher_cache_path(cache_dir: str | Path, identity: dict[str, Any]) -> Path:
     i = identity
     return Path(cache_dir) / f"{i['data']['dataset']}-{i['arch']}-{i['stem']}-{i['num_classes']}c-s{i['seed']}-" \
                              f"{teacher_key(i)}.pt"
+
+
+@contextlib.contextmanager
+def teacher_lock(path: Path, wait: bool = True):
+    """Hold an exclusive flock on `<path>.lock` (beside the cache file `path`) while a teacher is fine-tuned for
+    it, so runs sharing a cache (a sweep's concurrent trials) fine-tune each teacher once: the others wait and
+    then load it. Yields True when held, False when `wait` is False and another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def identity_difference(here: dict[str, Any] | None, there: dict[str, Any] | None) -> str | None:

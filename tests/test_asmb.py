@@ -30,7 +30,7 @@ from kd.asmb import (AsmbAdapt, AsmbCfg, FeatureProjection, SynergyModel, adapte
 from kd.errors import ConfigError
 from kd.freeze import apply_freeze, count_params, policy_params, set_train
 from kd.losses import kd_loss
-from kd.mbm import IBMBM, MLPMBM, AttnMBM
+from kd.mbm import IBMBM, MLPMBM, AttnMBM, build_bridge
 from kd.methods import StepInputs
 from kd.models import ModelOutput, create_model
 from kd.synergy import synergy_losses
@@ -503,8 +503,9 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
     assert [r["stage"] for r in stages] == [1, 2]
     for r in stages:
         assert set(r) == {"phase", "stage", "epoch", "teacher0/acc", "teacher1/acc", "ensemble/acc", "synergy/acc",
-                          "disagreement/pred",
-                          "disagreement/both_wrong", "student/acc", "attn/teacher0", "attn/teacher1"}
+                          "disagreement/pred", "disagreement/both_wrong", "student/acc", "attn/teacher0",
+                          "attn/teacher1", "guard/fired"}
+    assert summary["asmb/guard_fired"] == sum(r["guard/fired"] for r in stages)  # each firing, counted
     b_rows = [r for r in rows if r["phase"].startswith("asmb:B")]
     best = max(r["val/acc"] for r in b_rows)
     assert b_rows[-1]["val/best_acc"] == best  # selection spans the stages
@@ -594,3 +595,32 @@ def test_real_data_synergy_is_at_least_the_ensemble_at_every_stage(tmp_path):
     for r in stages:
         assert r["synergy/acc"] >= r["ensemble/acc"], r
         assert r["ensemble/acc"] > 30  # the teachers learned something (10 classes: chance is 10 %)
+
+
+def test_guard_firings_are_counted_in_the_stage_rows_and_the_summary(tmp_path, teacher_cache, monkeypatch):
+    fired_at = {1}  # the guard fires after phase A of stage 1 only
+    real_guard = train.guard_residual
+
+    def guard(synergy, loader, stage, device):
+        real_guard(synergy, loader, stage, device)
+        return f"stage {stage}: forced" if stage in fired_at else None
+
+    monkeypatch.setattr(train, "guard_residual", guard)
+    summary, run_dir = tiny_asmb(tmp_path, teacher_cache, "guard")
+    stages = [r for r in read_rows(run_dir) if r["phase"] == "asmb:stage"]
+    assert [r["guard/fired"] for r in stages] == [1, 0] and summary["asmb/guard_fired"] == 1
+    assert json.loads((run_dir / "summary.json").read_text())["asmb/guard_fired"] == 1
+
+
+def test_first_definition_synergy_is_the_bridge_alone(tmp_path, teacher_cache):
+    """--asmb.ensemble-base False: z_syn = head(MBM(...)) with no ensemble term (the method as first defined);
+    the head starts from PyTorch's default init, and there is no residual to guard."""
+    bridge = build_bridge("attn", (8, 6), 4, C, ensemble_base=False)
+    assert bridge.head.net[-1].weight.abs().sum() > 0
+    feats, logits = [torch.randn(3, 8), torch.randn(3, 6)], [torch.randn(3, C), torch.randn(3, C)]
+    z_syn, out = bridge(torch.randn(3, 4), feats, logits)
+    assert torch.allclose(z_syn, bridge.head(out.h))
+    summary, run_dir = tiny_asmb(tmp_path, teacher_cache, "first", "--asmb.ensemble-base", "False")
+    stages = [r for r in read_rows(run_dir) if r["phase"] == "asmb:stage"]
+    assert len(stages) == 2 and all("guard/fired" not in r for r in stages) and "asmb/guard_fired" not in summary
+    assert 0 <= summary["synergy/test_acc"] <= 100

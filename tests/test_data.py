@@ -367,3 +367,72 @@ def test_tiny_imagenet_mini_real_data(tmp_path):
     image, label, index = splits.train[0]
     assert image.shape == (3, 64, 64) and 0 <= label < 10 and index == 0
     assert len(list(tmp_path.glob(f"decoded/*/{kd_data.TINY_CACHE_NAME}"))) == 1
+
+
+# ----------------------------------------------------------------------------------------------- class subsets
+
+
+def test_tiny_imagenet_class_subset_decodes_only_its_classes(tmp_path, monkeypatch):
+    d, cache_dir = _write_tiny(tmp_path, wnids=("n001", "n002", "n003", "n004")), tmp_path / "cache"
+    decoded: list[int] = []
+    real_decode = kd_data._decode_images
+    monkeypatch.setattr(kd_data, "_decode_images", lambda files: decoded.append(len(files)) or real_decode(files))
+    full = build_data("tiny-imagenet", str(d), val_fraction=0.25, aug=False, cache_dir=cache_dir)
+    first2 = build_data("tiny-imagenet", str(d), val_fraction=0.25, aug=False, cache_dir=cache_dir, classes="2")
+    assert decoded == [16, 8, 8, 4]  # full: 16 train + 8 val; the subset: 2 x 4 train + 2 x 2 val only
+    assert first2.num_classes == 2 and first2.class_names == ["goldfish", "tabby cat"]
+    assert first2.class_subset == ("n001", "n002") and full.class_subset == ()
+    assert (len(first2.train) + len(first2.val), len(first2.test)) == (8, 4)
+    assert sorted(set(first2.test.labels.tolist())) == [0, 1]
+    assert first2.fingerprint != full.fingerprint
+    # one decoded cache per subset, beside the full one (never overwriting it)
+    assert len(list(cache_dir.glob("decoded/*/decoded_uint8*.pt"))) == 2
+    # a file of ids: labels follow wnids.txt, not the file's order; comments and blank lines are ignored
+    listed = tmp_path / "classes.txt"
+    listed.write_text("# my subset\nn004\n\nn002  # tabby\n")
+    picked = build_data("tiny-imagenet", str(d), val_fraction=0.25, aug=False, cache_dir=cache_dir,
+                        classes=str(listed))
+    assert picked.class_subset == ("n002", "n004") and picked.class_names == ["tabby cat", "n004"]
+    assert len(picked.test) == 4 and picked.fingerprint not in (full.fingerprint, first2.fingerprint)
+    # the cached subset is read back without decoding
+    monkeypatch.setattr(kd_data, "_decode_images", lambda files: pytest.fail("should use the subset's cache"))
+    again = build_data("tiny-imagenet", str(d), val_fraction=0.25, aug=False, cache_dir=cache_dir, classes="2")
+    assert again.fingerprint == first2.fingerprint
+
+
+def test_imagefolder_class_subset_lists_only_its_folders(tmp_path):
+    _write_imagefolder(tmp_path, classes=("cat", "dog", "eel", "fox"))
+    full = build_data("imagefolder", str(tmp_path), val_fraction=0.2, image_size=16)
+    two = build_data("imagefolder", str(tmp_path), val_fraction=0.2, image_size=16, classes="2")
+    assert two.class_names == ["cat", "dog"] and two.class_subset == ("cat", "dog") and two.num_classes == 2
+    assert (len(two.train) + len(two.val), len(two.test)) == (10, 4)
+    assert all("/eel/" not in p and "/fox/" not in p for p, _ in two.train.samples + two.test.samples)
+    listed = tmp_path / "ids.txt"
+    listed.write_text("fox\ndog\n")
+    picked = build_data("imagefolder", str(tmp_path), val_fraction=0.2, image_size=16, classes=str(listed))
+    assert picked.class_names == ["dog", "fox"] and sorted({y for _, y in picked.test.samples}) == [0, 1]
+    assert len({full.fingerprint, two.fingerprint, picked.fingerprint}) == 3
+
+
+@pytest.mark.parametrize("content, message", [
+    ("n001\nn999\n", "class 'n999' is not in"),
+    ("n001\nn002\nn001\n", "class 'n001' is listed twice"),
+    ("n001\n", "needs at least 2 classes, the file lists 1"),
+])
+def test_bad_class_lists_are_one_line_errors(tmp_path, content, message):
+    d = _write_tiny(tmp_path)
+    listed = tmp_path / "classes.txt"
+    listed.write_text(content)
+    with pytest.raises((ConfigError, DataError), match=message):
+        build_data("tiny-imagenet", str(d), cache_dir=tmp_path / "cache", classes=str(listed))
+    assert not (tmp_path / "cache" / "decoded").exists()  # refused before any decoding
+
+
+@pytest.mark.parametrize("classes, message", [
+    ("1", "needs at least 2 classes"), ("4", "has only 3 classes"), ("nowhere.txt", "neither a number")])
+def test_bad_class_counts_and_paths(tmp_path, classes, message):
+    d = _write_tiny(tmp_path)
+    with pytest.raises((ConfigError, DataError), match=message):
+        build_data("tiny-imagenet", str(d), cache_dir=tmp_path / "cache", classes=classes)
+    with pytest.raises(ConfigError, match="imagefolder or tiny-imagenet"):
+        build_data("synthetic", "", classes="2")

@@ -365,6 +365,98 @@ def test_a_killed_sweep_takes_its_trial_down_and_resume_restarts_it(tmp_path):
     assert [r["epoch"] for r in sweep.read_rows(sweep_dir / "trial-000")] == list(range(1, 41))  # one fresh run
 
 
+# A stand-in for train.py in --jobs sweeps: marks its start (the file holds its OMP_NUM_THREADS), then waits for
+# the file $FAKE_WAIT names in $FAKE_MARKS ({partner}: the other trial of its pair, 0-1, 2-3) before it finishes.
+PAIRED_TRAIN = r"""
+import json, os, pathlib, sys, time
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+name, index = args["run.name"], int(args["run.name"].split("-")[1])
+run_dir, marks = pathlib.Path(args["run.out-dir"]) / name, pathlib.Path(os.environ["FAKE_MARKS"])
+run_dir.mkdir(parents=True)
+(run_dir / "config.json").write_text(json.dumps({"optim": {"epochs": 1}, "run": {"name": name, "out_dir": args["run.out-dir"]}}))
+(marks / f"started-{index}").write_text(os.environ.get("OMP_NUM_THREADS", "unset"))
+wait, deadline = marks / os.environ["FAKE_WAIT"].format(partner=index ^ 1), time.monotonic() + 120
+while not wait.exists():
+    if time.monotonic() > deadline:  # only a runner that never starts the partner gets here: fail, do not hang
+        sys.exit("error: waited in vain for " + str(wait))
+    time.sleep(0.05)
+(run_dir / "metrics.jsonl").write_text(json.dumps({"phase": "kd", "epoch": 1, "val/best_acc": float(index)}) + "\n")
+(run_dir / "summary.json").write_text(json.dumps({"best/val_acc": float(index)}))
+"""
+
+
+def paired_sweep(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A 4-trial grid spec, the fake train.py and its marks folder."""
+    fake, marks = tmp_path / "paired_train.py", tmp_path / "marks"
+    fake.write_text(PAIRED_TRAIN)
+    marks.mkdir()
+    spec = write_spec(tmp_path, {"preset": {"value": "smoke"}, "kd.temperature": {"values": [1, 2, 3, 4]}}, name="par")
+    return spec, fake, marks
+
+
+def test_jobs_2_runs_two_trials_at_a_time_and_finishes_all(tmp_path, monkeypatch, capsys):
+    """Each trial finishes only once its pair's partner has started: a sequential runner could not finish."""
+    spec, fake, marks = paired_sweep(tmp_path)
+    monkeypatch.setattr(sweep, "TRAIN", fake)
+    monkeypatch.setenv("FAKE_MARKS", str(marks))
+    monkeypatch.setenv("FAKE_WAIT", "started-{partner}")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert sweep.main([str(spec), "--mode", "local", "--jobs", "2", "--out-dir", str(tmp_path / "s"),
+                       "--trial-wandb", "disabled", "--poll", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(ln.split()[:2] for ln in out.splitlines() if ln.startswith("trial-")) == [
+        [f"trial-00{i}", "finished"] for i in range(4)]
+    assert "best: trial-003 val/best_acc=3" in out
+    state = json.loads((tmp_path / "s" / "par" / "sweep.json").read_text())
+    assert [(t["id"], t["status"], t["metric"]) for t in state["trials"]] == [
+        (f"trial-00{i}", "finished", float(i)) for i in range(4)]
+    assert all((marks / f"started-{i}").read_text() == "1" for i in range(4))  # OMP_NUM_THREADS=1 with --jobs 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the trial processes through /proc")
+def test_interrupted_jobs_2_sweep_stops_both_trials_and_resume_restarts_them(tmp_path):
+    spec, fake, marks = paired_sweep(tmp_path)
+    sweep_dir = tmp_path / "s" / "par"
+    env = {**offline_env(tmp_path), "PYTHONPATH": str(ROOT), "FAKE_MARKS": str(marks), "FAKE_WAIT": "release",
+           "OMP_NUM_THREADS": "3"}
+    args = [sys.executable, "-c", f"import sys, sweep; sweep.TRAIN = {str(fake)!r}; sys.exit(sweep.main(sys.argv[1:]))",
+            str(spec), "--mode", "local", "--jobs", "2", "--out-dir", str(tmp_path / "s"), "--trial-wandb", "disabled",
+            "--poll", "0.05"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_for(lambda: (marks / "started-0").exists() and (marks / "started-1").exists() or proc.poll() is not None)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert f"interrupted; continue with: python sweep.py {spec} --resume" in out
+    assert not trial_pids(f"--run.out-dir={sweep_dir}")
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [(t["id"], t["status"]) for t in state["trials"]] == [("trial-000", "interrupted"),
+                                                                 ("trial-001", "interrupted")]
+    assert (marks / "started-0").read_text() == "3"  # the user's OMP_NUM_THREADS is kept
+
+    (marks / "release").write_text("")
+    res = subprocess.run(args + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "restarting trial-000: it was interrupted (interrupted)" in res.stdout
+    assert "restarting trial-001: it was interrupted (interrupted)" in res.stdout
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [(t["id"], t["status"], t.get("restarts")) for t in state["trials"]] == [
+        ("trial-000", "finished", 1), ("trial-001", "finished", 1), ("trial-002", "finished", None),
+        ("trial-003", "finished", None)]
+
+
+def test_jobs_below_1_or_online_is_a_one_line_error(tmp_path, capsys):
+    spec = write_spec(tmp_path, {**TINY, "kd.temperature": {"values": [2, 4]}})
+    assert sweep.main([str(spec), "--mode", "local", "--jobs", "0", "--out-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --jobs must be >= 1"
+    assert sweep.main([str(spec), "--mode", "online", "--jobs", "2", "--out-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--jobs runs local trials side by side: it needs --mode local" in err
+    assert not (tmp_path / "s").exists()
+
+
 def test_resume_never_deletes_a_directory_that_is_not_its_trial(tmp_path):
     sweep_dir = tmp_path / "sweeps" / "x"
     foreign = sweep_dir / "trial-000"

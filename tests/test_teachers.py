@@ -14,7 +14,7 @@ from PIL import Image
 import train
 from kd.data import SyntheticSpec, build_data, tensor_fingerprint
 from kd.errors import CheckpointError, ConfigError
-from kd.teachers import identity_difference, teacher_cache_path, teacher_identities, teacher_key
+from kd.teachers import identity_difference, teacher_cache_path, teacher_identities, teacher_key, teacher_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,3 +173,47 @@ def test_relabelled_data_makes_a_new_teacher_and_a_resumed_run_refuses_it(tmp_pa
     # a fresh run on the relabelled copy trains its own teacher
     train.run(tiny_cfg(tmp_path, *args, "--data.root", str(relabelled), "--run.name", "r2"))
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def test_a_class_subset_is_part_of_the_teacher_identity():
+    cfg = train.parse_config([*TINY])
+    data = train.load_data(cfg)
+    (whole,) = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
+    assert "classes" not in whole["data"]  # identities of whole datasets are unchanged by the option
+    data.class_subset = ("n001", "n002")
+    (subset,) = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
+    assert subset["data"]["classes"] == ["n001", "n002"] and teacher_key(subset) != teacher_key(whole)
+
+
+def test_teacher_lock_is_exclusive_between_holders(tmp_path):
+    path = tmp_path / "cache" / "t.pt"
+    with teacher_lock(path) as held:
+        assert held
+        with teacher_lock(path, wait=False) as second:  # another open file: as another process would be
+            assert not second
+    with teacher_lock(path, wait=False) as again:
+        assert again
+
+
+def test_a_teacher_being_fine_tuned_elsewhere_is_left_for_last_then_loaded(tmp_path, monkeypatch):
+    """Two trials of a sweep share the teachers' work: a run finds the first teacher's lock held (another process
+    fine-tuning it), fine-tunes the second one meanwhile, then waits for the lock and uses the cached file."""
+    cfg = tiny_cfg(tmp_path, "--method", "aver", "--teachers.models", "resnet8,wrn_16_1", "--run.name", "a")
+    first_path = tmp_path / cache_path_of("--teachers.models", "resnet8")
+    train.run(tiny_cfg(tmp_path, "--method", "teacher", "--teachers.models", "resnet8", "--run.name", "elsewhere"))
+    shutil.move(first_path, tmp_path / "cache" / "made-elsewhere.pt")
+    order, real_finetune = [], train.finetune_teacher
+    holder = teacher_lock(first_path)
+    holder.__enter__()  # "another process" is fine-tuning resnet8
+
+    def finetune(cfg, arch, *args, **kwargs):
+        order.append(arch)
+        real_finetune(cfg, arch, *args, **kwargs)
+        if arch == "wrn_16_1":  # the other process finishes resnet8 while this run fine-tunes wrn_16_1
+            shutil.copy(tmp_path / "cache" / "made-elsewhere.pt", first_path)
+            holder.__exit__(None, None, None)
+
+    monkeypatch.setattr(train, "finetune_teacher", finetune)
+    summary = train.run(cfg)
+    assert order == ["wrn_16_1"] and first_path.is_file()
+    assert "teacher/resnet8/test_acc" in summary and "teacher/wrn_16_1/test_acc" in summary

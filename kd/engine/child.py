@@ -68,6 +68,7 @@ class Child:
 
     def __init__(self, argv: list[str], log: IO, env: dict[str, str]):
         self._watchdog_in = self._start_watchdog(env)
+        self._signalled = False
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0,
                                      preexec_fn=_die_with_parent_fn())
         self._tell_watchdog(f"{self.proc.pid}\n".encode())
@@ -96,10 +97,18 @@ class Child:
     def poll(self) -> int | None:
         return self.proc.poll()
 
+    def send(self, sig: int) -> None:
+        """`sig` to the child's group if it still runs, once: a later send or stop() sends nothing more
+        (a second SIGINT would cut the child's clean exit short), so several children can be signalled
+        together and then waited for."""
+        if self.proc.poll() is None and not self._signalled:
+            self._signalled = True
+            _signal_group(self.proc.pid, sig)
+
     def stop(self, sig: int = signal.SIGINT, grace_s: float = STOP_GRACE_S) -> int:
         """End the child if it still runs (`sig` to its group, SIGKILL after `grace_s`); its exit code."""
         if self.proc.poll() is None:
-            _signal_group(self.proc.pid, sig)
+            self.send(sig)
             try:
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
