@@ -13,9 +13,10 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +378,8 @@ FAMILIES = {"baseline": ("ce",), "logit": ("kd", "dkd", "dist"), "feature": ("fi
 SINGLE_TEACHER = FAMILIES["logit"] + FAMILIES["feature"]
 COMPARISON_NOTE = ("Test accuracy (%) of the student selected on validation (selected, best/test_acc) and of the "
                    "last epoch's (last/test_acc), mean ± sample std over seeds (n); gains are differences of the "
-                   "selected means; the best single-teacher method is the one with the best mean validation "
+                   "selected means ± their standard error (seeds independent; a gain above ~2 SE is resolved at "
+                   "this n); the best single-teacher method is the one with the best mean validation "
                    "accuracy among kd/dkd/dist and the feature methods that distil from one teacher (not "
                    "--teachers.select both).")
 
@@ -400,6 +402,7 @@ class Compared:
     single_teacher: bool
     stats: dict[str, tuple[float | None, float | None]]  # summary key -> (mean, std) over seeds
     gains: dict[str, float | None]  # "ce", "single" -> selected mean minus theirs
+    gain_se: dict[str, float | None] = field(default_factory=dict)  # standard error of each gain (n >= 2 both)
 
 
 def comparison_rows(groups: list[tuple[str, list[Run]]]) -> list[Compared]:
@@ -420,11 +423,20 @@ def comparison_rows(groups: list[tuple[str, list[Run]]]) -> list[Compared]:
     best_single = max((r for r in rows if r.single_teacher and r.stats["best/val_acc"][0] is not None),
                       key=lambda r: r.stats["best/val_acc"][0], default=None)
     for row in rows:
-        selected = row.stats["best/test_acc"][0]
-        row.gains["ce"] = selected - ce.stats["best/test_acc"][0] if ce and row is not ce else None
-        row.gains["single"] = (selected - best_single.stats["best/test_acc"][0]
-                               if best_single and row.method != "ce" and row is not best_single else None)
+        for name, other in (("ce", ce), ("single", best_single)):
+            compared = other is not None and row is not other and (name == "ce" or row.method != "ce")
+            row.gains[name] = row.stats["best/test_acc"][0] - other.stats["best/test_acc"][0] if compared else None
+            row.gain_se[name] = gain_se(row, other) if compared else None
     return rows
+
+
+def gain_se(a: Compared, b: Compared) -> float | None:
+    """Standard error of the difference of two settings' mean selected accuracy, sqrt(s_a^2/n_a + s_b^2/n_b)
+    (independent seeds); None unless both have n >= 2. A gain above ~2 SE is resolved at this n."""
+    (_, sa), (_, sb) = a.stats["best/test_acc"], b.stats["best/test_acc"]
+    if sa is None or sb is None or a.n < 2 or b.n < 2:
+        return None
+    return math.sqrt(sa ** 2 / a.n + sb ** 2 / b.n)
 
 
 def comparison_extra_keys(members: list[Run]) -> list[str]:
@@ -449,8 +461,8 @@ def column_title(key: str) -> str:
     return " ".join(parts[:-1]) + f" ({split})"
 
 
-def signed(x: float | None) -> str:
-    return "" if x is None else f"{x:+.2f}"
+def signed(x: float | None, se: float | None = None) -> str:
+    return "" if x is None else f"{x:+.2f}" + ("" if se is None else f" ± {se:.2f}")
 
 
 def write_comparison(rows: list[Compared], out: Path) -> list[Path]:
@@ -459,16 +471,19 @@ def write_comparison(rows: list[Compared], out: Path) -> list[Path]:
     md_rows, csv_rows, tex_rows = [], [], []
     for r in rows:
         sel, last = r.stats["best/test_acc"], r.stats["last/test_acc"]
-        cells = [fmt(*sel), fmt(*last), signed(r.gains["ce"]), signed(r.gains["single"]),
+        cells = [fmt(*sel), fmt(*last), signed(r.gains["ce"], r.gain_se["ce"]),
+                 signed(r.gains["single"], r.gain_se["single"]),
                  *[fmt(*r.stats.get(k, (None, None))) for k in extra]]
         md_rows.append([r.label, r.n, *cells])
         tex_rows.append((r.method, [latex_escape(r.label), str(r.n), *[latex_cell(c) for c in cells]]))
         csv_rows.append([r.label, r.method, family_of(r.method), r.n, *[rounded("acc", x) for x in (*sel, *last)],
-                         rounded("gain", r.gains["ce"]), rounded("gain", r.gains["single"]),
+                         rounded("gain", r.gains["ce"]), rounded("gain", r.gain_se["ce"]),
+                         rounded("gain", r.gains["single"]), rounded("gain", r.gain_se["single"]),
                          *[rounded(k, x) for k in extra for x in r.stats.get(k, (None, None))]])
     atomic_write_text("\n".join(md_table(titles, md_rows)) + "\n", out / "comparison.md")
     write_csv(out / "comparison.csv", ["setting", "method", "family", "n", "selected mean", "selected std",
-                                       "last mean", "last std", "gain vs ce", "gain vs best single",
+                                       "last mean", "last std", "gain vs ce", "gain vs ce se",
+                                       "gain vs best single", "gain vs best single se",
                                        *[f"{k} {s}" for k in extra for s in ("mean", "std")]], csv_rows)
     atomic_write_text(latex_table(titles, tex_rows), out / "comparison.tex")
     written = [out / "comparison.md", out / "comparison.csv", out / "comparison.tex"]

@@ -75,6 +75,7 @@ def test_comparison_table_orders_families_and_computes_gains(tmp_path):
     assert asmb["n"] == "2" and asmb["selected mean"] == "67.0" and asmb["selected std"] == "1.41"
     assert asmb["last mean"] == "66.0"
     assert asmb["gain vs ce"] == "6.5"  # 67 - 60.5
+    assert asmb["gain vs ce se"] == "1.12"  # sqrt(1.41^2 / 2 + 0.71^2 / 2): a resolved gain is above ~2 SE
     # the best single-teacher method is kd (best mean val accuracy: 66; test 63), not dkd (best on test: 64) nor
     # kd-both (70, a multi-teacher setting)
     assert asmb["gain vs best single"] == "4.0"
@@ -88,11 +89,11 @@ def test_comparison_table_orders_families_and_computes_gains(tmp_path):
     md = (out / "comparison.md").read_text().splitlines()
     assert md[0] == ("| method | n | selected | last | gain vs ce | gain vs best single | teacher resnet20 (test) "
                      "| teacher wrn_16_2 (test) | ensemble (test) | synergy (test) |")
-    assert ("| asmb | 2 | 67.00 ± 1.41 | 66.00 ± 1.41 | +6.50 | +4.00 | 61.00 ± 0.00 | 59.50 ± 0.00 "
+    assert ("| asmb | 2 | 67.00 ± 1.41 | 66.00 ± 1.41 | +6.50 ± 1.12 | +4.00 ± 1.41 | 61.00 ± 0.00 | 59.50 ± 0.00 "
             "| 65.00 ± 0.00 | 70.50 ± 0.71 |") in md
     tex = (out / "comparison.tex").read_text()
     assert tex.startswith(r"\begin{tabular}{lrrrrrrrrr}") and r"\bottomrule" in tex
-    assert r"asmb & 2 & $67.00 \pm 1.41$ & $66.00 \pm 1.41$ & $+6.50$ & $+4.00$" in tex
+    assert r"asmb & 2 & $67.00 \pm 1.41$ & $66.00 \pm 1.41$ & $+6.50 \pm 1.12$ & $+4.00 \pm 1.41$" in tex
     assert r"teacher wrn\_16\_2 (test)" in tex and tex.count(r"\midrule") == 1 + 4  # header + between 5 families
     report_md = (out / "report.md").read_text()
     assert "## Comparison" in report_md and "| asmb | 2 | 67.00 ± 1.41 |" in report_md
