@@ -257,15 +257,24 @@ from pathlib import Path
 from kd.engine.checkpoint import Checkpointer
 from kd.io import safe_torch_load
 run_dir = Path({run_dir!r})
-for delay in (0.05, 0.2, 0.45, 0.8, 1.2):
+saves = run_dir / "saves"  # the child's count of finished saves: kills are placed by it, never by a delay
+for kill in range(5):
+    saves.unlink(missing_ok=True)
     pid = os.fork()
     if pid == 0:
         ck = Checkpointer(run_dir, {{}}, keep_last=2)
         for step in range(1, 10_000):
             ck.save(step, "fake", lambda: {{"progress": {{}}, "blob": torch.full((6_000_000,), float(step))}},
                     epoch_end=True)
+            saves.write_text(str(step))
         os._exit(0)
-    time.sleep(delay)
+    # kill k after k finished saves, while a temp file is being written when one is seen (the moment that
+    # matters), else right after the next save finishes
+    while True:
+        done = int(saves.read_text() or 0) if saves.exists() else 0
+        writing = any((run_dir / "checkpoints").glob(".*.tmp")) if (run_dir / "checkpoints").is_dir() else False
+        if (done >= kill and writing) or done >= kill + 1:
+            break
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     last = run_dir / "checkpoints" / "last.pt"
@@ -287,7 +296,7 @@ def test_a_kill_during_checkpoint_writes_never_leaves_an_unreadable_last(tmp):
     assert out.returncode == 0, out.stderr
     *kills, end = [json.loads(line) for line in out.stdout.splitlines()]
     checked = [k for k in kills if k is not None]
-    assert len(checked) >= 3  # most kills land after the first checkpoint
+    assert len(checked) >= 4  # every kill but the first lands after a finished checkpoint
     assert all(k["intact"] and k["steps"] <= 3 for k in checked)  # keep-last 2 (+1 between save and prune)
     assert end == {"temp_left": 0}
 

@@ -184,18 +184,32 @@ def test_hyperband_stops_only_trials_outside_the_best_fraction():
 
 
 def fake_trainer(tmp_path: Path, values: list[float], epochs: int) -> list[str]:
-    """A stand-in for train.py: writes config.json, then one metrics row per 0.3 s, then summary.json."""
+    """A stand-in for train.py: writes config.json, then one metrics row at a time, each only after the runner
+    has looked at the previous one (it writes `<run_dir>.ack`, see acked), then summary.json. No delays."""
     script = tmp_path / "fake_train.py"
     script.write_text(
         "import json, sys, time, pathlib\n"
         "d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True)\n"
+        "ack = d.parent / (d.name + '.ack')\n"
         f"(d / 'config.json').write_text(json.dumps({{'optim': {{'epochs': {epochs}}}}}))\n"
         "rows = []\n"
         f"for e, v in enumerate({values!r}, 1):\n"
         "    rows.append(json.dumps({'phase': 'kd', 'epoch': e, 'val/best_acc': v}))\n"
-        "    (d / 'metrics.jsonl').write_text('\\n'.join(rows) + '\\n'); time.sleep(0.3)\n"
+        "    (d / 'metrics.jsonl').write_text('\\n'.join(rows) + '\\n')\n"
+        "    while not (ack.exists() and int(ack.read_text() or 0) >= e): time.sleep(0.01)\n"
         "(d / 'summary.json').write_text(json.dumps({'best/val_acc': max(" + repr(values) + ")}))\n")
     return [sys.executable, str(script)]
+
+
+def acked(should_stop):
+    """`should_stop` that tells the fake trainer how many rows it has judged (so each row is judged)."""
+    def judged(run_dir: Path) -> bool:
+        seen = len(sweep.read_rows(run_dir))
+        stop = should_stop(run_dir)
+        if not stop:
+            (run_dir.parent / f"{run_dir.name}.ack").write_text(str(seen))
+        return stop
+    return judged
 
 
 def test_runner_stops_a_bad_trial_by_its_metrics_file_and_spares_a_good_one(tmp_path):
@@ -207,14 +221,14 @@ def test_runner_stops_a_bad_trial_by_its_metrics_file_and_spares_a_good_one(tmp_
         (done / f"t{i}" / "metrics.jsonl").write_text(
             "".join(json.dumps({"phase": "kd", "val/best_acc": v}) + "\n" for v in curve))
     others = [{"status": "finished", "run_dir": f"t{i}"} for i in range(2)]
-    check = sweep.hyperband_check(spec, others, done)
+    check = acked(sweep.hyperband_check(spec, others, done))
     env = dict(os.environ)
     rc, stopped = sweep.run_trial_process([*fake_trainer(tmp_path, [10.0, 10.0, 10.0, 10.0], 4), str(tmp_path / "bad")],
-                                          tmp_path / "bad", tmp_path / "bad.log", env, check, poll_s=0.1)
+                                          tmp_path / "bad", tmp_path / "bad.log", env, check, poll_s=0.05)
     assert stopped and 1 <= len(sweep.read_rows(tmp_path / "bad")) < 4
     assert not (tmp_path / "bad" / "summary.json").exists()
     rc, stopped = sweep.run_trial_process([*fake_trainer(tmp_path, [90.0, 91.0], 2), str(tmp_path / "good")],
-                                          tmp_path / "good", tmp_path / "good.log", env, check, poll_s=0.1)
+                                          tmp_path / "good", tmp_path / "good.log", env, check, poll_s=0.05)
     assert (rc, stopped) == (0, False) and (tmp_path / "good" / "summary.json").exists()
 
 
@@ -353,7 +367,7 @@ def test_a_killed_sweep_takes_its_trial_down_and_resume_restarts_it(tmp_path):
     proc = started(extra=["--resume"])
     proc.kill()
     proc.wait()
-    assert wait_for(lambda: not trial_pids(marker), timeout_s=5.0), "the trial outlived its SIGKILLed sweep"
+    assert wait_for(lambda: not trial_pids(marker), timeout_s=120.0), "the trial outlived its SIGKILLed sweep"
     assert status() == "running"  # as the killed sweep left it
 
     res = subprocess.run(args + ["--resume"], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True,
