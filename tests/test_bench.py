@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 import sweep
-from test_sweep import ROOT, run_py
+from test_sweep import ROOT, run_py, stand_in_data_root
 
 SPEC = ROOT / "sweeps" / "bench_tin20.yaml"
 METHODS = {"ce", "kd", "dkd", "dist", "fitnet", "at", "crd", "rkd", "pkt", "sp", "aver", "camkd", "ebkd", "asmb"}
@@ -25,8 +25,9 @@ def arm_name(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else value
 
 
-def test_the_benchmark_spec_runs_every_method_on_three_seeds():
+def test_the_benchmark_spec_runs_every_method_on_three_seeds(tmp_path, monkeypatch):
     spec = sweep.load_spec(SPEC)
+    stand_in_data_root(spec, tmp_path, monkeypatch)
     arms = spec.parameters["method"]["values"]
     assert {a if isinstance(a, str) else a[0] for a in arms} == METHODS
     assert "kd --kd.standardize True --kd.temperature 2 --kd.kd-weight 9" in map(arm_name, arms)
