@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from .configs import AsmbCfg, feat_kd_map_index  # noqa: F401  (the --asmb.* group lives with the light configs)
 from .errors import ConfigError
 from .freeze import kept_modes, set_train
-from .losses import cross_entropy
+from .losses import cross_entropy, dkd_loss
 from .mbm import MBMOutput, SynergyBridge, build_bridge, ensemble_logits
 from .methods.base import Method, StepInputs
+from .methods.dkd import warmup_factor
 from .metrics import accuracy, disagreement_rate, gather_outputs
 from .models import KDModel, ModelOutput
 from .synergy import compile_synergy, synergy_losses
@@ -228,9 +229,11 @@ class AsmbDistill(Method):
     name = "asmb:B"
 
     def __init__(self, cfg: AsmbCfg, student: KDModel, teachers: Sequence[KDModel], modules: AsmbModules,
-                 temperatures: Tensor, *, num_classes: int, label_smoothing: float = 0.0):
+                 temperatures: Tensor, *, num_classes: int, label_smoothing: float = 0.0,
+                 phase_epochs: tuple[int, int] = (0, 1)):
         super().__init__(cfg, student, list(teachers), num_classes=num_classes, num_train=0,
                          label_smoothing=label_smoothing)
+        self.phase_epochs = phase_epochs  # (phase A, phase B) epochs per stage: the student epoch of a global one
         _keep_unregistered(self, "bridge", modules.bridge)
         _keep_unregistered(self, "teacher_models", list(teachers))
         self.feat_proj = modules.feat_proj
@@ -254,16 +257,28 @@ class AsmbDistill(Method):
         s = inp.student
         feat_pred = self.feat_proj(student_kd_feature(s, self.map_index)) if self.feat_proj is not None else None
         latent_pred = self.latent_proj(s.feature) if self.latent_proj is not None else None
-        _, _, terms = self.synergy(
+        temperature = self.temperatures[inp.epoch - 1]
+        z_syn, _, terms = self.synergy(
             self.bridge, bridge_state(self.bridge), s.feature, [t.feature for t in inp.teachers],
-            [t.logits for t in inp.teachers], s.logits, inp.target, self.temperatures[inp.epoch - 1], phase="B",
+            [t.logits for t in inp.teachers], s.logits, inp.target, temperature, phase="B",
             hybrid_beta=self.hybrid_beta, feat_pred=feat_pred, feat_kd_norm=self.cfg.feat_kd_norm,
             latent_pred=latent_pred, query_grad=self.cfg.synergy_grad_to_student)  # fmt: skip
+        if self.cfg.loss == "dkd":  # the synergy as DKD's teacher instead of KD's
+            del terms["kd"]
+            hard = inp.target if inp.target.ndim == 1 else inp.target.argmax(dim=1)
+            target = z_syn if self.cfg.synergy_grad_to_student else z_syn.detach()
+            terms["dkd"] = dkd_loss(s.logits, target, hard, self.cfg.dkd_alpha, self.cfg.dkd_beta, temperature)
         return {"ce": cross_entropy(s.logits, inp.target, self.label_smoothing), **terms}
+
+    def student_epoch(self, epoch: int) -> int:
+        """The phase-B (student) epoch, from 1, of global epoch `epoch` (phase A and B epochs counted alike)."""
+        a, b = self.phase_epochs
+        return epoch - a * -(-epoch // (a + b))
 
     def loss_weights(self, epoch: int) -> dict[str, float]:
         c = self.cfg
-        return {"ce": c.ce, "kd": c.kd, "feat_kd": c.feat_kd_alpha, "latent": c.latent_alpha}
+        return {"ce": c.ce, "kd": c.kd, "dkd": c.kd * warmup_factor(self.student_epoch(epoch), c.dkd_warmup),
+                "feat_kd": c.feat_kd_alpha, "latent": c.latent_alpha}
 
 
 # ----------------------------------------------------------------------------------------------- reporting, state
@@ -287,7 +302,8 @@ class AsmbRun:
         self.adapt = AsmbAdapt(cfg, self.bridge, teachers, temperatures, num_classes=num_classes,
                                label_smoothing=label_smoothing)
         self.distill = AsmbDistill(cfg, student, teachers, modules, temperatures, num_classes=num_classes,
-                                   label_smoothing=label_smoothing).to(device)
+                                   label_smoothing=label_smoothing,
+                                   phase_epochs=(self.teacher_epochs, self.student_epochs)).to(device)
         self.phase_a = self.phase_b = None  # the phases' trainers (optimizer, scheduler, scaler; optim_state())
         self.stage = 0
         self.best: dict[str, Any] = {"acc": -1.0, "epoch": 0, "state": None}  # best student (global epoch)

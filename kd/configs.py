@@ -271,6 +271,14 @@ class AsmbCfg:
     """phase B: weight of T^2 KL(softmax(target/T) || softmax(z_s/T)), target = z_syn (or the hybrid below)."""
     hybrid_beta: float = 0.0
     """phase B hybrid guidance: KD term = (1 - beta) KD(z_syn) + beta KD(mean of the teachers' logits); 0 = synergy only."""
+    loss: Literal["kd", "dkd"] = "kd"
+    """phase B logit loss towards the synergy (weight --asmb.kd): kd (T^2 KL, the term `kd`) or dkd (decoupled KD, Zhao et al. 2022, the term `dkd`: dkd_alpha TCKD + dkd_beta NCKD at T, times min(student epoch / dkd_warmup, 1))."""
+    dkd_alpha: float = 1.0
+    """phase B with loss dkd: weight of the target-class term TCKD."""
+    dkd_beta: float = 8.0
+    """phase B with loss dkd: weight of the non-target-class term NCKD."""
+    dkd_warmup: int = 20
+    """phase B with loss dkd: the dkd weight ramps as min(student epoch / dkd_warmup, 1) (phase-B epochs, from 1; 0 = none)."""
     feat_kd_alpha: float = 1.0
     """phase B: weight of MSE(P(student feature), h) with a trainable projection P (0 = off, no projection). With mbm_kind ib, h = mu in phase B, the same target as latent_alpha's (through another projection)."""
     feat_kd_key: str = "feature"
@@ -309,6 +317,8 @@ class AsmbCfg:
             (self.teacher_lr > 0, f"--asmb.teacher-lr must be > 0, got {self.teacher_lr}"),
             (self.mbm_lr_factor > 0, f"--asmb.mbm-lr-factor must be > 0, got {self.mbm_lr_factor}"),
             (self.hybrid_beta <= 1, f"--asmb.hybrid-beta must be in [0, 1], got {self.hybrid_beta}"),
+            (self.loss == "kd" or self.hybrid_beta == 0,
+             "--asmb.hybrid-beta mixes two KD targets; it needs --asmb.loss kd"),
             (self.mbm_dropout < 1, f"--asmb.mbm-dropout must be in [0, 1), got {self.mbm_dropout}"),
             (self.mbm_r >= 1, f"--asmb.mbm-r must be >= 1, got {self.mbm_r}"),
             (self.mbm_n_head >= 1, f"--asmb.mbm-n-head must be >= 1, got {self.mbm_n_head}"),

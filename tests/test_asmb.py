@@ -29,7 +29,7 @@ from kd.asmb import (AsmbAdapt, AsmbCfg, FeatureProjection, SynergyModel, adapte
                      guard_residual, stage_metrics, synergy_warning, tau_at)
 from kd.errors import ConfigError
 from kd.freeze import apply_freeze, count_params, policy_params, set_train
-from kd.losses import kd_loss
+from kd.losses import dkd_loss, kd_loss
 from kd.mbm import IBMBM, MLPMBM, AttnMBM, build_bridge
 from kd.methods import StepInputs
 from kd.models import ModelOutput, create_model
@@ -624,3 +624,25 @@ def test_first_definition_synergy_is_the_bridge_alone(tmp_path, teacher_cache):
     stages = [r for r in read_rows(run_dir) if r["phase"] == "asmb:stage"]
     assert len(stages) == 2 and all("guard/fired" not in r for r in stages) and "asmb/guard_fired" not in summary
     assert 0 <= summary["synergy/test_acc"] <= 100
+
+
+def test_phase_b_with_dkd_distils_the_synergy_through_decoupled_kd(tmp_path, teacher_cache):
+    """--asmb.loss dkd: the term `dkd` = dkd_loss(z_s, z_syn, y, alpha, beta, T) replaces `kd`, weighted by
+    --asmb.kd x min(student epoch / dkd_warmup, 1), phase-B epochs counted from 1 in every stage."""
+    run = make_run(loss="dkd", dkd_alpha=2.0, dkd_beta=3.0, dkd_warmup=4)
+    x, y, _ = batch()
+    s, t_outs = run.student(x), [t(x) for t in run.teachers]
+    terms = run.distill.loss_terms(StepInputs(x, y, torch.arange(len(y)), 1, s, t_outs))
+    assert "kd" not in terms and set(terms) >= {"ce", "dkd"}
+    with torch.no_grad():
+        z_syn = run.synergy(x)
+    assert terms["dkd"].item() == pytest.approx(dkd_loss(s.logits, z_syn, y, 2.0, 3.0, 4.0).item(), rel=1e-5)
+    a, b = run.teacher_epochs, run.student_epochs
+    assert [run.distill.student_epoch(e) for e in range(a + 1, 2 * (a + b) + 1) if (e - 1) % (a + b) >= a] == \
+        [*range(1, b + 1), *range(b + 1, 2 * b + 1)]
+    assert run.distill.loss_weights(a + 1)["dkd"] == pytest.approx(0.25)  # student epoch 1 of warm-up 4
+    with pytest.raises(ConfigError, match="needs --asmb.loss kd"):
+        AsmbCfg(loss="dkd", hybrid_beta=0.5).check()
+    _, run_dir = tiny_asmb(tmp_path, teacher_cache, "dkd", "--asmb.loss", "dkd")
+    b_rows = [r for r in read_rows(run_dir) if r["phase"].startswith("asmb:B")]
+    assert b_rows and all("train/dkd" in r and "train/kd" not in r for r in b_rows)
