@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -107,6 +108,8 @@ def load_spec(path: Path) -> Spec:
         check_parameter(name, p, method, path)
     name = str(raw.get("name") or path.stem)
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    if not name.strip("."):  # "." or "..": the sweep directory would be --out-dir itself or its parent
+        raise ConfigError(f"sweep spec {path}: name {name!r} is not a folder name; use letters, digits, - or _")
     return Spec(name=name, method=method, parameters=params, metric=metric, early_terminate=early,
                 fixed_args=command_fixed_args(raw.get("command")), raw=raw)
 
@@ -430,6 +433,29 @@ def open_state(spec: Spec, spec_path: Path, sweep_dir: Path, mode: str, resume: 
     return new_state(spec, spec_path, mode, 0 if seed is None else seed, count)
 
 
+_sweep_locks: dict[str, int] = {}  # sweep directory -> the open lock file this process holds for its lifetime
+
+
+def claim_sweep_dir(sweep_dir: Path) -> None:
+    """Create the sweep directory and take its lock (an flock on `.sweep.lock`, released when this process
+    ends), or raise ConfigError: a second runner on the same sweep (say `--resume` while it runs) would restart
+    live trials as interrupted and both would rewrite sweep.json."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if str(sweep_dir.resolve()) in _sweep_locks:
+        return
+    fd = os.open(sweep_dir / ".sweep.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"the sweep in {sweep_dir} is being run by another process (pid {holder}); wait for it "
+                          "to end (or stop it) before resuming") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _sweep_locks[str(sweep_dir.resolve())] = fd
+
+
 def save_state(state: dict[str, Any], sweep_dir: Path) -> None:
     atomic_write_json(state, sweep_dir / STATE_FILE)
 
@@ -449,7 +475,7 @@ def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, s
     trials = {t["id"]: t for t in state["trials"]}
     first = trial_params(spec, 0, state["seed"])
     check_first_trial(spec, first)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    claim_sweep_dir(sweep_dir)
     save_state(state, sweep_dir)
     done = sum(t["status"] in DONE for t in trials.values())
     print(f"sweep {spec.name}: {spec.method}, {state['count']} trials ({done} done) in {sweep_dir}", flush=True)
@@ -597,7 +623,7 @@ def run_online(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, 
         server_spec = {"program": "train.py", **spec.raw, "name": spec.name}
         sweep_id = wandb.sweep(server_spec, project=project, entity=entity)
     state.update(sweep_id=sweep_id, project=project, entity=entity)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    claim_sweep_dir(sweep_dir)
     save_state(state, sweep_dir)
     print(f"sweep {spec.name}: wandb sweep {sweep_id} (project {project}); runs in {sweep_dir}", flush=True)
     extra = [f"--wandb.project={project}"] + ([f"--wandb.entity={entity}"] if entity else [])

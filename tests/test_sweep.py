@@ -471,6 +471,36 @@ def test_interrupted_jobs_2_sweep_stops_both_trials_and_resume_restarts_them(tmp
         ("trial-003", "finished", None)]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the trial processes through /proc")
+def test_a_second_runner_on_a_running_sweep_is_refused_and_deletes_nothing(tmp_path, capsys):
+    spec, fake, marks = paired_sweep(tmp_path)
+    sweep_dir = tmp_path / "s" / "par"
+    env = {**offline_env(tmp_path), "PYTHONPATH": str(ROOT), "FAKE_MARKS": str(marks), "FAKE_WAIT": "release"}
+    args = [sys.executable, "-c", f"import sys, sweep; sweep.TRAIN = {str(fake)!r}; sys.exit(sweep.main(sys.argv[1:]))",
+            str(spec), "--mode", "local", "--out-dir", str(tmp_path / "s"), "--trial-wandb", "disabled", "--poll", "0.05"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: (marks / "started-0").exists() or proc.poll() is not None)
+        assert proc.poll() is None, proc.stdout.read()
+        before = sorted(p.relative_to(sweep_dir) for p in sweep_dir.rglob("*"))
+        assert sweep.main([str(spec), "--mode", "local", "--resume", "--out-dir", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: the sweep in {sweep_dir} is being run by another process (pid {proc.pid}); wait for "
+                       "it to end (or stop it) before resuming")
+        assert sorted(p.relative_to(sweep_dir) for p in sweep_dir.rglob("*")) == before  # the live trial is intact
+    finally:
+        (marks / "release").write_text("")  # the trials may finish
+        out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+
+
+def test_a_sweep_named_dot_dot_is_refused(tmp_path, capsys):
+    spec = write_spec(tmp_path, {**TINY, "kd.temperature": {"values": [2, 4]}}, name="..")
+    assert sweep.main([str(spec), "--mode", "local", "--out-dir", str(tmp_path / "s")]) == 2
+    assert "name '..' is not a folder name" in capsys.readouterr().err
+    assert not (tmp_path / "sweep.json").exists() and not (tmp_path / "s").exists()
+
+
 def test_jobs_below_1_or_online_is_a_one_line_error(tmp_path, capsys):
     spec = write_spec(tmp_path, {**TINY, "kd.temperature": {"values": [2, 4]}})
     assert sweep.main([str(spec), "--mode", "local", "--jobs", "0", "--out-dir", str(tmp_path / "s")]) == 2
