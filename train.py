@@ -44,7 +44,8 @@ from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules,
                      synergy_warning)
 from kd.data import SyntheticSpec, build_data, labels_in_order
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume, reseed_loader
-from kd.engine.distributed import DIST, barrier, close_distributed, distribute, init_distributed, say
+from kd.engine.distributed import (DIST, barrier, close_distributed, distribute, init_distributed, rank0_values,
+                                   say)
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.progress import RunProgress, mean_img_per_s
 from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
@@ -787,7 +788,7 @@ def fit(tr: Trainer, loaders: dict[str, Any], epochs: int, tag: str, logger: Run
         t0, epoch = time.time(), epoch_offset + e
         terms = train_epoch(tr, train_loader, epoch, f"{tag} {e}/{epochs}", ckpt, start_rng)
         start_rng, tr.epochs_done = None, e
-        val_acc, val_acc5 = evaluate_top1_top5(tr.model, loaders["val"], tr.device)
+        val_acc, val_acc5 = rank0_values(*evaluate_top1_top5(tr.model, loaders["val"], tr.device))  # ranks agree
         if val_acc > tr.best["acc"]:
             weights = {k: v.detach().to("cpu", copy=True) for k, v in tr.model.state_dict().items()}  # a copy
             tr.best = {"acc": val_acc, "epoch": e, "state": weights}

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .engine.distributed import rank0_values
 from .configs import AsmbCfg, feat_kd_map_index  # noqa: F401  (the --asmb.* group lives with the light configs)
 from .errors import ConfigError
 from .freeze import kept_modes, set_train
@@ -377,13 +378,15 @@ def zero_residual(bridge: SynergyBridge) -> None:
 
 def guard_residual(synergy: SynergyModel, loader: Iterable, stage: int, device: torch.device | str = "cpu") -> str | None:
     """--asmb.residual-guard, after phase A of `stage`: when the synergy is less accurate than the teachers'
-    ensemble on `loader` (the validation split), reset the residual to 0 and return the line saying so. Every
-    process evaluates the whole validation split, so under DDP all ranks take the same decision."""
+    ensemble on `loader` (the validation split), reset the residual to 0 and return the line saying so. Under
+    DDP every process evaluates the whole split and all take rank 0's decision (their BatchNorm statistics may
+    differ in the last bits)."""
     metrics = stage_metrics(synergy, loader, device)
-    if metrics["synergy/acc"] >= metrics["ensemble/acc"]:
+    synergy_acc, ensemble_acc = rank0_values(metrics["synergy/acc"], metrics["ensemble/acc"])  # ranks agree
+    if synergy_acc >= ensemble_acc:
         return None
     zero_residual(synergy.bridge)
-    return (f"stage {stage}: synergy val acc {metrics['synergy/acc']:.2f} < ensemble {metrics['ensemble/acc']:.2f} "
+    return (f"stage {stage}: synergy val acc {synergy_acc:.2f} < ensemble {ensemble_acc:.2f} "
             "after phase A: residual reset to 0 (synergy = ensemble)")
 
 

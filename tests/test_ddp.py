@@ -124,3 +124,40 @@ def test_crd_memory_banks_under_two_gloo_processes_equal_one_process(tmp_path):
     for k in ("memory_s", "memory_t", "z_s", "z_t"):
         torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5, msg=k)
     assert int(m1["sample_step"]) == int(m2["sample_step"]) == 6  # 216 training samples, batches of 32
+
+
+# Rank 1 sees its validation accuracy fall every epoch while rank 0's is the real one: the ranks would disagree
+# on "a new best epoch" (rank 0 alone would enter save_best's collective check and wait forever). Decisions are
+# rank 0's on every rank, so the run ends. A BatchNorm student and teacher, as most users' models are.
+SKEWED = """
+import os, sys
+import train
+train.load_runtime()
+real, calls = train.evaluate_top1_top5, []
+def skewed(model, loader, device):
+    calls.append(1)
+    top1, top5 = real(model, loader, device)
+    return (top1, top5) if os.environ["RANK"] == "0" else (100.0 - len(calls), top5)
+train.evaluate_top1_top5 = skewed
+try:
+    train.run(train.parse_config(sys.argv[1:]))
+finally:
+    train.close_distributed()
+"""
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+def test_ranks_whose_validation_numbers_differ_take_rank0s_decisions_and_finish(tmp_path):
+    args = ["--preset", "smoke", "--method", "kd", "--student.model", "resnet8", "--teachers", "resnet8",
+            "--teachers.epochs", "2", "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60",
+            "--data.synthetic-image-size", "16", "--data.batch-size", "32", "--optim.epochs", "3",
+            "--run.max-steps-per-epoch", "2", "--wandb.mode", "disabled", "--run.name", "bn",
+            "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir", str(tmp_path / "cache")]
+    script = tmp_path / "skewed.py"
+    script.write_text(SKEWED)
+    two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), *args],
+                         capture_output=True, text=True, env={**env(), "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "bn" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["phase"] == "kd"] == [1, 2, 3]
+    assert (tmp_path / "runs" / "bn" / "checkpoints" / "best.pt").is_file()

@@ -62,14 +62,29 @@ def barrier() -> None:
 
 def distribute(module: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around a phase's trained modules (the module itself with one process).
-    Unused parameters are allowed (any method, any freeze policy); buffers are not broadcast, so
-    BatchNorm statistics stay per rank (synchronised with --run.sync-bn) and rank 0's are saved."""
+    Unused parameters are allowed (any method, any freeze policy). Buffers are broadcast from rank 0 at each
+    forward (DDP's default), so BatchNorm running statistics do not drift apart between ranks (each forward
+    still normalises with its own batch's statistics unless --run.sync-bn); rank 0's are saved. They still
+    differ in the last update of an epoch, so decisions taken on them use rank0_values."""
     if not DIST.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True, broadcast_buffers=False)
+                                   find_unused_parameters=True, broadcast_buffers=True)
+
+
+def rank0_values(*values: float) -> tuple[float, ...]:
+    """Rank 0's `values` on every rank (the values themselves with one process). Every rank evaluates the
+    whole validation split with its own replica, whose BatchNorm statistics may differ from rank 0's; a
+    decision taken on such numbers (a new best epoch, ASMB's residual guard) must be the same on every rank,
+    or the ranks wait in different collectives forever."""
+    if not DIST.enabled:
+        return values
+    on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=on)
+    torch.distributed.broadcast(t, src=0)
+    return tuple(t.tolist())
 
 
 def say(msg: str) -> None:
