@@ -101,7 +101,7 @@ def test_nested_parameters_and_command_args_become_flags(tmp_path):
     sweep.check_names(spec, path)  # every name is a train.py flag
 
 
-@pytest.mark.parametrize("name", ["smoke", "baselines", "asmb_ablation", "compare_cifar", "bench_tin200", "bench_tin20_asmb"])
+@pytest.mark.parametrize("name", ["smoke", "baselines", "asmb_ablation", "compare_cifar", "bench_tin200", "bench_tin20_asmb", "bench_tin20_plateau"])
 def test_shipped_specs_name_train_flags_and_parse(name, tmp_path, monkeypatch):
     path = ROOT / "sweeps" / f"{name}.yaml"
     spec = sweep.load_spec(path)
