@@ -45,6 +45,9 @@ from kd.io import atomic_write_json
 TRAIN = Path(__file__).resolve().parent / "train.py"
 
 SEARCH_METHODS = ("grid", "random", "bayes")
+# The top-level keys of a wandb sweep configuration (docs.wandb.ai, "Sweep configuration options").
+SPEC_KEYS = ("name", "description", "program", "method", "metric", "parameters", "early_terminate", "command",
+             "project", "entity", "run_cap")
 # Flags the runner sets for every trial: a spec may not set them.
 RESERVED = ("run.out-dir", "run.name", "wandb.mode")
 DONE = ("finished", "stopped", "failed")  # trial states never re-run on --resume (running/interrupted are)
@@ -87,6 +90,11 @@ def load_spec(path: Path) -> Spec:
         raise ConfigError(f"sweep spec {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
         raise ConfigError(f"sweep spec {path} needs a `parameters:` mapping")
+    unknown = [k for k in raw if k not in SPEC_KEYS]
+    if unknown:  # a misspelt `early_terminate:` would otherwise silently run without early termination
+        close = difflib.get_close_matches(str(unknown[0]), SPEC_KEYS, n=1)
+        raise ConfigError(f"sweep spec {path}: unknown key {unknown[0]!r}"
+                          + (f"; did you mean {close[0]}?" if close else f" (keys: {', '.join(SPEC_KEYS)})"))
     method = raw.get("method")
     if method not in SEARCH_METHODS:
         raise ConfigError(f"sweep spec {path}: method must be one of {', '.join(SEARCH_METHODS)}, got {method!r}")
@@ -196,7 +204,7 @@ def check_early_terminate(et: Any, metric: dict | None, path: Path) -> None:
 
 
 def check_names(spec: Spec, spec_path: Path) -> None:
-    """A typo fails before the first trial, naming the closest flag and listing the valid ones."""
+    """A typo fails before the first trial, in one short line naming the closest flags (not all ~200)."""
     import train
 
     valid = flag_names(train.Config())  # every train.py flag in dotted dash form
@@ -205,9 +213,10 @@ def check_names(spec: Spec, spec_path: Path) -> None:
         if name in RESERVED:
             raise ConfigError(f"parameter {name!r} in {spec_path} is set by sweep.py for every trial; remove it")
         if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"unknown parameter {name!r} in {spec_path}{hint}; valid names: {', '.join(valid)}")
+            close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown parameter {name!r} in {spec_path}{hint} (python train.py --help lists "
+                              "every flag)")
 
 
 def check_first_trial(spec: Spec, params: dict[str, Any]) -> None:
