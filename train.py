@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tyro
+import yaml
 
 from kd.configs import (MULTI_TEACHER_METHODS, AsmbCfg, ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg,
                         FitNetCfg, KDCfg, PKTCfg, RKDCfg, SPCfg)
@@ -316,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+CONFIG_HELP = (" `--config PATH` starts from a run's config.json (or its run directory) or a YAML/JSON file of "
+               "config groups (`optim: {lr: 0.1}`); flags given with it override it.")
+
+
 def parse_config(argv: list[str]) -> Config:
     """Parse argv with tyro on top of the chosen preset and `--config PATH` (a saved config.json, or a run
     directory holding one). Booleans take explicit values (true/false, 1/0, yes/no in any case) so wandb
@@ -332,8 +337,9 @@ def parse_config(argv: list[str]) -> Config:
         raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     default = PRESETS[preset]()
     if config_path is not None:
-        default = load_config_json(config_path, default)
-    cfg_type, description = Config, __doc__.split("\n\n")[0]
+        yaml_file = Path(config_path).suffix.lower() in (".yaml", ".yml")
+        default = load_config_json(config_path, default, *((yaml.safe_load, "YAML") if yaml_file else ()))
+    cfg_type, description = Config, __doc__.split("\n\n")[0] + CONFIG_HELP
     if "--help" in argv or "-h" in argv:  # focused help: the common groups and the chosen method's group only
         method = pop_option(argv, "--method")[0] or default.method
         cfg_type = focused_config(Config, method, METHOD_GROUPS, lambda t: Annotated[t, tyro.conf.Suppress])

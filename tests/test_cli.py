@@ -94,6 +94,22 @@ def test_config_errors_name_the_problem(tmp_path):
         train.parse_config(["--config", str(bad)])
 
 
+def test_config_reads_yaml_and_is_in_the_help(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text("method: dkd\npreset: smoke\noptim:\n  lr: 0.2\n  milestones: [5, 8]\ndkd: {beta: 3}\n")
+    cfg = train.parse_config(["--config", str(path), "--dkd.alpha", "2"])
+    assert (cfg.method, cfg.optim.lr, cfg.optim.milestones, cfg.dkd.beta, cfg.dkd.alpha) == ("dkd", 0.2, (5, 8), 3, 2)
+    path.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not a readable YAML config"):
+        train.parse_config(["--config", str(path)])
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a YAML mapping"):
+        train.parse_config(["--config", str(path)])
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    assert "--config PATH" in " ".join(capsys.readouterr().out.split())
+
+
 def test_run_names_describe_the_run():
     when = 0.0
     assert run_name("kd", "resnet8", ("resnet32x4",), "cifar100", when).startswith("kd-resnet8-from-resnet32x4-cifar100-")

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -69,20 +69,22 @@ def pop_option(argv: Sequence[str], option: str) -> tuple[str | None, list[str]]
     return value, rest
 
 
-def load_config_json(path: str | Path, base: Any) -> Any:
+def load_config_json(path: str | Path, base: Any, parse: Callable[[str], Any] = json.loads,
+                     kind: str = "JSON") -> Any:
     """`base` (a config dataclass instance) with the values of a saved config.json (a run's, or any subset of
-    its keys) put over it; an unknown key or a missing/unreadable file is a ConfigError."""
+    its keys; a run directory means its config.json) put over it; an unknown key or a missing/unreadable file
+    is a ConfigError. `parse` reads another format of the same mapping (the caller's YAML reader, `kind`)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     try:
-        saved = json.loads(path.read_text())
+        saved = parse(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--config {path}: not a readable JSON config ({e})") from None
+    except Exception as e:  # OSError, or the parser's own error type for malformed text
+        raise ConfigError(f"--config {path}: not a readable {kind} config ({first_line(e)})") from None
     if not isinstance(saved, dict):
-        raise ConfigError(f"--config {path}: expected a JSON object of config groups")
+        raise ConfigError(f"--config {path}: expected a {kind} mapping of config groups")
     return _overlay(base, saved, f"--config {path}", "")
 
 
