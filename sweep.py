@@ -282,6 +282,11 @@ def format_value(v: Any) -> str:
     return "True" if v is True else "False" if v is False else str(v)
 
 
+def shown_value(v: Any) -> str:
+    """A value as a progress line shows it: a list as the arguments it becomes (`asmb --asmb.loss dkd`)."""
+    return " ".join(map(format_value, v)) if isinstance(v, (list, tuple)) else format_value(v)
+
+
 def trial_args(spec: Spec, params: dict[str, Any]) -> list[str]:
     """train.py arguments: `--flag=value` (as wandb agents write them); a list becomes `--flag a b`."""
     args = list(spec.fixed_args)
@@ -403,7 +408,7 @@ def describe(trial: dict[str, Any], spec: Spec) -> str:
     metric = spec.metric["name"] if spec.metric else None
     value = trial.get("metric")
     shown = f"{metric}={value:.4g}" if metric and value is not None else f"{metric}=n/a" if metric else ""
-    params = " ".join(f"{k}={format_value(trial['params'][k])}" for k in spec.swept() if k in trial["params"])
+    params = " ".join(f"{k}={shown_value(trial['params'][k])}" for k in spec.swept() if k in trial["params"])
     extra = f"  ({trial['error']})" if trial.get("error") else ""
     return f"{trial['id']:<10} {trial['status']:<8} {shown}  {params}  {trial.get('wall_s', 0):.1f}s{extra}"
 
@@ -600,7 +605,7 @@ def print_best(state: dict[str, Any], spec: Spec, sweep_dir: Path) -> None:
     if spec.metric and scored:
         pick = max if spec.metric["goal"] == "maximize" else min
         best = pick(scored, key=lambda t: t["metric"])
-        params = " ".join(f"{k}={format_value(best['params'][k])}" for k in spec.swept())
+        params = " ".join(f"{k}={shown_value(best['params'][k])}" for k in spec.swept())
         print(f"best: {best['id']} {spec.metric['name']}={best['metric']:.4g}  {params}", flush=True)
     finished = [t for t in state["trials"] if t["status"] == "finished"]
     if spec.metric and finished and not scored:  # most likely a misspelt metric name
