@@ -402,6 +402,8 @@ def _tiny_file_lists(d: Path, classes: int | list[str] | None = None
         if not line.strip():
             continue
         name, wnid = (line.split("\t") + [""])[:2]
+        if not name or name in (".", "..") or "/" in name or "\\" in name:  # never a path out of val/images
+            raise DataError(f"{annotations}:{n}: {name!r} is not a file name in {d / 'val' / 'images'}")
         if wnid not in known:
             raise DataError(f"{annotations}:{n}: class {wnid!r} is not in {d / 'wnids.txt'}")
         if wnid not in index:  # a class left out by --data.classes
@@ -413,12 +415,29 @@ def _tiny_file_lists(d: Path, classes: int | list[str] | None = None
     return wnids, train_files, train_labels, test_files, test_labels
 
 
+def rgb(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB. 16- and 32-bit integer images (PNG mode I;16 / I) keep their top 8 bits: PIL's own
+    convert("RGB") clips them at 255, which turns almost every pixel of a 16-bit image white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.int64)
+        top = wide.max(initial=0)  # mode I holds 8-, 16- or 32-bit data: scale by the range it uses
+        shift = 8 if img.mode.startswith("I;16") else 0 if top < 256 else 8 if top < 65536 else 24
+        img = Image.fromarray((np.clip(wide, 0, None) >> shift).clip(0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def rgb_loader(path: str) -> Image.Image:
+    """ImageFolder's loader: the file decoded as 8-bit RGB (rgb)."""
+    with open(path, "rb") as f, Image.open(f) as img:
+        return rgb(img)
+
+
 def _decode_images(files: list[Path]) -> Tensor:
     """Decode image files (grayscale -> RGB) into one uint8 tensor [N,3,H,W]; all must share one size."""
     def decode(path: Path) -> np.ndarray:
         try:
             with Image.open(path) as img:
-                return np.array(img.convert("RGB"))
+                return np.array(rgb(img))
         except (OSError, ValueError) as e:  # missing file or undecodable bytes
             raise DataError(f"cannot read image {path}: {first_line(e)}") from None
 
@@ -536,7 +555,7 @@ class _ClassSubsetFolder(tvd.ImageFolder):
 
     def __init__(self, root: str, classes: int | list[str] | None):
         self._selection = classes
-        super().__init__(root)
+        super().__init__(root, loader=rgb_loader)
 
     def find_classes(self, directory):
         names, _ = super().find_classes(directory)

@@ -436,3 +436,33 @@ def test_bad_class_counts_and_paths(tmp_path, classes, message):
         build_data("tiny-imagenet", str(d), cache_dir=tmp_path / "cache", classes=classes)
     with pytest.raises(ConfigError, match="imagefolder or tiny-imagenet"):
         build_data("synthetic", "", classes="2")
+
+
+def test_sixteen_bit_images_keep_their_contrast(tmp_path):
+    """PIL's convert("RGB") clips 16-bit pixels at 255 (a white image); kd keeps the top 8 bits."""
+    ramp = (np.arange(64, dtype=np.uint16) * 1024).reshape(8, 8)  # 0 .. 64,512 over the image
+    path = tmp_path / "wide.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as img:
+        out = np.asarray(kd_data.rgb(img))
+    assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[..., 0], (ramp >> 8).astype(np.uint8)) and (out[..., 0] == out[..., 2]).all()
+    assert np.array_equal(np.asarray(kd_data.rgb(Image.fromarray(ramp.astype(np.int32) // 1024))),
+                          np.repeat((ramp // 1024).astype(np.uint8)[..., None], 3, axis=2))  # 8-bit data in mode I
+    for folder in ("train/a", "train/b", "val/a", "val/b"):
+        (tmp_path / "folder" / folder).mkdir(parents=True)
+        Image.fromarray(ramp).save(tmp_path / "folder" / folder / "0.png")
+        Image.fromarray(ramp).save(tmp_path / "folder" / folder / "1.png")
+    splits = build_data("imagefolder", str(tmp_path / "folder"), val_fraction=0.5, image_size=8, aug=False)
+    image = splits.test[0][0]  # normalised: a saturated image would be one value everywhere
+    assert image.std() > 0.5
+
+
+def test_val_annotations_naming_paths_outside_the_data_are_refused(tmp_path):
+    for bad in ("/etc/passwd", "../../secret.JPEG", ".."):
+        d = _write_tiny(tmp_path / bad.replace("/", "_").replace(".", "d"))
+        lines = (d / "val" / "val_annotations.txt").read_text().splitlines()
+        lines[1] = "\t".join([bad] + lines[1].split("\t")[1:])
+        (d / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=r"val_annotations.txt:2: .* is not a file name"):
+            build_data("tiny-imagenet", str(d), cache_dir=tmp_path / "cache")
