@@ -30,7 +30,7 @@ from torchvision import datasets as tvd
 from torchvision.transforms import v2
 
 from .engine.distributed import say  # one line about long one-time work (extraction, decoding), rank 0 only
-from .errors import CheckpointError, ConfigError, DataError, first_line
+from .errors import CheckpointError, ConfigError, DataError, WriteError, first_line
 from .io import atomic_torch_save, current_umask, safe_torch_load
 from .sampler import EpochBatchSampler
 
@@ -500,7 +500,7 @@ def _load_tiny_imagenet(root: Path, cache_dir: Path, classes: int | list[str] | 
         cache = {**key, "train_images": _decode_images(train_files), "test_images": _decode_images(test_files)}
         try:
             atomic_torch_save(cache, cache_path)
-        except OSError as e:  # read-only data folder: still usable, just decoded again next time
+        except WriteError as e:  # a read-only or full cache folder: still usable, just decoded again next time
             warnings.warn(f"could not write the decoded-image cache {cache_path}: {e}")
     return (cache["train_images"], cache["train_labels"], cache["test_images"], cache["test_labels"],
             _class_names(d, wnids), wnids)

@@ -17,6 +17,10 @@ class CheckpointError(KDError):
     """A checkpoint that is corrupt or does not match the model/config it is loaded into."""
 
 
+class WriteError(KDError):
+    """A file that could not be written (disk full, read-only or missing folder); nothing half-written is left."""
+
+
 def first_line(e: BaseException, limit: int = 120) -> str:
     """The first line of an exception's message (or its type name), for one-line error reports."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

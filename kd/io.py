@@ -17,13 +17,16 @@ from typing import Any, Callable, IO
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, WriteError, first_line
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only or unreachable folder
+        raise WriteError(f"cannot write {path}: {os.strerror(e.errno) if e.errno else first_line(e)}") from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600: readable by the owner alone
         with os.fdopen(fd, "wb") as f:
@@ -31,6 +34,13 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else first_line(e)
+        if isinstance(e, RuntimeError):
+            reason = f"the write failed; is the disk full? ({reason})"
+        raise WriteError(f"cannot write {path}: {reason}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .engine.distributed import say
-from .errors import CheckpointError
+from .errors import CheckpointError, WriteError
 from .io import atomic_torch_save, safe_torch_load
 from .metrics import accuracy, gather_outputs
 from .models import KDModel, ModelOutput, check_meta, check_shapes, create_model
@@ -108,8 +109,13 @@ def teacher_lock(path: Path, wait: bool = True):
     """Hold an exclusive flock on `<path>.lock` (beside the cache file `path`) while a teacher is fine-tuned for
     it, so runs sharing a cache (a sweep's concurrent trials) fine-tune each teacher once: the others wait and
     then load it. Yields True when held, False when `wait` is False and another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
+    try:  # also the check that the cache is writable, before a teacher is fine-tuned for it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_name(path.name + ".lock"), "a")
+    except OSError as e:
+        raise WriteError(f"cannot write to the teacher cache {path.parent} (--teachers.cache-dir): "
+                         f"{os.strerror(e.errno) if e.errno else e}") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -152,3 +152,29 @@ def test_sweep_usage_errors_are_one_line_exit_2(tmp_path):
                          text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
     assert "--nope" in out.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_a_write_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a 45-line RuntimeError from its C++ writer; kd says what failed."""
+    from kd import io as kd_io
+    from kd.errors import WriteError
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(kd_io.torch, "save", full)
+    with pytest.raises(WriteError, match=r"cannot write .*last.pt: the write failed; is the disk full\?"):
+        kd_io.atomic_torch_save({"x": 1}, tmp_path / "ck" / "last.pt")
+    assert list((tmp_path / "ck").iterdir()) == []  # no temp file, no half-written checkpoint
+    monkeypatch.undo()
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        if os.access(readonly, os.W_OK):  # root ignores permissions: nothing to check here
+            return
+        with pytest.raises(WriteError, match="cannot write .*: Permission denied"):
+            kd_io.atomic_write_json({"a": 1}, readonly / "x.json")
+    finally:
+        readonly.chmod(0o700)
