@@ -563,6 +563,19 @@ class _ClassSubsetFolder(tvd.ImageFolder):
         return kept, {name: i for i, name in enumerate(kept)}
 
 
+def _check_no_folder_twice(top: Path) -> None:
+    """Refuse a folder tree that reaches one folder twice through symbolic links: ImageFolder follows links,
+    so a link to an ancestor walks forever and a link to a sibling counts its images twice (into both the
+    training and the validation split)."""
+    seen: set[str] = set()
+    for here, dirs, _ in os.walk(top, followlinks=True):
+        for folder in [here, *(os.path.join(here, d) for d in dirs)]:
+            if os.path.realpath(folder) in seen:  # an ancestor (a loop) or a folder walked before (a duplicate)
+                raise DataError(f"{folder} reaches a folder already in {top} ({os.path.realpath(folder)}) through a "
+                                "symbolic link; remove the link")
+        seen.add(os.path.realpath(here))
+
+
 def _load_imagefolder(root: Path, classes: int | list[str] | None = None
                       ) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
     folders = []
@@ -570,6 +583,7 @@ def _load_imagefolder(root: Path, classes: int | list[str] | None = None
         path = root / split
         if not path.is_dir():
             raise DataError(f"missing {path}: imagefolder expects {root}/train/<class>/* and {root}/val/<class>/*")
+        _check_no_folder_twice(path)
         try:
             folders.append(_ClassSubsetFolder(str(path), classes))
         except (FileNotFoundError, OSError) as e:

@@ -466,3 +466,20 @@ def test_val_annotations_naming_paths_outside_the_data_are_refused(tmp_path):
         (d / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
         with pytest.raises(DataError, match=r"val_annotations.txt:2: .* is not a file name"):
             build_data("tiny-imagenet", str(d), cache_dir=tmp_path / "cache")
+
+
+def test_imagefolder_links_that_reach_a_folder_twice_are_refused(tmp_path):
+    _write_imagefolder(tmp_path / "loop", per_class=(3, 1))
+    (tmp_path / "loop" / "train" / "cat" / "again").symlink_to(tmp_path / "loop" / "train")  # walks forever
+    with pytest.raises(DataError, match="cat/again reaches a folder already in .* through a symbolic link"):
+        build_data("imagefolder", str(tmp_path / "loop"))
+    _write_imagefolder(tmp_path / "twice", per_class=(3, 1))
+    (tmp_path / "twice" / "train" / "dog" / "cats").symlink_to(tmp_path / "twice" / "train" / "cat")  # duplicates
+    with pytest.raises(DataError, match="through a symbolic link"):
+        build_data("imagefolder", str(tmp_path / "twice"))
+    _write_imagefolder(tmp_path / "fine", per_class=(3, 1))
+    (tmp_path / "elsewhere" / "eel").mkdir(parents=True)
+    _write_image(tmp_path / "elsewhere" / "eel" / "9.png", size=20)
+    (tmp_path / "fine" / "train" / "eel" / "more").symlink_to(tmp_path / "elsewhere" / "eel")  # outside: fine
+    assert len(build_data("imagefolder", str(tmp_path / "fine"), val_fraction=0.3).train) + \
+        len(build_data("imagefolder", str(tmp_path / "fine"), val_fraction=0.3).val) == 10
