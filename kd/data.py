@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 
 from .engine.distributed import say  # one line about long one-time work (extraction, decoding), rank 0 only
 from .errors import CheckpointError, ConfigError, DataError, WriteError, first_line
-from .io import atomic_torch_save, current_umask, safe_torch_load
+from .io import atomic_torch_save, current_umask, remove_orphans, safe_torch_load
 from .sampler import EpochBatchSampler
 
 DATASETS = ("synthetic", "cifar100", "imagefolder", "tiny-imagenet")
@@ -328,8 +328,9 @@ def _extract_once(archive: Path, cache_dir: Path) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(target.parent, f".{target.name}.extract-")  # the half-extracted folders of killed runs
     say(f"extracting {archive} once into {target}")
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.extract-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.extract-{os.getpid()}-"))
     try:
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: the cache is shared like any folder
         if archive.name.endswith(".zip"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
@@ -24,7 +25,8 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        remove_orphans(path.parent, f".{path.name}.")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as e:  # a read-only or unreachable folder
         raise WriteError(f"cannot write {path}: {os.strerror(e.errno) if e.errno else first_line(e)}") from None
     try:
@@ -51,6 +53,29 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_orphans(folder: Path, prefix: str) -> None:
+    """Delete the temp files and folders `<prefix><pid>.*` in `folder` whose writing process has ended (killed
+    mid-write: a later write of the same target cleans up after it). Those of live processes are left alone."""
+    for entry in folder.glob(f"{glob_escape(prefix)}*"):
+        pid = entry.name[len(prefix):].split(".", 1)[0].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def current_umask() -> int:

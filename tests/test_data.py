@@ -483,3 +483,31 @@ def test_imagefolder_links_that_reach_a_folder_twice_are_refused(tmp_path):
     (tmp_path / "fine" / "train" / "eel" / "more").symlink_to(tmp_path / "elsewhere" / "eel")  # outside: fine
     assert len(build_data("imagefolder", str(tmp_path / "fine"), val_fraction=0.3).train) + \
         len(build_data("imagefolder", str(tmp_path / "fine"), val_fraction=0.3).val) == 10
+
+
+def test_the_leftovers_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    """A kill during an extraction or an atomic write leaves a temp folder/file named with the writer's pid;
+    the next extraction or write of the same target removes the ones whose process has ended."""
+    import subprocess
+    import sys
+
+    from kd.io import atomic_write_json
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    orphan, live = tmp_path / f".x.json.{ended.pid}.abcd.tmp", tmp_path / f".x.json.{os.getpid()}.efgh.tmp"
+    orphan.write_text("partial")
+    live.write_text("being written by a live process")
+    atomic_write_json({"a": 1}, tmp_path / "x.json")
+    assert not orphan.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "x.json"])
+
+    source = _write_tiny(tmp_path / "src")
+    archive = tmp_path / "tiny-fake.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(source, arcname=source.name)
+    target = kd_data._extract_once(archive, tmp_path / "cache")
+    target.rename(target.with_name("moved"))  # extract again, with a killed run's half-extracted folder beside
+    half = target.parent / f".{target.name}.extract-{ended.pid}-xyz"
+    (half / "train").mkdir(parents=True)
+    assert kd_data._extract_once(archive, tmp_path / "cache") == target and not half.exists()
