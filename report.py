@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kd.engine.records import final_metric, flatten_config, is_teacher_phase, metric_history, read_json, read_rows
-from kd.errors import ConfigError
+from kd.errors import ConfigError, WriteError
 from kd.io import atomic_write_text
 from sweep import DONE, STATE_FILE, Spec, distribution, flatten_parameters
 
@@ -722,9 +722,9 @@ def report_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         return report_main(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
+    except (ConfigError, WriteError) as e:  # bad input: 2; a folder that cannot be written: 1
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 1 if isinstance(e, WriteError) else 2
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from kd.engine.child import Child, Interrupted, raise_on_termination, signal_of
 from kd.engine.cli import flag_names
 from kd.engine.records import final_metric, is_teacher_phase, metric_history, read_json, read_rows
 from kd.engine.wandb_env import wandb_credentials_present, wandb_server_reachable
-from kd.errors import ConfigError
+from kd.errors import ConfigError, WriteError
 from kd.io import atomic_write_json
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
@@ -768,9 +768,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return report.report_main(argv[1:])
         return sweep_main(argv)
-    except ConfigError as e:
+    except (ConfigError, WriteError) as e:  # bad input: 2; a folder that cannot be written: 1
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 1 if isinstance(e, WriteError) else 2
     except (KeyboardInterrupt, Interrupted) as e:
         print("interrupted", file=sys.stderr, flush=True)
         return 128 + signal_of(e)

@@ -32,7 +32,7 @@ from kd.configs import (MULTI_TEACHER_METHODS, AsmbCfg, ATCfg, AverCfg, CAMKDCfg
 from kd.engine.cli import (bool_flags, first_message, flag_names, focused_config, load_config_json, normalize_booleans,
                            pop_option, run_name, unknown_flag_message)
 from kd.engine.rundir import check_run_dir, check_run_name, new_run_dir, prepare_run_dir, release_run_dirs
-from kd.errors import ConfigError, KDError
+from kd.errors import ConfigError, KDError, WriteError
 
 # torch, timm, tqdm and the training machinery take seconds to import: loaded by load_runtime() when a run
 # starts (or when train is imported as a library), never for --help or a bad flag.
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank fails alike on bad input
         if rank == 0 or not isinstance(e, ConfigError):
             print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr, flush=True)
-        return 3 if type(e).__name__ == "TrainingDiverged" else 2
+        return 3 if type(e).__name__ == "TrainingDiverged" else 1 if isinstance(e, WriteError) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

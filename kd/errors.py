@@ -1,8 +1,10 @@
-"""Error types for bad user input. The CLI prints their message as one line and exits with code 2."""
+"""Error types for problems the user can fix. The CLI prints their message as one line and exits with code 2
+(bad input) or 1 (WriteError: the environment)."""
 
 
 class KDError(Exception):
-    """Base class: a problem the user can fix (config, data, checkpoint), not a bug."""
+    """Base class: a problem the user can fix (config, data, checkpoint, a folder that cannot be written), not a
+    bug. The CLI exits with 2 for bad input and 1 for WriteError (the environment: disk, permissions)."""
 
 
 class ConfigError(KDError):

@@ -178,3 +178,19 @@ def test_a_full_disk_during_a_write_is_one_line_and_leaves_no_temp_file(tmp_path
             kd_io.atomic_write_json({"a": 1}, readonly / "x.json")
     finally:
         readonly.chmod(0o700)
+
+
+def test_an_unwritable_out_dir_exits_1_in_one_line(capsys, tmp_path, monkeypatch):
+    from kd.errors import WriteError
+
+    def refuse(obj, path):
+        raise WriteError(f"cannot write {path}: No space left on device")
+
+    train.load_runtime()
+    monkeypatch.setattr(train, "load_runtime", lambda: None)  # main() would re-import and undo the patch below
+    monkeypatch.setattr(train, "atomic_write_json", refuse)
+    args = ["--preset", "smoke", "--method", "ce", "--run.out-dir", str(tmp_path / "runs"), "--run.name", "x",
+            "--optim.epochs", "1", "--run.max-steps-per-epoch", "1", "--wandb.mode", "disabled"]
+    assert train.main(args) == 1  # the environment, not the input: exit 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write {tmp_path / 'runs' / 'x' / 'config.json'}: No space left on device"]
