@@ -32,7 +32,7 @@ from kd.configs import (MULTI_TEACHER_METHODS, AsmbCfg, ATCfg, AverCfg, CAMKDCfg
 from kd.engine.cli import (bool_flags, first_message, flag_names, focused_config, load_config_json, normalize_booleans,
                            pop_option, run_name, unknown_flag_message)
 from kd.engine.rundir import check_run_dir, check_run_name, new_run_dir, prepare_run_dir, release_run_dirs
-from kd.errors import ConfigError, KDError, WriteError
+from kd.errors import ConfigError, KDError, Preempted, WriteError
 
 # torch, timm, tqdm and the training machinery take seconds to import: loaded by load_runtime() when a run
 # starts (or when train is imported as a library), never for --help or a bad flag.
@@ -44,7 +44,8 @@ from tqdm import tqdm
 from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules, guard_residual, stage_metrics,
                      synergy_warning)
 from kd.data import SyntheticSpec, build_data, labels_in_order
-from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume, reseed_loader
+from kd.engine.checkpoint import (Checkpointer, check_resume_config, checkpoint_on_stop_signals, find_resume,
+                                  reseed_loader)
 from kd.engine.distributed import (DIST, barrier, close_distributed, distribute, init_distributed, rank0_values,
                                    say)
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
@@ -301,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         validate(cfg)  # bad values fail in a fraction of a second, before torch and timm load
         load_runtime()
+        checkpoint_on_stop_signals()  # SIGTERM/SIGUSR1: a checkpoint at the next step, then Preempted
         run(cfg)
+    except Preempted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{e}: checkpoint {e.path} written; continue with the same command and --run.resume "
+                  f"{e.path.parent.parent}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     except KDError as e:
         rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank fails alike on bad input
         if rank == 0 or not isinstance(e, ConfigError):

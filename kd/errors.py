@@ -23,6 +23,17 @@ class WriteError(KDError):
     """A file that could not be written (disk full, read-only or missing folder); nothing half-written is left."""
 
 
+class Preempted(Exception):
+    """A run stopped by a signal (SIGTERM, SIGUSR1) after writing a checkpoint at a step boundary: not an error;
+    the CLI exits with 128 + the signal number, and --run.resume continues the run exactly."""
+
+    def __init__(self, signum: int, step: int, phase: str, path: object):
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} ({phase})")
+        self.signum, self.step, self.phase, self.path = signum, step, phase, path
+
+
 def first_line(e: BaseException, limit: int = 120) -> str:
     """The first line of an exception's message (or its type name), for one-line error reports."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

@@ -164,6 +164,39 @@ def test_asmb_killed_in_phase_a_and_in_phase_b_and_resumed_equals_uninterrupted(
     assert_same_run(tmp, "asmb-ref", name)
 
 
+# train.py receiving SIGTERM (a scheduler's stop) during run-wide step N, delivered from inside the step so the
+# test never depends on timing: the handler only flags it; the checkpointer's call after the step acts on it.
+SIGTERM_AT_STEP = """
+import os, signal, sys
+from kd.engine.checkpoint import Checkpointer
+save = Checkpointer.save
+def signal_then_save(self, step, *args, **kwargs):
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGTERM)
+    save(self, step, *args, **kwargs)
+Checkpointer.save = signal_then_save
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_resume_equals_uninterrupted(tmp, kd_reference):
+    """Step 11 is mid-epoch and off the every-2-steps schedule: the stop writes a checkpoint there anyway."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    stopped = subprocess.run([sys.executable, "-c", SIGTERM_AT_STEP.format(step=11), *args_for(tmp, "kd-term", *KD)],
+                             capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    run_dir = tmp / "runs" / "kd-term"
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM at step 11 (kd): checkpoint {run_dir / 'checkpoints' / 'last.pt'} written; continue "
+        f"with the same command and --run.resume {run_dir}")
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["phase"] == "kd" and last["progress"]["step"] == 11
+    resumed = train_cli(tmp, "kd-term", *KD, "--run.resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp, kd_reference, "kd-term")
+
+
 def test_dataloader_path_resume_at_an_epoch_boundary(tmp, ce_reference):
     """Killed right after the epoch-1 checkpoint (step 3). The mid-epoch case of this path is covered by
     the corrupt-last test below, which resumes from the step-4 checkpoint."""

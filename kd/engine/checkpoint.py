@@ -17,13 +17,15 @@ diverged (TrainingDiverged, exit 3) even when its loss still looked finite."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, Preempted
 from ..export import save_safetensors, timm_state_dict
 from ..io import atomic_link, atomic_torch_save, safe_torch_load
 from .distributed import DIST, say
@@ -32,6 +34,34 @@ from .rng import gather_rng
 from .tracker import TrainingDiverged
 
 CKPT_FORMAT = 2  # 1: the foundation's last.pt without data position; 2: resumable at any step
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's stop and pre-emption notice (SLURM --signal)
+_stop = {"signal": 0}  # the stop signal received, 0 = none (set by the handler, read by Checkpointer.save)
+
+
+def checkpoint_on_stop_signals() -> None:
+    """Make SIGTERM and SIGUSR1 end a run at the next step boundary with a checkpoint there (Checkpointer.save
+    writes it and raises Preempted) instead of losing everything since the last one; a second signal ends the
+    process at once. Call from the main thread of the training script."""
+
+    def request_stop(signum, frame):
+        if _stop["signal"]:  # asked twice: do not wait for the step to end
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        _stop["signal"] = signum
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, request_stop)
+
+
+def stop_requested() -> int:
+    """The stop signal to act on now, 0 for none; under DDP the ranks agree (one scalar all-reduce per call),
+    since a rank that saves and stops alone would leave the others waiting in a collective."""
+    if not DIST.enabled:
+        return _stop["signal"]
+    nccl = torch.distributed.get_backend() == "nccl"
+    flag = torch.tensor([float(_stop["signal"])], device=torch.cuda.current_device() if nccl else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
 
 
 class Checkpointer:
@@ -71,23 +101,27 @@ class Checkpointer:
     def save(self, step: int, phase: str, state: Callable[[], dict[str, Any]], *, epoch_end: bool = False) -> None:
         """Called by every process after every step (epoch_end False) and at every epoch end: writes a step
         checkpoint of `phase` holding state() (which must contain "progress") at epoch ends and every
-        `every_steps` steps, points last.pt at it, and deletes step checkpoints beyond `keep_last`."""
-        if self.dir is None or not (epoch_end or (self.every and step % self.every == 0)):
+        `every_steps` steps, points last.pt at it, and deletes step checkpoints beyond `keep_last`. After a stop
+        signal (checkpoint_on_stop_signals) it writes one whatever the step and raises Preempted."""
+        stop = stop_requested() if self.dir is not None else 0
+        if self.dir is None or not (stop or epoch_end or (self.every and step % self.every == 0)):
             return
         payload = state()  # before the collective: it may raise (a diverged run is never checkpointed)
         check_finite(payload, f"at step {step} ({phase})")
         rng = gather_rng()
-        if not DIST.main:
-            return
-        payload = {**payload, "format": CKPT_FORMAT, "phase": phase, "progress": {**payload["progress"], "step": step},
-                   "rng": rng, "rows": list(self.logger.rows) if self.logger else [],
-                   "wandb_id": self.logger.wandb_id if self.logger else None, "world_size": DIST.world_size,
-                   "config": self.config}
-        path = self.dir / f"step-{step:09d}.pt"
-        atomic_torch_save(payload, path)
-        atomic_link(path, self.dir / "last.pt")
-        for old in sorted(self.dir.glob("step-*.pt"))[:-self.keep_last]:
-            old.unlink(missing_ok=True)
+        if DIST.main:
+            payload = {**payload, "format": CKPT_FORMAT, "phase": phase,
+                       "progress": {**payload["progress"], "step": step}, "rng": rng,
+                       "rows": list(self.logger.rows) if self.logger else [],
+                       "wandb_id": self.logger.wandb_id if self.logger else None, "world_size": DIST.world_size,
+                       "config": self.config}
+            path = self.dir / f"step-{step:09d}.pt"
+            atomic_torch_save(payload, path)
+            atomic_link(path, self.dir / "last.pt")
+            for old in sorted(self.dir.glob("step-*.pt"))[:-self.keep_last]:
+                old.unlink(missing_ok=True)
+        if stop:
+            raise Preempted(stop, step, phase, self.dir / "last.pt")
 
     def save_best(self, meta: dict[str, Any], model_state: dict[str, Tensor], val_acc: float, epoch: int) -> None:
         if self.dir is not None:
