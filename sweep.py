@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import fcntl
 import hashlib
 import itertools
 import json
@@ -40,7 +39,7 @@ from kd.engine.cli import flag_names
 from kd.engine.records import final_metric, is_teacher_phase, metric_history, read_json, read_rows
 from kd.engine.wandb_env import wandb_credentials_present, wandb_server_reachable
 from kd.errors import ConfigError, WriteError
-from kd.io import atomic_write_json
+from kd.io import atomic_write_json, lock_or_holder
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 
@@ -457,14 +456,10 @@ def claim_sweep_dir(sweep_dir: Path) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if str(sweep_dir.resolve()) in _sweep_locks:
         return
-    fd = os.open(sweep_dir / ".sweep.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
+    fd, holder = lock_or_holder(sweep_dir / ".sweep.lock")
+    if fd is None:
         raise ConfigError(f"the sweep in {sweep_dir} is being run by another process (pid {holder}); wait for it "
-                          "to end (or stop it) before resuming") from None
+                          "to end (or stop it) before resuming")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _sweep_locks[str(sweep_dir.resolve())] = fd

@@ -11,12 +11,12 @@ when prepare_run_dir() creates the directory; the kernel drops it when the proce
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from pathlib import Path, PurePath
 
 from ..errors import ConfigError
+from ..io import lock_or_holder
 
 MARKER = ".kd-run"
 _held: dict[str, int] = {}  # resolved run directory -> open descriptor of its locked marker (this process)
@@ -75,16 +75,12 @@ def claim_run_dir(run_dir: Path, *, create: bool = True) -> None:
     if key in _held:
         return
     try:
-        fd = os.open(run_dir / MARKER, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+        fd, holder = lock_or_holder(run_dir / MARKER, create)
     except OSError as e:
         raise ConfigError(f"cannot open {run_dir / MARKER}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
+    if fd is None:
         raise ConfigError(f"run directory {run_dir} is in use by another run (pid {holder}); wait for it to end "
-                          "or choose another --run.name") from None
+                          "or choose another --run.name")
     _held[key] = fd
 
 
