@@ -52,7 +52,7 @@ from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.progress import RunProgress, mean_img_per_s
 from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
-from kd.engine.runlog import RunLogger, format_summary
+from kd.engine.runlog import RunLogger, copy_console_to, format_summary, stop_console_copy
 from kd.engine.tracker import LossTracker
 from kd.engine.trainer import StepClock, StudentStep, Trainer
 from kd.engine.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb_keys, wandb_server_reachable
@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        if "stop_console_copy" in globals():  # the runtime was loaded
+            stop_console_copy()
         release_run_dirs()
         if "close_distributed" in globals():  # the runtime was loaded
             close_distributed()
@@ -480,6 +482,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if DIST.main:
         prepare_run_dir(run_dir, overwrite=cfg.run.overwrite, fresh=not cfg.run.resume and not cfg.run.overwrite)
         atomic_write_json(dataclasses.asdict(cfg), run_dir / "config.json")
+        copy_console_to(run_dir / "train.log")  # what the run prints, kept beside its records
     barrier()
     wandb_run = start_wandb(cfg, run_dir, resume)
     sink = None if wandb_run is None else (lambda row: wandb_run.log(wandb_keys(row, cfg.teachers.models)))
@@ -520,6 +523,7 @@ def run(cfg: Config) -> dict[str, Any]:
     logger.write_summary(summary)
     finish_wandb(wandb_run, summary, run_dir)
     say(format_summary(summary))
+    stop_console_copy()
     return summary
 
 

@@ -143,3 +143,18 @@ def test_student_numbers_do_not_depend_on_whether_stage0_ran_in_the_same_process
     a, b = (torch.load(tmp_path / "runs" / n / "checkpoints" / "last.pt", weights_only=True)["model"]
             for n in ("first", "second"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_console_is_kept_in_train_log_and_the_run_ends_with_a_summary_in_words(tmp_path, capsys):
+    args = ["--preset", "smoke", "--method", "kd", "--data.synthetic-train-size", "200", "--data.synthetic-test-size",
+            "40", "--data.synthetic-image-size", "16", "--data.batch-size", "16", "--optim.epochs", "1",
+            "--teachers.epochs", "1", "--run.max-steps-per-epoch", "2", "--student.model", "resnet8",
+            "--teachers.models", "resnet8", "--wandb.mode", "disabled", "--run.out-dir", str(tmp_path / "runs"),
+            "--run.name", "r", "--teachers.cache-dir", str(tmp_path / "cache")]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    log = (tmp_path / "runs" / "r" / "train.log").read_text()
+    assert "[kd] epoch 1/1" in log and "results" in log and log.strip() in out.replace("\r", "")
+    words = out[out.index("summary\n"):out.index("results")]
+    assert "teachers (test): resnet8 " in words and "student (test): " in words and "selected on validation" in words
+    assert f"files: {tmp_path / 'runs' / 'r'}/" in words

@@ -1,12 +1,14 @@
 """The run's records on disk: one row per epoch in metrics.jsonl (rewritten atomically, so readers such as
-sweep.py's early termination always see whole rows) and summary.json at the end. Rank 0 writes; other
-ranks keep the rows in memory. An optional `sink` (train.py's wandb run) receives every row too."""
+sweep.py's early termination always see whole rows), summary.json at the end and train.log, a copy of what the
+run printed. Rank 0 writes; other ranks keep the rows in memory. An optional `sink` (train.py's wandb run)
+receives every row too."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from ..io import atomic_write_json, atomic_write_text
 from .distributed import DIST
@@ -37,7 +39,70 @@ class RunLogger:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The end-of-run table: one `key  value` line per summary entry, floats to 2 decimals."""
+    """The end of a run: a few sentences a person reads (teachers, their ensemble, the synergy, the student,
+    where the files are), then one `key  value` line per summary entry, floats to 2 decimals."""
     width = max(len(k) for k in summary)
-    return "\nresults\n" + "\n".join(f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
-                                      for k, v in summary.items())
+    return "\n" + "\n".join(in_words(summary)) + "\n\nresults\n" + "\n".join(
+        f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in summary.items())
+
+
+def in_words(s: dict[str, Any]) -> list[str]:
+    """The summary in short lines (test accuracies, %); only what the run has."""
+    teachers = [(k.split("/")[1], v) for k, v in s.items() if k.startswith("teacher/") and k.endswith("/test_acc")]
+    lines = []
+    if teachers:
+        ensemble = f"; their ensemble {s['ensemble/test_acc']:.2f}" if "ensemble/test_acc" in s else ""
+        lines.append("teachers (test): " + ", ".join(f"{a} {v:.2f}" for a, v in teachers) + ensemble)
+    if "synergy/test_acc" in s:
+        guard = f"; residual guard fired {s['asmb/guard_fired']} time(s)" if "asmb/guard_fired" in s else ""
+        lines.append(f"synergy (test): {s['synergy/test_acc']:.2f} (adapted teachers' ensemble "
+                     f"{s['adapted_ensemble/test_acc']:.2f}{guard})")
+    if "best/test_acc" in s:
+        lines.append(f"student (test): {s['best/test_acc']:.2f} selected on validation (epoch {s.get('best/epoch')}), "
+                     f"{s['last/test_acc']:.2f} at the last epoch")
+    if "run_dir" in s:
+        lines.append(f"files: {s['run_dir']}/ (summary.json, metrics.jsonl, train.log, checkpoints/)")
+    return ["summary"] + [f"  {line}" for line in lines]
+
+
+class _Copy:
+    """A text stream that also writes to `log` (a progress bar's carriage-return redraws excepted)."""
+
+    def __init__(self, stream: IO[str], log: IO[str]):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        if "\r" not in text:
+            self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: the terminal's
+        return getattr(self.stream, name)
+
+
+_console: dict[str, Any] = {}
+
+
+def copy_console_to(path: Path) -> None:
+    """From now on, append everything printed to stdout and stderr to `path` as well (rank 0's train.log);
+    stop_console_copy() ends it. Starting again first ends the previous copy."""
+    stop_console_copy()
+    log = open(path, "a", buffering=1)
+    copies = _Copy(sys.stdout, log), _Copy(sys.stderr, log)
+    _console.update(log=log, streams=(sys.stdout, sys.stderr), copies=copies)
+    sys.stdout, sys.stderr = copies
+
+
+def stop_console_copy() -> None:
+    """End the copy; streams someone replaced since (a test's capture) are left as they are."""
+    if _console:
+        if sys.stdout is _console["copies"][0]:
+            sys.stdout = _console["streams"][0]
+        if sys.stderr is _console["copies"][1]:
+            sys.stderr = _console["streams"][1]
+        _console.pop("log").close()
+        _console.clear()
