@@ -62,16 +62,16 @@ def barrier() -> None:
 
 def distribute(module: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around a phase's trained modules (the module itself with one process).
-    Unused parameters are allowed (any method, any freeze policy). Buffers are broadcast from rank 0 at each
-    forward (DDP's default), so BatchNorm running statistics do not drift apart between ranks (each forward
-    still normalises with its own batch's statistics unless --run.sync-bn); rank 0's are saved. They still
-    differ in the last update of an epoch, so decisions taken on them use rank0_values."""
+    Unused parameters are allowed (any method, any freeze policy). Buffers are not broadcast (broadcasting
+    them at every forward would also send the method's buffers, e.g. CRD's memory banks, tens of MB a step),
+    so BatchNorm running statistics stay per rank (synchronised with --run.sync-bn): rank 0's are saved, and
+    every decision taken on validation numbers is rank 0's (rank0_values), so the ranks never disagree."""
     if not DIST.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True, broadcast_buffers=True)
+                                   find_unused_parameters=True, broadcast_buffers=False)
 
 
 def rank0_values(*values: float) -> tuple[float, ...]:
