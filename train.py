@@ -391,6 +391,8 @@ def validate(cfg: Config) -> None:
     check(cfg.run.seed < 2 ** 32, f"--run.seed must be in [0, 2**32), got {cfg.run.seed}")
     check(max(cfg.data.image_size, cfg.teachers.image_size, cfg.data.synthetic_image_size) <= 1024,
           "--data.image-size, --teachers.image-size and --data.synthetic-image-size must be <= 1024")
+    for flag, size in (("data.image-size", cfg.data.image_size), ("teachers.image-size", cfg.teachers.image_size)):
+        check(size == 0 or size >= 8, f"--{flag} {size} is too small for any model here (0 = native, else >= 8)")
     check_run_name(cfg.run.name)
     check(cfg.optim.label_smoothing < 1 and cfg.teachers.label_smoothing < 1, "label smoothing must be < 1")
     check(all(m > 0 for m in cfg.optim.milestones), "--optim.milestones must be positive epochs")

@@ -18,14 +18,20 @@ from .errors import ConfigError
 MULTI_TEACHER_METHODS = ("aver", "camkd", "ebkd")
 
 
+MIN_TEMPERATURE = 1e-3
+
+
 class TemperatureChecked:
     """Range check of a method group with a softmax `temperature` field: --<group>.temperature must be > 0 (the
     group is the class name without "Cfg", lower-cased)."""
 
     def check(self) -> None:
+        group = type(self).__name__.removesuffix("Cfg").lower()
         if self.temperature <= 0:
-            group = type(self).__name__.removesuffix("Cfg").lower()
             raise ConfigError(f"--{group}.temperature must be > 0, got {self.temperature}")
+        if self.temperature < MIN_TEMPERATURE:  # T^2 scales the KL: below this it vanishes in float32
+            raise ConfigError(f"--{group}.temperature {self.temperature} is below {MIN_TEMPERATURE}: the T^2 "
+                              "factor would turn distillation off")
 
 
 @dataclass

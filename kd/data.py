@@ -135,6 +135,16 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Te
     return grouped[~is_val].sort().values, grouped[is_val].sort().values
 
 
+def validation_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """stratified_split of the training labels, refusing an empty validation split (every class a single image:
+    nothing could select a model, and the run would fail after its first epoch)."""
+    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    if len(val_idx) == 0:
+        raise DataError(f"the validation split is empty: each of the {int(labels.max()) + 1} classes has a single "
+                        "training image, and a class needs 2 to give one to validation")
+    return train_idx, val_idx
+
+
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int = 0, seed: int = 0,
                 drop_last: bool | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Training: reshuffled every epoch from a seeded generator, incomplete last batch dropped (fixed shapes
@@ -645,7 +655,7 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
         num_classes, size = len(train_folder.classes), image_size or 224
         labels = torch.tensor(train_folder.targets).long()
         _check_labels(labels, num_classes, "train", every_class=True)
-        train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+        train_idx, val_idx = validation_split(labels, val_fraction, seed)
         eval_tf = _file_transform(size, IMAGENET_MEAN, IMAGENET_STD, augment=False)
         return DataSplits(
             train=FileSubset(train_folder, train_idx,
@@ -670,7 +680,7 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
     num_classes, native = len(class_names), images.shape[-1]
     _check_labels(labels, num_classes, "train", every_class=True)
     _check_labels(test_labels, num_classes, "test", every_class=False)
-    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    train_idx, val_idx = validation_split(labels, val_fraction, seed)
     size = image_size or native
     eval_tf = _tensor_transform(native, size, mean, std, augment=False)
     train_images, train_labels = images[train_idx], labels[train_idx]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -157,8 +158,21 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write `obj` as indented JSON to `path` atomically."""
-    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
+    """Write `obj` as indented, strict JSON to `path` atomically: NaN and infinities become null (bare NaN is
+    not JSON; other readers refuse the file)."""
+    atomic_write_text(json.dumps(finite_or_none(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+                      + "\n", path)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with every non-finite float (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -194,3 +194,30 @@ def test_an_unwritable_out_dir_exits_1_in_one_line(capsys, tmp_path, monkeypatch
     assert train.main(args) == 1  # the environment, not the input: exit 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: cannot write {tmp_path / 'runs' / 'x' / 'config.json'}: No space left on device"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run.sync-bn", "True"], "--run.sync-bn True synchronises BatchNorm across torchrun processes"),
+    (["--kd.temperature", "1e-30"], "the T^2 factor would turn distillation off"),
+    (["--data.image-size", "1"], "--data.image-size 1 is too small"),
+])
+def test_degenerate_settings_are_refused_up_front(capsys, tmp_path, args, message):
+    base = ["--preset", "smoke", "--method", "kd", "--run.out-dir", str(tmp_path / "runs"), "--wandb.mode", "disabled"]
+    assert train.main([*base, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_empty_validation_split_and_nan_in_a_summary(tmp_path):
+    import json
+    import math
+
+    from kd.data import validation_split
+    from kd.errors import DataError
+    from kd.io import atomic_write_json
+
+    with pytest.raises(DataError, match="the validation split is empty: each of the 3 classes has a single"):
+        validation_split(torch.tensor([0, 1, 2]), 0.1, 0)
+    atomic_write_json({"best/val_acc": math.nan, "rows": [math.inf, 1.5]}, tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text()) == {"best/val_acc": None, "rows": [None, 1.5]}  # strict JSON

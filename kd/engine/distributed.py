@@ -35,6 +35,9 @@ def init_distributed(global_batch_size: int, use_cuda: bool, sync_bn: bool) -> N
     """Join the process group when torchrun started several processes (WORLD_SIZE > 1); bad settings are a
     ConfigError before joining."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and sync_bn:
+        raise ConfigError("--run.sync-bn True synchronises BatchNorm across torchrun processes; this run has one "
+                          "(start it with torchrun --nproc_per_node N, or drop the flag)")
     if world <= 1 or torch.distributed.is_initialized():
         return
     DIST.rank, DIST.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
