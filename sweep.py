@@ -84,7 +84,9 @@ def load_spec(path: Path) -> Spec:
     if not path.is_file():
         raise ConfigError(f"sweep spec {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        from train import load_yaml  # light: train.py loads torch only when a run starts
+
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"sweep spec {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:

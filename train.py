@@ -326,6 +326,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a few lines of nested aliases expand to gigabytes (a "billion laughs"),
+    and no config or sweep spec needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases (*{self.peek_event().anchor}) are not allowed here")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str):
+    """yaml.safe_load without aliases (config files and sweep specs)."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
 CONFIG_HELP = (" `--config PATH` starts from a run's config.json (or its run directory) or a YAML/JSON file of "
                "config groups (`optim: {lr: 0.1}`); flags given with it override it.")
 
@@ -347,7 +362,7 @@ def parse_config(argv: list[str]) -> Config:
     default = PRESETS[preset]()
     if config_path is not None:
         yaml_file = Path(config_path).suffix.lower() in (".yaml", ".yml")
-        default = load_config_json(config_path, default, *((yaml.safe_load, "YAML") if yaml_file else ()))
+        default = load_config_json(config_path, default, *((load_yaml, "YAML") if yaml_file else ()))
     cfg_type, description = Config, __doc__.split("\n\n")[0] + CONFIG_HELP
     if "--help" in argv or "-h" in argv:  # focused help: the common groups and the chosen method's group only
         method = pop_option(argv, "--method")[0] or default.method

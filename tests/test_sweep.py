@@ -750,3 +750,16 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert train.resolve_wandb_mode("auto") == "offline"
     assert train.resolve_wandb_mode("disabled") == "disabled"  # an explicit mode wins
+
+
+def test_yaml_aliases_are_refused_in_specs_and_configs(tmp_path, capsys):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nparameters: {kd.temperature: {value: *b}}\n"
+    (tmp_path / "bomb.yaml").write_text("name: bomb\nmethod: grid\n" + bomb)
+    assert sweep.main([str(tmp_path / "bomb.yaml"), "--mode", "local", "--out-dir", str(tmp_path / "s")]) == 2
+    assert "aliases (*a) are not allowed here" in capsys.readouterr().err
+    import train
+    from kd.errors import ConfigError
+
+    (tmp_path / "cfg.yaml").write_text(bomb)
+    with pytest.raises(ConfigError, match="aliases"):
+        train.parse_config(["--config", str(tmp_path / "cfg.yaml")])
