@@ -46,16 +46,21 @@ def gather_outputs(forward: Callable[[Tensor], dict[str, Tensor]], loader: Itera
     return {name: torch.cat(values) for name, values in chunks.items()}, torch.cat(labels)
 
 
+def percent(hits: Tensor) -> float:
+    """100 * (true entries) / (entries) of a bool tensor, from integer counts: 55.0, not float32's 55.000001."""
+    return 100.0 * int(hits.sum()) / max(hits.numel(), 1)
+
+
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy in percent. logits [N, C], labels [N] class indices."""
-    return (logits.argmax(dim=1) == labels).float().mean().item() * 100.0
+    return percent(logits.argmax(dim=1) == labels)
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 5) -> float:
     """Top-k accuracy in percent: the label is among the k highest logits (k capped at the number of classes).
     logits [N, C], labels [N] class indices."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels[:, None]).any(dim=1).float().mean().item() * 100.0
+    return percent((top == labels[:, None]).any(dim=1))
 
 
 @torch.no_grad()
@@ -87,4 +92,4 @@ def disagreement_rate(logits_a: Tensor, logits_b: Tensor, targets: Tensor,
         hit = (pred_a != targets) & (pred_b != targets)
     else:
         raise ValueError(f"unknown disagreement mode {mode!r} (expected 'pred' or 'both_wrong')")
-    return hit.float().mean().item() * 100.0
+    return percent(hit)
