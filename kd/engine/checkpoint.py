@@ -35,6 +35,7 @@ from .tracker import TrainingDiverged
 
 CKPT_FORMAT = 2  # 1: the foundation's last.pt without data position; 2: resumable at any step
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's stop and pre-emption notice (SLURM --signal)
+STOP_POLL_STEPS = 20  # under DDP: how often the ranks agree on a stop (a scalar all-reduce and a host sync)
 _stop = {"signal": 0}  # the stop signal received, 0 = none (set by the handler, read by Checkpointer.save)
 
 
@@ -54,8 +55,9 @@ def checkpoint_on_stop_signals() -> None:
 
 
 def stop_requested() -> int:
-    """The stop signal to act on now, 0 for none; under DDP the ranks agree (one scalar all-reduce per call),
-    since a rank that saves and stops alone would leave the others waiting in a collective."""
+    """The stop signal to act on now, 0 for none; under DDP the ranks agree (one scalar all-reduce per call,
+    so Checkpointer.save asks every STOP_POLL_STEPS steps), since a rank that saves and stops alone would leave
+    the others waiting in a collective."""
     if not DIST.enabled:
         return _stop["signal"]
     nccl = torch.distributed.get_backend() == "nccl"
@@ -103,7 +105,9 @@ class Checkpointer:
         checkpoint of `phase` holding state() (which must contain "progress") at epoch ends and every
         `every_steps` steps, points last.pt at it, and deletes step checkpoints beyond `keep_last`. After a stop
         signal (checkpoint_on_stop_signals) it writes one whatever the step and raises Preempted."""
-        stop = stop_requested() if self.dir is not None else 0
+        # under DDP the ranks agree on a stop by a collective: every STOP_POLL_STEPS steps, not in every step
+        polled = not DIST.enabled or epoch_end or step % STOP_POLL_STEPS == 0
+        stop = stop_requested() if self.dir is not None and polled else 0
         if self.dir is None or not (stop or epoch_end or (self.every and step % self.every == 0)):
             return
         payload = state()  # before the collective: it may raise (a diverged run is never checkpointed)
