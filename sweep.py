@@ -36,10 +36,11 @@ import yaml
 
 from kd.engine.child import Child, Interrupted, raise_on_termination, signal_of
 from kd.engine.cli import flag_names
+from kd.engine.rundir import lock_or_holder
 from kd.engine.records import final_metric, is_teacher_phase, metric_history, read_json, read_rows
 from kd.engine.wandb_env import wandb_credentials_present, wandb_server_reachable
 from kd.errors import ConfigError, WriteError
-from kd.io import atomic_write_json, lock_or_holder
+from kd.io import atomic_write_json
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 

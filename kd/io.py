@@ -8,7 +8,6 @@ stay ordinary torch checkpoints."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -78,20 +77,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
-
-
-def lock_or_holder(path: Path, create: bool = True) -> tuple[int | None, str]:
-    """Take an exclusive flock on `path` (created when `create`), held until this process ends or closes the
-    descriptor: (descriptor, "") when taken, (None, what the holder wrote into the file, "?" when nothing)
-    when another process holds it. Raises OSError when the file cannot be opened."""
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        return None, holder
-    return fd, ""
 
 
 def current_umask() -> int:

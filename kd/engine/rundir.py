@@ -11,12 +11,12 @@ when prepare_run_dir() creates the directory; the kernel drops it when the proce
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path, PurePath
 
 from ..errors import ConfigError
-from ..io import lock_or_holder
 
 MARKER = ".kd-run"
 _held: dict[str, int] = {}  # resolved run directory -> open descriptor of its locked marker (this process)
@@ -64,6 +64,20 @@ def check_deletable(run_dir: Path) -> None:
     if not (run_dir / MARKER).is_file():
         raise ConfigError(f"--run.overwrite refuses to delete {run_dir}: it is not a kd run directory (no "
                           f"{MARKER} marker); remove it yourself or choose another --run.name")
+
+
+def lock_or_holder(path: Path, create: bool = True) -> tuple[int | None, str]:
+    """Take an exclusive flock on `path` (created when `create`), held until this process ends or closes the
+    descriptor: (descriptor, "") when taken, (None, what the holder wrote into the file, "?" when nothing)
+    when another process holds it. Raises OSError when the file cannot be opened."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        return None, holder
+    return fd, ""
 
 
 def claim_run_dir(run_dir: Path, *, create: bool = True) -> None:
