@@ -263,9 +263,9 @@ class AsmbDistill(Method):
             self.bridge, bridge_state(self.bridge), s.feature, [t.feature for t in inp.teachers],
             [t.logits for t in inp.teachers], s.logits, inp.target, temperature, phase="B",
             hybrid_beta=self.hybrid_beta, feat_pred=feat_pred, feat_kd_norm=self.cfg.feat_kd_norm,
-            latent_pred=latent_pred, query_grad=self.cfg.synergy_grad_to_student)  # fmt: skip
+            latent_pred=latent_pred, query_grad=self.cfg.synergy_grad_to_student,
+            kd_term=self.cfg.loss == "kd")  # fmt: skip
         if self.cfg.loss == "dkd":  # the synergy as DKD's teacher instead of KD's
-            del terms["kd"]
             hard = inp.target if inp.target.ndim == 1 else inp.target.argmax(dim=1)
             target = z_syn if self.cfg.synergy_grad_to_student else z_syn.detach()
             terms["dkd"] = dkd_loss(s.logits, target, hard, self.cfg.dkd_alpha, self.cfg.dkd_beta, temperature)

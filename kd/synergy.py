@@ -80,6 +80,7 @@ def synergy_losses(
     feat_kd_norm: str = "none",
     latent_pred: Tensor | None = None,
     query_grad: bool = False,
+    kd_term: bool = True,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Synergy logits and the unweighted loss terms of one phase. Returns (z_syn [B, C], h [B, D_out], terms).
 
@@ -96,6 +97,7 @@ def synergy_losses(
     logits when hybrid_beta is set); `feat_kd` = MSE(feat_pred, h) when feat_pred is given (optionally
     L2-normalised); `latent` = MSE(latent_pred, mu) when latent_pred is given (IB-KD).
     All reductions are batch means.
+    kd_term (phase B): compute `kd`; off when the caller distils z_syn with another loss.
     query_grad (phase B only, off by default): keep the query attached and the phase-B targets
     (z_syn, h, mu) undetached, so gradient also reaches the student through its query.
     """
@@ -121,8 +123,9 @@ def synergy_losses(
         param_names = {n for n, _ in bridge.named_parameters()}
         terms["mbm_l2"] = sum(v.pow(2).sum() for n, v in params.items() if n in param_names)
     else:
-        t_mean = ensemble_logits(teacher_logits) if hybrid_beta is not None else None
-        terms["kd"] = hybrid_kd(logits_student, z_syn, t_mean, temperature, hybrid_beta, not keep_query)
+        if kd_term:  # off when the caller distils z_syn with another loss (ASMB's --asmb.loss dkd)
+            t_mean = ensemble_logits(teacher_logits) if hybrid_beta is not None else None
+            terms["kd"] = hybrid_kd(logits_student, z_syn, t_mean, temperature, hybrid_beta, not keep_query)
         if feat_pred is not None:
             terms["feat_kd"] = feature_mse(feat_pred, out.h if keep_query else out.h.detach(), feat_kd_norm)
         if latent_pred is not None:
