@@ -109,10 +109,14 @@ def format_cell(v: Any) -> str:
 
 
 def table_keys(runs: list[Run]) -> list[str]:
-    """Summary columns: test/val accuracy, teacher and synergy accuracy, images/s, wall time (those present)."""
+    """Summary columns: test/val accuracy, teacher, ensemble (ASMB: adapted ensemble) and synergy accuracy, how
+    often ASMB's residual guard fired, images/s, wall time (those present)."""
     present = {k for r in runs if r.summary for k, v in r.summary.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    extra = sorted(k for k in present if k.startswith("teacher/")) + sorted(k for k in present if "synergy" in k)
+    fused = [k for k in ("ensemble/test_acc", "adapted_ensemble/test_acc", "synergy/test_acc") if k in present]
+    extra = (sorted(k for k in present if k.startswith("teacher/")) + fused
+             + sorted(k for k in present if "synergy" in k and k not in fused)
+             + [k for k in ("asmb/guard_fired",) if k in present])
     speed = sorted(k for k in present if "images" in k or "img" in k or "throughput" in k)
     keys = [k for k in MAIN_KEYS if k in present] + extra + speed
     keys += ["wall_time_s"] if "wall_time_s" in present else []
@@ -277,7 +281,24 @@ def make_plots(groups: list[tuple[str, list[Run]]], sweeps: list[SweepInfo], out
     except ImportError:
         return [], "plots skipped: matplotlib is not installed (pip install -e .[report])"
     written = []
+    fig = curves_figure(plt, groups)
+    if fig.axes[0].lines:
+        fig.savefig(out / "curves.png", dpi=120, bbox_inches="tight")
+        written.append(out / "curves.png")
+    plt.close(fig)
+    for sweep in sweeps:
+        path = plot_sweep(plt, sweep, out)
+        if path is not None:
+            written.append(path)
+    return written, ""
+
+
+def curves_figure(plt, groups: list[tuple[str, list[Run]]]):
+    """val/acc per epoch, one line per setting (band = ± std over seeds, only with n >= 2). The epoch is the
+    student's for single-phase methods and ASMB's global epoch (phase A and B counted) for ASMB runs."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    asmb = any(run.method == "asmb" for _, members in groups for run in members)
+    others = any(run.method != "asmb" for _, members in groups for run in members)
     for label, members in groups:
         curves = [val_acc_by_epoch(run.rows) for run in members]
         curves = [c for c in curves if c]
@@ -289,19 +310,13 @@ def make_plots(groups: list[tuple[str, list[Run]]], sweeps: list[SweepInfo], out
         if len(curves) > 1:
             ax.fill_between(x, arr.mean(0) - arr.std(0, ddof=1), arr.mean(0) + arr.std(0, ddof=1), alpha=0.2)
     if ax.lines:
-        ax.set(xlabel="epoch (global: ASMB counts phase A and B)", ylabel="val/acc (%)",
-               title="Validation accuracy per epoch")
+        xlabel = ("epoch (ASMB: global, phase A and B counted)" if asmb and others
+                  else "epoch (global: phase A and B counted)" if asmb else "epoch")
+        ax.set(xlabel=xlabel, ylabel="val/acc (%)", title="Validation accuracy per epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
         ax.grid(alpha=0.3)
-        fig.savefig(out / "curves.png", dpi=120, bbox_inches="tight")
-        written.append(out / "curves.png")
-    plt.close(fig)
-    for sweep in sweeps:
-        path = plot_sweep(plt, sweep, out)
-        if path is not None:
-            written.append(path)
-    return written, ""
+    return fig
 
 
 def val_acc_by_epoch(rows: list[dict[str, Any]]) -> dict[int, float]:
@@ -526,14 +541,27 @@ def plot_comparison(rows: list[Compared], out: Path) -> Path | None:
     plt = pyplot()
     if plt is None:
         return None
+    fig = comparison_figure(plt, rows)
+    path = out / "comparison.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def comparison_figure(plt, rows: list[Compared]):
+    """The bar chart of plot_comparison; error bars (± std) only on settings with n >= 2 (one seed has none)."""
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 2), 4.2))
     for offset, key, hatch, name in ((-0.2, "best/test_acc", None, "selected"), (0.2, "last/test_acc", "//", "last")):
         means = [r.stats[key][0] if r.stats[key][0] is not None else np.nan for r in rows]
-        stds = [r.stats[key][1] or 0.0 for r in rows]
         colors = [FAMILY_COLORS[family_of(r.method)] for r in rows]
-        bars = ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3, color=colors, hatch=hatch,
+        bars = ax.bar(x + offset, means, 0.4, color=colors, hatch=hatch,
                       alpha=1.0 if hatch is None else 0.55, edgecolor="black", linewidth=0.5, label=name)
+        spread = [(xi + offset, m, r.stats[key][1]) for xi, m, r in zip(x, means, rows)
+                  if r.n >= 2 and r.stats[key][1] is not None]
+        if spread:
+            xs, ms, ss = zip(*spread)
+            ax.errorbar(xs, ms, yerr=ss, fmt="none", ecolor="black", elinewidth=0.8, capsize=3)
         if hatch is None:
             ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=7)
     ce = next((r for r in rows if r.method == "ce"), None)
@@ -543,13 +571,11 @@ def plot_comparison(rows: list[Compared], out: Path) -> Path | None:
                      if r.stats[k][0] is not None])
     ax.set_ylim(max(0.0, low - 5), None)
     ax.set_xticks(x, [r.label for r in rows], rotation=30, ha="right")
-    ax.set(ylabel="test accuracy (%)", title="Test accuracy per method (mean ± std over seeds)")
+    seeds = "mean ± std over seeds" if any(r.n >= 2 for r in rows) else "one seed each: no error bars"
+    ax.set(ylabel="test accuracy (%)", title=f"Test accuracy per method ({seeds})")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    path = out / "comparison.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def pyplot():
@@ -592,12 +618,28 @@ def teacher_names(run: Run) -> list[str]:
     return [f"teacher{i} ({models[i]})" if i < len(models) else f"teacher{i}" for i in range(2)]
 
 
+GUARD_LABEL = "residual guard fired: synergy reset to the ensemble"
+
+
 def plot_asmb_stages(plt, run: Run, stages: list[dict[str, Any]]) -> Path:
+    """asmb_stages.png in the run directory (asmb_stages_figure)."""
+    fig = asmb_stages_figure(plt, run, stages)
+    path = run.path / "asmb_stages.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def asmb_stages_figure(plt, run: Run, stages: list[dict[str, Any]]):
     """Left: validation accuracy of teachers 0/1, their ensemble, the synergy head and the student at the end
-    of each stage. Right: the MBM's mean attention weight on each teacher per stage."""
+    of each stage; a stage whose residual guard fired (`guard/fired` 1: the synergy was below the ensemble, so
+    the bridge's residual was reset and the synergy IS the ensemble) has its synergy point circled in black and
+    labelled "guard". Right: the MBM's mean attention weight on each teacher per stage. One title for the figure
+    (the run), short ones per panel, constrained layout: nothing overlaps."""
     x = [int(r.get("stage", i + 1)) for i, r in enumerate(stages)]
     names = dict(zip(("teacher0/acc", "teacher1/acc"), teacher_names(run)))
-    fig, (acc_ax, attn_ax) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (acc_ax, attn_ax) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [3, 2]},
+                                          layout="constrained")
     styles = {"teacher0/acc": ("#1f77b4", "s", ":"), "teacher1/acc": ("#ff7f0e", "s", ":"),
               "ensemble/acc": ("#7f7f7f", "D", "--"), "synergy/acc": ("#9467bd", "o", "-"),
               "student/acc": ("#d62728", "o", "-")}
@@ -606,7 +648,16 @@ def plot_asmb_stages(plt, run: Run, stages: list[dict[str, Any]]) -> Path:
             color, marker, ls = styles[key]
             acc_ax.plot(x, [r.get(key, np.nan) for r in stages], marker=marker, ls=ls, color=color, lw=1.8,
                         label=names.get(key, key.split("/")[0]))
-    acc_ax.set(xlabel="stage", ylabel="val accuracy (%)", title=f"{run.name}: accuracy at the end of each stage")
+    fired = [(xi, float(r.get("synergy/acc", r.get("ensemble/acc", np.nan)))) for xi, r in zip(x, stages)
+             if r.get("guard/fired")]
+    if fired:
+        fx, fy = zip(*fired)
+        acc_ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="black", linewidths=1.6, zorder=5,
+                       label=GUARD_LABEL)
+        for xi, yi in fired:
+            acc_ax.annotate("guard", (xi, yi), xytext=(0, 10), textcoords="offset points", ha="center",
+                            fontsize=8, fontweight="bold")
+    acc_ax.set(xlabel="stage", ylabel="val accuracy (%)", title="accuracy at the end of each stage")
     acc_ax.set_xticks(x)
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize="small")
@@ -623,11 +674,9 @@ def plot_asmb_stages(plt, run: Run, stages: list[dict[str, Any]]) -> Path:
     attn_ax.set(xlabel="stage", ylabel="mean attention weight", ylim=(0, 1.05), title="MBM attention per teacher")
     attn_ax.set_xticks(x)
     attn_ax.legend(fontsize="small", loc="lower right")
-    fig.tight_layout()
-    path = run.path / "asmb_stages.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    where = f"stage{'s' if len(fired) > 1 else ''} {', '.join(str(xi) for xi, _ in fired)}"
+    fig.suptitle(f"{run.name}: ASMB stages" + (f" (residual guard fired at {where})" if fired else ""))
+    return fig
 
 
 def plot_run_curves(plt, run: Run) -> Path:
@@ -657,7 +706,8 @@ def plot_run_curves(plt, run: Run) -> Path:
         ax.xaxis.get_major_locator().set_params(integer=True)
     acc_ax.set(ylabel="accuracy (%)")
     acc_ax.set_title(f"{run.name}: accuracy and loss per epoch", pad=14)
-    loss_ax.set(xlabel="epoch (global)", ylabel="train loss")
+    loss_ax.set(xlabel="epoch (global: phase A and B counted)" if any(phase_kind(r) for r in rows) else "epoch",
+                ylabel="train loss")
     for ax in (acc_ax, loss_ax):
         handles, labels = ax.get_legend_handles_labels()
         if handles:

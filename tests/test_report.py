@@ -170,3 +170,95 @@ def test_curves_use_the_global_epoch():
     rows = asmb_rows()
     assert report.val_acc_by_epoch(rows) == {2: 20.0, 3: 22.5, 5: 27.5, 6: 30.0}  # phase-B epochs, not 1..4
     assert report.phase_kind({"phase": "asmb:A:s2"}) == "A" and report.phase_kind({"phase": "kd"}) is None
+
+
+def guard_rows(fired: tuple[int, ...]) -> list[dict]:
+    """asmb_rows() whose stage rows record the residual guard (`guard/fired`, as train.py logs it)."""
+    rows = asmb_rows()
+    for r in rows:
+        if r["phase"] == "asmb:stage":
+            r["guard/fired"] = int(r["stage"] in fired)
+            if r["guard/fired"]:
+                r["synergy/acc"] = r["ensemble/acc"]  # the residual reset: the synergy is the ensemble
+    return rows
+
+
+def test_asmb_stages_marks_where_the_residual_guard_fired_and_titles_do_not_overlap(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    run = report.Run("a-long-run-name/asmb-resnet8-from-resnet20+wrn_16_2-synthetic-20250101-120000", tmp_path,
+                     {"method": "asmb", "teachers.models": ("resnet20", "wrn_16_2")}, {}, guard_rows((1,)))
+    stages = [r for r in run.rows if r["phase"] == "asmb:stage"]
+    fig = report.asmb_stages_figure(plt, run, stages)
+    acc_ax, attn_ax = fig.axes[:2]
+    labels = acc_ax.get_legend().get_texts()
+    assert report.GUARD_LABEL in [t.get_text() for t in labels]
+    (marks,) = [c for c in acc_ax.collections if c.get_label() == report.GUARD_LABEL]
+    assert marks.get_offsets().tolist() == [[1.0, 13.0]]  # on stage 1's synergy point only
+    assert [t.get_text() for t in acc_ax.texts] == ["guard"]
+    assert "guard fired at stage 1" in fig.get_suptitle() and run.name in fig.get_suptitle()
+    assert run.name not in acc_ax.get_title()  # the run's name once, in the figure's title
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in (fig._suptitle, acc_ax.title, attn_ax.title)]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+    quiet = report.asmb_stages_figure(plt, run, [r for r in report.Run("r", tmp_path, {}, {}, guard_rows(())).rows
+                                                 if r["phase"] == "asmb:stage"])
+    assert report.GUARD_LABEL not in [t.get_text() for t in quiet.axes[0].get_legend().get_texts()]
+    assert "guard" not in quiet.get_suptitle()
+    plt.close(quiet)
+
+
+def test_report_of_a_single_asmb_run_has_ensemble_and_adapted_ensemble_columns(tmp_path):
+    run_dir = write_run(tmp_path, "asmb-run", "asmb", 0,
+                        {"best/test_acc": 41.0, "last/test_acc": 40.5, "best/val_acc": 42.0, **TEACHERS,
+                         "ensemble/test_acc": 63.0, "adapted_ensemble/test_acc": 64.0, "synergy/test_acc": 64.0,
+                         "asmb/guard_fired": 2}, guard_rows((1, 2)))
+    assert sweep.main(["report", str(run_dir)]) == 0
+    md = (run_dir / "report.md").read_text().splitlines()
+    header = next(line for line in md if line.startswith("| setting |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[columns.index("ensemble/test_acc"):][:4] == ["ensemble/test_acc", "adapted_ensemble/test_acc",
+                                                                 "synergy/test_acc", "asmb/guard_fired"]
+    row = md[md.index(header) + 2]
+    assert "| 63.00 | 64.00 | 64.00 | 2.00 |" in row
+
+
+def compared(method: str, n: int, accs: tuple[float, float], std: float | None) -> report.Compared:
+    stats = {"best/test_acc": (accs[0], std), "last/test_acc": (accs[1], std), "best/val_acc": (accs[0], std)}
+    return report.Compared(method, method, n, False, stats, {})
+
+
+def test_comparison_draws_error_bars_only_for_several_seeds():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from matplotlib.container import ErrorbarContainer
+
+    fig = report.comparison_figure(plt, [compared("ce", 1, (60.0, 59.0), None), compared("kd", 1, (62.0, 61.0), None)])
+    ax = fig.axes[0]
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert "one seed" in ax.get_title() and "±" not in ax.get_title()
+    plt.close(fig)
+    fig = report.comparison_figure(plt, [compared("ce", 1, (60.0, 59.0), None), compared("kd", 3, (62.0, 61.0), 0.5)])
+    bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2  # kd's selected and last bars; none on ce's single seed
+    segments = [seg for c in bars for seg in c.lines[2][0].get_segments()]  # one vertical bar per setting
+    assert len(segments) == 2 and all(abs(seg[0][0] - 1.0) < 0.21 for seg in segments)  # at kd (x = 1)
+    plt.close(fig)
+
+
+def test_curves_of_single_phase_methods_are_labelled_by_their_own_epoch(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs, f"kd-s{seed}", "kd", seed, {"best/test_acc": 40.0}, curve("kd", [30.0, 35.0]))
+    kd_only = report.group_runs(report.find_runs(runs))
+    fig = report.curves_figure(plt, kd_only)
+    assert fig.axes[0].get_xlabel() == "epoch"
+    plt.close(fig)
+    write_run(runs, "asmb-s0", "asmb", 0, {"best/test_acc": 41.0}, asmb_rows())
+    fig = report.curves_figure(plt, report.group_runs(report.find_runs(runs)))
+    assert "ASMB: global" in fig.axes[0].get_xlabel()
+    plt.close(fig)
+    run = report.find_runs(runs)[1]  # kd-s0 alone: its run_curves.png
+    assert run.name == "kd-s0"
+    report.plot_run_curves(plt, run)
+    assert (run.path / "run_curves.png").exists()
