@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from kd.engine.records import final_metric, flatten_config, is_teacher_phase, metric_history, read_json, read_rows
+from kd.engine.records import (final_metric, flatten_config, is_teacher_phase, metric_history, read_json,
+                               read_rows, rounded_number)
 from kd.errors import ConfigError, WriteError
 from kd.io import atomic_write_text
 from sweep import DONE, STATE_FILE, Spec, distribution, flatten_parameters
@@ -375,14 +376,9 @@ def plot_sweep(plt, sweep: SweepInfo, out: Path) -> Path | None:
 def rounded(key: str, value: Any) -> Any:
     """Accuracies (%) and gains to 2 decimals, times and throughputs to 1, other floats to 4 significant
     digits; everything else unchanged."""
-    if not isinstance(value, float):
-        return value
-    name = key.lower()
-    if "acc" in name or "gain" in name or "selected" in name or "last" in name:
+    if isinstance(value, float) and ("gain" in key.lower() or "selected" in key.lower() or "last" in key.lower()):
         return round(value, 2)
-    if "time" in name or name.endswith("_s") or "per_s" in name or "img" in name or "images" in name:
-        return round(value, 1)
-    return float(f"{value:.4g}")
+    return rounded_number(key, value, significant=4)  # the rule of summary.json (kd.engine.records)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from kd.engine.rng import phase_seed, seed_everything, set_rng_state
 from kd.engine.runlog import RunLogger, copy_console_to, format_summary, stop_console_copy
 from kd.engine.tracker import LossTracker
 from kd.engine.trainer import StepClock, StudentStep, Trainer
+from kd.engine.records import rounded_numbers
 from kd.engine.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb_keys, wandb_server_reachable
 from kd.fastloader import DeviceLoader, make_loaders
 from kd.freeze import apply_freeze, freeze_report, set_train
@@ -203,7 +204,7 @@ class OptimCfg:
 @dataclass
 class RunCfg:
     name: str = ""
-    """run directory name, relative, under out_dir (default: <method>-<student>-<dataset>-<time>)."""
+    """run directory name, relative, under out_dir; empty = <method>-<student>-from-<teachers joined by +>-<dataset>-<YYYYmmdd-HHMMSS>, e.g. kd-resnet8-from-resnet32x4-cifar100-20250101-120000 (ce: ce-<student>-<dataset>-<time>; teacher: teacher-<teachers>-<dataset>-<time>)."""
     out_dir: str = "runs"
     """parent directory of run directories."""
     overwrite: bool = False
@@ -502,7 +503,8 @@ def run(cfg: Config) -> dict[str, Any]:
         copy_console_to(run_dir / "train.log")  # what the run prints, kept beside its records
     barrier()
     wandb_run = start_wandb(cfg, run_dir, resume)
-    sink = None if wandb_run is None else (lambda row: wandb_run.log(wandb_keys(row, cfg.teachers.models)))
+    sink = None if wandb_run is None else (  # rounded (no float32 noise): wandb's summary shows the last values
+        lambda row: wandb_run.log(rounded_numbers(wandb_keys(row, cfg.teachers.models))))
     logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=sink,  # wandb keys: phase-scoped
                        wandb_id=wandb_run.id if wandb_run is not None else (resume or {}).get("wandb_id"))
     ckpt = Checkpointer(run_dir, {**dataclasses.asdict(cfg), "teacher_identities": teacher_ids},  # resume checks them
@@ -510,6 +512,8 @@ def run(cfg: Config) -> dict[str, Any]:
     clock = StepClock(ckpt.resume_step)
     say(f"run directory: {run_dir}  (device {device}, {data.num_classes} classes, "
         f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
+    for note in student_notes(cfg):
+        say(note)
     loaders = build_loaders(cfg, data, device)
     clock.progress = RunProgress(planned_epochs(cfg) * steps_per_epoch(cfg, loaders["train"]),
                                  log_every=cfg.run.log_every, num_stages=cfg.asmb.num_stages * (cfg.method == "asmb"))
@@ -521,11 +525,15 @@ def run(cfg: Config) -> dict[str, Any]:
     teachers = []
     if uses_teachers:  # the teachers' time and accuracies are reported apart from the student's
         adapter_dim = cfg.asmb.teacher_adapter_dim if cfg.method == "asmb" and cfg.asmb.teacher_freeze == "adapter" else 0
+        timing: dict[str, float] = {}
         teachers = stage0_teachers(cfg, data, loaders, device, logger, ckpt, clock, teacher_small, teacher_ids,
-                                   adapter_dim)
+                                   adapter_dim, timing=timing)
         summary.update({f"teacher/{arch}/val_acc": acc for arch, (_, acc) in zip(cfg.teachers.models, teachers)})
         summary.update(teacher_test_summary(cfg.teachers.models, [t for t, _ in teachers], loaders["test"], device))
-        summary["teacher_time_s"] = time.time() - t_start
+        # this run's teacher time (fine-tuning, or loading from the cache, and testing); the time it waited for
+        # another run fine-tuning the same teacher is apart, so a teacher loaded from the cache costs its load time
+        summary["teacher_wait_s"] = timing.get("wait_s", 0.0)
+        summary["teacher_time_s"] = time.time() - t_start - summary["teacher_wait_s"]
     if cfg.method == "asmb":
         summary.update(train_asmb(cfg, data, loaders, device, logger, ckpt, clock, student,
                                   [t for t, _ in teachers], asmb_modules))
@@ -536,12 +544,29 @@ def run(cfg: Config) -> dict[str, Any]:
     trained = (lambda p: p.startswith("teacher:")) if cfg.method == "teacher" else \
         (lambda p: not p.startswith(("teacher:", "asmb:A")))  # the phases of the model the run trains
     summary.update(mean_img_per_s(logger.rows, trained))
-    summary["wall_time_s"] = time.time() - t_start - summary.get("teacher_time_s", 0.0)
+    summary["wall_time_s"] = time.time() - t_start - summary.get("teacher_time_s", 0.0) - summary.get("teacher_wait_s", 0.0)
+    summary = rounded_numbers(summary)  # as precise as what each measures (summary.json, wandb, the return value)
     logger.write_summary(summary)
     finish_wandb(wandb_run, summary, run_dir)
     say(format_summary(summary))
     stop_console_copy()
     return summary
+
+
+def student_notes(cfg: Config) -> list[str]:
+    """One line each, said at the start of a run: no best.safetensors with --student.adapter-dim (timm's model
+    has no adapter), and a warning when --student.freeze freezes a randomly initialised student."""
+    if cfg.method == "teacher":
+        return []
+    s, notes = cfg.student, []
+    if s.adapter_dim > 0:
+        notes.append(f"note: --student.adapter-dim {s.adapter_dim}: the student has a part timm's {s.model} lacks, "
+                     "so no checkpoints/best.safetensors is written (the weights are in checkpoints/best.pt)")
+    if s.freeze != "none" and not (s.pretrained or s.checkpoint or getattr(s, "weights", "")):
+        starts = "--student.pretrained, --student.checkpoint" + (" or --student.weights" if hasattr(s, "weights") else "")
+        notes.append(f"warning: --student.freeze {s.freeze} freezes a randomly initialised student (no {starts}): "
+                     "its frozen layers stay random")
+    return notes
 
 
 def planned_epochs(cfg: Config) -> int:
@@ -594,12 +619,14 @@ def steps_per_epoch(cfg: Config, loader) -> int:
 
 # ---- Stage 0: teachers (fine-tuned once per identity: what made them, then cached; kd/teachers.py)
 def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Checkpointer, clock: StepClock,
-                    small_input: bool, identities: list[dict[str, Any]], adapter_dim: int = 0) -> list[tuple[KDModel, float]]:
+                    small_input: bool, identities: list[dict[str, Any]], adapter_dim: int = 0,
+                    timing: dict[str, float] | None = None) -> list[tuple[KDModel, float]]:
     """Every configured teacher, frozen and in eval mode, with its validation accuracy: from
     --teachers.checkpoints, else from the cache, fine-tuning the ones that are missing (and the one a resumed
     run was fine-tuning when it stopped, even if cached, so it continues exactly). `adapter_dim` > 0 gives
-    each a new zero-initialised residual adapter (ASMB's teacher_freeze adapter)."""
-    given = bool(cfg.teachers.checkpoints)
+    each a new zero-initialised residual adapter (ASMB's teacher_freeze adapter). `timing["wait_s"]`: the seconds
+    spent waiting for another process's fine-tuning (its cache lock), which is not this run's teacher time."""
+    given, waited = bool(cfg.teachers.checkpoints), 0.0
     paths = [Path(p) for p in cfg.teachers.checkpoints] if given else \
         [teacher_cache_path(cfg.teachers.cache_dir, identity) for identity in identities]
     tuned: set[str] = set()
@@ -611,11 +638,15 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
             resumed = ckpt.pending_phase() == f"teacher:{arch}"
             if given or arch in tuned or (path.exists() and not resumed):
                 continue
+            asked = time.time()
             with teacher_lock(path, wait) if DIST.world_size == 1 else contextlib.nullcontext(True) as held:
+                waited += (time.time() - asked) if wait else 0.0  # the lock's holder was fine-tuning it
                 if held and (resumed or not path.exists()):
                     finetune_teacher(cfg, arch, path, identity, data, loaders, device, logger, ckpt, clock,
                                      small_input)
                     tuned.add(arch)
+    if timing is not None:
+        timing["wait_s"] = waited
     out = []
     for arch, identity, path in zip(cfg.teachers.models, identities, paths):
         if not given and arch not in tuned:
@@ -867,6 +898,7 @@ def train_epoch(tr: Trainer, loader, epoch: int, desc: str, ckpt: Checkpointer,
             ckpt.save(tr.clock.steps, tr.tag, tr.state_dict)
     tr.tracker.check(f"epoch {epoch} ({tr.tag})")
     terms, tr.tracker = tr.tracker.means(), None
+    meter.stop()  # after the loss was read (the device is done): the epoch line's img/s is training time only
     return terms
 
 

@@ -240,9 +240,9 @@ class AsmbCfg:
     teacher_adapter_dim: int = 64
     """hidden width of the residual adapter put on each teacher's pooled feature under teacher_freeze adapter."""
     mbm_kind: Literal["attn", "mlp", "ib"] = "attn"
-    """MBM: attn (student-query attention over the teachers), mlp (concat MLP), ib (variational information bottleneck)."""
+    """MBM: attn (attention over the teachers' features; its query is one learned token by default, the student feature with --asmb.learnable-query False), mlp (concat MLP), ib (variational information bottleneck)."""
     mbm_query_dim: int = 0
-    """size of the MBM query; 0 = the student's feature dim (the query is the student feature, so any other value is an error)."""
+    """size of the MBM query with --asmb.learnable-query False, where the query is the student feature: 0 = its dim (any other value is an error); unused by the default learned query."""
     mbm_out_dim: int = 0
     """size D_out of the synergy feature h (ib: of the attention fusion's output; h = z has z_dim); 0 = the student's feature dim."""
     mbm_r: int = 4

@@ -509,7 +509,8 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
     b_rows = [r for r in rows if r["phase"].startswith("asmb:B")]
     best = max(r["val/acc"] for r in b_rows)
     assert b_rows[-1]["val/best_acc"] == best  # selection spans the stages
-    assert summary["best/val_acc"] == best and summary["last/val_acc"] == b_rows[-1]["val/acc"]
+    # the summary's accuracies are rounded to 2 decimals (no float32 noise); the rows keep what was measured
+    assert summary["best/val_acc"] == round(best, 2) and summary["last/val_acc"] == round(b_rows[-1]["val/acc"], 2)
     best_row = next(i for i, r in enumerate(b_rows) if r["val/acc"] == best)
     assert summary["best/global_epoch"] == b_rows[best_row]["epoch"]  # the row's (global) epoch
     assert summary["best/epoch"] == best_row + 1  # student (phase-B) epochs, as for every method
@@ -558,7 +559,7 @@ def test_checkpoint_rebuilds_the_synergy(tmp_path, teacher_cache):
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, C)
     modules.bridge.load_state_dict(extra["bridge"])
     synergy = SynergyModel(modules.bridge, student, teachers, "adapter")
-    assert stage_metrics(synergy, loaders["test"])["synergy/acc"] == pytest.approx(summary["synergy/test_acc"])
+    assert stage_metrics(synergy, loaders["test"])["synergy/acc"] == pytest.approx(summary["synergy/test_acc"], abs=0.005)
 
 
 # --------------------------------------------------------------------------- real data (KD_DATA_DIR)

@@ -130,3 +130,39 @@ def test_light_configs_agree_with_the_methods():
     # kd/asmb.py is to import AsmbCfg from kd.configs; until then the two definitions must not drift apart
     fields = lambda cls: [(f.name, f.type, f.default) for f in dataclasses.fields(cls)]  # noqa: E731
     assert fields(kd.asmb.AsmbCfg) == fields(configs.AsmbCfg)
+
+
+def help_text(capsys, monkeypatch, *args: str) -> str:
+    monkeypatch.setenv("COLUMNS", "400")  # one help entry per line: no wrapping inside a name
+    with pytest.raises(SystemExit):
+        train.parse_config([*args, "--help"])
+    return " ".join(capsys.readouterr().out.replace("│", " ").split())
+
+
+def test_help_describes_the_real_run_name_and_mbm_query(capsys, monkeypatch):
+    import re
+    import time
+
+    text = help_text(capsys, monkeypatch, "--method", "asmb")
+    example = re.search(r"e\.g\. (\S+)", text).group(1)
+    when = time.mktime((2025, 1, 1, 12, 0, 0, 0, 0, -1))  # the example's time, local
+    assert example == run_name("kd", "resnet8", ("resnet32x4",), "cifar100", when)
+    assert "<method>-<student>-from-<teachers joined by +>-<dataset>-<YYYYmmdd-HHMMSS>" in text
+    kind = text[text.index("--asmb.mbm-kind"):text.index("--asmb.mbm-query-dim")]
+    assert "student-query" not in kind and "learned token by default" in kind
+    assert train.AsmbCfg().learnable_query  # what "by default" says
+
+
+def test_adapter_students_and_freezing_a_random_student_are_said_at_the_start():
+    def notes(*args: str) -> list[str]:
+        return train.student_notes(train.parse_config(["--preset", "smoke", *args]))
+
+    assert notes() == []
+    (line,) = notes("--student.adapter-dim", "8")
+    assert "no checkpoints/best.safetensors" in line and "\n" not in line
+    (line,) = notes("--student.freeze", "bn_head")
+    assert line.startswith("warning: --student.freeze bn_head freezes a randomly initialised student")
+    assert notes("--student.freeze", "bn_head", "--student.checkpoint", "some.pt") == []
+    assert notes("--student.freeze", "none", "--student.pretrained", "True") == []
+    assert notes("--method", "teacher", "--student.freeze", "head") == []  # no student is trained
+    assert len(notes("--student.freeze", "adapter", "--student.adapter-dim", "8")) == 2

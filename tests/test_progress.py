@@ -11,6 +11,8 @@ import pytest
 import timm
 import torch
 
+import kd.engine.progress
+import kd.metrics
 import train
 from kd.engine.progress import EpochMeter, RunProgress, describe_phase, format_duration
 from kd.export import load_safetensors, save_safetensors, timm_state_dict
@@ -104,12 +106,49 @@ class FakeWandbRun:
         pass
 
 
+def test_epoch_meter_rate_counts_training_until_stop_only():
+    clock = FakeClock()
+    meter = EpochMeter(total=4, now=clock)
+    for _ in range(4):
+        clock.t += 1.0
+        meter.add(100)
+    meter.stop()  # the epoch's training is over
+    clock.t += 16.0  # validation, checkpoints: not training
+    assert meter.rate() == pytest.approx(100.0)  # 400 images in 4 s, not in 20 s
+    assert meter.line("kd 1/1", 1.0).split("  ")[2] == "100 img/s"
+
+
+def is_rounded(key, value) -> bool:
+    """No float32 noise: accuracies with at most 2 decimals, times/throughputs 1, other floats 6 significant digits."""
+    if not isinstance(value, float):
+        return True
+    if "acc" in key:
+        return value == round(value, 2)
+    if "time" in key or key.endswith("_s"):
+        return value == round(value, 1)
+    return value == float(f"{value:.6g}")
+
+
 def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
     runs = []
     fake = types.SimpleNamespace(init=lambda mode, settings=None, **kw: runs.append(FakeWandbRun(**kw)) or runs[-1],
                                  Settings=lambda **kw: None)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setattr(train, "wandb_server_reachable", lambda: True)
+    meters, stopped = [], []  # the epoch meter has stopped whenever validation (or a test) runs
+
+    class Recording(kd.engine.progress.RunProgress):
+        def meter(self, *args, **kwargs):
+            meters.append(super().meter(*args, **kwargs))
+            return meters[-1]
+
+    def evaluate(*args, **kwargs):
+        stopped.append(bool(meters) and meters[-1].end is not None)
+        return real_evaluate(*args, **kwargs)
+
+    real_evaluate = kd.metrics.evaluate_top1_top5
+    monkeypatch.setattr(kd.engine.progress, "RunProgress", Recording)  # where train.main's runtime imports them
+    monkeypatch.setattr(kd.metrics, "evaluate_top1_top5", evaluate)
     code = train.main(["--preset", "smoke", "--method", "asmb", "--data.synthetic-train-size", "300",
                        "--data.synthetic-test-size", "60", "--data.batch-size", "32", "--teachers.epochs", "1",
                        "--optim.epochs", "4", "--run.max-steps-per-epoch", "3", "--run.log-every", "1",
@@ -131,7 +170,10 @@ def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
     assert summary["img_per_s"] > 0 and summary["best/test_acc5"] >= summary["best/test_acc"]
     # best/epoch counts student (phase B) epochs, as for every method; best/global_epoch is the row's epoch
     best_row = next(r for r in rows if r["phase"].startswith("asmb:B") and r["epoch"] == summary["best/global_epoch"])
-    assert best_row["val/acc"] == summary["best/val_acc"]
+    assert round(best_row["val/acc"], 2) == summary["best/val_acc"]  # the summary rounds, the rows do not
+    assert stopped and all(stopped)  # img/s counts training time only, never validation's
+    assert all(r["train/img_per_s"] == pytest.approx(m.images / (m.end - m.start)) for r, m in zip(epoch_rows, meters))
+    assert all(is_rounded(k, v) for k, v in summary.items()), summary  # no float32 noise
     b_epochs = [r["epoch"] for r in rows if r["phase"].startswith("asmb:B")]
     assert summary["best/epoch"] == b_epochs.index(summary["best/global_epoch"]) + 1
     # export: best.safetensors is the selected student, loadable into timm (zoo nets need no stem change)
@@ -148,3 +190,5 @@ def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
             "teacher/resnet20/train/loss", "asmb_stage/teacher/resnet20/acc", "epoch", "step"} <= keys
     assert not {"train/loss", "lr", "teacher0/acc"} & keys  # no chart mixes two phases' losses
     assert all("epoch" in row for row in wb.logged)
+    assert wb.summary["best/val_acc"] == summary["best/val_acc"]  # the rounded summary
+    assert all(is_rounded(k, v) for row in [wb.summary, *wb.logged] for k, v in row.items())

@@ -217,3 +217,38 @@ def test_a_teacher_being_fine_tuned_elsewhere_is_left_for_last_then_loaded(tmp_p
     summary = train.run(cfg)
     assert order == ["wrn_16_1"] and first_path.is_file()
     assert "teacher/resnet8/test_acc" in summary and "teacher/wrn_16_1/test_acc" in summary
+
+
+def test_a_teacher_loaded_after_waiting_for_another_run_counts_its_load_time_not_the_wait(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Another process fine-tunes the teacher (holds its cache lock) while this run waits: the wait is
+    teacher_wait_s, teacher_time_s is this run's own (loading the cached teacher and testing it). No real
+    waiting: the lock below jumps train's clock by 1000 s and writes the file the other process would."""
+    import contextlib
+    import types
+
+    train.run(tiny_cfg(tmp_path, "--method", "teacher", "--run.name", "made"))
+    (cached,) = (tmp_path / "cache").glob("*.pt")
+    made_elsewhere = cached.rename(tmp_path / "elsewhere.pt")
+    offset = [0.0]
+    real_time = train.time.time
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: real_time() + offset[0]))
+
+    @contextlib.contextmanager
+    def busy_lock(path, wait=True):
+        if not wait:
+            yield False  # held by the other process
+            return
+        offset[0] += 1000.0  # ... which fine-tunes for 1000 s while this run waits, then writes the file
+        made_elsewhere.rename(path)
+        yield True
+
+    monkeypatch.setattr(train, "teacher_lock", busy_lock)
+    summary = train.run(tiny_cfg(tmp_path, "--method", "kd", "--run.name", "waited"))
+    assert "using cached" in capsys.readouterr().out
+    assert summary["teacher_wait_s"] >= 1000.0
+    assert 0.0 <= summary["teacher_time_s"] < 1000.0 and summary["wall_time_s"] < 1000.0
+    rows = (tmp_path / "runs" / "waited" / "metrics.jsonl").read_text()
+    assert "teacher:resnet8" not in rows  # loaded, not fine-tuned
+    first = train.run(tiny_cfg(tmp_path, "--method", "kd", "--run.name", "cached"))  # cached: no wait at all
+    assert first["teacher_wait_s"] == 0.0 and first["teacher_time_s"] < 1000.0

@@ -61,6 +61,7 @@ class EpochMeter:
                  now: Callable[[], float] = time.monotonic):
         self.total, self.step, self.every, self.interval_s, self.now = total, initial, every, interval_s, now
         self.start = self.last_report = now()
+        self.end: float | None = None  # when training stopped (stop()): validation is not training
         self.steps_here = self.images = 0
 
     def add(self, images: int) -> None:
@@ -80,9 +81,14 @@ class EpochMeter:
             return True
         return False
 
+    def stop(self) -> None:
+        """The epoch's training is over (call it after the device has finished, e.g. after reading the loss):
+        rate() counts the time up to here only, whatever follows (validation, checkpoints)."""
+        self.end = self.now()
+
     def rate(self) -> float:
-        """Training images per second since the epoch (re)started (0 before the first step)."""
-        elapsed = self.now() - self.start
+        """Training images per second since the epoch (re)started, up to stop() (0 before the first step)."""
+        elapsed = (self.now() if self.end is None else self.end) - self.start
         return self.images / elapsed if elapsed > 0 and self.images else 0.0
 
     def eta_s(self) -> float:

@@ -10,6 +10,26 @@ from typing import Any
 TEACHER_PHASE = "teacher:"  # stage-0 teacher fine-tuning rows have phase "teacher:<arch>"
 
 
+def rounded_number(key: str, value: Any, significant: int = 6) -> Any:
+    """A float as precise as what it measures, without float32 noise (23.999999463558197 -> 24.0): accuracies
+    (%, keys with "acc") to 2 decimals, times and throughputs (keys with "time", "_s", "img", "images") to 1,
+    other floats (losses, learning rates, weights) to `significant` significant digits; everything else (ints,
+    bools, strings, NaN, inf) unchanged."""
+    if not isinstance(value, float) or value != value or value in (float("inf"), float("-inf")):
+        return value
+    name = key.lower()
+    if "acc" in name:
+        return round(value, 2)
+    if "time" in name or name.endswith("_s") or "per_s" in name or "img" in name or "images" in name:
+        return round(value, 1)
+    return float(f"{value:.{significant}g}")
+
+
+def rounded_numbers(record: dict[str, Any]) -> dict[str, Any]:
+    """rounded_number() of every entry: what summary.json and the wandb summary hold."""
+    return {k: rounded_number(k, v) for k, v in record.items()}
+
+
 def is_teacher_phase(phase: Any) -> bool:
     """Rows of stage-0 teacher fine-tuning, not of the trained model (their curves never mix into its)."""
     return str(phase).startswith(TEACHER_PHASE)
