@@ -64,6 +64,7 @@ from kd.methods import METHODS, Method
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
+from kd.weights import hub_weights_status
 from kd.teachers import (FrozenModel, check_resume_teachers, check_teacher_checkpoints, frozen_forward, load_teacher,
                          save_teacher, select_teachers, teacher_cache_path, teacher_identities, teacher_lock,
                          teacher_seed, teacher_small_input, teacher_test_summary)
@@ -123,9 +124,13 @@ class StudentCfg:
     model: str = "convnext_tiny"
     """student architecture: any timm model name or a kd zoo name (resnet8x4, wrn_16_2, ...)."""
     pretrained: bool = False
-    """start the student from timm's ImageNet weights (needs them online or in the local timm cache)."""
+    """start the student from timm's ImageNet weights (from the Hugging Face hub or its local cache; offline: --student.weights)."""
     checkpoint: str = ""
-    """start the student from this local checkpoint instead."""
+    """start the student from this local kd checkpoint instead (same model, classes and stem: loaded as it is)."""
+    weights: str = ""
+    """start the student from this local file of pretrained weights instead: a timm/torchvision state_dict
+    (torch.save), a checkpoint dict holding it under 'state_dict'/'model', or .safetensors; a classifier of
+    another class count and an ImageNet stem replaced for small inputs are re-initialised (said in one line)."""
     small_input: Literal["auto", "on", "off"] = "auto"
     """adapt the stem for 32/64 px inputs; auto = on when images are <= 64 px."""
     drop_rate: float = 0.0
@@ -143,7 +148,11 @@ class TeachersCfg:
     checkpoints: tuple[str, ...] = ()
     """fine-tuned teacher checkpoints, one per model; empty = use the cache (fine-tuning what is missing)."""
     pretrained: bool = True
-    """fine-tune teachers from timm's ImageNet weights (needs them online or in the local timm cache)."""
+    """fine-tune teachers from timm's ImageNet weights (from the Hugging Face hub or its local cache; offline:
+    --teachers.weights with --teachers.pretrained False)."""
+    weights: tuple[str, ...] = ()
+    """fine-tune the teachers from local files of pretrained weights instead, one per --teachers.models, in its
+    order (as --student.weights; needs --teachers.pretrained False); a file's sha256 is part of the teacher's identity."""
     cache_dir: str = "runs/teacher_cache"
     """where fine-tuned teachers are cached (the name records dataset, arch, stem, classes, seed, data hash)."""
     select: Literal["best", "0", "1", "both"] = "best"
@@ -385,6 +394,15 @@ def parse_config(argv: list[str]) -> Config:
     return cfg
 
 
+def check_weights_path(path: str, flag: str) -> None:
+    """A weight file named by `flag` exists and is a readable file (its content is checked in run())."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{flag}: file {path} not found")
+    if not p.is_file() or not os.access(p, os.R_OK):
+        raise ConfigError(f"{flag}: {path} is not a readable file")
+
+
 def validate(cfg: Config) -> None:
     """Reject bad values before any work (ConfigError -> one line, exit 2)."""
 
@@ -421,11 +439,25 @@ def validate(cfg: Config) -> None:
     check(not (cfg.run.resume and cfg.run.overwrite), "--run.resume and --run.overwrite exclude each other")
     check(cfg.run.resume != "auto" or bool(cfg.run.name),
           "--run.resume auto needs --run.name (the run directory to continue)")
+    if cfg.method != "teacher" and cfg.student.weights:
+        check(not cfg.student.pretrained, "--student.weights and --student.pretrained True both choose the student's "
+                                          "start: pass --student.pretrained False with a weights file")
+        check(not cfg.student.checkpoint, "--student.weights and --student.checkpoint both choose the student's "
+                                          "start: pass one of them")
+        check_weights_path(cfg.student.weights, "--student.weights")
     if cfg.method != "ce":
         check(len(cfg.teachers.models) >= 1, "--teachers needs at least one model")
         check(not cfg.teachers.checkpoints or len(cfg.teachers.checkpoints) == len(cfg.teachers.models),
               f"--teachers.checkpoints has {len(cfg.teachers.checkpoints)} paths for "
               f"{len(cfg.teachers.models)} teachers")
+        check(not cfg.teachers.weights or len(cfg.teachers.weights) == len(cfg.teachers.models),
+              f"--teachers.weights has {len(cfg.teachers.weights)} files for {len(cfg.teachers.models)} teachers "
+              f"({', '.join(cfg.teachers.models)}): give one per --teachers.models, in its order")
+        check(not (cfg.teachers.weights and cfg.teachers.pretrained),
+              "--teachers.weights replaces timm's hub weights, but --teachers.pretrained is True (its default): "
+              "pass --teachers.pretrained False with --teachers.weights")
+        for path in cfg.teachers.weights:
+            check_weights_path(path, "--teachers.weights")
         if cfg.teachers.select in ("0", "1"):
             check(int(cfg.teachers.select) < len(cfg.teachers.models),
                   f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)")
@@ -465,6 +497,7 @@ def run(cfg: Config) -> dict[str, Any]:
     validate(cfg)
     for name in [cfg.student.model] * (cfg.method != "teacher") + list(cfg.teachers.models) * (cfg.method != "ce"):
         check_model_name(name)  # before any data is downloaded or extracted
+    check_start_weights(cfg)  # weight files read and fitted, the student's hub weights reachable
     init_distributed(cfg.data.batch_size, use_cuda=cfg.run.device != "cpu", sync_bn=cfg.run.sync_bn)
     named_dir = Path(cfg.run.out_dir) / cfg.run.name if cfg.run.name else None
     resume_dir, resume = find_resume(cfg.run.resume, named_dir)
@@ -492,6 +525,10 @@ def run(cfg: Config) -> dict[str, Any]:
         if uses_teachers else []
     check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, data.num_classes, teacher_small,
                               cfg.teachers.image_size or None, teacher_ids)
+    if cfg.teachers.pretrained and not cfg.teachers.checkpoints:  # hub weights for the teachers to fine-tune
+        for arch, identity in zip(cfg.teachers.models, teacher_ids):
+            if not teacher_cache_path(cfg.teachers.cache_dir, identity).exists():
+                check_hub_weights(arch, "--teachers")
     if resume is not None:  # the data may have moved (--data.root): the teachers must still be the run's
         check_resume_teachers(teacher_ids, resume["config"].get("teacher_identities"), resume["path"])
 
@@ -580,12 +617,60 @@ def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] |
     """The student, partly frozen by --student.freeze; an unknown name or a bad checkpoint fails here."""
     student = create_model(cfg.student.model, data.num_classes, pretrained=cfg.student.pretrained,
                            small_input=small_input, checkpoint=cfg.student.checkpoint or None,
-                           drop_rate=cfg.student.drop_rate, adapter_dim=cfg.student.adapter_dim)
+                           drop_rate=cfg.student.drop_rate, adapter_dim=cfg.student.adapter_dim,
+                           weights=cfg.student.weights or None)
+    if cfg.student.weights:
+        say(weights_line(f"student {cfg.student.model}", cfg.student.weights, student))
     apply_freeze(student, cfg.student.freeze)
     if resume is not None and resume["phase"] == cfg.method:
         check_meta(student.meta(), resume["meta"], f"resume checkpoint {cfg.run.resume}")
         check_shapes(student, resume["model"], f"resume checkpoint {cfg.run.resume}", same_keys=True)
     return student
+
+
+def weights_line(who: str, path: str, model: KDModel) -> str:
+    """The one line a model started from a weight file prints: the file and what was re-initialised."""
+    return f"{who}: weights {path}" + "".join(f"; {note}" for note in model.weights_notes)
+
+
+def check_start_weights(cfg: Config) -> None:
+    """Before any data is decoded or anything written (one line, exit 2): every --student.weights /
+    --teachers.weights file is read and fitted to its model (as the run will build it, where the data's size and
+    class count are known from the config; otherwise the file must fit the ImageNet-stem model, which covers the
+    small-input one), and the student's hub weights (--student.pretrained) must be cached or reachable. The
+    teachers' hub weights are checked once their cache is known (a cached teacher needs none)."""
+    d = cfg.data
+    size = d.image_size or {"synthetic": d.synthetic_image_size, "cifar100": 32, "tiny-imagenet": 64}.get(d.dataset)
+    classes = {"synthetic": d.synthetic_classes, "cifar100": 100}.get(d.dataset, 1000) if not d.classes else 1000
+    small = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and bool(size) and size <= 64)
+    fits = []
+    if cfg.method != "teacher":
+        if cfg.student.weights:
+            fits.append((cfg.student.model, cfg.student.weights, small, None, "--student.weights"))
+        if cfg.student.pretrained:
+            check_hub_weights(cfg.student.model, "--student")
+    if cfg.method != "ce":
+        fits += [(arch, path, teacher_small_input(small, cfg.teachers.image_size), cfg.teachers.image_size or None,
+                  "--teachers.weights") for arch, path in zip(cfg.teachers.models, cfg.teachers.weights)]
+    for arch, path, small_input, img_size, flag in fits:
+        try:
+            create_model(arch, classes, small_input=small_input, img_size=img_size, weights=path)
+        except KDError as e:
+            raise type(e)(f"{flag}: {e}") from None
+
+
+def check_hub_weights(arch: str, group: str) -> None:
+    """`{group}.pretrained True` can get timm's weights of `arch`: cached locally, or the hub answers (a probe of
+    at most a few seconds); else one line naming `{group}.weights` as the way out."""
+    status, detail = hub_weights_status(arch)
+    if status == "none":
+        raise ConfigError(f"{group}.pretrained True, but timm has no pretrained weights for {arch}: pass "
+                          f"{group}.pretrained False (train from scratch) or {group}.weights FILE")
+    if status == "offline":
+        raise ConfigError(f"{group}.pretrained True needs timm's pretrained weights of {arch}, which are not in the "
+                          f"local cache, and the hub cannot be reached ({detail}): pass a downloaded weight file "
+                          f"with {group}.weights FILE and {group}.pretrained False (README: pretrained teachers "
+                          "from local files)")
 
 
 # ---- Data ----------------------------------------------------------------------------------------
@@ -629,12 +714,13 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
     given, waited = bool(cfg.teachers.checkpoints), 0.0
     paths = [Path(p) for p in cfg.teachers.checkpoints] if given else \
         [teacher_cache_path(cfg.teachers.cache_dir, identity) for identity in identities]
+    weights = list(cfg.teachers.weights) or [""] * len(cfg.teachers.models)
     tuned: set[str] = set()
     # Fine-tune the missing ones (and the one a resumed run was fine-tuning). A teacher another process is
     # fine-tuning (its cache lock is held) is left for last, then waited for and loaded: two trials of a sweep
     # share the work instead of doubling it. Ranks of one run fine-tune together (rank 0 writes), unlocked.
     for wait in (False, True):
-        for arch, identity, path in zip(cfg.teachers.models, identities, paths):
+        for arch, identity, path, start in zip(cfg.teachers.models, identities, paths, weights):
             resumed = ckpt.pending_phase() == f"teacher:{arch}"
             if given or arch in tuned or (path.exists() and not resumed):
                 continue
@@ -643,7 +729,7 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
                 waited += (time.time() - asked) if wait else 0.0  # the lock's holder was fine-tuning it
                 if held and (resumed or not path.exists()):
                     finetune_teacher(cfg, arch, path, identity, data, loaders, device, logger, ckpt, clock,
-                                     small_input)
+                                     small_input, **({"weights": start} if start else {}))
                     tuned.add(arch)
     if timing is not None:
         timing["wait_s"] = waited
@@ -661,15 +747,19 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
 
 
 def finetune_teacher(cfg: Config, arch: str, path: Path, identity: dict[str, Any], data, loaders, device,
-                     logger: RunLogger, ckpt: Checkpointer, clock: StepClock, small_input: bool) -> None:
+                     logger: RunLogger, ckpt: Checkpointer, clock: StepClock, small_input: bool,
+                     weights: str = "") -> None:
     """Fine-tune one teacher with cross-entropy (phase `teacher:<arch>`, resumable), select it by validation
-    accuracy and cache it at `path` with its identity. Its init and data order come from teacher_seed(identity)."""
+    accuracy and cache it at `path` with its identity. Its init and data order come from teacher_seed(identity);
+    it starts from timm's hub weights (--teachers.pretrained), the local file `weights`, or from scratch."""
     say(f"stage 0: fine-tuning teacher {arch} for {cfg.teachers.epochs} epochs -> {path}")
     clock.progress.plan(cfg.teachers.epochs * steps_per_epoch(cfg, loaders["train"]))
     seed_everything(teacher_seed(identity))
     spec = identity["input"]
     model = create_model(arch, data.num_classes, pretrained=cfg.teachers.pretrained, small_input=small_input,
-                         img_size=cfg.teachers.image_size or None)
+                         img_size=cfg.teachers.image_size or None, weights=weights or None)
+    if weights:
+        say(weights_line(f"teacher {arch}", weights, model))
     if spec is not None:
         model.set_input_transform(**spec)
     model = prepare(model, cfg, device)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import zoo as _zoo  # noqa: F401  (registers the CIFAR KD zoo with timm)
 from .errors import CheckpointError, ConfigError, first_line
 from .io import safe_torch_load
+from .weights import load_backbone_weights, read_weights
 
 # what model_checkpoint records and loading checks, in the order check_meta reports
 META_KEYS = ("arch", "num_classes", "num_features", "small_input", "adapter_dim")
@@ -77,6 +78,7 @@ class KDModel(nn.Module):
         self.register_buffer("input_shift", None, persistent=False)
         self.input_size: int | None = None
         self.input_transform: dict[str, Any] | None = None  # the arguments, for records; None = identity
+        self.weights_notes: list[str] = []  # how create_model(weights=...) adapted a weight file (for the log)
 
     @property
     def classifier(self) -> nn.Module:
@@ -157,18 +159,24 @@ def create_model(
     checkpoint: str | None = None,
     adapter_dim: int = 0,
     drop_rate: float = 0.0,
+    weights: str | None = None,
 ) -> KDModel:
     """Build timm model `name` with a `num_classes` head, adapted for 32/64 px inputs when
     `small_input`, with an optional residual adapter, then load `checkpoint` if given.
 
     `img_size` matters only for patch-embedding models (ViT, Swin, ...), whose token grid is
     fixed at creation; CNNs accept any size. `pretrained` downloads (or reads cached) timm weights.
+    `weights`: a local file of pretrained weights of the timm model (kd.weights.read_weights), loaded as timm
+    loads pretrained weights (classifier re-initialised when the class count differs) before the small-input
+    stem is made; what was re-initialised is listed in the model's `weights_notes`.
     """
     check_model_name(name)
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if adapter_dim < 0:
         raise ConfigError(f"adapter_dim must be >= 0, got {adapter_dim}")
+    if weights is not None and (pretrained or checkpoint is not None):
+        raise ConfigError(f"{name}: a weights file excludes pretrained hub weights and a checkpoint (one start)")
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if drop_rate > 0:
         kwargs["drop_rate"] = drop_rate
@@ -176,9 +184,14 @@ def create_model(
     if uses_patch_embed:
         kwargs.update(_patch_embed_kwargs(name, small_input, img_size))
     backbone = _create_backbone(name, pretrained, kwargs)
+    notes = [] if weights is None else load_backbone_weights(backbone, name, read_weights(weights),
+                                                             f"weights file {weights}")
     if small_input and not uses_patch_embed:
-        _adapt_stem_for_small_input(backbone, name)
+        stem_note = _adapt_stem_for_small_input(backbone, name)
+        if weights is not None and stem_note:
+            notes.insert(0, stem_note)
     model = KDModel(backbone, arch=name, num_classes=num_classes, small_input=small_input, adapter_dim=adapter_dim)
+    model.weights_notes = notes
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
     return model
@@ -236,7 +249,7 @@ def _create_backbone(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.
         ) from None
 
 
-def _adapt_stem_for_small_input(backbone: nn.Module, name: str) -> None:
+def _adapt_stem_for_small_input(backbone: nn.Module, name: str) -> str | None:
     """Make a CNN stem keep full resolution for 32/64 px inputs (the usual CIFAR adaptation).
 
     The stem conv (`pretrained_cfg['first_conv']`) becomes stride 1: a 3x3 conv keeps its
@@ -244,9 +257,10 @@ def _adapt_stem_for_small_input(backbone: nn.Module, name: str) -> None:
     by a new 3x3/1 conv. Max-pools before the first stride-4 stage (ResNet's `maxpool`) are
     removed. feature_info reductions are divided by the strides removed before each stage.
     Models whose default input is already <= 64 px (the CIFAR zoo) are left as they are.
+    Returns a note naming the stem conv when it was replaced (its weights re-initialised), else None.
     """
     if _default_input_size(name) <= 64:  # already built for small inputs (e.g. the CIFAR zoo)
-        return
+        return None
     first_conv = _first_conv(name)
     try:
         conv = backbone.get_submodule(first_conv) if first_conv else None
@@ -255,15 +269,19 @@ def _adapt_stem_for_small_input(backbone: nn.Module, name: str) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise ConfigError(f"small_input is not supported for {name}: no stem conv found (first_conv={first_conv!r})")
     removed = [(first_conv, _stride(conv.stride))]
+    note = None
     if conv.kernel_size == (3, 3):
         conv.stride = (1, 1)
     else:
         new = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
         backbone.set_submodule(first_conv, new)
+        kernel = "x".join(map(str, conv.kernel_size))
+        note = f"stem {first_conv} re-initialised for small (32/64 px) inputs ({kernel}/{removed[0][1]} -> 3x3/1)"
     for pool_name in _stem_pools(backbone):
         removed.append((pool_name, _stride(backbone.get_submodule(pool_name).stride)))
         backbone.set_submodule(pool_name, nn.Identity())
     _divide_reductions(backbone, removed)
+    return note
 
 
 def _stride(stride: int | tuple[int, ...]) -> int:

@@ -27,6 +27,7 @@ from .errors import CheckpointError, WriteError
 from .io import atomic_torch_save, safe_torch_load
 from .metrics import accuracy, gather_outputs
 from .models import KDModel, ModelOutput, check_meta, check_shapes, create_model
+from .weights import file_sha256
 
 
 def teacher_input_spec(arch: str, pretrained: bool, image_size: int, data_mean: Sequence[float],
@@ -53,16 +54,20 @@ def teacher_identities(teachers: Any, optim: Any, data_cfg: Any, run: Any, data:
                        small_input: bool) -> list[dict[str, Any]]:
     """The identity of each of `teachers.models` (teacher_identity) from the config groups (--teachers, --optim,
     --data, --run) and the loaded kd.data.DataSplits `data`. Its data part is the data itself (fingerprint) and
-    the validation split (fraction, --data.split-seed), not the path."""
+    the validation split (fraction, --data.split-seed), not the path. A teacher started from a local weight file
+    (--teachers.weights) is identified by the file's sha256, not its path."""
     data_ident = {"dataset": data_cfg.dataset, "fingerprint": data.fingerprint, "image_size": data.image_size,
                   "val_fraction": data_cfg.val_fraction, "split_seed": data_cfg.split_seed}
     if data.class_subset:  # the kept class ids (absent for the whole dataset: older identities stay valid)
         data_ident["classes"] = list(data.class_subset)
     recipe = teacher_recipe(teachers, optim, data_cfg, run)
+    weights = list(getattr(teachers, "weights", ()) or ()) or [""] * len(teachers.models)
+    # a weight file holds pretrained weights: the teacher sees its pretrained_cfg's input stats, as with the hub's
     return [teacher_identity(arch, num_classes=data.num_classes, small_input=small_input, recipe=recipe,
-                             input_spec=teacher_input_spec(arch, teachers.pretrained, teachers.image_size, data.mean,
-                                                           data.std), seed=teachers.seed, data=data_ident)
-            for arch in teachers.models]
+                             input_spec=teacher_input_spec(arch, teachers.pretrained or bool(path), teachers.image_size,
+                                                           data.mean, data.std), seed=teachers.seed, data=data_ident,
+                             weights_sha256=file_sha256(path) if path else None)
+            for arch, path in zip(teachers.models, weights)]
 
 
 def teacher_recipe(teachers: Any, optim: Any, data: Any, run: Any) -> dict[str, Any]:
@@ -79,11 +84,16 @@ def teacher_recipe(teachers: Any, optim: Any, data: Any, run: Any) -> dict[str, 
 
 
 def teacher_identity(arch: str, *, num_classes: int, small_input: bool, input_spec: dict[str, Any] | None,
-                     recipe: dict[str, Any], seed: int, data: dict[str, Any]) -> dict[str, Any]:
+                     recipe: dict[str, Any], seed: int, data: dict[str, Any],
+                     weights_sha256: str | None = None) -> dict[str, Any]:
     """Everything that made a teacher, as a JSON-able dict: `data` names the dataset, its fingerprint and the
-    validation split (fraction and seed); `seed` is --teachers.seed (not --run.seed)."""
-    return {"arch": arch, "num_classes": num_classes, "stem": "small" if small_input else "std",
-            "input": input_spec, "recipe": recipe, "seed": seed, "data": data}
+    validation split (fraction and seed); `seed` is --teachers.seed (not --run.seed); `weights_sha256` the
+    content of the local weight file it started from (absent when none: identities without one are unchanged)."""
+    identity = {"arch": arch, "num_classes": num_classes, "stem": "small" if small_input else "std",
+                "input": input_spec, "recipe": recipe, "seed": seed, "data": data}
+    if weights_sha256 is not None:
+        identity["weights"] = {"sha256": weights_sha256}
+    return identity
 
 
 def teacher_key(identity: dict[str, Any]) -> str:
