@@ -21,7 +21,7 @@ from kd.errors import ConfigError
 EXACT_PARAMS = {
     'cifar_resnet8': 83_892, 'cifar_resnet14': 181_108, 'cifar_resnet20': 278_324,
     'cifar_resnet32': 472_756, 'cifar_resnet44': 667_188, 'cifar_resnet56': 861_620,
-    'cifar_resnet110': 1_736_564, 'cifar_resnet8x4': 1_233_540, 'cifar_resnet32x4': 7_433_860,
+    'cifar_resnet110': 1_736_564, 'cifar_resnet8_050': 22_924, 'cifar_resnet8x4': 1_233_540, 'cifar_resnet32x4': 7_433_860,
     'cifar_resnet50': 23_705_252,
     'cifar_wrn_16_1': 180_916, 'cifar_wrn_16_2': 703_284, 'cifar_wrn_40_1': 569_780,
     'cifar_wrn_40_2': 2_255_156,
@@ -32,7 +32,7 @@ EXACT_PARAMS = {
 # Pooled feature width D per model.
 NUM_FEATURES = {
     **{f'cifar_resnet{d}': 64 for d in (8, 14, 20, 32, 44, 56, 110)},
-    'cifar_resnet8x4': 256, 'cifar_resnet32x4': 256, 'cifar_resnet50': 2048,
+    'cifar_resnet8_050': 32, 'cifar_resnet8x4': 256, 'cifar_resnet32x4': 256, 'cifar_resnet50': 2048,
     'cifar_wrn_16_1': 64, 'cifar_wrn_40_1': 64, 'cifar_wrn_16_2': 128, 'cifar_wrn_40_2': 128,
     **{f'cifar_vgg{d}': 512 for d in (8, 11, 13, 16, 19)},
     'cifar_mobilenetv2': 1280, 'cifar_shufflenetv1': 960, 'cifar_shufflenetv2': 1024,

@@ -4,7 +4,8 @@ The teacher/student architectures of the CIFAR-100 tables of CRD (Tian et al., "
 Representation Distillation", ICLR 2020) and DKD (Zhao et al., "Decoupled Knowledge Distillation",
 CVPR 2022), written from the papers: CIFAR ResNets (resnet8..resnet110, resnet8x4, resnet32x4), the CIFAR
 ResNet50, Wide ResNets (wrn_16_1 .. wrn_40_2), VGG-BN (vgg8..vgg19), MobileNetV2 (width 0.5),
-ShuffleNetV1 and ShuffleNetV2. All take 32x32 inputs and default to 100 classes:
+ShuffleNetV1 and ShuffleNetV2; plus resnet8_050 (resnet8 at half width, not from a paper: the
+benchmark's small student). All take 32x32 inputs and default to 100 classes:
 
     import timm, kd.zoo
     model = timm.create_model('resnet8x4')                  # 100 classes
@@ -51,6 +52,7 @@ _TIMM_MODULE = 'zoo'  # timm.list_models(module='zoo') lists every name register
 # base name -> (constructor, number of feature maps incl. stem, name of the first conv)
 _ARCHS: dict[str, tuple[Callable[..., CifarNet], int, str]] = {
     **{f'resnet{d}': (partial(cifar_resnet, d), 4, 'stem.0') for d in (8, 14, 20, 32, 44, 56, 110)},
+    'resnet8_050': (partial(cifar_resnet, 8, 0.5), 4, 'stem.0'),
     'resnet8x4': (partial(cifar_resnet, 8, 4), 4, 'stem.0'),
     'resnet32x4': (partial(cifar_resnet, 32, 4), 4, 'stem.0'),
     'resnet50': (cifar_resnet50, 5, 'stem.0'),

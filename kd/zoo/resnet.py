@@ -89,15 +89,18 @@ class CifarResNet(CifarNet):
         self._init_head(chs, reductions, in_chs, num_classes, drop_rate, global_pool)
 
 
-def cifar_resnet(depth: int, width_mult: int = 1, **kwargs) -> CifarResNet:
-    """resnet{depth} (width_mult=1: 16/16/32/64) or resnet{depth}x4 (width_mult=4: 32/64/128/256).
+def cifar_resnet(depth: int, width_mult: float = 1, **kwargs) -> CifarResNet:
+    """resnet{depth} (width_mult=1: 16/16/32/64), resnet{depth}x4 (width_mult=4: 32/64/128/256) or
+    resnet{depth}_050 (width_mult=0.5: 8/8/16/32).
 
     The x4 nets widen the stages 4x but the stem only 2x (32 channels), as in CRD's resnet8x4/resnet32x4.
+    The _050 nets (timm's naming for half width) halve stem and stages alike; they are not from a paper:
+    resnet8_050 is the benchmark's small student (sweeps/bench_tin20.yaml), far enough below its teachers.
     """
     assert (depth - 2) % 6 == 0, 'CIFAR ResNet depth must be 6n+2'
     n = (depth - 2) // 6
-    stem = 16 if width_mult == 1 else 32
-    return CifarResNet([stem] + [w * width_mult for w in (16, 32, 64)], [n] * 3, BasicBlock, **kwargs)
+    stem = 32 if width_mult > 1 else int(16 * width_mult)
+    return CifarResNet([stem] + [int(w * width_mult) for w in (16, 32, 64)], [n] * 3, BasicBlock, **kwargs)
 
 
 def cifar_resnet50(**kwargs) -> CifarResNet:
