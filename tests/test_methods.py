@@ -413,3 +413,54 @@ def test_multi_teacher_method_trains_end_to_end_with_every_teacher(tmp_path, tea
     terms = {"ce", "kd", "feat"} if name == "camkd" else {"ce", "kd"}
     assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss", "img_per_s"} | terms
     assert row["train/loss"] == pytest.approx(row["train/ce"] + row["train/kd"], rel=1e-4)  # epoch 1: feat weight 0
+
+
+def _camkd_step(student, teachers, epoch=2, seed=5):
+    """One CA-MKD forward on a random batch in train mode: (method, inputs, summed loss at `epoch`)."""
+    method = build("camkd", student, teachers)
+    method.train()
+    student.train()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, 3, 32, 32, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+    with torch.no_grad():
+        t_outs = [t(x, with_maps=True) for t in teachers]
+    inp = StepInputs(x=x, target=y, index=torch.arange(BATCH), epoch=epoch, student=student(x, with_maps=True),
+                     teachers=t_outs)
+    return method, inp, _total(method, inp, epoch=epoch)
+
+
+def test_camkd_shufflenetv2_student_taps_the_map_after_its_final_conv_bn_relu():
+    """The authors' ShuffleNetv2 returns f3 = ReLU(bn2(conv2(layer3))) (1024 x 4 x 4), not the 464-channel stage
+    output; the student's last conv must get the feature term's gradient."""
+    from kd.methods.camkd import distill_map
+
+    torch.manual_seed(0)
+    student = create_model("shufflenetv2", NUM_CLASSES)
+    teachers = [create_model(a, NUM_CLASSES).eval().requires_grad_(False) for a in ("resnet20", "wrn_16_2")]
+    method, inp, _ = _camkd_step(student, teachers)
+    f_s = distill_map(student, inp.student.maps)
+    assert tuple(inp.student.maps[-1].shape[1:]) == (464, 4, 4)
+    assert tuple(f_s.shape[1:]) == (1024, 4, 4)
+    head = student.backbone.head_conv
+    torch.testing.assert_close(f_s, head(inp.student.maps[-1]))  # train mode: batch statistics, as the forward
+    assert method.embeds[0][0].in_channels == 1024
+    last_conv = head[0].weight
+    assert nonzero_grad(method(inp)["feat"], [last_conv])
+
+
+@pytest.mark.parametrize("arch,bn", [("wrn_16_2", lambda b: b.norm[0]), ("shufflenetv2", lambda b: b.head_conv[1])])
+def test_camkd_student_final_batchnorm_updates_once_per_step(arch, bn):
+    """distill_map re-applies the student's final norm / head conv: that must not update BatchNorm running
+    statistics a second time (num_batches_tracked 1 after one step, running mean = one momentum-0.1 update)."""
+    torch.manual_seed(0)
+    student = create_model(arch, NUM_CLASSES)
+    teachers = [create_model(a, NUM_CLASSES).eval().requires_grad_(False) for a in ("resnet20", "wrn_16_2")]
+    norm = bn(student.backbone)
+    _, inp, loss = _camkd_step(student, teachers)
+    loss.backward()
+    assert norm.num_batches_tracked.item() == 1
+    assert norm.track_running_stats
+    # the forward's own update only: 0.9 * 0 + 0.1 * batch mean of the normalised map's input
+    pre = inp.student.maps[-1] if arch == "wrn_16_2" else student.backbone.head_conv[0](inp.student.maps[-1])
+    torch.testing.assert_close(norm.running_mean, 0.1 * pre.detach().mean((0, 2, 3)))

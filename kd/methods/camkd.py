@@ -14,15 +14,20 @@ Multi-Teacher Knowledge Distillation"), as in the authors' code (github.com/Roro
 w' is NOT detached (the authors' code lets the gradient reach h_m through the teacher head's CE);
 w comes from the frozen teachers (no gradient). The feature term is left out in epoch 1, as in the
 authors' loop. Defaults: the authors' script (`-r 1 -a 1 -b 50`, T 4): CE 1, KD 1, feature 50, T 4.
-Maps: the last entry of each model's uniform map list, after the final BN-ReLU on pre-activation zoo
-nets (WRN), i.e. the authors' feat[-2]; the teacher head is everything after that map (zoo: the head
-conv of MobileNetV2 / ShuffleNetV2, pooling, classifier); a teacher whose map does not feed its head
-directly is refused. The reference resizes the student map in place
+Maps (the authors' feat[-2]): the last entry of each model's uniform map list, after the final BN-ReLU on
+pre-activation zoo nets (WRN); on ShuffleNetV2 after its final conv1x1 -> BN -> ReLU (the head conv,
+1024 x 4 x 4 on CIFAR: the authors' ShuffleNetv2 returns that as f3, not the 464-channel stage output);
+on MobileNetV2 before its head conv (the authors' f4). The teacher head is everything after that map
+(zoo: the head conv of MobileNetV2, pooling, classifier); a teacher whose map does not feed its head
+directly is refused. The norm / head conv re-applied to the student's map never updates BatchNorm
+running statistics (the model's own forward already did, once per step). The reference resizes the student map in place
 inside its teacher loop (a later teacher sees the map resized for an earlier one); here each teacher
 gets the student map resized from the original (the same whenever the teachers' maps share a size).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -33,27 +38,65 @@ from ..freeze import kept_modes
 from ..losses import confidence_weights, cross_entropy, kd_loss_per_sample, weighted_teacher_mean
 from ..models import KDModel
 from ..zoo.base import CifarNet
+from ..zoo.shufflenet import CifarShuffleNetV2
 from ..configs import CAMKDCfg
-from .base import Method, StepInputs, map_shapes
+from .base import Method, StepInputs
+
+
+def taps_after_head_conv(backbone) -> bool:
+    """True where the authors' feat[-2] is taken after the head conv (ShuffleNetV2: conv2 -> bn2 -> ReLU)."""
+    return isinstance(backbone, CifarShuffleNetV2)
+
+
+@contextmanager
+def bn_stats_frozen(module: nn.Module):
+    """Apply `module` without touching BatchNorm running statistics: train-mode BatchNorm still normalises
+    with the batch statistics (the same output and gradient as in the model's forward), eval-mode with the
+    running ones, but neither the running mean/var nor num_batches_tracked change."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
 
 
 def distill_map(model: KDModel, maps: list[Tensor]) -> Tensor:
-    """The map CA-MKD distils: the last stage map, after the final norm of pre-activation zoo nets
-    (WRN: BN-ReLU, as the authors' wrn.py returns it as feat[-2]); the last map itself elsewhere."""
+    """The map CA-MKD distils (the authors' feat[-2]): the last stage map, after the final norm of
+    pre-activation zoo nets (WRN: BN-ReLU) and after the head conv of ShuffleNetV2 (conv-BN-ReLU to 1024
+    channels); the last map itself elsewhere. The re-applied norm / head conv leaves BatchNorm running
+    statistics alone (the model's forward updated them already)."""
     backbone = model.backbone
-    return backbone.norm(maps[-1]) if isinstance(backbone, CifarNet) else maps[-1]
+    if not isinstance(backbone, CifarNet):
+        return maps[-1]
+    with bn_stats_frozen(backbone.norm), bn_stats_frozen(backbone.head_conv):
+        f = backbone.norm(maps[-1])
+        return backbone.head_conv(f) if taps_after_head_conv(backbone) else f
 
 
 def logits_from_map(model: KDModel, h: Tensor) -> Tensor:
     """The model's head applied to a tensor shaped like its distill_map: zoo nets run their head conv
-    (MobileNetV2, ShuffleNetV2) first; other timm models are assumed to feed that map to forward_head
-    directly (checked once by `check_head_from_map`)."""
+    (MobileNetV2) first unless the map is taken after it (ShuffleNetV2); other timm models are assumed to
+    feed that map to forward_head directly (checked once by `check_head_from_map`)."""
     backbone = model.backbone
-    final = backbone.head_conv(h) if isinstance(backbone, CifarNet) else h
+    head_conv = isinstance(backbone, CifarNet) and not taps_after_head_conv(backbone)
+    final = backbone.head_conv(h) if head_conv else h
     feature = backbone.forward_head(final, pre_logits=True)
     if model.adapter is not None:
         feature = model.adapter(feature)
     return model.classifier(feature)
+
+
+@torch.no_grad()
+def distill_map_shape(model: KDModel, image_size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the model's distill_map for `image_size` px inputs (one eval-mode forward of zeros)."""
+    param = next(model.parameters())
+    with kept_modes(model):
+        model.eval()
+        x = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+        return tuple(distill_map(model, model(x, with_maps=True).maps).shape[1:])
 
 
 @torch.no_grad()
@@ -92,7 +135,7 @@ class CAMKD(Method):
         super().__init__(cfg, student, teachers, **kwargs)
         if self.image_size < 1:
             raise ConfigError("camkd needs the image size to shape its feature embeddings (image_size=...)")
-        c_s = map_shapes(student, self.image_size)[-1][0]
+        c_s = distill_map_shape(student, self.image_size)[0]
         embeds = []
         for teacher in teachers:
             c_t = check_head_from_map(teacher, self.image_size)[0]
