@@ -60,7 +60,7 @@ from kd.engine.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wa
 from kd.fastloader import DeviceLoader, make_loaders
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.io import atomic_write_json
-from kd.methods import METHODS, Method
+from kd.methods import METHODS, Method, weighted_loss
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
@@ -1003,7 +1003,7 @@ def train_step(tr: Trainer, x: Tensor, y: Tensor, index: Tensor, epoch: int) -> 
         t_outs = frozen_forward(tr.teachers, x, with_maps=maps, dtype=tr.teacher_dtype)
         terms = tr.step_module(x, y, index, epoch, t_outs)
         weights = tr.method.loss_weights(epoch)
-        loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+        loss = weighted_loss(terms, weights)  # zero-weight terms left out of the graph
     tr.optimizer.zero_grad(set_to_none=True)
     tr.scaler.scale(loss).backward()
     if tr.grad_clip_norm > 0:

@@ -401,6 +401,7 @@ def test_multi_teacher_method_trains_end_to_end_with_every_teacher(tmp_path, tea
     def spy(self, cfg, student, teachers, **kw):
         seen["teachers"] = [t.arch for t in teachers]
         original_init(self, cfg, student, teachers, **kw)
+        seen["params"] = {k: v.detach().clone() for k, v in self.named_parameters()}
 
     monkeypatch.setattr(cls, "__init__", spy)
     args = [*TINY, "--run.out-dir", str(tmp_path), "--teachers.cache-dir", str(teacher_cache), "--method", name,
@@ -413,6 +414,10 @@ def test_multi_teacher_method_trains_end_to_end_with_every_teacher(tmp_path, tea
     terms = {"ce", "kd", "feat"} if name == "camkd" else {"ce", "kd"}
     assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss", "img_per_s"} | terms
     assert row["train/loss"] == pytest.approx(row["train/ce"] + row["train/kd"], rel=1e-4)  # epoch 1: feat weight 0
+    # a zero-weight term stays out of the graph: CA-MKD's embeddings are not decayed in epoch 1
+    state = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=False)["method"]
+    for k, v in seen["params"].items():
+        assert torch.equal(state[k], v), k
 
 
 def _camkd_step(student, teachers, epoch=2, seed=5):
@@ -464,3 +469,44 @@ def test_camkd_student_final_batchnorm_updates_once_per_step(arch, bn):
     # the forward's own update only: 0.9 * 0 + 0.1 * batch mean of the normalised map's input
     pre = inp.student.maps[-1] if arch == "wrn_16_2" else student.backbone.head_conv[0](inp.student.maps[-1])
     torch.testing.assert_close(norm.running_mean, 0.1 * pre.detach().mean((0, 2, 3)))
+
+
+def test_zero_weight_terms_are_left_out_of_the_graph_and_their_parameters_untouched():
+    """CA-MKD's feature term has weight 0 in epoch 1: the embeddings get no gradient (None, not zeros), so SGD
+    with weight decay and momentum leaves them unchanged (the authors' loop leaves the term out in epoch 1)."""
+    from kd.methods import weighted_loss
+
+    torch.manual_seed(0)
+    student = create_model("resnet8", NUM_CLASSES)
+    teachers = [create_model(a, NUM_CLASSES).eval().requires_grad_(False) for a in ("resnet20", "wrn_16_2")]
+    method = build("camkd", student, teachers)
+    before = {k: v.clone() for k, v in method.embeds.named_parameters()}
+    params = [*student.parameters(), *method.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    for seed in range(2):
+        _, inp, _ = _camkd_step(student, teachers, epoch=1, seed=seed)
+        inp_terms = method(inp)
+        loss = weighted_loss(inp_terms, method.loss_weights(1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        assert all(p.grad is None for p in method.embeds.parameters())
+        opt.step()
+    for k, v in method.embeds.named_parameters():
+        assert torch.equal(v, before[k]), k
+    # epoch 2: the feature term is in the graph and trains the embeddings
+    _, inp, _ = _camkd_step(student, teachers, epoch=2)
+    loss = weighted_loss(method(inp), method.loss_weights(2))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    assert all(p.grad is not None for p in method.embeds.parameters())
+
+
+def test_weighted_loss_is_bitwise_the_plain_weighted_sum_when_no_weight_is_zero():
+    from kd.methods import weighted_loss
+
+    g = torch.Generator().manual_seed(0)
+    terms = {k: torch.rand((), generator=g, dtype=torch.float32) * 10 for k in ("ce", "kd", "feat", "extra")}
+    weights = {"ce": 0.1, "kd": 0.9, "feat": 50.0}  # "extra" counts with weight 1
+    assert torch.equal(weighted_loss(terms, weights), sum(weights.get(k, 1.0) * v for k, v in terms.items()))
+    zero = weighted_loss(terms, {**weights, "feat": 0.0})
+    assert torch.equal(zero, 0.1 * terms["ce"] + 0.9 * terms["kd"] + terms["extra"])

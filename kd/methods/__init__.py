@@ -7,7 +7,7 @@ may define `check()`, raising ConfigError on bad values; train.py's validate() c
 
 from __future__ import annotations
 
-from .base import Method, StepInputs, teacher_logits
+from .base import Method, StepInputs, teacher_logits, weighted_loss
 from .at import AT, ATCfg
 from .aver import Aver, AverCfg
 from .camkd import CAMKD, CAMKDCfg
@@ -40,5 +40,5 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "ebkd": (EBKD, EBKDCfg),
 }
 
-__all__ = ["METHODS", "Method", "StepInputs", "teacher_logits", "ATCfg", "AverCfg", "CAMKDCfg", "CRDCfg", "DISTCfg",
+__all__ = ["METHODS", "Method", "StepInputs", "teacher_logits", "weighted_loss", "ATCfg", "AverCfg", "CAMKDCfg", "CRDCfg", "DISTCfg",
            "DKDCfg", "EBKDCfg", "FitNetCfg", "KDCfg", "PKTCfg", "RKDCfg", "SPCfg"]

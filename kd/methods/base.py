@@ -71,6 +71,18 @@ class Method(nn.Module):
         return self.loss_terms(inp)
 
 
+def weighted_loss(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """sum of weight * term over the terms (weight 1 when not listed), leaving out every term whose weight is
+    0: such a term stays out of the graph, so parameters only it reaches get no gradient (grad None) and the
+    optimiser skips them (no weight decay or momentum from a zero gradient; CA-MKD's embeddings in epoch 1,
+    as in the authors' loop). The other terms are summed in the same order as before (same numbers).
+    All weights 0: 0 * the first term (a zero loss with a graph)."""
+    kept = [weights.get(k, 1.0) * v for k, v in terms.items() if weights.get(k, 1.0) != 0]
+    if not kept:
+        return 0.0 * next(iter(terms.values()))
+    return sum(kept)
+
+
 @torch.no_grad()
 def map_shapes(model: KDModel, image_size: int) -> list[tuple[int, int, int]]:
     """(C, H, W) of each map model(x, with_maps=True) returns for `image_size` px inputs, from one
