@@ -521,7 +521,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     for arch in (cfg.teachers.models if cfg.method != "ce" else ())]  # fail here, before any write
     asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
     uses_teachers = cfg.method != "ce" and (cfg.method in ("teacher", "asmb") or METHODS[cfg.method][0].uses_teachers)
-    teacher_ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, teacher_small) \
+    teacher_ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, teacher_small, device) \
         if uses_teachers else []
     check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, data.num_classes, teacher_small,
                               cfg.teachers.image_size or None, teacher_ids)

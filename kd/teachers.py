@@ -51,11 +51,11 @@ def teacher_small_input(student_small_input: bool, teacher_image_size: int) -> b
 
 
 def teacher_identities(teachers: Any, optim: Any, data_cfg: Any, run: Any, data: Any,
-                       small_input: bool) -> list[dict[str, Any]]:
+                       small_input: bool, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """The identity of each of `teachers.models` (teacher_identity) from the config groups (--teachers, --optim,
-    --data, --run) and the loaded kd.data.DataSplits `data`. Its data part is the data itself (fingerprint) and
-    the validation split (fraction, --data.split-seed), not the path. A teacher started from a local weight file
-    (--teachers.weights) is identified by the file's sha256, not its path."""
+    --data, --run), the loaded kd.data.DataSplits `data` and the `device` it is fine-tuned on. Its data part is
+    the data itself (fingerprint) and the validation split (fraction, --data.split-seed), not the path. A teacher
+    started from a local weight file (--teachers.weights) is identified by the file's sha256, not its path."""
     data_ident = {"dataset": data_cfg.dataset, "fingerprint": data.fingerprint, "image_size": data.image_size,
                   "val_fraction": data_cfg.val_fraction, "split_seed": data_cfg.split_seed}
     if data.class_subset:  # the kept class ids (absent for the whole dataset: older identities stay valid)
@@ -66,8 +66,18 @@ def teacher_identities(teachers: Any, optim: Any, data_cfg: Any, run: Any, data:
     return [teacher_identity(arch, num_classes=data.num_classes, small_input=small_input, recipe=recipe,
                              input_spec=teacher_input_spec(arch, teachers.pretrained or bool(path), teachers.image_size,
                                                            data.mean, data.std), seed=teachers.seed, data=data_ident,
-                             weights_sha256=file_sha256(path) if path else None)
+                             weights_sha256=file_sha256(path) if path else None, compute=compute_identity(device))
             for arch, path in zip(teachers.models, weights)]
+
+
+def compute_identity(device: torch.device | str) -> dict[str, Any]:
+    """What a teacher's bits depend on besides its recipe: the device type, on CPU the intra-op thread count
+    (float sums are split across threads: 1 and 2 threads give different teachers from the same seed) and the
+    number of processes (each gets its share of a batch)."""
+    kind = torch.device(device).type
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 1
+    return {"device": kind, **({"threads": torch.get_num_threads()} if kind == "cpu" else {}), "world_size": world}
 
 
 def teacher_recipe(teachers: Any, optim: Any, data: Any, run: Any) -> dict[str, Any]:
@@ -85,14 +95,17 @@ def teacher_recipe(teachers: Any, optim: Any, data: Any, run: Any) -> dict[str, 
 
 def teacher_identity(arch: str, *, num_classes: int, small_input: bool, input_spec: dict[str, Any] | None,
                      recipe: dict[str, Any], seed: int, data: dict[str, Any],
-                     weights_sha256: str | None = None) -> dict[str, Any]:
+                     weights_sha256: str | None = None, compute: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything that made a teacher, as a JSON-able dict: `data` names the dataset, its fingerprint and the
     validation split (fraction and seed); `seed` is --teachers.seed (not --run.seed); `weights_sha256` the
-    content of the local weight file it started from (absent when none: identities without one are unchanged)."""
+    content of the local weight file it started from (absent when none: identities without one are unchanged);
+    `compute` where it was fine-tuned (compute_identity)."""
     identity = {"arch": arch, "num_classes": num_classes, "stem": "small" if small_input else "std",
                 "input": input_spec, "recipe": recipe, "seed": seed, "data": data}
     if weights_sha256 is not None:
         identity["weights"] = {"sha256": weights_sha256}
+    if compute is not None:
+        identity["compute"] = compute
     return identity
 
 

@@ -185,6 +185,26 @@ def test_a_class_subset_is_part_of_the_teacher_identity():
     assert subset["data"]["classes"] == ["n001", "n002"] and teacher_key(subset) != teacher_key(whole)
 
 
+def test_the_cpu_thread_count_and_device_are_part_of_the_teacher_identity():
+    """1 and 2 intra-op threads fine-tune different teachers from one seed (float sums split differently):
+    they must not share a cache file. The device type is part of it too."""
+    cfg = train.parse_config([*TINY])
+    data = train.load_data(cfg)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        (one,) = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
+        torch.set_num_threads(2)
+        (two,) = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
+    finally:
+        torch.set_num_threads(threads)
+    (gpu,) = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True, device="cuda")
+    assert one["compute"] == {"device": "cpu", "threads": 1, "world_size": 1}
+    assert gpu["compute"] == {"device": "cuda", "world_size": 1}
+    assert len({teacher_key(one), teacher_key(two), teacher_key(gpu)}) == 3
+    assert "compute.threads" in identity_difference(one, two)  # what a resume with other threads is told
+
+
 def test_teacher_lock_is_exclusive_between_holders(tmp_path):
     path = tmp_path / "cache" / "t.pt"
     with teacher_lock(path) as held:
