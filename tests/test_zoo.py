@@ -249,3 +249,28 @@ def test_initialisation_follows_the_references():
     conv = resnet.stem[0]  # He fan_out: std = sqrt(2 / (out * k * k))
     want = (2 / (conv.out_channels * 9)) ** 0.5
     assert abs(conv.weight.std().item() - want) < 0.15 * want
+
+
+def test_wrn_classifier_bias_is_zero_at_init_and_nothing_else_changes(monkeypatch):
+    """RepDistiller's wrn.py zeroes the Linear bias (weight at PyTorch's default); same parameter count, and every
+    other tensor (and the RNG stream) as without the zeroing."""
+    from kd.zoo.wrn import WideResNet
+
+    for name in ('cifar_wrn_16_2', 'cifar_wrn_40_1'):
+        torch.manual_seed(0)
+        model = timm.create_model(name)
+        after = torch.rand(3)
+        fc = model.head.fc
+        assert torch.count_nonzero(fc.bias) == 0, name
+        bound = 1 / fc.in_features ** 0.5  # PyTorch default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), ...)
+        assert fc.weight.abs().max().item() <= bound and fc.weight.abs().max().item() > 0.9 * bound, name
+        monkeypatch.setattr(WideResNet, 'classifier_zero_bias', False)
+        torch.manual_seed(0)
+        plain = timm.create_model(name)
+        assert torch.equal(torch.rand(3), after)
+        monkeypatch.undo()
+        assert torch.count_nonzero(plain.head.fc.bias) > 0
+        state, ref = model.state_dict(), plain.state_dict()
+        assert state.keys() == ref.keys()
+        assert all(torch.equal(state[k], ref[k]) for k in state if k != 'head.fc.bias'), name
+    assert sum(p.numel() for p in timm.create_model('cifar_wrn_40_2').parameters()) == 2_255_156

@@ -54,6 +54,8 @@ class CifarNet(nn.Module):
     # classifier's weight ~ normal(0, std) with zero bias (VGG, MobileNetV2: 0.01); None = PyTorch default.
     init_scheme: ClassVar[str] = 'kaiming'
     classifier_std: ClassVar[float | None] = None
+    # True: PyTorch's default classifier weight but a zero bias (RepDistiller's wrn.py)
+    classifier_zero_bias: ClassVar[bool] = False
 
     def _init_head(
             self,
@@ -82,6 +84,8 @@ class CifarNet(nn.Module):
         bias and BN at identity for 'kaiming'; nothing for 'pytorch'; then the classifier."""
         if self.classifier_std is not None:
             nn.init.normal_(self.head.fc.weight, 0.0, self.classifier_std)
+            nn.init.zeros_(self.head.fc.bias)
+        elif self.classifier_zero_bias:
             nn.init.zeros_(self.head.fc.bias)
         if self.init_scheme == 'pytorch':
             return

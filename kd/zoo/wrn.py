@@ -39,8 +39,11 @@ class PreActBlock(nn.Module):
 class WideResNet(CifarNet):
     """WRN-depth-widen: stem conv (16) -> 3 stages of n PreActBlocks -> BN-ReLU -> pool -> linear.
 
-    `block_drop_rate` is the dropout between the two convs of each block (0 in CRD/DKD).
+    `block_drop_rate` is the dropout between the two convs of each block (0 in CRD/DKD). The classifier keeps
+    PyTorch's default weight init with a zero bias, as the reference wrn.py.
     """
+
+    classifier_zero_bias = True
 
     def __init__(
             self,
