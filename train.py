@@ -43,11 +43,11 @@ from tqdm import tqdm
 
 from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules, guard_residual, stage_metrics,
                      synergy_warning)
-from kd.data import SyntheticSpec, build_data, labels_in_order
+from kd.data import ExtractLimits, SyntheticSpec, build_data, labels_in_order
 from kd.engine.checkpoint import (Checkpointer, check_resume_config, checkpoint_on_stop_signals, find_resume,
                                   reseed_loader)
-from kd.engine.distributed import (DIST, barrier, close_distributed, distribute, init_distributed, rank0_values,
-                                   say)
+from kd.engine.distributed import (DIST, barrier, close_distributed, collective_timeout, distribute, init_distributed,
+                                   rank0_values, say)
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.progress import RunProgress, mean_img_per_s
 from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
@@ -90,6 +90,10 @@ class DataCfg:
     """class subset of imagefolder/tiny-imagenet: N = the first N classes (wnids.txt / sorted folders), or a file of class ids, one per line; empty = all."""
     cache_dir: str = ""
     """where archives are extracted and decoded images cached (empty = $KD_CACHE_DIR or ~/.cache/kd); never the data root."""
+    max_extract_gb: float = 50.0
+    """an archive (tiny-imagenet .zip/.tar.gz) whose members declare more bytes than this is refused before extracting."""
+    max_extract_files: int = 1_000_000
+    """an archive with more members than this is refused before extracting (Tiny-ImageNet-200: ~120k)."""
     val_fraction: float = 0.1
     """share of the training set held out (stratified, seeded) as the validation split used for model selection."""
     split_seed: int = 0
@@ -241,6 +245,8 @@ class RunCfg:
     """how many step checkpoints (checkpoints/step-*.pt) to keep besides best.pt and last.pt."""
     sync_bn: bool = False
     """with several processes (torchrun), convert BatchNorm to SyncBatchNorm (CUDA only)."""
+    dist_timeout_min: float = 30.0
+    """with several processes: a rank waiting longer than this in a collective ends the run with one line (no hang)."""
     log_every: int = 0
     """off a terminal (slurm, `| tee`): a progress line (step, loss, images/s, ETA) every N steps; 0 = about every 30 s."""
 
@@ -324,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 or not isinstance(e, ConfigError):
             print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr, flush=True)
         return 3 if type(e).__name__ == "TrainingDiverged" else 1 if isinstance(e, WriteError) else 2
+    except RuntimeError as e:  # under torchrun, a collective that waited past --run.dist-timeout-min: one line
+        line = collective_timeout(e) if "collective_timeout" in globals() else None
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -432,6 +444,9 @@ def validate(cfg: Config) -> None:
     check(all(m > 0 for m in cfg.optim.milestones), "--optim.milestones must be positive epochs")
     check(cfg.optim.warmup_epochs < cfg.optim.epochs, "--optim.warmup-epochs must be < --optim.epochs")
     check(cfg.run.keep_last >= 1, "--run.keep-last must be >= 1")
+    check(cfg.run.dist_timeout_min > 0, f"--run.dist-timeout-min must be > 0, got {cfg.run.dist_timeout_min}")
+    check(cfg.data.max_extract_gb > 0 and cfg.data.max_extract_files >= 1,
+          "--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1")
     for flag in ("data.batch_size", "data.eval_batch_size", "optim.lr", "optim.epochs", "optim.gamma", "teachers.lr",
                  "teachers.epochs"):
         value = getattr(getattr(cfg, flag.split(".")[0]), flag.split(".")[1])
@@ -489,6 +504,7 @@ def validate(cfg: Config) -> None:
 RESUME_MAY_CHANGE = ("preset", "run.resume", "run.overwrite", "run.name", "run.out_dir", "run.device",
                      "run.deterministic", "run.compile", "run.ckpt_every_steps", "run.keep_last", "run.log_every",
                      "data.workers", "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir",
+                     "data.max_extract_gb", "data.max_extract_files", "run.dist_timeout_min",
                      "teachers.compile", "wandb.")
 
 
@@ -498,7 +514,8 @@ def run(cfg: Config) -> dict[str, Any]:
     for name in [cfg.student.model] * (cfg.method != "teacher") + list(cfg.teachers.models) * (cfg.method != "ce"):
         check_model_name(name)  # before any data is downloaded or extracted
     check_start_weights(cfg)  # weight files read and fitted, the student's hub weights reachable
-    init_distributed(cfg.data.batch_size, use_cuda=cfg.run.device != "cpu", sync_bn=cfg.run.sync_bn)
+    init_distributed(cfg.data.batch_size, use_cuda=cfg.run.device != "cpu", sync_bn=cfg.run.sync_bn,
+                     timeout_min=cfg.run.dist_timeout_min)
     named_dir = Path(cfg.run.out_dir) / cfg.run.name if cfg.run.name else None
     resume_dir, resume = find_resume(cfg.run.resume, named_dir)
     if resume is not None:
@@ -678,6 +695,7 @@ def load_data(cfg: Config):
     d = cfg.data
     data = build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=d.split_seed, image_size=d.image_size,
                       aug=d.aug, randaugment=d.randaugment, cache_dir=d.cache_dir or None, classes=d.classes,
+                      extract_limits=ExtractLimits.from_flags(d.max_extract_gb, d.max_extract_files),
                       synthetic=SyntheticSpec(num_classes=d.synthetic_classes, train_size=d.synthetic_train_size,
                                               test_size=d.synthetic_test_size, image_size=d.synthetic_image_size,
                                               seed=d.split_seed))

@@ -46,6 +46,22 @@ _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
 @dataclass(frozen=True)
+class ExtractLimits:
+    """The most an archive may expand to (--data.max-extract-gb, --data.max-extract-files), read from its member
+    list before anything is extracted: a small zip can declare hundreds of GB or millions of files. The defaults
+    hold Tiny-ImageNet-200 (~120k files, ~0.25 GB) and ImageNet-100-sized sets (~135k files, ~16 GB) with room."""
+    max_bytes: int = 50 * 10**9
+    max_files: int = 1_000_000
+
+    @classmethod
+    def from_flags(cls, max_gb: float, max_files: int) -> "ExtractLimits":
+        if not max_gb > 0 or max_files < 1:
+            raise ConfigError(f"--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1, got {max_gb} "
+                              f"and {max_files}")
+        return cls(int(max_gb * 10**9), int(max_files))
+
+
+@dataclass(frozen=True)
 class SyntheticSpec:
     """Size and seed of the built-in procedurally generated dataset (same bytes for the same spec)."""
 
@@ -332,11 +348,46 @@ def _identity_digest(path: Path) -> str:
     return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
 
 
-def _extract_once(archive: Path, cache_dir: Path) -> Path:
-    """Extract `archive` into <cache_dir>/extracted/<stem>-<digest>/ (once; atomic via temp dir + rename)."""
+def _archive_totals(archive: Path, limits: ExtractLimits) -> tuple[int, int]:
+    """(members, uncompressed bytes) of a .zip or .tar.gz archive from its member list alone (a zip's central
+    directory; a tar's headers, read by decompressing the stream without writing anything), counted until a
+    limit is passed."""
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+            return len(infos), sum(i.file_size for i in infos)
+    members, total = 0, 0
+    with tarfile.open(archive, "r|gz") as tf:  # a stream: headers only, none kept (tf.members cleared)
+        while (m := tf.next()) is not None:
+            members, total = members + 1, total + max(m.size, 0)
+            tf.members.clear()
+            if members > limits.max_files or total > limits.max_bytes:
+                break
+    return members, total
+
+
+def _check_archive_size(archive: Path, limits: ExtractLimits) -> None:
+    """DataError (one line) when `archive` declares more members or bytes than `limits`, before extraction."""
+    try:
+        members, total = _archive_totals(archive, limits)
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise DataError(f"could not read the member list of {archive}: {first_line(e)}") from None
+    if members > limits.max_files:
+        raise DataError(f"{archive} holds more than {limits.max_files:,} files (--data.max-extract-files); nothing "
+                        "was extracted (raise the flag if the archive is what you meant)")
+    if total > limits.max_bytes:
+        raise DataError(f"{archive} expands to more than {limits.max_bytes / 1e9:.3g} GB (--data.max-extract-gb; it "
+                        f"declares {total / 1e9:.3g} GB or more); nothing was extracted (raise the flag if the "
+                        "archive is what you meant)")
+
+
+def _extract_once(archive: Path, cache_dir: Path, limits: ExtractLimits = ExtractLimits()) -> Path:
+    """Extract `archive` into <cache_dir>/extracted/<stem>-<digest>/ (once; atomic via temp dir + rename),
+    after checking its declared member count and size against `limits`; any failure removes the temp dir."""
     target = cache_dir / "extracted" / f"{_archive_stem(archive)}-{_identity_digest(archive)}"
     if target.is_dir():
         return target
+    _check_archive_size(archive, limits)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(target.parent, f".{target.name}.extract-")  # the half-extracted folders of killed runs
     say(f"extracting {archive} once into {target}")
@@ -357,18 +408,18 @@ def _extract_once(archive: Path, cache_dir: Path) -> Path:
         except OSError:
             if not target.is_dir():  # else another process finished the same extraction first
                 raise
-    except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-        raise DataError(f"could not extract {archive}: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise DataError(f"could not extract {archive}: {first_line(e, 200)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _find_tiny_dir(root: Path, cache_dir: Path) -> Path:
+def _find_tiny_dir(root: Path, cache_dir: Path, limits: ExtractLimits = ExtractLimits()) -> Path:
     """The folder holding wnids.txt: `root`, its single dataset subfolder, or an extracted archive."""
     expected = "wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt"
     if root.is_file() and _archive_stem(root) is not None:
-        root = _extract_once(root, cache_dir)
+        root = _extract_once(root, cache_dir, limits)
     if not root.is_dir():
         problem = "is not a folder or a .zip/.tar.gz archive" if root.exists() else "does not exist"
         raise DataError(f"Tiny-ImageNet root {root} {problem}; expected a folder with {expected}, "
@@ -379,7 +430,7 @@ def _find_tiny_dir(root: Path, cache_dir: Path) -> Path:
     if not found:
         archives = [p for p in sorted(root.iterdir()) if p.is_file() and _archive_stem(p) is not None]
         if len(archives) == 1:
-            return _find_tiny_dir(_extract_once(archives[0], cache_dir), cache_dir)
+            return _find_tiny_dir(_extract_once(archives[0], cache_dir, limits), cache_dir, limits)
         if len(archives) > 1:
             raise DataError(f"several archives in {root} ({', '.join(p.name for p in archives)}); pass one as root")
         raise DataError(f"no Tiny-ImageNet data in {root}: expected {expected} (or a .zip/.tar.gz of them)")
@@ -486,18 +537,19 @@ def tiny_cache_path(dataset_dir: Path, cache_dir: Path, subset: list[str] | None
 def _read_cache(path: Path) -> dict | None:
     """The decoded-image cache, or None when absent or unreadable (then it is rebuilt)."""
     try:
-        return safe_torch_load(path) if path.is_file() else None
+        return safe_torch_load(path, size_cap=False) if path.is_file() else None  # kd's own file, GBs for big sets
     except CheckpointError:  # truncated/corrupt/changed file: decode again
         warnings.warn(f"ignoring unreadable cache {path}; decoding the images again")
         return None
 
 
-def _load_tiny_imagenet(root: Path, cache_dir: Path, classes: int | list[str] | None = None
+def _load_tiny_imagenet(root: Path, cache_dir: Path, classes: int | list[str] | None = None,
+                        limits: ExtractLimits = ExtractLimits()
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str], list[str]]:
     """Tiny-ImageNet decoded once into uint8 tensors, cached as <cache_dir>/decoded/<folder>-<hash of its
     path>/decoded_uint8.pt (rebuilt when the class list or any label changed). With a class subset `classes`
     only its images are decoded, into a cache file of that subset. The last item is the kept wnids."""
-    d = _find_tiny_dir(root, cache_dir)
+    d = _find_tiny_dir(root, cache_dir, limits)
     wnids, train_files, train_labels, test_files, test_labels = _tiny_file_lists(d, classes)
     cache_path = tiny_cache_path(d, cache_dir, None if classes is None else wnids)
     key = {"format": _CACHE_FORMAT, "wnids": wnids, "train_labels": torch.tensor(train_labels),
@@ -625,11 +677,12 @@ def _check_image_headers(files: list[str]) -> None:
 def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int = 0, image_size: int = 0,
                aug: bool = True, synthetic: SyntheticSpec = SyntheticSpec(),
                randaugment: tuple[int, int] = (0, 0), cache_dir: str | Path | None = None,
-               classes: str = "") -> DataSplits:
+               classes: str = "", extract_limits: ExtractLimits = ExtractLimits()) -> DataSplits:
     """Train / val (held out from train, eval transform) / test splits of `dataset` at `root`.
 
     seed: the validation split's seed (keep it fixed across student seeds: every run then sees the same split).
     cache_dir: where archives are extracted and decoded images cached (None = default_cache_dir()).
+    extract_limits: the most members and bytes an archive may declare before it is extracted (ExtractLimits).
 
     image_size: 0 = native (imagefolder: 224), > 0 resizes. aug: train-time augmentation.
     randaugment: (N ops, magnitude M of 30) added to the training augmentation when aug; (0, 0) = off.
@@ -673,7 +726,7 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
         loaded, (mean, std) = _load_cifar100(root_path), (CIFAR100_MEAN, CIFAR100_STD)
     else:
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        *loaded, wnids = _load_tiny_imagenet(root_path, cache, selection)
+        *loaded, wnids = _load_tiny_imagenet(root_path, cache, selection, extract_limits)
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         subset = tuple(wnids) if selection is not None else ()
     images, labels, test_images, test_labels, class_names = loaded

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
@@ -180,14 +181,51 @@ def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+LOAD_CAP_ENV = "KD_MAX_LOAD_GB"  # the most a loaded file may expand to in memory, in GiB
+DEFAULT_LOAD_CAP_GB = 8.0  # well above any checkpoint here (a ViT-L state dict with its optimiser: ~3.5 GiB)
+
+
+def load_cap_bytes() -> int:
+    """The load cap in bytes: $KD_MAX_LOAD_GB GiB, else DEFAULT_LOAD_CAP_GB."""
+    raw = os.environ.get(LOAD_CAP_ENV, "").strip()
+    try:
+        gb = float(raw) if raw else DEFAULT_LOAD_CAP_GB
+    except ValueError:
+        gb = float("nan")
+    if not gb > 0 or math.isinf(gb):
+        raise CheckpointError(f"${LOAD_CAP_ENV} must be a positive number of GiB, got {raw!r}")
+    return int(gb * 2**30)
+
+
+def check_load_size(path: Path, what: str = "checkpoint") -> None:
+    """Refuse (CheckpointError, one line) a file whose content would take more memory than the load cap, before
+    anything is read into memory: for torch's zip format the sizes its zip directory declares for its members
+    (a compressed member can expand 1000-fold), else the file's size."""
+    cap, size = load_cap_bytes(), path.stat().st_size
+    total = size
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                total = max(size, sum(i.file_size for i in zf.infolist()))
+    except (OSError, zipfile.BadZipFile, ValueError):  # not a readable zip: the loader reports what it is
+        pass
+    if total > cap:
+        raise CheckpointError(f"{what} {path} would expand to {total / 2**30:.3g} GiB in memory, above the load cap "
+                              f"of {cap / 2**30:.3g} GiB (${LOAD_CAP_ENV}: raise it for a file you trust); not loaded")
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    size_cap: bool = True) -> Any:
     """torch.load with weights_only=True; a missing or unreadable file, or one whose checksum trailer does not
     match its content, raises CheckpointError (one line). Files without a trailer (torch.save elsewhere, older
-    kd versions) load unverified."""
+    kd versions) load unverified. `size_cap`: refuse a file that would expand past the load cap
+    (check_load_size, $KD_MAX_LOAD_GB) without loading it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        if size_cap:
+            check_load_size(path)
         verified = verify_checksum(path)
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None

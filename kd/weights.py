@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, first_line
+from .io import check_load_size
 
 WRAPPER_KEYS = ("state_dict", "model")  # checkpoint dicts holding the state dict (timm/torchvision scripts, kd)
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -43,6 +44,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
         raise CheckpointError(f"{what} is not a file")
     if not os.access(p, os.R_OK):
         raise CheckpointError(f"{what} cannot be read (permission denied)")
+    check_load_size(p, what="weights file")
     try:
         if p.suffix.lower() == ".safetensors":
             import safetensors.torch

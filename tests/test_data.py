@@ -511,3 +511,76 @@ def test_the_leftovers_of_killed_writers_are_removed_by_the_next_write(tmp_path)
     half = target.parent / f".{target.name}.extract-{ended.pid}-xyz"
     (half / "train").mkdir(parents=True)
     assert kd_data._extract_once(archive, tmp_path / "cache") == target and not half.exists()
+
+
+# ---- archive extraction caps: the member list is read before anything is extracted (issue 23)
+def _zip_of(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            zf.write(path, path.relative_to(folder.parent))
+    return archive
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_archive_over_the_member_or_size_cap_is_refused_before_extracting(tmp_path, kind, monkeypatch):
+    source = _write_tiny(tmp_path / "src")
+    (source / "zeros.bin").write_bytes(bytes(3_000_000))  # compresses to a few kB, declares 3 MB
+    archive = tmp_path / f"tiny-fake.{kind}"
+    if kind == "zip":
+        _zip_of(source, archive)
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(source, arcname=source.name)
+    assert archive.stat().st_size < 100_000
+    members = len(list(source.rglob("*"))) + (kind == "tar.gz")  # a tar also lists the top folder
+    for cls in (zipfile.ZipFile, tarfile.TarFile):
+        monkeypatch.setattr(cls, "extractall", lambda *a, **k: pytest.fail("extracted past the cap"))
+    cache = tmp_path / "cache"
+    few_files = kd_data.ExtractLimits(max_bytes=10**9, max_files=members - 1)
+    with pytest.raises(DataError, match=rf"holds more than {members - 1} files \(--data.max-extract-files\); "
+                                        "nothing was extracted"):
+        build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache, extract_limits=few_files)
+    few_bytes = kd_data.ExtractLimits(max_bytes=2_000_000, max_files=1000)
+    with pytest.raises(DataError, match=r"expands to more than 0.002 GB \(--data.max-extract-gb; it declares "):
+        build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache, extract_limits=few_bytes)
+    assert not cache.exists() or not any(cache.rglob("*"))  # not a byte written
+    monkeypatch.undo()
+    enough = kd_data.ExtractLimits(max_bytes=4_000_000, max_files=members)
+    _check_tiny(build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache,
+                           extract_limits=enough), cache)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_extraction_leaves_no_half_extracted_folder(tmp_path, failure, monkeypatch):
+    archive = _zip_of(_write_tiny(tmp_path / "src"), tmp_path / "tiny-fake.zip")
+    real = zipfile.ZipFile.extractall
+
+    def extract_then_fail(self, path, *args, **kwargs):
+        real(self, path, *args, **kwargs)  # everything written, then the disk fills (or Ctrl-C)
+        raise failure
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", extract_then_fail)
+    cache = tmp_path / "cache"
+    expected = (DataError, "could not extract .*No space left on device") if isinstance(failure, OSError) \
+        else (KeyboardInterrupt, None)
+    with pytest.raises(expected[0], match=expected[1]):
+        build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache)
+    assert list((cache / "extracted").iterdir()) == []  # the temp folder went with the failure
+
+
+def test_extraction_caps_are_flags_refused_in_one_line(tmp_path, capsys):
+    import train
+
+    source = _write_tiny(tmp_path / "src")
+    archive = _zip_of(source, tmp_path / "tiny-fake.zip")
+    members = len(list(source.rglob("*")))
+    base = ["--preset", "smoke", "--method", "ce", "--student.model", "resnet8", "--data.dataset", "tiny-imagenet",
+            "--data.root", str(archive), "--data.cache-dir", str(tmp_path / "cache"), "--wandb.mode", "disabled",
+            "--run.out-dir", str(tmp_path / "runs"), "--run.name", "r"]
+    assert train.main([*base, "--data.max-extract-files", str(members - 1)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {archive} holds more than {members - 1} files (--data.max-extract-files); nothing was "
+                   "extracted (raise the flag if the archive is what you meant)")
+    assert train.main([*base, "--data.max-extract-gb", "0"]) == 2
+    assert "--data.max-extract-gb must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()

@@ -48,6 +48,8 @@ def refused(capsys, tmp_path: Path, *args: str) -> str:
     (["--method", "asmb", "--asmb.mbm-query-dim", "7"], "mbm query dim 7"),
     (["--data.dataset", "imagefolder", "--data.root", "/nonexistent/imagenet100"], "/nonexistent/imagenet100"),
     (["--run.keep-last", "0"], "--run.keep-last must be >= 1"),
+    (["--run.dist-timeout-min", "0"], "--run.dist-timeout-min must be > 0, got 0.0"),
+    (["--data.max-extract-files", "0"], "--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1"),
     (["--run.resume", "auto"], "--run.resume auto needs --run.name"),
     (["--run.resume", "auto", "--run.name", "r", "--run.overwrite", "True"], "exclude each other"),
     (["--run.resume", "/nonexistent/run"], "no such checkpoint file or run directory"),
@@ -221,3 +223,50 @@ def test_an_empty_validation_split_and_nan_in_a_summary(tmp_path):
         validation_split(torch.tensor([0, 1, 2]), 0.1, 0)
     atomic_write_json({"best/val_acc": math.nan, "rows": [math.inf, 1.5]}, tmp_path / "s.json")
     assert json.loads((tmp_path / "s.json").read_text()) == {"best/val_acc": None, "rows": [None, 1.5]}  # strict JSON
+
+
+def _zip_declaring(path: Path, members: int, declared: int) -> Path:
+    """A few-hundred-byte zip (torch's checkpoint container) whose directory says each of `members` members
+    holds `declared` bytes once inflated: a 'zip bomb' checkpoint, never to be loaded."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(members):
+            zf.writestr(f"archive/data/{i}", b"\0" * 1000)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"PK\x01\x02")  # the central directory's file headers: uncompressed size at offset 24
+    while at != -1:
+        struct.pack_into("<I", raw, at + 24, declared)
+        at = raw.find(b"PK\x01\x02", at + 4)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_checkpoint_whose_zip_directory_declares_gigabytes_is_refused_without_loading(capsys, tmp_path,
+                                                                                            monkeypatch):
+    import re
+
+    from kd.errors import CheckpointError
+    from kd.io import safe_torch_load
+    from kd.weights import read_weights
+
+    bomb = _zip_declaring(tmp_path / "bomb.pt", members=3, declared=0xF0000000)  # 3 x 3.75 GiB declared
+    assert bomb.stat().st_size < 2000
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    expected = f"would expand to 11.2 GiB in memory, above the load cap of 8 GiB ($KD_MAX_LOAD_GB"
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"checkpoint {bomb} {expected}")):
+        safe_torch_load(bomb)
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"weights file {bomb} {expected}")):
+        read_weights(bomb)
+    err = refused(capsys, tmp_path, "--student.checkpoint", str(bomb))
+    assert expected in err and not (tmp_path / "runs").exists()
+    err = refused(capsys, tmp_path, "--method", "kd", "--teachers", "resnet8", "--teachers.checkpoints", str(bomb))
+    assert expected in err
+    monkeypatch.setenv("KD_MAX_LOAD_GB", "0.000001")  # ~1 kB: an ordinary small checkpoint is over it
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "small.pt")
+    with pytest.raises(CheckpointError, match=r"above the load cap of 9.99e-07 GiB"):
+        safe_torch_load(tmp_path / "small.pt")
+    monkeypatch.setenv("KD_MAX_LOAD_GB", "lots")
+    with pytest.raises(CheckpointError, match=r"KD_MAX_LOAD_GB must be a positive number of GiB, got 'lots'"):
+        safe_torch_load(tmp_path / "small.pt")

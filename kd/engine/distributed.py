@@ -5,7 +5,9 @@ and talks to wandb. `DIST` describes this process; with one process every helper
 from __future__ import annotations
 
 import os
+import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    timeout_min: float = 30.0  # how long a collective waits for the other ranks (--run.dist-timeout-min)
 
     @property
     def enabled(self) -> bool:
@@ -31,9 +34,11 @@ class DistInfo:
 DIST = DistInfo()
 
 
-def init_distributed(global_batch_size: int, use_cuda: bool, sync_bn: bool) -> None:
+def init_distributed(global_batch_size: int, use_cuda: bool, sync_bn: bool, timeout_min: float = 30.0) -> None:
     """Join the process group when torchrun started several processes (WORLD_SIZE > 1); bad settings are a
-    ConfigError before joining."""
+    ConfigError before joining. A collective that waits more than `timeout_min` minutes for the other ranks
+    fails (gloo: a RuntimeError, told in one line by collective_timeout; NCCL: its watchdog ends the process
+    and names the operation) instead of waiting forever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and sync_bn:
         raise ConfigError("--run.sync-bn True synchronises BatchNorm across torchrun processes; this run has one "
@@ -48,14 +53,16 @@ def init_distributed(global_batch_size: int, use_cuda: bool, sync_bn: bool) -> N
         raise ConfigError("--run.sync-bn True needs CUDA (SyncBatchNorm has no CPU implementation)")
     if cuda:
         torch.cuda.set_device(DIST.local_rank)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    DIST.world_size = world
+    if not timeout_min > 0:
+        raise ConfigError(f"--run.dist-timeout-min must be > 0, got {timeout_min}")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min))
+    DIST.world_size, DIST.timeout_min = world, timeout_min
 
 
 def close_distributed() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    DIST.rank, DIST.world_size, DIST.local_rank = 0, 1, 0
+    DIST.rank, DIST.world_size, DIST.local_rank, DIST.timeout_min = 0, 1, 0, 30.0
 
 
 def barrier() -> None:
@@ -88,6 +95,25 @@ def rank0_values(*values: float) -> tuple[float, ...]:
     t = torch.tensor(values, dtype=torch.float64, device=on)
     torch.distributed.broadcast(t, src=0)
     return tuple(t.tolist())
+
+
+def collective_timeout(e: BaseException) -> str | None:
+    """The one-line report of a collective that timed out under DDP, naming this rank, the collective
+    (torch.distributed's function, or DDP's gradient all-reduce) and the kd function that called it; None
+    for any other error. A rank waits there when another rank stopped, hangs or took another branch."""
+    text = str(e)
+    if not DIST.enabled or not isinstance(e, RuntimeError) or not ("timed out" in text.lower()
+                                                                   or "timeout" in text.lower()):
+        return None
+    frames = traceback.extract_tb(e.__traceback__)
+    ops = [f.name for f in frames if f.filename.endswith("distributed_c10d.py") and not f.name.startswith("_")
+           and f.name != "wrapper"]
+    caller = next((f for f in reversed(frames) if f"{os.sep}torch{os.sep}" not in f.filename), None)
+    op = ops[-1] if ops else "DDP's gradient all-reduce" if caller and caller.name in ("backward", "step") or \
+        any("autograd" in f.filename for f in frames) else "a collective"
+    where = f" (called from {caller.name}, {os.path.basename(caller.filename)}:{caller.lineno})" if caller else ""
+    return (f"rank {DIST.rank}: {op}{where} timed out after {DIST.timeout_min:g} min (--run.dist-timeout-min) "
+            "waiting for the other ranks; one of them stopped, hangs or took another path")
 
 
 def say(msg: str) -> None:
