@@ -116,8 +116,10 @@ def teacher_key(identity: dict[str, Any]) -> str:
 
 def teacher_seed(identity: dict[str, Any]) -> int:
     """The seed of a teacher's initialisation and data order: a function of its identity (its --teachers.seed
-    included) only, so the same identity gives the same weights whichever run or method trains it."""
-    return int(teacher_key(identity)[:8], 16) % 2**31
+    included) only, so the same identity gives the same weights whichever run or method trains it. Where it is
+    fine-tuned (`compute`) changes its bits, not its seed: one recipe starts from one initialisation everywhere."""
+    recipe_only = {k: v for k, v in identity.items() if k != "compute"}
+    return int(teacher_key(recipe_only)[:8], 16) % 2**31
 
 
 def teacher_cache_path(cache_dir: str | Path, identity: dict[str, Any]) -> Path:

@@ -14,7 +14,8 @@ from PIL import Image
 import train
 from kd.data import SyntheticSpec, build_data, tensor_fingerprint
 from kd.errors import CheckpointError, ConfigError
-from kd.teachers import identity_difference, teacher_cache_path, teacher_identities, teacher_key, teacher_lock
+from kd.teachers import (identity_difference, teacher_cache_path, teacher_identities, teacher_key, teacher_lock,
+                         teacher_seed)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,6 +204,7 @@ def test_the_cpu_thread_count_and_device_are_part_of_the_teacher_identity():
     assert gpu["compute"] == {"device": "cuda", "world_size": 1}
     assert len({teacher_key(one), teacher_key(two), teacher_key(gpu)}) == 3
     assert "compute.threads" in identity_difference(one, two)  # what a resume with other threads is told
+    assert teacher_seed(one) == teacher_seed(two) == teacher_seed(gpu)  # one recipe, one initialisation
 
 
 def test_teacher_lock_is_exclusive_between_holders(tmp_path):
