@@ -27,8 +27,8 @@ from typing import Annotated, Any, Literal
 import tyro
 import yaml
 
-from kd.configs import (MULTI_TEACHER_METHODS, AsmbCfg, ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg,
-                        FitNetCfg, KDCfg, PKTCfg, RKDCfg, SPCfg)
+from kd.configs import (MULTI_TEACHER_METHODS, AEKDCfg, AsmbCfg, ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg,
+                        EBKDCfg, FitNetCfg, KDCfg, PKTCfg, RKDCfg, SPCfg)
 from kd.engine.cli import (bool_flags, first_message, flag_names, focused_config, load_config_json, normalize_booleans,
                            pop_option, run_name, unknown_flag_message)
 from kd.engine.rundir import check_run_dir, check_run_name, new_run_dir, prepare_run_dir, release_run_dirs
@@ -76,7 +76,7 @@ def load_runtime() -> None:
 
 
 METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
-                       "ebkd", "asmb"]
+                       "ebkd", "aekd", "asmb"]
 
 
 # ---- Config: every field is a CLI flag (`--group.field`); the docstring under it is its --help line.
@@ -161,7 +161,7 @@ class TeachersCfg:
     """where fine-tuned teachers are cached (the name records dataset, arch, stem, classes, seed, data hash)."""
     select: Literal["best", "0", "1", "both"] = "best"
     """teacher(s) a single-teacher baseline distils from: best by val accuracy, by position, or both (KD of the
-    mean logits); multi-teacher methods (aver, camkd, ebkd) always use every teacher."""
+    mean logits); multi-teacher methods (aver, camkd, ebkd, aekd) always use every teacher."""
     epochs: int = 30
     """teacher fine-tuning epochs (stage 0)."""
     lr: float = 0.01
@@ -272,7 +272,7 @@ class Config:
 
     method: METHOD_NAMES = "kd"
     """what to train: teacher (fine-tune the teachers), ce (student alone), kd, ... (single-teacher baselines),
-    aver / camkd / ebkd (multi-teacher baselines, all --teachers), asmb (two-teacher ASMB, see --asmb.*)."""
+    aver / camkd / ebkd / aekd (multi-teacher baselines, all --teachers), asmb (two-teacher ASMB, see --asmb.*)."""
     preset: Literal["none", "smoke"] = "none"
     """start from a preset (smoke: tiny models and synthetic data, a few CPU minutes); flags override it."""
     data: DataCfg = field(default_factory=DataCfg)
@@ -293,6 +293,7 @@ class Config:
     aver: AverCfg = field(default_factory=AverCfg)
     camkd: CAMKDCfg = field(default_factory=CAMKDCfg)
     ebkd: EBKDCfg = field(default_factory=EBKDCfg)
+    aekd: AEKDCfg = field(default_factory=AEKDCfg)
     asmb: AsmbCfg = field(default_factory=AsmbCfg)
 
 
@@ -309,7 +310,8 @@ def smoke_preset() -> Config:
 
 
 PRESETS = {"none": Config, "smoke": smoke_preset}
-METHOD_GROUPS = ("kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd", "ebkd", "asmb")
+METHOD_GROUPS = ("kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd", "ebkd", "aekd",
+                 "asmb")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from typing import Literal
 from .errors import ConfigError
 
 # Methods that distil from every --teachers model (Method.multi_teacher; at least two teachers).
-MULTI_TEACHER_METHODS = ("aver", "camkd", "ebkd")
+MULTI_TEACHER_METHODS = ("aver", "camkd", "ebkd", "aekd")
 
 
 MIN_TEMPERATURE = 1e-3
@@ -211,6 +211,33 @@ class EBKDCfg(TemperatureChecked):
     """weight of the cross-entropy on labels."""
     kd_weight: float = 1.0
     """weight of the entropy-weighted KD term."""
+
+
+@dataclass
+class AEKDCfg(TemperatureChecked):
+    """--method aekd: adaptive ensemble KD (Du et al., NeurIPS 2020): teacher weights from the min-norm point of
+    the teachers' KD gradients w.r.t. the student's logits (all --teachers)."""
+
+    temperature: float = 4.0
+    """softmax temperature T of the KD terms (and of their gradients)."""
+    ce_weight: float = 1.0
+    """weight of the cross-entropy on labels."""
+    kd_weight: float = 1.0
+    """weight of the adaptively weighted KD term."""
+    tolerance: float = 0.6
+    """upper bound C on each teacher's weight (the paper's tolerance for disagreement; the CA-MKD code's -C 0.6);
+    clamped to [1/M, 1] (1/M: equal weights, 1: no bound)."""
+    normalize_grads: bool = False
+    """solve the min-norm problem for unit-norm gradients, then divide each weight by its gradient's norm and
+    renormalise (the CA-MKD code's --svm_norm; off there by default)."""
+    per_sample: bool = False
+    """one weight vector per sample (the min-norm point of each sample's per-teacher gradients) instead of one per
+    batch (the CA-MKD code: the min-norm point of the batch-mean gradients)."""
+
+    def check(self) -> None:
+        super().check()
+        if not self.tolerance > 0:
+            raise ConfigError(f"--aekd.tolerance must be > 0, got {self.tolerance}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ teacher unless stated (only RKD does, as its reference does): detach teacher ten
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -110,6 +111,96 @@ def entropy_weights(logits_teachers: Tensor) -> Tensor:
     log_p = F.log_softmax(logits_teachers, dim=2)
     ent = -(log_p.exp() * log_p).sum(dim=2)
     return 1.0 - ent / ent.sum(dim=0, keepdim=True)
+
+
+MIN_NORM_MAX_TEACHERS = 6  # min_norm_simplex_weights enumerates up to 3^M faces
+
+
+def min_norm_simplex_weights(gram: Tensor, upper: float = 1.0) -> Tensor:
+    """The min-norm point of the convex hull of M vectors with Gram matrix G, with a cap on each weight:
+
+        a* = argmin_a  a^T G a   s.t.  sum_m a_m = 1,  0 <= a_m <= upper        (MGDA; AE-KD with upper = C)
+
+    batched over leading dims: [..., M, M] -> [..., M]. `upper` is clamped to [1/M, 1] (1/M: the only feasible
+    point is the uniform one; 1: no cap). Exact (no iterations): every face of the feasible polytope (each weight
+    at 0, free, or at the cap) is tried; on a face the KKT system G_FF a_F - lambda 1 = -upper * G_FU 1,
+    sum a_F = 1 - upper |U| is solved (least squares, so a singular G, e.g. two equal teachers, is fine), and
+    the feasible candidate of least a^T G a is kept (faces with more free weights first: ties keep the
+    minimum-norm, e.g. uniform, solution). Solved on the CPU in float64 (one host sync); returned on G's device
+    and dtype, without gradient. M <= 6 (3^M faces)."""
+    m = gram.shape[-1]
+    if m > MIN_NORM_MAX_TEACHERS:
+        raise ValueError(f"min_norm_simplex_weights solves up to {MIN_NORM_MAX_TEACHERS} vectors, got {m}")
+    upper = min(max(float(upper), 1.0 / m), 1.0)
+    g = gram.detach().to("cpu", torch.float64).reshape(-1, m, m)
+    n, tol = g.shape[0], 1e-9
+    states = (1, 0, 2) if upper < 1.0 else (1, 0)  # 1 free, 0 at zero, 2 at the cap
+    patterns = sorted(itertools.product(states, repeat=m), key=lambda pat: -pat.count(1))
+    best = torch.full((n, m), 1.0 / m, dtype=torch.float64)
+    best_obj = torch.full((n,), math.inf, dtype=torch.float64)
+    scale = g.diagonal(dim1=1, dim2=2).abs().amax(dim=1).clamp_min(1e-300)
+    for pat in patterns:
+        free = [i for i, st in enumerate(pat) if st == 1]
+        capped = [i for i, st in enumerate(pat) if st == 2]
+        rest = 1.0 - upper * len(capped)
+        if rest < -tol or rest > upper * len(free) + tol or (not free and abs(rest) > tol):
+            continue
+        alpha = torch.tensor([upper if st == 2 else 0.0 for st in pat], dtype=torch.float64).repeat(n, 1)
+        if free:
+            k = len(free)
+            a = torch.zeros(n, k + 1, k + 1, dtype=torch.float64)
+            a[:, :k, :k] = g[:, free][:, :, free]
+            a[:, :k, k] = -1.0
+            a[:, k, :k] = 1.0
+            b = torch.zeros(n, k + 1, 1, dtype=torch.float64)
+            if capped:
+                b[:, :k, 0] = -upper * g[:, free][:, :, capped].sum(dim=2)
+            b[:, k, 0] = rest
+            alpha[:, free] = torch.linalg.lstsq(a, b, driver="gelsd").solution[:, :k, 0]
+        ok = ((alpha >= -tol) & (alpha <= upper + tol)).all(dim=1)
+        obj = torch.einsum("nm,nmk,nk->n", alpha, g, alpha)
+        better = ok & (obj < best_obj - 1e-13 * scale)
+        best_obj = torch.where(better, obj, best_obj)
+        best = torch.where(better[:, None], alpha, best)
+    best = best.clamp(0.0, upper)
+    best = best / best.sum(dim=1, keepdim=True)
+    return best.reshape(gram.shape[:-1]).to(gram.device, gram.dtype)
+
+
+def kd_logit_gradients(logits_student: Tensor, logits_teachers: Tensor, temperature: Scalar) -> Tensor:
+    """d/ds_b of T^2 * KL(softmax(t_b/T) || softmax(s_b/T)) = T * (softmax(s_b/T) - softmax(t_b/T)) for each
+    teacher and row: student [B, C], teachers [M, B, C] -> [M, B, C] (the per-sample KD term's gradient with
+    respect to the student's logits; kd_loss's is this / B)."""
+    p_s = F.softmax(logits_student / temperature, dim=-1)
+    p_t = F.softmax(logits_teachers / temperature, dim=-1)
+    return temperature * (p_s.unsqueeze(0) - p_t)
+
+
+def aekd_weights(logits_student: Tensor, logits_teachers: Tensor, temperature: Scalar, tolerance: float = 0.6,
+                 normalize: bool = False, per_sample: bool = False) -> Tensor:
+    """AE-KD teacher weights (Du et al., NeurIPS 2020, "Agree to Disagree: Adaptive Ensemble Knowledge
+    Distillation in Gradient Space"): the min-norm point, with each weight capped at the tolerance C, of the
+    teachers' KD-loss gradients with respect to the student's logits (kd_logit_gradients g[m, b]):
+
+        per batch (the CA-MKD code): v_m = mean_b g[m, b];  a = min_norm_simplex_weights(V V^T, C)     -> [M, 1]
+        per sample:                  v_m = g[m, b] for each b, one min-norm problem per sample          -> [M, B]
+        normalize: v_m / ||v_m|| in the problem, then a_m / ||v_m|| renormalised to sum 1 (the code's svm_norm).
+
+    Positive rescaling of all gradients (the code's 1/B factors) leaves the weights unchanged. Student [B, C],
+    teachers [M, B, C]; no gradient flows through the weights."""
+    with torch.no_grad():
+        g = kd_logit_gradients(logits_student.detach(), logits_teachers.detach(), temperature)
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
+        v = g if per_sample else g.mean(dim=1, keepdim=True)  # [M, N, C]
+        v = v.transpose(0, 1)  # [N, M, C]
+        norms = v.norm(dim=2).clamp_min(torch.finfo(v.dtype).tiny)  # [N, M]
+        if normalize:
+            v = v / norms.unsqueeze(2)
+        a = min_norm_simplex_weights(v @ v.transpose(1, 2), tolerance)  # [N, M]
+        if normalize:
+            a = a / norms
+            a = a / a.sum(dim=1, keepdim=True)
+    return a.transpose(0, 1).to(logits_student.dtype)
 
 
 def weighted_teacher_mean(weights: Tensor, per_sample_losses: Tensor) -> Tensor:

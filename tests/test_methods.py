@@ -268,7 +268,7 @@ def test_at_taps_every_non_stem_map_on_five_map_networks():
 
 
 # ------------------------------------------------------------------------------------------------ multi-teacher
-MULTI = ["aver", "ebkd", "camkd"]
+MULTI = ["aver", "ebkd", "camkd", "aekd"]
 
 
 def _kl_t2(s, t, temp):
@@ -510,3 +510,131 @@ def test_weighted_loss_is_bitwise_the_plain_weighted_sum_when_no_weight_is_zero(
     assert torch.equal(weighted_loss(terms, weights), sum(weights.get(k, 1.0) * v for k, v in terms.items()))
     zero = weighted_loss(terms, {**weights, "feat": 0.0})
     assert torch.equal(zero, 0.1 * terms["ce"] + 0.9 * terms["kd"] + terms["extra"])
+
+
+# ------------------------------------------------------------------------------------------------ AE-KD
+def _simplex_grid(m, steps, upper):
+    """Every point of the simplex with coordinates in multiples of 1/steps, each <= upper: [N, m] float64."""
+    import itertools
+
+    pts = [c for c in itertools.product(range(steps + 1), repeat=m - 1) if sum(c) <= steps]
+    grid = torch.tensor([[*c, steps - sum(c)] for c in pts], dtype=torch.float64) / steps
+    return grid[(grid <= upper + 1e-12).all(1)]
+
+
+def _check_min_norm(v, a, upper):
+    """a [M] is the min-norm point of the vectors v [M, D] with weights capped at `upper`: KKT conditions to 1e-10
+    (which certify the optimum of this convex problem) and no grid point of the capped simplex does better."""
+    gram = v @ v.T
+    h = gram @ a  # half the objective's gradient
+    assert abs(a.sum().item() - 1) < 1e-12 and (a >= 0).all() and (a <= upper + 1e-12).all()
+    free = (a > 1e-9) & (a < upper - 1e-9)
+    lam = h[free].mean() if free.any() else None
+    scale = gram.diagonal().max().item()
+    if lam is not None:
+        assert (h[free] - lam).abs().max().item() < 1e-10 * scale
+        assert (h[a <= 1e-9] >= lam - 1e-10 * scale).all()
+        assert (h[a >= upper - 1e-9] <= lam + 1e-10 * scale).all()
+    obj = a @ gram @ a
+    grid = _simplex_grid(len(a), 400 if len(a) == 2 else 120, upper)
+    grid_obj = torch.einsum("nm,mk,nk->n", grid, gram, grid)
+    assert obj.item() <= grid_obj.min().item() + 1e-12 * scale
+    step = 1 / (400 if len(a) == 2 else 120)
+    best = grid[grid_obj.argmin()]
+    assert (best - a).abs().max().item() < 0.15 + step  # the grid's argmin lies near (ill-conditioned: loosely)
+
+
+def _min_norm_two(v1, v2, upper):
+    """Closed form for two vectors: a1 = <v2 - v1, v2> / ||v1 - v2||^2 clipped to [1 - C, C]."""
+    a1 = ((v2 - v1) @ v2 / ((v1 - v2) @ (v1 - v2))).clamp(1 - upper, upper)
+    return torch.stack([a1, 1 - a1])
+
+
+@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("upper", [1.0, 0.6, 0.45])
+def test_min_norm_simplex_weights_against_brute_force(m, upper):
+    from kd.losses import min_norm_simplex_weights
+
+    g = torch.Generator().manual_seed(10 * m + int(100 * upper))
+    for trial in range(6):
+        dim = [2, 5, 10][trial % 3]
+        v = torch.randn(m, dim, generator=g, dtype=torch.float64) + (trial % 2) * torch.randn(dim, generator=g,
+                                                                                                 dtype=torch.float64)
+        a = min_norm_simplex_weights(v @ v.T, upper)
+        assert a.dtype == torch.float64
+        _check_min_norm(v, a, min(max(upper, 1 / m), 1.0))
+        if m == 2:
+            torch.testing.assert_close(a, _min_norm_two(v[0], v[1], max(upper, 0.5)), rtol=0, atol=1e-10)
+    # batched over leading dims; equal vectors: the uniform point; a zero vector takes all the weight it may
+    v = torch.randn(4, m, 6, generator=g, dtype=torch.float64)
+    batched = min_norm_simplex_weights(v @ v.transpose(1, 2), upper)
+    for i in range(4):
+        torch.testing.assert_close(batched[i], min_norm_simplex_weights(v[i] @ v[i].T, upper), rtol=0, atol=1e-12)
+    same = torch.ones(m, 3, dtype=torch.float64)
+    torch.testing.assert_close(min_norm_simplex_weights(same @ same.T, upper), torch.full((m,), 1 / m,
+                                                                                          dtype=torch.float64))
+    zero = torch.randn(m, 3, generator=g, dtype=torch.float64)
+    zero[0] = 0
+    assert min_norm_simplex_weights(zero @ zero.T, upper)[0].item() == pytest.approx(min(max(upper, 1 / m), 1.0))
+
+
+def _aekd_transcription(s, ts, y, temp, upper, per_sample=False, normalize=False):
+    """AE-KD written out: autograd gradients of each teacher's batch-mean KD loss w.r.t. the student's logits
+    (as the CA-MKD code takes them), their batch mean (or each row), the min-norm weights (closed form for two
+    teachers, else the solver's, certified by _check_min_norm), then CE + sum_m a_m KD_m."""
+    from kd.losses import min_norm_simplex_weights
+
+    grads = []
+    for t in ts:
+        leaf = s.detach().clone().requires_grad_()
+        grads.append(torch.autograd.grad(_kl_t2(leaf, t, temp).mean(), leaf)[0])  # [B, C], = T (p_s - p_t) / B
+    grads = torch.stack(grads)  # [M, B, C]
+    groups = [grads[:, b] for b in range(BATCH)] if per_sample else [grads.mean(1)]
+    weights = []
+    for v in groups:  # [M, C]
+        norms = v.norm(dim=1)
+        u = v / norms[:, None] if normalize else v
+        cap = min(max(upper, 1 / len(ts)), 1.0)  # the cap is clamped to [1/M, 1]
+        a = _min_norm_two(u[0], u[1], cap) if len(ts) == 2 else min_norm_simplex_weights(u @ u.T, upper)
+        _check_min_norm(u, a, cap)
+        if normalize:
+            a = a / norms / (a / norms).sum()
+        weights.append(a)
+    kd_rows = torch.stack([_kl_t2(s, t, temp) for t in ts])  # [M, B]
+    if per_sample:
+        kd = sum((weights[b] * kd_rows[:, b]).sum() for b in range(BATCH)) / BATCH
+    else:
+        kd = sum(weights[0][m] * kd_rows[m].mean() for m in range(len(ts)))
+    return _ce_rows(s, y).mean() + kd, torch.stack(weights)
+
+
+@pytest.mark.parametrize("num_teachers", [2, 3])
+@pytest.mark.parametrize("variant", [{}, {"per_sample": True}, {"normalize_grads": True},
+                                     {"tolerance": 1.0}, {"tolerance": 0.4, "per_sample": True}])
+def test_aekd_matches_its_transcription_float64(nets, num_teachers, variant):
+    from kd.configs import AEKDCfg
+
+    s, ts, y, inp = _logit_inputs(num_teachers, seed=7)
+    cfg = AEKDCfg(**variant)
+    method = build("aekd", nets[0], list(nets[1]) + [nets[1][0]] * (num_teachers - 2), cfg=cfg)
+    got = _total(method, inp)
+    want, weights = _aekd_transcription(s, ts, y, 4.0, cfg.tolerance, cfg.per_sample, cfg.normalize_grads)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-10,
+                               atol=1e-12)
+    uniform = torch.allclose(weights, torch.full_like(weights, 1 / num_teachers))
+    assert uniform == (cfg.tolerance <= 1 / num_teachers)  # not AVER, unless the cap forces equal weights
+    if cfg.tolerance < 1 and not cfg.normalize_grads:
+        assert weights.max().item() <= min(max(cfg.tolerance, 1 / num_teachers), 1.0) + 1e-12
+
+
+def test_aekd_config_and_teacher_limits(nets):
+    from kd.configs import AEKDCfg
+
+    with pytest.raises(ConfigError, match="tolerance"):
+        AEKDCfg(tolerance=0.0).check()
+    with pytest.raises(ConfigError, match="at most 6"):
+        build("aekd", nets[0], [nets[1][0]] * 7)
+    cfg = train.parse_config(["--preset", "smoke", "--method", "aekd", "--aekd.tolerance", "0.7",
+                              "--aekd.per-sample", "true"])
+    assert cfg.aekd.tolerance == 0.7 and cfg.aekd.per_sample

@@ -8,6 +8,7 @@ may define `check()`, raising ConfigError on bad values; train.py's validate() c
 from __future__ import annotations
 
 from .base import Method, StepInputs, teacher_logits, weighted_loss
+from .aekd import AEKD, AEKDCfg
 from .at import AT, ATCfg
 from .aver import Aver, AverCfg
 from .camkd import CAMKD, CAMKDCfg
@@ -38,7 +39,8 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "aver": (Aver, AverCfg),
     "camkd": (CAMKD, CAMKDCfg),
     "ebkd": (EBKD, EBKDCfg),
+    "aekd": (AEKD, AEKDCfg),
 }
 
-__all__ = ["METHODS", "Method", "StepInputs", "teacher_logits", "weighted_loss", "ATCfg", "AverCfg", "CAMKDCfg", "CRDCfg", "DISTCfg",
-           "DKDCfg", "EBKDCfg", "FitNetCfg", "KDCfg", "PKTCfg", "RKDCfg", "SPCfg"]
+__all__ = ["METHODS", "Method", "StepInputs", "teacher_logits", "weighted_loss", "AEKDCfg", "ATCfg", "AverCfg",
+           "CAMKDCfg", "CRDCfg", "DISTCfg", "DKDCfg", "EBKDCfg", "FitNetCfg", "KDCfg", "PKTCfg", "RKDCfg", "SPCfg"]
