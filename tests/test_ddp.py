@@ -4,6 +4,7 @@ the same global batch, and only rank 0 writes files or prints."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -161,3 +162,162 @@ def test_ranks_whose_validation_numbers_differ_take_rank0s_decisions_and_finish(
     rows = [json.loads(line) for line in (tmp_path / "runs" / "bn" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["phase"] == "kd"] == [1, 2, 3]
     assert (tmp_path / "runs" / "bn" / "checkpoints" / "best.pt").is_file()
+
+
+# ---- BatchNorm models under 2 gloo processes (issue 23): ce, asmb, a killed rank resumed, a collective timeout.
+# resnet8 (BatchNorm) on 16 px synthetic data, global batches of 32, 3 steps an epoch, a checkpoint every 2 steps.
+# Rank 0 alone logs (metrics.jsonl, stdout) and its validation numbers decide for every rank (rank0_values).
+BN = ["--preset", "smoke", "--student.model", "resnet8", "--data.synthetic-train-size", "240",
+      "--data.synthetic-test-size", "60", "--data.synthetic-image-size", "16", "--data.batch-size", "32",
+      "--optim.epochs", "3", "--run.max-steps-per-epoch", "3", "--run.ckpt-every-steps", "2",
+      "--run.deterministic", "True", "--wandb.mode", "disabled", "--run.dist-timeout-min", "0.5"]
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+
+
+def torchrun(tmp: Path, name: str, *args: str, script: str | None = None, script_args: tuple[str, ...] = ()
+             ) -> subprocess.CompletedProcess:
+    """train.py (or `script`, given `script_args` before the flags) under torchrun with 2 gloo processes,
+    writing the run `name` under tmp/runs (teachers cached in tmp/cache)."""
+    program = [str(ROOT / "train.py")]
+    if script is not None:
+        (tmp / "script.py").write_text(script)
+        program = [str(tmp / "script.py"), *script_args]
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *program, *BN, *args,
+                           "--run.name", name, "--run.out-dir", str(tmp / "runs"),
+                           "--teachers.cache-dir", str(tmp / "cache")],
+                          capture_output=True, text=True, env={**env(), "PYTHONPATH": str(ROOT)}, timeout=600)
+
+
+def logged(tmp: Path, name: str) -> tuple[dict, list[dict]]:
+    """The run's final checkpoint (without its rows, config and wandb id) and its metrics rows (without
+    timings), as rank 0 wrote them."""
+    run_dir = tmp / "runs" / name
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timings = ("time_s", "img_per_s", "train/img_per_s", "wall_time_s", "teacher_time_s")
+    return ({k: v for k, v in last.items() if k not in ("rows", "config", "wandb_id")},
+            [{k: v for k, v in r.items() if k not in timings} for r in rows])
+
+
+def assert_same(a, b, where: str = "checkpoint") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def bn_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ddp_bn")
+
+
+@pytest.fixture(scope="module")
+def ce_two(bn_tmp) -> str:
+    """An uninterrupted 2-process ce run of resnet8 (the reference of the resume test)."""
+    out = torchrun(bn_tmp, "ce", "--method", "ce")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("[ce] epoch 3/3") == 1 and out.stdout.count("results") == 1  # rank 0 alone prints
+    return "ce"
+
+
+def assert_logged_by_rank0(tmp: Path, name: str, phases: list[str]) -> None:
+    """One row per epoch and phase (rank 0's: the other ranks log nothing), finite numbers, a best model."""
+    _, rows = logged(tmp, name)
+    assert [r["phase"] for r in rows] == phases
+    for r in rows:
+        assert all(v is None or math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+    assert (tmp / "runs" / name / "checkpoints" / "best.pt").is_file()
+
+
+@needs_torchrun
+def test_ce_with_batchnorm_under_two_processes_ends_and_rank0_logs(bn_tmp, ce_two):
+    assert_logged_by_rank0(bn_tmp, ce_two, ["ce"] * 3)
+
+
+@needs_torchrun
+def test_asmb_with_batchnorm_under_two_processes_ends_and_rank0_logs(bn_tmp):
+    out = torchrun(bn_tmp, "asmb", "--method", "asmb", "--teachers", "resnet8,resnet14", "--teachers.epochs", "1",
+                   "--asmb.num-stages", "1", "--asmb.teacher-epochs", "1", "--asmb.student-epochs", "1")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("results") == 1
+    _, rows = logged(bn_tmp, "asmb")
+    assert [r["phase"] for r in rows] == ["teacher:resnet8", "teacher:resnet14", "asmb:A:s1", "asmb:B:s1",
+                                         "asmb:stage"]
+    assert_logged_by_rank0(bn_tmp, "asmb", [r["phase"] for r in rows])
+
+
+# Rank 1 is SIGKILLed right after the checkpoint of run-wide step 4 (mid-epoch 2), once rank 0 has written it
+# (rank 0 says so through a file: the kill is placed by the run's progress, never by a delay). Rank 0 then
+# fails in its next collective and torchrun ends the job.
+KILL_RANK1 = """
+import os, signal, sys, time
+from pathlib import Path
+from kd.engine.checkpoint import Checkpointer
+save, written = Checkpointer.save, Path(sys.argv[1])
+def save_then_kill_rank1(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == 4:
+        if os.environ["RANK"] == "0":
+            written.write_text("step 4 written")
+        else:
+            while not written.exists():
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+Checkpointer.save = save_then_kill_rank1
+import train
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@needs_torchrun
+def test_a_killed_rank_resumes_with_auto_to_the_uninterrupted_runs_end(bn_tmp, ce_two):
+    killed = torchrun(bn_tmp, "ce-killed", "--method", "ce", script=KILL_RANK1,
+                      script_args=(str(bn_tmp / "written"),))
+    assert killed.returncode != 0 and (bn_tmp / "written").is_file(), killed.stdout[-2000:] + killed.stderr[-2000:]
+    ck = torch.load(bn_tmp / "runs" / "ce-killed" / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["progress"]["step"] == 4 and ck["world_size"] == 2
+    resumed = torchrun(bn_tmp, "ce-killed", "--method", "ce", "--run.resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    (ck_a, rows_a), (ck_b, rows_b) = logged(bn_tmp, ce_two), logged(bn_tmp, "ce-killed")
+    assert_same(ck_b, ck_a)  # weights, BatchNorm statistics, optimiser, loader and RNG states of both ranks
+    assert rows_b == rows_a
+
+
+# Rank 1 never joins the broadcast of rank 0's validation numbers (a rank on another path, or stuck): rank 0
+# gives up after --run.dist-timeout-min and ends in one line naming itself and the collective.
+STUCK_RANK1 = """
+import os, sys, time
+from pathlib import Path
+import kd.engine.distributed as dist
+done = Path(sys.argv[1])
+if os.environ["RANK"] == "1":
+    def stuck(*values):
+        while not done.exists():
+            time.sleep(0.02)
+        os._exit(0)
+    dist.rank0_values = stuck
+import train
+code = train.main(sys.argv[2:])
+done.write_text(str(code))
+sys.exit(code)
+"""
+
+
+@needs_torchrun
+def test_a_rank_left_waiting_in_a_collective_ends_in_one_line_after_the_timeout(tmp_path):
+    out = torchrun(tmp_path, "stuck", "--method", "ce", "--optim.epochs", "1", "--run.dist-timeout-min", "0.2",
+                   script=STUCK_RANK1, script_args=(str(tmp_path / "done"),))
+    assert out.returncode != 0 and (tmp_path / "done").read_text() == "1", out.stdout[-2000:] + out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if "timed out" in line]
+    assert len(lines) == 1, out.stderr[-3000:]
+    assert lines[0].startswith("error: rank 0: broadcast (called from rank0_values, distributed.py:")
+    assert lines[0].endswith("timed out after 0.2 min (--run.dist-timeout-min) waiting for the other ranks; one of "
+                             "them stopped, hangs or took another path")
