@@ -25,7 +25,7 @@ import numpy as np
 from kd.engine.records import (final_metric, flatten_config, is_teacher_phase, metric_history, read_json,
                                read_rows, rounded_number)
 from kd.errors import ConfigError, WriteError
-from kd.io import atomic_write_text
+from kd.io import atomic_write_bytes, atomic_write_text
 from sweep import DONE, STATE_FILE, Spec, distribution, flatten_parameters
 
 # Config keys that never make two runs different settings (seeds are averaged over).
@@ -50,6 +50,14 @@ class Run:
     @property
     def finished(self) -> bool:
         return self.summary is not None
+
+
+def save_figure(fig, path: Path) -> None:
+    """`fig` as a PNG at `path`, rendered in memory and written atomically: a killed or failed report leaves the
+    previous file or none, never a 0-byte or truncated PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -284,7 +292,7 @@ def make_plots(groups: list[tuple[str, list[Run]]], sweeps: list[SweepInfo], out
     written = []
     fig = curves_figure(plt, groups)
     if fig.axes[0].lines:
-        fig.savefig(out / "curves.png", dpi=120, bbox_inches="tight")
+        save_figure(fig, out / "curves.png")
         written.append(out / "curves.png")
     plt.close(fig)
     for sweep in sweeps:
@@ -363,7 +371,7 @@ def plot_sweep(plt, sweep: SweepInfo, out: Path) -> Path | None:
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize="small")
     fig.tight_layout()
     path = out / f"sweep-{sweep.name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -539,7 +547,7 @@ def plot_comparison(rows: list[Compared], out: Path) -> Path | None:
         return None
     fig = comparison_figure(plt, rows)
     path = out / "comparison.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -621,7 +629,7 @@ def plot_asmb_stages(plt, run: Run, stages: list[dict[str, Any]]) -> Path:
     """asmb_stages.png in the run directory (asmb_stages_figure)."""
     fig = asmb_stages_figure(plt, run, stages)
     path = run.path / "asmb_stages.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -711,7 +719,7 @@ def plot_run_curves(plt, run: Run) -> Path:
                       loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = run.path / "run_curves.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

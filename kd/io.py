@@ -143,6 +143,11 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write `data` to `path` atomically (a figure rendered in memory, say)."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write `obj` as indented, strict JSON to `path` atomically: NaN and infinities become null (bare NaN is
     not JSON; other readers refuse the file)."""

@@ -262,3 +262,28 @@ def test_curves_of_single_phase_methods_are_labelled_by_their_own_epoch(tmp_path
     assert run.name == "kd-s0"
     report.plot_run_curves(plt, run)
     assert (run.path / "run_curves.png").exists()
+
+
+def test_figures_are_written_atomically_a_failed_render_leaves_no_empty_png(tmp_path, monkeypatch):
+    """A report killed or failing while a figure renders leaves the previous PNG (or none), never a 0-byte one:
+    the PNG is rendered in memory and renamed into place."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = tmp_path / "curves.png"
+    report.save_figure(fig, path)
+    good = path.read_bytes()
+    assert good.startswith(b"\x89PNG") and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+    def savefig_dies(*args, **kwargs):
+        args[0].write(b"\x89PNG half")  # part of the image, then the renderer fails (or a kill)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig, "savefig", savefig_dies)
+    with pytest.raises(KeyboardInterrupt):
+        report.save_figure(fig, path)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    with pytest.raises(KeyboardInterrupt):
+        report.save_figure(fig, tmp_path / "new.png")
+    assert not (tmp_path / "new.png").exists()
+    plt.close(fig)
