@@ -638,3 +638,49 @@ def test_aekd_config_and_teacher_limits(nets):
     cfg = train.parse_config(["--preset", "smoke", "--method", "aekd", "--aekd.tolerance", "0.7",
                               "--aekd.per-sample", "true"])
     assert cfg.aekd.tolerance == 0.7 and cfg.aekd.per_sample
+
+
+CRD_RANK_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, os.environ["KD_ROOT"])
+from kd.methods import METHODS
+from kd.models import create_model
+rank = int(os.environ["RANK"])
+torch.distributed.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=rank, world_size=2)
+torch.manual_seed(100 + rank)  # ranks seeded differently: only the broadcast makes their banks agree
+student, teacher = create_model("resnet8", 10), create_model("resnet20", 10)
+cls, cfg_cls = METHODS["crd"]
+method = cls(cfg_cls(), student, [teacher], num_classes=10, num_train=40, train_labels=torch.arange(40) % 10)
+torch.save(method.state_dict(), os.environ["OUT"])
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_crd_banks_are_broadcast_from_rank0_across_processes(tmp_path):
+    """kd builds DDP with broadcast_buffers=False, so CRD broadcasts its banks, z and sample seed itself: two gloo
+    processes seeded differently end up with rank 0's buffers (the embeddings are DDP parameters: synced by DDP)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "rank.py"
+    script.write_text(CRD_RANK_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "KD_ROOT": root, "RANK": str(rank), "STORE": str(tmp_path / "store"),
+               "OUT": str(tmp_path / f"rank{rank}.pt"), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key in ("memory_s", "memory_t", "z_s", "z_t", "sample_seed", "sample_step"):
+        assert torch.equal(states[0][key], states[1][key]), key
+    torch.manual_seed(100)  # rank 0's own draw, not rank 1's
+    student, teacher = create_model("resnet8", 10), create_model("resnet20", 10)
+    alone = build("crd", student, [teacher], num_classes=10, num_train=40, train_labels=torch.arange(40) % 10)
+    assert torch.equal(alone.memory_s, states[0]["memory_s"]) and torch.equal(alone.sample_seed, states[0]["sample_seed"])
+    assert not torch.equal(states[1]["embed_s.weight"], states[0]["embed_s.weight"])  # the RNGs did differ

@@ -63,10 +63,13 @@ class CRD(Method):
         self.register_buffer("memory_t", crd_init_memory(self.num_train, cfg.embed_dim))
         self.register_buffer("z_s", torch.zeros(()))
         self.register_buffer("z_t", torch.zeros(()))
-        # negatives come from a generator seeded by sample_seed + sample_step (the same on every rank;
-        # DDP broadcasts rank 0's buffers at construction), so resumed and multi-process runs draw alike
+        # negatives come from a generator seeded by sample_seed + sample_step, so resumed and multi-process
+        # runs draw alike. kd builds DDP with broadcast_buffers=False (DDP then syncs no buffer, not even at
+        # construction), so rank 0's banks, z and sample_seed are broadcast here: every rank starts from the
+        # same state whatever its RNG (a resumed run then loads the same checkpoint on every rank).
         self.register_buffer("sample_seed", torch.randint(0, 2**31, (), dtype=torch.int64))
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
+        _broadcast_buffers_from_rank0(self)
 
     def crd_term(self, f_s: Tensor, f_t: Tensor, index: Tensor) -> Tensor:
         """The CRD loss of one batch of pooled features; in training mode also updates the memory
@@ -122,6 +125,21 @@ def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return 1, 0
+
+
+def _broadcast_buffers_from_rank0(module: nn.Module) -> None:
+    """Overwrite every buffer of `module` with rank 0's (torch.distributed initialised, several ranks; no-op
+    otherwise). Buffers live on the CPU at construction: with NCCL they travel through this rank's GPU."""
+    world, _ = _world()
+    if world == 1:
+        return
+    device = torch.device("cpu")
+    if torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    for buf in module.buffers():
+        t = buf.detach().to(device, copy=True).contiguous()
+        torch.distributed.broadcast(t, src=0)
+        buf.copy_(t)
 
 
 def _gather(t: Tensor, world: int) -> Tensor:
