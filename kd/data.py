@@ -35,7 +35,8 @@ from .io import atomic_torch_save, current_umask, remove_orphans, safe_torch_loa
 from .sampler import EpochBatchSampler
 
 DATASETS = ("synthetic", "cifar100", "imagefolder", "tiny-imagenet")
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# RepDistiller's / CRD's / CA-MKD's CIFAR-100 normalisation (dataset/cifar100.py), as kd.zoo's pretrained_cfg
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SYNTHETIC_MEAN, SYNTHETIC_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"

@@ -274,3 +274,17 @@ def test_wrn_classifier_bias_is_zero_at_init_and_nothing_else_changes(monkeypatc
         assert state.keys() == ref.keys()
         assert all(torch.equal(state[k], ref[k]) for k in state if k != 'head.fc.bias'), name
     assert sum(p.numel() for p in timm.create_model('cifar_wrn_40_2').parameters()) == 2_255_156
+
+
+def test_cifar100_normalisation_is_repdistillers():
+    """RepDistiller / CRD / CA-MKD normalise CIFAR-100 with these exact values; the zoo's pretrained_cfg agrees with
+    kd.data's, so a zoo teacher from a weight file gets no input adapter on CIFAR-100; other datasets keep theirs."""
+    from kd import data as kd_data
+    from kd.teachers import teacher_input_spec
+
+    ref_mean, ref_std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+    assert kd_data.CIFAR100_MEAN == zoo.base.CIFAR100_MEAN == ref_mean
+    assert kd_data.CIFAR100_STD == zoo.base.CIFAR100_STD == ref_std
+    assert timm.models.get_pretrained_cfg('cifar_resnet20').mean == ref_mean
+    assert teacher_input_spec('cifar_resnet20', True, 0, kd_data.CIFAR100_MEAN, kd_data.CIFAR100_STD) is None
+    assert (kd_data.IMAGENET_MEAN, kd_data.IMAGENET_STD) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -18,8 +18,9 @@ from timm.layers import ClassifierHead
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices  # not re-exported by timm.models
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# RepDistiller's CIFAR-100 normalisation (dataset/cifar100.py), the same as kd.data's
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 
 def conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
