@@ -763,3 +763,21 @@ def test_yaml_aliases_are_refused_in_specs_and_configs(tmp_path, capsys):
     (tmp_path / "cfg.yaml").write_text(bomb)
     with pytest.raises(ConfigError, match="aliases"):
         train.parse_config(["--config", str(tmp_path / "cfg.yaml")])
+
+
+def test_compare_cifar_uses_the_reference_values_of_its_pair():
+    """resnet32x4 (+ wrn_40_2) -> resnet8x4: DKD beta 8, lr 0.05 (default; 0.01 only for MobileNetV2/ShuffleNet
+    students), Nesterov for the multi-teacher arms, float32 teachers (README, reference hyperparameters per pair)."""
+    spec = sweep.load_spec(ROOT / "sweeps" / "compare_cifar.yaml")
+    params = spec.parameters
+    assert params["student.model"]["value"] == "resnet8x4" and params["teachers.models"]["value"][0] == "resnet32x4"
+    assert params["teachers.precision"]["value"] == "fp32" and "optim.lr" not in params
+    arms = {(a if isinstance(a, str) else a[0]): ([] if isinstance(a, str) else a[1:])
+            for a in params["method"]["values"] if isinstance(a, str) or a[0] != "kd" and a[0] != "asmb"}
+    assert arms["dkd"] == ["--dkd.beta", "8"]
+    for name in ("aver", "camkd", "ebkd", "aekd"):
+        assert arms[name] == ["--optim.nesterov", "True"], name
+    for name in ("kd", "crd", "fitnet", "asmb"):
+        assert "--optim.nesterov" not in arms.get(name, []), name
+    readme = (ROOT / "README.md").read_text()
+    assert "| resnet32x4 -> resnet8x4 | 8 (default) | 0.05 |" in readme
