@@ -957,8 +957,9 @@ def fit(tr: Trainer, loaders: dict[str, Any], epochs: int, tag: str, logger: Run
         seed = phase_seed(tr.seed, tag)
         seed_everything(seed)
         reseed_loader(train_loader, seed)
-        if save_best and tr.best["state"] is not None:  # best.pt may be ahead of the checkpoint: make them agree
-            ckpt.save_best(tr.model.meta(), tr.best["state"], tr.best["acc"], epoch_offset + tr.best["epoch"])
+    if save_best and tr.best["state"] is not None:  # best.pt may be ahead of the checkpoint (an earlier phase's, or
+        # an abandoned branch's after a resume from an older step file): make them agree
+        ckpt.save_best(tr.model.meta(), tr.best["state"], tr.best["acc"], epoch_offset + tr.best["epoch"])
     for e in range(tr.epochs_done + 1, epochs + 1):
         t0, epoch = time.time(), epoch_offset + e
         terms = train_epoch(tr, train_loader, epoch, f"{tag} {e}/{epochs}", ckpt, start_rng)

@@ -420,3 +420,19 @@ def test_a_state_turned_non_finite_stops_as_diverged_and_is_never_checkpointed(t
         ck = torch.load(path, weights_only=True)
         for name, t in _float_tensors(ck, ""):
             assert torch.isfinite(t).all(), f"{path.name}: {name}"
+
+
+def test_resuming_from_an_older_step_file_deletes_the_newer_ones_and_points_last_at_it(tmp_path):
+    """README: a resume from step-N.pt abandons what came after it: newer step files are deleted at start-up
+    and last.pt names step-N.pt until the resumed run writes its next checkpoint."""
+    from kd.engine.checkpoint import Checkpointer
+
+    ck_dir = tmp_path / "run" / "checkpoints"
+    ck_dir.mkdir(parents=True)
+    for step in (2, 4, 6):
+        atomic_torch_save({"progress": {"step": step}}, ck_dir / f"step-{step:09d}.pt")
+    os.link(ck_dir / "step-000000006.pt", ck_dir / "last.pt")
+    older = ck_dir / "step-000000004.pt"
+    Checkpointer(tmp_path / "run", {}, resume={"progress": {"step": 4}, "path": str(older)})
+    assert sorted(p.name for p in ck_dir.iterdir()) == ["last.pt", "step-000000002.pt", "step-000000004.pt"]
+    assert os.path.samefile(ck_dir / "last.pt", older)

@@ -85,6 +85,9 @@ class Checkpointer:
                     number = later.stem.removeprefix("step-")
                     if number.isdigit() and int(number) > self.resume_step:
                         later.unlink()
+                source = Path(resume.get("path", ""))
+                if source.name.startswith("step-") and source.parent == self.dir and source.is_file():
+                    atomic_link(source, self.dir / "last.pt")  # a kill before the next checkpoint resumes here too
 
     @classmethod
     def disabled(cls) -> "Checkpointer":
