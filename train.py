@@ -217,7 +217,7 @@ class OptimCfg:
 @dataclass
 class RunCfg:
     name: str = ""
-    """run directory name, relative, under out_dir; empty = <method>-<student>-from-<teachers joined by +>-<dataset>-<YYYYmmdd-HHMMSS>, e.g. kd-resnet8-from-resnet32x4-cifar100-20250101-120000 (ce: ce-<student>-<dataset>-<time>; teacher: teacher-<teachers>-<dataset>-<time>)."""
+    """run directory name, relative, under out_dir; empty = <method>-<student>-from-<teachers joined by +>-<dataset>-s<seed>-<YYYYmmdd-HHMMSS>, e.g. kd-resnet8-from-resnet32x4-cifar100-s0-20250101-120000 (ce: ce-<student>-<dataset>-s<seed>-<time>; teacher: teacher-<teachers>-<dataset>-s<seed>-<time>)."""
     out_dir: str = "runs"
     """parent directory of run directories."""
     overwrite: bool = False
@@ -526,7 +526,8 @@ def run(cfg: Config) -> dict[str, Any]:
                             resume["path"])
         say(f"resuming from {resume['path']} ({resume['phase']}, step {resume['progress']['step']})")
     run_dir = resume_dir or new_run_dir(cfg.run.out_dir, cfg.run.name or run_name(
-        cfg.method, cfg.student.model, cfg.teachers.models if cfg.method != "ce" else (), cfg.data.dataset),
+        cfg.method, cfg.student.model, cfg.teachers.models if cfg.method != "ce" else (), cfg.data.dataset,
+        seed=cfg.run.seed),
         overwrite=cfg.run.overwrite)
     if DIST.main:
         check_run_dir(run_dir, overwrite=cfg.run.overwrite)  # held by another run? overwritable?

@@ -117,6 +117,9 @@ def test_run_names_describe_the_run():
         "teacher-resnet20+wrn_16_2-synthetic-")
     assert run_name("ce", "resnet8", (), "cifar100", when).startswith("ce-resnet8-cifar100-")
     assert "/" not in run_name("kd", "hf_hub:org/net", ("a",), "x", when)
+    # seeds of one study started in the same second get their own directories
+    assert run_name("kd", "resnet8", ("r",), "x", when, seed=0) != run_name("kd", "resnet8", ("r",), "x", when, seed=1)
+    assert "-s1-" in run_name("kd", "resnet8", ("r",), "x", when, seed=1)
 
 
 def test_light_configs_agree_with_the_methods():
@@ -146,8 +149,8 @@ def test_help_describes_the_real_run_name_and_mbm_query(capsys, monkeypatch):
     text = help_text(capsys, monkeypatch, "--method", "asmb")
     example = re.search(r"e\.g\. (\S+)", text).group(1)
     when = time.mktime((2025, 1, 1, 12, 0, 0, 0, 0, -1))  # the example's time, local
-    assert example == run_name("kd", "resnet8", ("resnet32x4",), "cifar100", when)
-    assert "<method>-<student>-from-<teachers joined by +>-<dataset>-<YYYYmmdd-HHMMSS>" in text
+    assert example == run_name("kd", "resnet8", ("resnet32x4",), "cifar100", when, seed=0)
+    assert "<method>-<student>-from-<teachers joined by +>-<dataset>-s<seed>-<YYYYmmdd-HHMMSS>" in text
     kind = text[text.index("--asmb.mbm-kind"):text.index("--asmb.mbm-query-dim")]
     assert "student-query" not in kind and "learned token by default" in kind
     assert train.AsmbCfg().learnable_query  # what "by default" says

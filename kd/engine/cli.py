@@ -119,9 +119,11 @@ def focused_config(cfg_type: type, keep: str, groups: Sequence[str], hide: Calla
     return dataclasses.dataclass(type(cfg_type.__name__, (cfg_type,), namespace))
 
 
-def run_name(method: str, student: str, teachers: Sequence[str], dataset: str, when: float | None = None) -> str:
-    """A run directory name that says what ran: `kd-resnet8-from-resnet32x4-cifar100-20250101-120000`; a teacher
-    run is named after its teachers (`teacher-resnet20+wrn_16_2-cifar100-...`), a ce run after its student."""
+def run_name(method: str, student: str, teachers: Sequence[str], dataset: str, when: float | None = None,
+             seed: int | None = None) -> str:
+    """A run directory name that says what ran: `kd-resnet8-from-resnet32x4-cifar100-s0-20250101-120000`; a
+    teacher run is named after its teachers (`teacher-resnet20+wrn_16_2-cifar100-...`), a ce run after its
+    student. The seed is in it so that the seeds of a study started in the same second get their own names."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
     if method == "teacher":
         what = "+".join(teachers)
@@ -129,7 +131,8 @@ def run_name(method: str, student: str, teachers: Sequence[str], dataset: str, w
         what = student
     else:
         what = f"{student}-from-{'+'.join(teachers)}"
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{method}-{what}-{dataset}-{stamp}")
+    seeded = "" if seed is None else f"-s{seed}"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{method}-{what}-{dataset}{seeded}-{stamp}")
 
 
 def first_message(tyro_error: str) -> str:
