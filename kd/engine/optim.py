@@ -25,11 +25,23 @@ def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, device
                     momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0):
     """SGD (momentum, decay on every parameter) or AdamW."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                               **fused_kwargs(device))
+        sgd = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                              **fused_kwargs(device))
+        return with_zero_momentum(sgd) if momentum else sgd
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused_kwargs(device))
     raise ValueError(f"unknown optimiser {name!r}")
+
+
+def with_zero_momentum(sgd: torch.optim.SGD) -> torch.optim.SGD:
+    """Every parameter starts with a zero momentum buffer. Fused SGD needs all or none of a step's parameters to
+    have one, and a parameter can get its first gradient after the others: a loss term weighted 0 in an epoch
+    is left out of the graph (CA-MKD's embeddings in epoch 1). The update is the same as SGD's lazily created
+    buffer (dampening 0: momentum * 0 + grad = grad)."""
+    for group in sgd.param_groups:
+        for p in group["params"]:
+            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return sgd
 
 
 def build_scheduler(optimizer, schedule: str, epochs: int, steps_per_epoch: int, *, warmup_epochs: float = 0.0,
