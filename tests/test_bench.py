@@ -6,6 +6,7 @@ same layout."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -91,3 +92,25 @@ def test_a_two_class_two_epoch_benchmark_runs_end_to_end_and_reports(tmp_path):
     for key in ("teacher/resnet20/test_acc mean", "teacher/wrn_16_1/test_acc mean", "ensemble/test_acc mean",
                 "synergy/test_acc mean", "adapted_ensemble/test_acc mean"):
         assert 0 <= float(asmb[key]) <= 100, key
+
+
+def test_the_gate_reads_ce_and_kd_runs_and_says_whether_the_checks_pass(tmp_path):
+    def run(folder: str, method: str, seed: int, test: float, epochs: int = 40, **kd):
+        d = tmp_path / folder / f"{method}-s{seed}"
+        d.mkdir(parents=True)
+        config = {"method": method, "run": {"seed": seed}, "optim": {"epochs": epochs},
+                  "kd": {"temperature": 4.0, "kd_weight": 0.9, "standardize": False, **kd}}
+        (d / "config.json").write_text(json.dumps(config))
+        summary = {"best/test_acc": test, **({"teacher/r20/test_acc": 70.0} if method != "ce" else {})}
+        (d / "summary.json").write_text(json.dumps(summary))
+    for seed, (c, k) in enumerate([(60.0, 63.0), (61.0, 64.0), (59.0, 62.0)]):
+        run("main", "ce", seed, c)
+        run("main", "kd", seed, k)
+        run("longer", "ce", seed, c + 0.5, epochs=80)
+    run("main", "kd", 9, 99.0, standardize=True)  # another kd setting: not vanilla KD
+    res = run_py("bench/gate.py", str(tmp_path / "main"), "--plateau", str(tmp_path / "longer"), tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "kd  (n=3, seeds [0, 1, 2]): 63.00 ± 1.00" in res.stdout
+    assert "kd - ce: +3.00 ± 0.82 (standard error) = 3.67 SE: the check (> 2 SE) passes" in res.stdout
+    assert "teacher r20: 70.00 on test, +10.00 over ce: the check (>= 8) passes" in res.stdout
+    assert "ce at 80 epochs minus ce at 40, seed by seed [0, 1, 2]: +0.50, +0.50, +0.50" in res.stdout
