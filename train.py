@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules, guard_residual, stage_metrics,
                      synergy_warning)
-from kd.data import ExtractLimits, SyntheticSpec, build_data, labels_in_order
+from kd.data import ExtractLimits, SyntheticSpec, bridge_split, build_data, labels_in_order, train_subset
 from kd.engine.checkpoint import (Checkpointer, check_resume_config, checkpoint_on_stop_signals, find_resume,
                                   reseed_loader)
 from kd.engine.distributed import (DIST, barrier, close_distributed, collective_timeout, distribute, init_distributed,
@@ -534,6 +534,7 @@ def run(cfg: Config) -> dict[str, Any]:
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     device = resolve_device(cfg.run.device)
     data = load_data(cfg)
+    parts = bridge_parts(cfg, data)  # --asmb.bridge-split: (teacher-fit, bridge) parts of the training split, or None
     small_input = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and data.image_size <= 64)
     teacher_small = teacher_small_input(small_input, cfg.teachers.image_size)
     student = None if cfg.method == "teacher" else build_student(cfg, data, small_input, resume)
@@ -541,8 +542,8 @@ def run(cfg: Config) -> dict[str, Any]:
                     for arch in (cfg.teachers.models if cfg.method != "ce" else ())]  # fail here, before any write
     asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
     uses_teachers = cfg.method != "ce" and (cfg.method in ("teacher", "asmb") or METHODS[cfg.method][0].uses_teachers)
-    teacher_ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, teacher_small, device) \
-        if uses_teachers else []
+    teacher_ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, teacher_small, device,
+                                     bridge_split=cfg.asmb.bridge_split if parts else 0.0) if uses_teachers else []
     check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, data.num_classes, teacher_small,
                               cfg.teachers.image_size or None, teacher_ids)
     if cfg.teachers.pretrained and not cfg.teachers.checkpoints:  # hub weights for the teachers to fine-tune
@@ -572,19 +573,28 @@ def run(cfg: Config) -> dict[str, Any]:
     for note in student_notes(cfg):
         say(note)
     loaders = build_loaders(cfg, data, device)
-    clock.progress = RunProgress(planned_epochs(cfg) * steps_per_epoch(cfg, loaders["train"]),
-                                 log_every=cfg.run.log_every, num_stages=cfg.asmb.num_stages * (cfg.method == "asmb"))
+    # stage 0 fits the teachers on the teacher-fit part, phase A trains on the bridge part (both: all without a split)
+    fit_loaders, bridge_loaders = loaders, loaders
+    if parts:
+        fit_loaders, bridge_loaders = ({**loaders, "train": build_loaders(cfg, part, device, train_only=True)["train"]}
+                                       for part in parts)
+        say(f"bridge split {cfg.asmb.bridge_split}: the teachers fit {len(parts[0].train)} training images, phase A "
+            f"trains on the other {len(parts[1].train)} (the bridge part), phase B on all {len(data.train)}")
+    clock.progress = RunProgress(planned_steps(cfg, loaders, bridge_loaders), log_every=cfg.run.log_every,
+                                 num_stages=cfg.asmb.num_stages * (cfg.method == "asmb"))
     t_start = time.time()
     summary: dict[str, Any] = {"method": cfg.method, "dataset": cfg.data.dataset, "num_classes": data.num_classes,
                                "run_dir": str(run_dir)}
+    if parts:
+        summary.update({"data/teacher_fit_images": len(parts[0].train), "data/bridge_images": len(parts[1].train)})
 
     # 3. Stage 0 (teachers, fine-tuned when not cached), then the method's training.
     teachers = []
     if uses_teachers:  # the teachers' time and accuracies are reported apart from the student's
         adapter_dim = cfg.asmb.teacher_adapter_dim if cfg.method == "asmb" and cfg.asmb.teacher_freeze == "adapter" else 0
         timing: dict[str, float] = {}
-        teachers = stage0_teachers(cfg, data, loaders, device, logger, ckpt, clock, teacher_small, teacher_ids,
-                                   adapter_dim, timing=timing)
+        teachers = stage0_teachers(cfg, parts[0] if parts else data, fit_loaders, device, logger, ckpt, clock,
+                                   teacher_small, teacher_ids, adapter_dim, timing=timing)
         summary.update({f"teacher/{arch}/val_acc": acc for arch, (_, acc) in zip(cfg.teachers.models, teachers)})
         summary.update(teacher_test_summary(cfg.teachers.models, [t for t, _ in teachers], loaders["test"], device))
         # this run's teacher time (fine-tuning, or loading from the cache, and testing); the time it waited for
@@ -593,7 +603,7 @@ def run(cfg: Config) -> dict[str, Any]:
         summary["teacher_time_s"] = time.time() - t_start - summary["teacher_wait_s"]
     if cfg.method == "asmb":
         summary.update(train_asmb(cfg, data, loaders, device, logger, ckpt, clock, student,
-                                  [t for t, _ in teachers], asmb_modules))
+                                  [t for t, _ in teachers], asmb_modules, bridge_loaders=bridge_loaders))
     elif cfg.method != "teacher":
         multi = METHODS[cfg.method][0].multi_teacher
         summary.update(train_single(cfg, data, loaders, device, logger, ckpt, clock, student,
@@ -631,6 +641,15 @@ def planned_epochs(cfg: Config) -> int:
     if cfg.method == "asmb":
         return cfg.asmb.num_stages * sum(cfg.asmb.epochs_per_stage(cfg.optim.epochs))
     return 0 if cfg.method == "teacher" else cfg.optim.epochs
+
+
+def planned_steps(cfg: Config, loaders, bridge_loaders) -> int:
+    """Optimisation steps of the method's training: ASMB's phase A runs on `bridge_loaders`' training part."""
+    steps = steps_per_epoch(cfg, loaders["train"])
+    if cfg.method != "asmb":
+        return planned_epochs(cfg) * steps
+    epochs_a, epochs_b = cfg.asmb.epochs_per_stage(cfg.optim.epochs)
+    return cfg.asmb.num_stages * (epochs_a * steps_per_epoch(cfg, bridge_loaders["train"]) + epochs_b * steps)
 
 
 def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] | None) -> KDModel:
@@ -707,15 +726,39 @@ def load_data(cfg: Config):
     return data
 
 
-def build_loaders(cfg: Config, data, device: torch.device) -> dict[str, Any]:
-    """Device-resident loaders for tensor-backed data (--data.loader auto/fast, no RandAugment), else DataLoaders."""
+def build_loaders(cfg: Config, data, device: torch.device, train_only: bool = False) -> dict[str, Any]:
+    """Device-resident loaders for tensor-backed data (--data.loader auto/fast, no RandAugment), else DataLoaders.
+    `train_only`: the training loader alone (of a part of the training split)."""
     d = cfg.data
     loaders = make_loaders(data, fast=d.loader != "torch" and d.randaugment[0] == 0, batch_size=d.batch_size,
                            eval_batch_size=d.eval_batch_size, workers=d.workers, aug=d.aug, seed=cfg.run.seed,
-                           device=device, rank=DIST.rank, world_size=DIST.world_size)
-    if isinstance(loaders["train"], DeviceLoader):
+                           device=device, rank=DIST.rank, world_size=DIST.world_size, train_only=train_only)
+    if isinstance(loaders["train"], DeviceLoader) and not train_only:
         say(f"data: device-resident loader on {device} (--data.loader {d.loader})")
     return loaders
+
+
+def bridge_parts(cfg: Config, data):
+    """--asmb.bridge-split F > 0 (asmb): the training split as (teacher-fit part, bridge part), two
+    kd.data.DataSplits sharing val and test, divided per class and seeded by --data.split-seed only (not --run.seed:
+    every student seed sees the same parts, and a resumed run the same); None when off. A part too small to train
+    on (a class without a bridge image, fewer images than --data.batch-size) is a ConfigError, before any write."""
+    fraction = cfg.asmb.bridge_split if cfg.method == "asmb" else 0.0
+    if fraction <= 0:
+        return None
+    labels = labels_in_order(data.train, data.train_labels)
+    fit_idx, bridge_idx = bridge_split(labels, fraction, cfg.data.split_seed)
+    per_class = torch.bincount(labels[bridge_idx], minlength=data.num_classes)
+    if int(per_class.min()) < 1:
+        c = int(per_class.argmin())
+        raise ConfigError(f"--asmb.bridge-split {fraction}: class {data.class_names[c]} has "
+                          f"{int((labels == c).sum())} training image(s), none left for the bridge part (each class "
+                          "needs 2)")
+    for name, idx in (("bridge", bridge_idx), ("teacher-fit", fit_idx)):
+        if len(idx) < cfg.data.batch_size:
+            raise ConfigError(f"--asmb.bridge-split {fraction}: the {name} part has {len(idx)} images, fewer than "
+                              f"--data.batch-size {cfg.data.batch_size}")
+    return train_subset(data, fit_idx), train_subset(data, bridge_idx)
 
 
 def steps_per_epoch(cfg: Config, loader) -> int:
@@ -839,13 +882,18 @@ def test_summary(student: KDModel, best: dict[str, Any], loaders, device, logger
 # MBM + head learn the synergy; phase B: the student distils from it). The pieces live in kd/asmb.py; each
 # phase is an ordinary Trainer run by fit(), its optimiser and schedule built once for all stages.
 def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Checkpointer, clock: StepClock,
-               student: KDModel, teachers: list[KDModel], modules: AsmbModules) -> dict[str, Any]:
+               student: KDModel, teachers: list[KDModel], modules: AsmbModules,
+               bridge_loaders: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ASMB stages after stage 0; returns the summary entries. Selection: the best student by validation
-    accuracy over every phase-B epoch of every stage (best.pt); the test split only reports."""
+    accuracy over every phase-B epoch of every stage (best.pt); the test split only reports. Phase A trains on
+    `bridge_loaders["train"]` (--asmb.bridge-split's bridge part; default: the whole training split), phase B on
+    `loaders["train"]`."""
+    bridge_loaders = bridge_loaders or loaders
     for teacher in teachers:
         apply_freeze(teacher, cfg.asmb.teacher_freeze)  # partly trainable; modes are set per phase
     run = build_asmb_run(cfg, prepare(student, cfg, device), teachers, modules, device,
-                         steps_per_epoch(cfg, loaders["train"]), data.num_classes, clock)
+                         steps_per_epoch(cfg, loaders["train"]), data.num_classes, clock,
+                         steps_a=steps_per_epoch(cfg, bridge_loaders["train"]))
     say(freeze_report({"student": student, **{f"teacher {t.arch} ({cfg.asmb.teacher_freeze})": t for t in teachers},
                        "MBM + head": run.bridge, "projections": run.distill}))
     # A resumed run skips the phases before its checkpoint's; fit() restores that one (and, via Trainer.extra, all).
@@ -857,7 +905,7 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
         run.stage = stage
         fired = 0
         if order.index(f"asmb:A:s{stage}") >= resume_at:
-            fit(run.phase_a, loaders, run.teacher_epochs, f"asmb:A:s{stage}", logger, ckpt, epoch_offset=epoch,
+            fit(run.phase_a, bridge_loaders, run.teacher_epochs, f"asmb:A:s{stage}", logger, ckpt, epoch_offset=epoch,
                 save_best=False, val_key="synergy_acc")
             if guard_on and (line := guard_residual(run.synergy, loaders["val"], stage, device)):
                 say(line)
@@ -888,18 +936,21 @@ def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Chec
 
 
 def build_asmb_run(cfg: Config, student: KDModel, teachers: list[KDModel], modules: AsmbModules, device,
-                   steps: int, num_classes: int, clock: StepClock | None = None) -> AsmbRun:
+                   steps: int, num_classes: int, clock: StepClock | None = None,
+                   steps_a: int | None = None) -> AsmbRun:
     """ASMB's models and progress (kd.asmb.AsmbRun) and its two phase trainers, built once and persisting across
     stages: phase A trains the synergy model (each teacher's trainable part + MBM + head) by Adam, validated as
     val/synergy_acc, without MixUp/CutMix; phase B trains the student (+ projections) with --optim's optimiser,
-    scheduled over all phase-B epochs. Both carry the run as Trainer.extra: every checkpoint holds all of it."""
+    scheduled over all phase-B epochs. Both carry the run as Trainer.extra: every checkpoint holds all of it.
+    `steps`: phase B's steps per epoch; `steps_a`: phase A's (its training part, --asmb.bridge-split), default
+    `steps`."""
     a, clock = cfg.asmb, clock or StepClock()
     frozen_student = FrozenModel(student, resolve_teacher_dtype(cfg.teachers.precision, device))  # phase A's query
     run = AsmbRun(a, student, teachers, modules, device, num_classes, cfg.optim.epochs, cfg.optim.label_smoothing)
     run.phase_a = make_trainer(cfg, run.synergy, run.adapt, [], device, clock,
                                torch.optim.Adam(run.adapt_param_groups(), **fused_kwargs(device)),
                                dataclasses.replace(cfg.optim, schedule=a.teacher_schedule, warmup_epochs=0.0),
-                               a.num_stages * run.teacher_epochs, steps, num_classes, mix=False,
+                               a.num_stages * run.teacher_epochs, steps_a or steps, num_classes, mix=False,
                                step_module=TeacherAdaptStep(frozen_student, teachers, run.bridge, run.adapt))
     run.phase_b = make_trainer(cfg, student, run.distill, teachers, device, clock,
                                optimizer_for([student, run.distill], cfg.optim, cfg.optim.lr, device),

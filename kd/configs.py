@@ -341,6 +341,8 @@ class AsmbCfg:
     """after each phase A, if the synergy's val accuracy is below the teachers' ensemble, reset the residual to 0 (the synergy falls back to the ensemble) before phase B distils from it; counted as guard/fired (stage row) and asmb/guard_fired (summary). No effect with ensemble_base False."""
     compile_synergy: bool = False
     """torch.compile the synergy loss path (fullgraph, static shapes; worth it on GPU); off = eager."""
+    bridge_split: float = 0.0
+    """share F of the training split (after the validation hold-out; stratified per class, seeded by --data.split-seed) held out from stage 0: the teachers fit the other 1 - F, phase A (the bridge and the teachers' adaptation) trains on this part only, phase B on all of it; 0 = off (every phase on the whole training split)."""
 
     def check(self) -> None:
         """Ranges that train.py's generic checks (finite, >= 0) do not cover."""
@@ -350,6 +352,7 @@ class AsmbCfg:
             (self.teacher_lr > 0, f"--asmb.teacher-lr must be > 0, got {self.teacher_lr}"),
             (self.mbm_lr_factor > 0, f"--asmb.mbm-lr-factor must be > 0, got {self.mbm_lr_factor}"),
             (self.hybrid_beta <= 1, f"--asmb.hybrid-beta must be in [0, 1], got {self.hybrid_beta}"),
+            (self.bridge_split < 1, f"--asmb.bridge-split must be in [0, 1), got {self.bridge_split}"),
             (self.loss == "kd" or self.hybrid_beta == 0,
              "--asmb.hybrid-beta mixes two KD targets; it needs --asmb.loss kd"),
             (self.mbm_dropout < 1, f"--asmb.mbm-dropout must be in [0, 1), got {self.mbm_dropout}"),

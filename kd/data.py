@@ -9,6 +9,8 @@ expose the training subset as `DataSplits.train_images` / `train_labels` for a G
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import math
 import os
@@ -160,6 +162,27 @@ def validation_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Te
         raise DataError(f"the validation split is empty: each of the {int(labels.max()) + 1} classes has a single "
                         "training image, and a class needs 2 to give one to validation")
     return train_idx, val_idx
+
+
+def bridge_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """ASMB's --asmb.bridge-split: the positions of the training split `labels` divided, per class and seeded by
+    `seed` (--data.split-seed), into (teacher-fit, bridge), both sorted int64: stratified_split with the bridge in
+    the held-out role (round(n_c * fraction) of class c, at least 1 and at most n_c - 1)."""
+    return stratified_split(labels, fraction, seed)
+
+
+def train_subset(data: DataSplits, indices: Tensor) -> DataSplits:
+    """`data` with its training split cut to the positions `indices` (validation and test unchanged, the same
+    transforms); an item's index is its position in the subset."""
+    ds, indices = data.train, indices.long()
+    if isinstance(ds, TensorImageDataset):  # its tensors are data.train_images / train_labels: one copy of each
+        train = TensorImageDataset(ds.images[indices], ds.labels[indices], ds.transform)
+        return dataclasses.replace(data, train=train, train_images=train.images, train_labels=train.labels)
+    if isinstance(ds, FileSubset):
+        train = copy.copy(ds)
+        train.samples = [ds.samples[i] for i in indices.tolist()]
+        return dataclasses.replace(data, train=train)
+    raise TypeError(f"train_subset: unsupported training dataset {type(ds).__name__}")
 
 
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int = 0, seed: int = 0,

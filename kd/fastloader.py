@@ -167,20 +167,26 @@ class DeviceLoader(EpochCursor):
 
 
 def make_loaders(data, *, fast: bool, batch_size: int, eval_batch_size: int, workers: int, aug: bool, seed: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1) -> dict:
+                 device: torch.device, rank: int = 0, world_size: int = 1, train_only: bool = False) -> dict:
     """train/val/test loaders of kd.data.DataSplits `data`: device-resident DeviceLoaders when `fast` and the data
     is tensor-backed (they do no RandAugment: pass fast=False with it), else DataLoaders with `workers`. With
     several processes each rank's train loader yields its slice of every global batch (`batch_size`); every
-    rank evaluates the whole val/test split."""
+    rank evaluates the whole val/test split. `train_only`: the train loader alone (a part of the training split
+    that shares another set's val/test loaders)."""
     from .data import make_loader  # kd.data imports torchvision's datasets: only here, where they are used
 
     shard = dict(rank=rank, world_size=world_size)
     if not fast or data.train_images is None:
-        return {"train": make_loader(data.train, batch_size, train=True, workers=workers, seed=seed, **shard),
-                "val": make_loader(data.val, eval_batch_size, train=False, workers=workers),
+        train = make_loader(data.train, batch_size, train=True, workers=workers, seed=seed, **shard)
+        if train_only:
+            return {"train": train}
+        return {"train": train, "val": make_loader(data.val, eval_batch_size, train=False, workers=workers),
                 "test": make_loader(data.test, eval_batch_size, train=False, workers=workers)}
     common = dict(mean=data.mean, std=data.std, image_size=data.image_size, device=device)
-    return {"train": DeviceLoader(data.train_images, data.train_labels, batch_size=batch_size, train=True,
-                                  augment=aug, seed=seed, **shard, **common),
+    train = DeviceLoader(data.train_images, data.train_labels, batch_size=batch_size, train=True, augment=aug,
+                         seed=seed, **shard, **common)
+    if train_only:
+        return {"train": train}
+    return {"train": train,
             "val": DeviceLoader(*data.val.tensor_view(), batch_size=eval_batch_size, train=False, **common),
             "test": DeviceLoader(*data.test.tensor_view(), batch_size=eval_batch_size, train=False, **common)}

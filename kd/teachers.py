@@ -51,15 +51,20 @@ def teacher_small_input(student_small_input: bool, teacher_image_size: int) -> b
 
 
 def teacher_identities(teachers: Any, optim: Any, data_cfg: Any, run: Any, data: Any,
-                       small_input: bool, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+                       small_input: bool, device: torch.device | str = "cpu",
+                       bridge_split: float = 0.0) -> list[dict[str, Any]]:
     """The identity of each of `teachers.models` (teacher_identity) from the config groups (--teachers, --optim,
     --data, --run), the loaded kd.data.DataSplits `data` and the `device` it is fine-tuned on. Its data part is
     the data itself (fingerprint) and the validation split (fraction, --data.split-seed), not the path. A teacher
-    started from a local weight file (--teachers.weights) is identified by the file's sha256, not its path."""
+    started from a local weight file (--teachers.weights) is identified by the file's sha256, not its path.
+    `bridge_split` > 0 (ASMB's --asmb.bridge-split): the teacher fits only the teacher-fit part of the training
+    split (kd.data.bridge_split, seeded by --data.split-seed), recorded as data.bridge_split."""
     data_ident = {"dataset": data_cfg.dataset, "fingerprint": data.fingerprint, "image_size": data.image_size,
                   "val_fraction": data_cfg.val_fraction, "split_seed": data_cfg.split_seed}
     if data.class_subset:  # the kept class ids (absent for the whole dataset: older identities stay valid)
         data_ident["classes"] = list(data.class_subset)
+    if bridge_split > 0:  # absent when off: every identity (and cache key) without a bridge split is unchanged
+        data_ident["bridge_split"] = bridge_split
     recipe = teacher_recipe(teachers, optim, data_cfg, run)
     weights = list(getattr(teachers, "weights", ()) or ()) or [""] * len(teachers.models)
     # a weight file holds pretrained weights: the teacher sees its pretrained_cfg's input stats, as with the hub's
@@ -199,16 +204,24 @@ def load_teacher(path: Path, arch: str, num_classes: int, small_input: bool, img
     `adapter_dim` > 0 adds a new residual adapter (zero-initialised: the same function) on top of the saved
     weights, which have none (ASMB's teacher_freeze adapter). The input adapter recorded in the file wins
     over `input_spec`. `identity`: the teacher the run expects; a file recording another identity is refused
-    (one line naming the first field that differs), a file recording none is used with a note."""
+    (one line naming the first field that differs), a file recording none is used with a note, and so is one
+    recording the same teacher fit on the whole training split when `identity` has a bridge split (a given
+    --teachers.checkpoints file is used as given)."""
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or "meta" not in ckpt:
         raise CheckpointError(f"teacher checkpoint {path} has no model metadata (not written by kd?)")
     if identity is not None and ckpt.get("identity") is None:
         say(f"note: teacher checkpoint {path} records no identity (how it was trained); using it as given")
     elif identity is not None and teacher_key(ckpt["identity"]) != teacher_key(identity):
-        raise CheckpointError(f"teacher checkpoint {path} was made differently from this run's {arch} teacher: "
-                              f"{identity_difference(identity, ckpt['identity'])} in the file (match the "
-                              "--teachers/--optim/--data flags, or leave --teachers.checkpoints empty to use the cache)")
+        whole = whole_split_identity(identity)
+        if whole is not identity and teacher_key(ckpt["identity"]) == teacher_key(whole):
+            say(f"note: teacher checkpoint {path} was fit on the whole training split: used as given, so ASMB's "
+                "bridge part (--asmb.bridge-split) is not held out from it")
+        else:
+            raise CheckpointError(f"teacher checkpoint {path} was made differently from this run's {arch} teacher: "
+                                  f"{identity_difference(identity, ckpt['identity'])} in the file (match the "
+                                  "--teachers/--optim/--data flags, or leave --teachers.checkpoints empty to use the "
+                                  "cache)")
     check_meta({"arch": arch, "num_classes": num_classes, "small_input": small_input}, ckpt["meta"],
                f"teacher checkpoint {path}")
     model = create_model(arch, num_classes, small_input=small_input, img_size=img_size, adapter_dim=adapter_dim)
@@ -222,6 +235,15 @@ def load_teacher(path: Path, arch: str, num_classes: int, small_input: bool, img
         model.set_input_transform(**spec)
     val_acc = ckpt.get("val_acc")
     return model, None if val_acc is None else float(val_acc)
+
+
+def whole_split_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """`identity` as it would be without --asmb.bridge-split: the same teacher fit on the whole training split
+    (itself when it has no bridge split)."""
+    if "bridge_split" not in identity.get("data", {}):
+        return identity
+    data = {k: v for k, v in identity["data"].items() if k != "bridge_split"}
+    return {**identity, "data": data}
 
 
 def check_teacher_checkpoints(paths: Sequence[str], archs: Sequence[str], num_classes: int, small_input: bool,
