@@ -138,3 +138,24 @@ def test_killed_in_phase_a_and_resumed_equals_uninterrupted(tmp_path):
     resumed = train_cli(tmp_path, "killed", *args, "--run.resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path, "ref", "killed")
+
+
+def test_a_given_whole_split_teacher_is_used_as_given_with_a_note(tmp_path, capsys):
+    """--teachers.checkpoints with a bridge split: a file of the same teacher fit on the whole training split is
+    accepted (one note: the bridge part is not held out from it); a file of another teacher is still refused."""
+    from kd.errors import CheckpointError
+    from kd.models import create_model
+    from kd.teachers import load_teacher, save_teacher
+
+    cfg, data = cfg_data("--teachers", "resnet8,resnet14")
+    args = (cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
+    (whole, _), (split, _) = teacher_identities(*args), teacher_identities(*args, bridge_split=0.2)
+    model = create_model("resnet8", 10, small_input=True)
+    save_teacher(tmp_path / "whole.pt", model, model.state_dict(), 50.0, whole)
+    load_teacher(tmp_path / "whole.pt", "resnet8", 10, True, identity=split)
+    assert "was fit on the whole training split: used as given" in capsys.readouterr().out
+    load_teacher(tmp_path / "whole.pt", "resnet8", 10, True, identity=whole)
+    assert "used as given" not in capsys.readouterr().out
+    save_teacher(tmp_path / "split.pt", model, model.state_dict(), 50.0, split)
+    with pytest.raises(CheckpointError, match="data.bridge_split is None here but 0.2 there"):
+        load_teacher(tmp_path / "split.pt", "resnet8", 10, True, identity=whole)
