@@ -302,19 +302,24 @@ def test_tiny_imagenet_folder_decodes_grayscale_and_caches(tmp_path, monkeypatch
     assert torch.equal(again.test[3][0], splits.test[3][0])
 
 
-@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
-def test_tiny_imagenet_from_archive_extracts_once(tmp_path, kind, monkeypatch):
-    source = _write_tiny(tmp_path / "src")
-    data = tmp_path / "data"
-    data.mkdir()
-    archive = data / f"tiny-fake.{kind}"
-    if kind == "zip":
+def pack_archive(source: Path, archive: Path) -> Path:
+    """`source` (a folder) packed as `archive`, a .zip or a .tar.gz, with the folder as its top-level entry."""
+    if archive.name.endswith(".zip"):
         with zipfile.ZipFile(archive, "w") as zf:
             for path in sorted(source.rglob("*")):
                 zf.write(path, path.relative_to(source.parent))
     else:
         with tarfile.open(archive, "w:gz") as tf:
             tf.add(source, arcname=source.name)
+    return archive
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_tiny_imagenet_from_archive_extracts_once(tmp_path, kind, monkeypatch):
+    source = _write_tiny(tmp_path / "src")
+    data = tmp_path / "data"
+    data.mkdir()
+    archive = pack_archive(source, data / f"tiny-fake.{kind}")
     cache = tmp_path / "cache"
     _check_tiny(build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache), cache)
     assert [p.name for p in data.iterdir()] == [archive.name]  # extracted into the cache, never beside the archive

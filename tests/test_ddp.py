@@ -16,6 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 import train
+from test_resume import assert_equal_tree
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
 
@@ -199,20 +200,6 @@ def logged(tmp: Path, name: str) -> tuple[dict, list[dict]]:
             [{k: v for k, v in r.items() if k not in timings} for r in rows])
 
 
-def assert_same(a, b, where: str = "checkpoint") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
 
 @pytest.fixture(scope="module")
 def bn_tmp(tmp_path_factory) -> Path:
@@ -287,7 +274,7 @@ def test_a_killed_rank_resumes_with_auto_to_the_uninterrupted_runs_end(bn_tmp, c
     resumed = torchrun(bn_tmp, "ce-killed", "--method", "ce", "--run.resume", "auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     (ck_a, rows_a), (ck_b, rows_b) = logged(bn_tmp, ce_two), logged(bn_tmp, "ce-killed")
-    assert_same(ck_b, ck_a)  # weights, BatchNorm statistics, optimiser, loader and RNG states of both ranks
+    assert_equal_tree(ck_b, ck_a)  # weights, BatchNorm statistics, optimiser, loader and RNG states of both ranks
     assert rows_b == rows_a
 
 

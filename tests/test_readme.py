@@ -34,9 +34,7 @@ import os
 import re
 import shlex
 import shutil
-import tarfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +48,7 @@ README = ROOT / "README.md"
 import report  # noqa: E402
 import sweep  # noqa: E402
 import train  # noqa: E402
+from test_data import pack_archive  # noqa: E402
 
 # commands that are not run here (regex searched in the command as written, continuation lines joined): the reason
 NOT_RUN: dict[str, str] = {
@@ -223,14 +222,7 @@ def tiny_imagenet_archive(where: Path, suffix: str) -> Path:
         return real
     archive = where / f"tiny-imagenet-200{suffix}"
     if not archive.exists():
-        source = tiny_imagenet_folder(where / "src")
-        if suffix == ".zip":
-            with zipfile.ZipFile(archive, "w") as zf:
-                for p in sorted(source.rglob("*")):
-                    zf.write(p, p.relative_to(source.parent))
-        else:
-            with tarfile.open(archive, "w:gz") as tf:
-                tf.add(source, arcname=source.name)
+        pack_archive(tiny_imagenet_folder(where / "src"), archive)
     return archive
 
 
