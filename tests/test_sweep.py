@@ -110,7 +110,8 @@ def test_nested_parameters_and_command_args_become_flags(tmp_path):
     sweep.check_names(spec, path)  # every name is a train.py flag
 
 
-@pytest.mark.parametrize("name", ["smoke", "baselines", "asmb_ablation", "compare_cifar", "bench_tin200", "bench_tin20_asmb", "bench_tin20_plateau"])
+@pytest.mark.parametrize("name", ["smoke", "baselines", "asmb_ablation", "compare_cifar", "bench_tin200", "bench_tin20_asmb", "bench_tin20_plateau",
+                                  "bench_tin20_long", "bench_tin20_long_gate", "bench_tin20_long_plateau"])
 def test_shipped_specs_name_train_flags_and_parse(name, tmp_path, monkeypatch):
     path = ROOT / "sweeps" / f"{name}.yaml"
     spec = sweep.load_spec(path)
@@ -769,11 +770,12 @@ def test_yaml_aliases_are_refused_in_specs_and_configs(tmp_path, capsys):
 
 def test_compare_cifar_uses_the_reference_values_of_its_pair():
     """resnet32x4 (+ wrn_40_2) -> resnet8x4: DKD beta 8, lr 0.05 (default; 0.01 only for MobileNetV2/ShuffleNet
-    students), Nesterov for the multi-teacher arms, float32 teachers (README, reference hyperparameters per pair)."""
+    students), Nesterov for the multi-teacher arms, float32 students and teachers (README, reference hyperparameters per pair)."""
     spec = sweep.load_spec(ROOT / "sweeps" / "compare_cifar.yaml")
     params = spec.parameters
     assert params["student.model"]["value"] == "resnet8x4" and params["teachers.models"]["value"][0] == "resnet32x4"
     assert params["teachers.precision"]["value"] == "fp32" and "optim.lr" not in params
+    assert params["run.amp"]["value"] == "off"  # students train in float32, as the references
     arms = {(a if isinstance(a, str) else a[0]): ([] if isinstance(a, str) else a[1:])
             for a in params["method"]["values"] if isinstance(a, str) or a[0] != "kd" and a[0] != "asmb"}
     assert arms["dkd"] == ["--dkd.beta", "8"]
