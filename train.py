@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr, flush=True)
         return 3 if type(e).__name__ == "TrainingDiverged" else 1 if isinstance(e, WriteError) else 2
     except RuntimeError as e:  # under torchrun, a collective that waited past --run.dist-timeout-min: one line
-        line = collective_timeout(e) if "collective_timeout" in globals() else None
+        line = collective_timeout(e)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr, flush=True)
@@ -629,8 +629,8 @@ def student_notes(cfg: Config) -> list[str]:
     if s.adapter_dim > 0:
         notes.append(f"note: --student.adapter-dim {s.adapter_dim}: the student has a part timm's {s.model} lacks, "
                      "so no checkpoints/best.safetensors is written (the weights are in checkpoints/best.pt)")
-    if s.freeze != "none" and not (s.pretrained or s.checkpoint or getattr(s, "weights", "")):
-        starts = "--student.pretrained, --student.checkpoint" + (" or --student.weights" if hasattr(s, "weights") else "")
+    if s.freeze != "none" and not (s.pretrained or s.checkpoint or s.weights):
+        starts = "--student.pretrained, --student.checkpoint or --student.weights"
         notes.append(f"warning: --student.freeze {s.freeze} freezes a randomly initialised student (no {starts}): "
                      "its frozen layers stay random")
     return notes

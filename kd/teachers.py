@@ -66,7 +66,7 @@ def teacher_identities(teachers: Any, optim: Any, data_cfg: Any, run: Any, data:
     if bridge_split > 0:  # absent when off: every identity (and cache key) without a bridge split is unchanged
         data_ident["bridge_split"] = bridge_split
     recipe = teacher_recipe(teachers, optim, data_cfg, run)
-    weights = list(getattr(teachers, "weights", ()) or ()) or [""] * len(teachers.models)
+    weights = list(teachers.weights) or [""] * len(teachers.models)
     # a weight file holds pretrained weights: the teacher sees its pretrained_cfg's input stats, as with the hub's
     return [teacher_identity(arch, num_classes=data.num_classes, small_input=small_input, recipe=recipe,
                              input_spec=teacher_input_spec(arch, teachers.pretrained or bool(path), teachers.image_size,
