@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from kd.engine.records import (final_metric, flatten_config, is_teacher_phase, metric_history, read_json,
+from kd.configs import flatten_config
+from kd_cli.records import (final_metric, is_teacher_phase, metric_history, read_json,
                                read_rows, rounded_number)
 from kd.errors import ConfigError, WriteError
 from kd.io import atomic_write_bytes, atomic_write_text
-from sweep import DONE, STATE_FILE, Spec, distribution, flatten_parameters
+from kd.methods import method_names
+from kd_cli.sweep_spec import DONE, STATE_FILE, Spec, distribution, flatten_parameters
 
 # Config keys that never make two runs different settings (seeds are averaged over).
 BOOKKEEPING = ("run.seed", "run.name", "run.out-dir", "run.overwrite", "run.device", "teachers.cache-dir",
@@ -386,14 +388,14 @@ def rounded(key: str, value: Any) -> Any:
     digits; everything else unchanged."""
     if isinstance(value, float) and ("gain" in key.lower() or "selected" in key.lower() or "last" in key.lower()):
         return round(value, 2)
-    return rounded_number(key, value, significant=4)  # the rule of summary.json (kd.engine.records)
+    return rounded_number(key, value, significant=4)  # the rule of summary.json (kd_cli.records)
 
 
 # ----------------------------------------------------------------------------------------------
 # Comparison across methods: comparison.md / .csv / .tex and comparison.png
 # ----------------------------------------------------------------------------------------------
-FAMILIES = {"baseline": ("ce",), "logit": ("kd", "dkd", "dist"), "feature": ("fitnet", "at", "crd", "rkd", "pkt", "sp"),
-            "multi-teacher": ("aver", "camkd", "ebkd", "aekd"), "asmb": ("asmb",)}
+# the families of kd/methods/__init__.py's table, in its order (teacher runs train no student: not compared)
+FAMILIES = {family: method_names(family) for family in ("baseline", "logit", "feature", "multi-teacher", "asmb")}
 SINGLE_TEACHER = FAMILIES["logit"] + FAMILIES["feature"]
 COMPARISON_NOTE = ("Test accuracy (%) of the student selected on validation (selected, best/test_acc) and of the "
                    "last epoch's (last/test_acc), mean ± sample std over seeds (n); gains are differences of the "

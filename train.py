@@ -12,31 +12,22 @@ runs/<name>/ (see README "Outputs").
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before torch and timm load (seconds)
+    from kd_cli.config import preflight
+
+    if (code := preflight(sys.argv[1:])) is not None:
+        sys.exit(code)
+
 import contextlib
 import dataclasses
-import io
 import itertools
-import math
 import os
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import tyro
-import yaml
-
-from kd.configs import (MULTI_TEACHER_METHODS, AEKDCfg, AsmbCfg, ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg,
-                        EBKDCfg, FitNetCfg, KDCfg, PKTCfg, RKDCfg, SPCfg)
-from kd.engine.cli import (bool_flags, first_message, flag_names, focused_config, load_config_json, normalize_booleans,
-                           pop_option, run_name, unknown_flag_message)
-from kd.engine.rundir import check_run_dir, check_run_name, new_run_dir, prepare_run_dir, release_run_dirs
-from kd.errors import ConfigError, KDError, Preempted, WriteError
-
-# torch, timm, tqdm and the training machinery take seconds to import: loaded by load_runtime() when a run
-# starts (or when train is imported as a library), never for --help or a bad flag.
-RUNTIME_IMPORTS = """
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -46,280 +37,40 @@ from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules,
 from kd.data import ExtractLimits, SyntheticSpec, bridge_split, build_data, labels_in_order, train_subset
 from kd.engine.checkpoint import (Checkpointer, check_resume_config, checkpoint_on_stop_signals, find_resume,
                                   reseed_loader)
+from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
 from kd.engine.distributed import (DIST, barrier, close_distributed, collective_timeout, distribute, init_distributed,
                                    rank0_values, say)
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
-from kd.engine.progress import RunProgress, mean_img_per_s
-from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
-from kd.engine.runlog import RunLogger, copy_console_to, format_summary, stop_console_copy
 from kd.engine.tracker import LossTracker
 from kd.engine.trainer import StepClock, StudentStep, Trainer
-from kd.engine.records import rounded_numbers
-from kd.engine.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb_keys, wandb_server_reachable
+from kd.errors import ConfigError, KDError, Preempted, WriteError
 from kd.fastloader import DeviceLoader, make_loaders
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.io import atomic_write_json
-from kd.methods import METHODS, Method, weighted_loss
+from kd.methods import METHOD_SPECS, method_class
+from kd.methods.base import Method
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
-from kd.weights import hub_weights_status
 from kd.teachers import (FrozenModel, check_resume_teachers, check_teacher_checkpoints, frozen_forward, load_teacher,
                          save_teacher, select_teachers, teacher_cache_path, teacher_identities, teacher_lock,
                          teacher_seed, teacher_small_input, teacher_test_summary)
-"""
-
-
-def load_runtime() -> None:
-    exec(RUNTIME_IMPORTS, globals())
-
-
-METHOD_NAMES = Literal["teacher", "ce", "kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd",
-                       "ebkd", "aekd", "asmb"]
-
-
-# ---- Config: every field is a CLI flag (`--group.field`); the docstring under it is its --help line.
-@dataclass
-class DataCfg:
-    dataset: Literal["synthetic", "cifar100", "imagefolder", "tiny-imagenet"] = "cifar100"
-    """which dataset: synthetic (built in), cifar100 (downloaded to root), imagefolder (root/train, root/val), tiny-imagenet (folder or archive)."""
-    root: str = "data"
-    """where the dataset lives (or is downloaded to); for tiny-imagenet the folder or its .zip/.tar.gz."""
-    classes: str = ""
-    """class subset of imagefolder/tiny-imagenet: N = the first N classes (wnids.txt / sorted folders), or a file of class ids, one per line; empty = all."""
-    cache_dir: str = ""
-    """where archives are extracted and decoded images cached (empty = $KD_CACHE_DIR or ~/.cache/kd); never the data root."""
-    max_extract_gb: float = 50.0
-    """an archive (tiny-imagenet .zip/.tar.gz) whose members declare more bytes than this is refused before extracting."""
-    max_extract_files: int = 1_000_000
-    """an archive with more members than this is refused before extracting (Tiny-ImageNet-200: ~120k)."""
-    val_fraction: float = 0.1
-    """share of the training set held out (stratified, seeded) as the validation split used for model selection."""
-    split_seed: int = 0
-    """seed of the validation split (and of synthetic data): fixed, so every --run.seed sees the same split."""
-    image_size: int = 0
-    """resize images to this size (0 = the dataset's native size)."""
-    aug: bool = True
-    """training augmentation: random crop with padding + horizontal flip (RandomResizedCrop for imagefolder)."""
-    batch_size: int = 64
-    """global training batch size."""
-    eval_batch_size: int = 256
-    """batch size for validation and test."""
-    workers: int = 2
-    """DataLoader worker processes (0 = load in the main process)."""
-    loader: Literal["auto", "fast", "torch"] = "auto"
-    """fast = the dataset lives on the training device and batches are augmented there (tensor-backed data only);
-    torch = a DataLoader with workers; auto = fast for synthetic/cifar100/tiny-imagenet without RandAugment."""
-    randaugment: tuple[int, int] = (0, 0)
-    """RandAugment N ops of magnitude M (0..30) added to the training augmentation (0 0 = off; DataLoader path)."""
-    synthetic_classes: int = 10
-    """synthetic data: number of classes."""
-    synthetic_train_size: int = 5000
-    """synthetic data: training images (before the validation split)."""
-    synthetic_test_size: int = 1000
-    """synthetic data: test images."""
-    synthetic_image_size: int = 32
-    """synthetic data: image side in pixels."""
-
-
-@dataclass
-class StudentCfg:
-    model: str = "convnext_tiny"
-    """student architecture: any timm model name or a kd zoo name (resnet8x4, wrn_16_2, ...)."""
-    pretrained: bool = False
-    """start the student from timm's ImageNet weights (from the Hugging Face hub or its local cache; offline: --student.weights)."""
-    checkpoint: str = ""
-    """start the student from this local kd checkpoint instead (same model, classes and stem: loaded as it is)."""
-    weights: str = ""
-    """start the student from this local file of pretrained weights instead: a timm/torchvision state_dict
-    (torch.save), a checkpoint dict holding it under 'state_dict'/'model', or .safetensors; a classifier of
-    another class count and an ImageNet stem replaced for small inputs are re-initialised (said in one line)."""
-    small_input: Literal["auto", "on", "off"] = "auto"
-    """adapt the stem for 32/64 px inputs; auto = on when images are <= 64 px."""
-    drop_rate: float = 0.0
-    """dropout before the classifier."""
-    freeze: Literal["none", "head", "bn_head", "adapter", "last_block"] = "none"
-    """what of the student trains: none (everything), head, bn_head (norm affines + head), adapter (+ head), last_block (+ head)."""
-    adapter_dim: int = 0
-    """residual bottleneck MLP (D -> N -> D, zero-initialised) on the student's pooled feature; 0 = off."""
-
-
-@dataclass
-class TeachersCfg:
-    models: Annotated[tuple[str, ...], tyro.conf.arg(aliases=("--teachers",))] = ("resnet152", "efficientnet_b2")
-    """teacher architectures (timm or zoo names); also accepts one comma-separated string."""
-    checkpoints: tuple[str, ...] = ()
-    """fine-tuned teacher checkpoints, one per model; empty = use the cache (fine-tuning what is missing)."""
-    pretrained: bool = True
-    """fine-tune teachers from timm's ImageNet weights (from the Hugging Face hub or its local cache; offline:
-    --teachers.weights with --teachers.pretrained False)."""
-    weights: tuple[str, ...] = ()
-    """fine-tune the teachers from local files of pretrained weights instead, one per --teachers.models, in its
-    order (as --student.weights; needs --teachers.pretrained False); a file's sha256 is part of the teacher's identity."""
-    cache_dir: str = "runs/teacher_cache"
-    """where fine-tuned teachers are cached (the name records dataset, arch, stem, classes, seed, data hash)."""
-    select: Literal["best", "0", "1", "both"] = "best"
-    """teacher(s) a single-teacher baseline distils from: best by val accuracy, by position, or both (KD of the
-    mean logits); multi-teacher methods (aver, camkd, ebkd, aekd) always use every teacher."""
-    epochs: int = 30
-    """teacher fine-tuning epochs (stage 0)."""
-    lr: float = 0.01
-    """teacher fine-tuning learning rate (optimiser and schedule as in --optim)."""
-    label_smoothing: float = 0.0
-    """label smoothing for teacher fine-tuning."""
-    image_size: int = 0
-    """teachers see the batch resized to this size inside their wrapper (0 = the student's size)."""
-    seed: int = 0
-    """seed of teacher fine-tuning (with the teacher's identity: its init and data order); not --run.seed."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """precision of the frozen teachers' forward (inference mode; outputs float32), whatever --run.amp: auto =
-    bf16 on CUDA and on CPUs with AMX / AVX-512-BF16, else fp32. ASMB: phase B's teachers, phase A's student."""
-    compile: bool = False
-    """torch.compile the frozen teachers for inference (weights frozen into the graph; CUDA graphs on GPU), instead
-    of --run.compile's; not with --method asmb, whose teachers train in phase A."""
-
-
-@dataclass
-class OptimCfg:
-    name: Literal["sgd", "adamw"] = "sgd"
-    """optimiser of the trained model."""
-    lr: float = 0.05
-    """base learning rate."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    nesterov: bool = False
-    """SGD Nesterov momentum."""
-    weight_decay: float = 5e-4
-    """weight decay."""
-    epochs: int = 240
-    """training epochs of the student."""
-    schedule: Literal["cosine", "multistep", "constant"] = "multistep"
-    """learning-rate schedule (stepped every iteration)."""
-    milestones: tuple[int, ...] = (150, 180, 210)
-    """multistep: epochs at which the lr is multiplied by gamma."""
-    gamma: float = 0.1
-    """multistep: lr decay factor."""
-    warmup_epochs: float = 0.0
-    """linear warm-up epochs from ~0 to lr."""
-    label_smoothing: float = 0.0
-    """label smoothing of every cross-entropy on labels."""
-    mixup_alpha: float = 0.0
-    """MixUp Beta(alpha, alpha) on training batches (0 = off)."""
-    cutmix_alpha: float = 0.0
-    """CutMix Beta(alpha, alpha) on training batches (0 = off); wins over MixUp when both are > 0."""
-    cutmix_alpha_distill: float = 0.0
-    """CutMix alpha of distillation training (methods with teachers); > 0 replaces --optim.cutmix-alpha there."""
-    grad_clip_norm: float = 0.0
-    """clip the gradient norm to this value (0 = off)."""
-
-
-@dataclass
-class RunCfg:
-    name: str = ""
-    """run directory name, relative, under out_dir; empty = <method>-<student>-from-<teachers joined by +>-<dataset>-s<seed>-<YYYYmmdd-HHMMSS>, e.g. kd-resnet8-from-resnet32x4-cifar100-s0-20250101-120000 (ce: ce-<student>-<dataset>-s<seed>-<time>; teacher: teacher-<teachers>-<dataset>-s<seed>-<time>)."""
-    out_dir: str = "runs"
-    """parent directory of run directories."""
-    overwrite: bool = False
-    """empty and reuse an existing kd run directory of the same name (one holding .kd-run), after every check."""
-    seed: int = 0
-    """seed of the student: its initialisation and data order (the split: --data.split-seed; teachers: --teachers.seed)."""
-    deterministic: bool = False
-    """use deterministic algorithms (slower on GPU)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """where to train: auto = cuda when available."""
-    amp: Literal["off", "fp16", "bf16"] = "off"
-    """mixed precision: fp16 (with a GradScaler, CUDA only) or bf16."""
-    channels_last: bool = True
-    """use the channels_last memory layout for the models and inputs (faster convolutions; False = NCHW)."""
-    compile: bool = False
-    """torch.compile the student (and teachers separately)."""
-    max_steps_per_epoch: int = 0
-    """stop each epoch after this many steps (0 = full epoch); for quick checks."""
-    resume: str = ""
-    """continue a run exactly: a checkpoint file, a run directory, or auto (the latest checkpoint of
-    --run.name's directory when there is one, else a fresh start: one command line for pre-emptible jobs)."""
-    ckpt_every_steps: int = 0
-    """also checkpoint every N optimisation steps, mid-epoch (0 = at epoch ends only)."""
-    keep_last: int = 2
-    """how many step checkpoints (checkpoints/step-*.pt) to keep besides best.pt and last.pt."""
-    sync_bn: bool = False
-    """with several processes (torchrun), convert BatchNorm to SyncBatchNorm (CUDA only)."""
-    dist_timeout_min: float = 30.0
-    """with several processes: a rank waiting longer than this in a collective ends the run with one line (no hang)."""
-    log_every: int = 0
-    """off a terminal (slurm, `| tee`): a progress line (step, loss, images/s, ETA) every N steps; 0 = about every 30 s."""
-
-
-@dataclass
-class WandbCfg:
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """auto = online when credentials exist (falling back to offline without network), else disabled."""
-    project: str = "kd"
-    """wandb project."""
-    entity: str = ""
-    """wandb entity (team or user); empty = your default."""
-    group: str = ""
-    """wandb group."""
-    tags: tuple[str, ...] = ()
-    """wandb tags."""
-
-
-@dataclass
-class Config:
-    """Knowledge distillation with kd. Every option below is `--group.option VALUE`; booleans take true/false
-    (or 1/0, yes/no); `--config PATH` starts from a saved config.json (flags override it)."""
-
-    method: METHOD_NAMES = "kd"
-    """what to train: teacher (fine-tune the teachers), ce (student alone), kd, ... (single-teacher baselines),
-    aver / camkd / ebkd / aekd (multi-teacher baselines, all --teachers), asmb (two-teacher ASMB, see --asmb.*)."""
-    preset: Literal["none", "smoke"] = "none"
-    """start from a preset (smoke: tiny models and synthetic data, a few CPU minutes); flags override it."""
-    data: DataCfg = field(default_factory=DataCfg)
-    student: StudentCfg = field(default_factory=StudentCfg)
-    teachers: TeachersCfg = field(default_factory=TeachersCfg)
-    optim: OptimCfg = field(default_factory=OptimCfg)
-    run: RunCfg = field(default_factory=RunCfg)
-    wandb: WandbCfg = field(default_factory=WandbCfg)
-    kd: KDCfg = field(default_factory=KDCfg)
-    fitnet: FitNetCfg = field(default_factory=FitNetCfg)
-    at: ATCfg = field(default_factory=ATCfg)
-    dkd: DKDCfg = field(default_factory=DKDCfg)
-    crd: CRDCfg = field(default_factory=CRDCfg)
-    rkd: RKDCfg = field(default_factory=RKDCfg)
-    pkt: PKTCfg = field(default_factory=PKTCfg)
-    sp: SPCfg = field(default_factory=SPCfg)
-    dist: DISTCfg = field(default_factory=DISTCfg)
-    aver: AverCfg = field(default_factory=AverCfg)
-    camkd: CAMKDCfg = field(default_factory=CAMKDCfg)
-    ebkd: EBKDCfg = field(default_factory=EBKDCfg)
-    aekd: AEKDCfg = field(default_factory=AEKDCfg)
-    asmb: AsmbCfg = field(default_factory=AsmbCfg)
-
-
-def smoke_preset() -> Config:
-    """Tiny zoo models on built-in synthetic data: the whole pipeline in a few CPU minutes."""
-    cfg = Config(preset="smoke")
-    cfg.data = DataCfg(dataset="synthetic", batch_size=64, workers=0, synthetic_train_size=2000,
-                       synthetic_test_size=500)
-    cfg.student = StudentCfg(model="resnet8")
-    cfg.teachers = TeachersCfg(models=("resnet20", "wrn_16_2"), pretrained=False, epochs=3, lr=0.05)
-    cfg.optim = OptimCfg(lr=0.05, epochs=3, schedule="cosine", milestones=())
-    cfg.asmb = AsmbCfg(num_stages=2, teacher_epochs=1, student_epochs=2)
-    return cfg
-
-
-PRESETS = {"none": Config, "smoke": smoke_preset}
-METHOD_GROUPS = ("kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist", "aver", "camkd", "ebkd", "aekd",
-                 "asmb")
+from kd.weights import hub_weights_status
+from kd_cli.cli import run_name
+from kd_cli.config import METHOD_GROUPS, RESUME_MAY_CHANGE, Config, OptimCfg, parse_config, validate
+from kd_cli.progress import RunProgress, mean_img_per_s
+from kd_cli.records import rounded_numbers
+from kd_cli.rundir import check_run_dir, new_run_dir, prepare_run_dir, release_run_dirs
+from kd_cli.runlog import RunLogger, copy_console_to, format_summary, stop_console_copy
+from kd_cli.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb_keys, wandb_server_reachable
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_config(argv)
-        validate(cfg)  # bad values fail in a fraction of a second, before torch and timm load
-        load_runtime()
+        validate(cfg)
         checkpoint_on_stop_signals()  # SIGTERM/SIGUSR1: a checkpoint at the next step, then Preempted
         run(cfg)
     except Preempted as e:
@@ -342,174 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        if "stop_console_copy" in globals():  # the runtime was loaded
-            stop_console_copy()
+        stop_console_copy()
         release_run_dirs()
-        if "close_distributed" in globals():  # the runtime was loaded
-            close_distributed()
+        close_distributed()
     return 0
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without aliases (`*name`): a few lines of nested aliases expand to gigabytes (a "billion laughs"),
-    and no config or sweep spec needs them."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError(f"aliases (*{self.peek_event().anchor}) are not allowed here")
-        return super().compose_node(parent, index)
-
-
-def load_yaml(text: str):
-    """yaml.safe_load without aliases (config files and sweep specs)."""
-    return yaml.load(text, Loader=_NoAliasLoader)
-
-
-CONFIG_HELP = (" `--config PATH` starts from a run's config.json (or its run directory) or a YAML/JSON file of "
-               "config groups (`optim: {lr: 0.1}`); flags given with it override it.")
-
-
-def parse_config(argv: list[str]) -> Config:
-    """Parse argv with tyro on top of the chosen preset and `--config PATH` (a saved config.json, or a run
-    directory holding one). Booleans take explicit values (true/false, 1/0, yes/no in any case) so wandb
-    agents' `--flag=True` works; `--teachers a,b` is split on commas; `--method X --help` shows X's group only."""
-    config_path, argv = pop_option(argv, "--config")
-    argv = normalize_booleans(argv, bool_flags(Config))
-    preset = "none"
-    for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-        elif arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    default = PRESETS[preset]()
-    if config_path is not None:
-        yaml_file = Path(config_path).suffix.lower() in (".yaml", ".yml")
-        default = load_config_json(config_path, default, *((load_yaml, "YAML") if yaml_file else ()))
-    cfg_type, description = Config, __doc__.split("\n\n")[0] + CONFIG_HELP
-    if "--help" in argv or "-h" in argv:  # focused help: the common groups and the chosen method's group only
-        method = pop_option(argv, "--method")[0] or default.method
-        cfg_type = focused_config(Config, method, METHOD_GROUPS, lambda t: Annotated[t, tyro.conf.Suppress])
-        default = cfg_type(**{f.name: getattr(default, f.name) for f in dataclasses.fields(Config)})
-        description += f" Showing --method {method}'s options; `--method X --help` shows another method's."
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            cfg, unknown = tyro.cli(cfg_type, args=argv, default=default, description=description,
-                                    config=(tyro.conf.FlagConversionOff,), return_unknown_args=True)
-    except SystemExit as e:
-        if e.code in (0, None):
-            raise
-        raise ConfigError(first_message(captured.getvalue())) from None
-    if unknown:
-        raise ConfigError(unknown_flag_message(unknown, flag_names(Config())))
-    cfg.teachers.models = tuple(m.strip() for s in cfg.teachers.models for m in s.split(",") if m.strip())
-    return cfg
-
-
-def check_weights_path(path: str, flag: str) -> None:
-    """A weight file named by `flag` exists and is a readable file (its content is checked in run())."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{flag}: file {path} not found")
-    if not p.is_file() or not os.access(p, os.R_OK):
-        raise ConfigError(f"{flag}: {path} is not a readable file")
-
-
-def validate(cfg: Config) -> None:
-    """Reject bad values before any work (ConfigError -> one line, exit 2)."""
-
-    def check(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    for name in ("data", "student", "teachers", "optim", "run", cfg.method):
-        group = getattr(cfg, name, None)
-        for f in dataclasses.fields(group) if dataclasses.is_dataclass(group) else ():
-            v, flag = getattr(group, f.name), f"--{name}.{f.name.replace('_', '-')}"
-            check(not isinstance(v, float) or math.isfinite(v), f"{flag} must be finite, got {v}")
-            check(not isinstance(v, (int, float)) or isinstance(v, bool) or v >= 0, f"{flag} must be >= 0, got {v}")
-    method_group = getattr(cfg, cfg.method, None)
-    if hasattr(method_group, "check"):
-        method_group.check()  # the method's own range checks (e.g. temperature > 0)
-    check(0.0 < cfg.data.val_fraction < 1.0, f"--data.val-fraction must be in (0, 1), got {cfg.data.val_fraction}")
-    check(cfg.student.drop_rate < 1, f"--student.drop-rate must be < 1, got {cfg.student.drop_rate}")
-    check(cfg.optim.momentum < 1, f"--optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
-    check(cfg.run.seed < 2 ** 32, f"--run.seed must be in [0, 2**32), got {cfg.run.seed}")
-    check(max(cfg.data.image_size, cfg.teachers.image_size, cfg.data.synthetic_image_size) <= 1024,
-          "--data.image-size, --teachers.image-size and --data.synthetic-image-size must be <= 1024")
-    for flag, size in (("data.image-size", cfg.data.image_size), ("teachers.image-size", cfg.teachers.image_size)):
-        check(size == 0 or size >= 8, f"--{flag} {size} is too small for any model here (0 = native, else >= 8)")
-    check_run_name(cfg.run.name)
-    check(cfg.optim.label_smoothing < 1 and cfg.teachers.label_smoothing < 1, "label smoothing must be < 1")
-    check(all(m > 0 for m in cfg.optim.milestones), "--optim.milestones must be positive epochs")
-    check(cfg.optim.warmup_epochs < cfg.optim.epochs, "--optim.warmup-epochs must be < --optim.epochs")
-    check(cfg.run.keep_last >= 1, "--run.keep-last must be >= 1")
-    check(cfg.run.dist_timeout_min > 0, f"--run.dist-timeout-min must be > 0, got {cfg.run.dist_timeout_min}")
-    check(cfg.data.max_extract_gb > 0 and cfg.data.max_extract_files >= 1,
-          "--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1")
-    for flag in ("data.batch_size", "data.eval_batch_size", "optim.lr", "optim.epochs", "optim.gamma", "teachers.lr",
-                 "teachers.epochs"):
-        value = getattr(getattr(cfg, flag.split(".")[0]), flag.split(".")[1])
-        check(value > 0, f"--{flag.replace('_', '-')} must be > 0, got {value}")
-    check(not (cfg.run.resume and cfg.run.overwrite), "--run.resume and --run.overwrite exclude each other")
-    check(cfg.run.resume != "auto" or bool(cfg.run.name),
-          "--run.resume auto needs --run.name (the run directory to continue)")
-    if cfg.method != "teacher" and cfg.student.weights:
-        check(not cfg.student.pretrained, "--student.weights and --student.pretrained True both choose the student's "
-                                          "start: pass --student.pretrained False with a weights file")
-        check(not cfg.student.checkpoint, "--student.weights and --student.checkpoint both choose the student's "
-                                          "start: pass one of them")
-        check_weights_path(cfg.student.weights, "--student.weights")
-    if cfg.method != "ce":
-        check(len(cfg.teachers.models) >= 1, "--teachers needs at least one model")
-        check(not cfg.teachers.checkpoints or len(cfg.teachers.checkpoints) == len(cfg.teachers.models),
-              f"--teachers.checkpoints has {len(cfg.teachers.checkpoints)} paths for "
-              f"{len(cfg.teachers.models)} teachers")
-        check(not cfg.teachers.weights or len(cfg.teachers.weights) == len(cfg.teachers.models),
-              f"--teachers.weights has {len(cfg.teachers.weights)} files for {len(cfg.teachers.models)} teachers "
-              f"({', '.join(cfg.teachers.models)}): give one per --teachers.models, in its order")
-        check(not (cfg.teachers.weights and cfg.teachers.pretrained),
-              "--teachers.weights replaces timm's hub weights, but --teachers.pretrained is True (its default): "
-              "pass --teachers.pretrained False with --teachers.weights")
-        for path in cfg.teachers.weights:
-            check_weights_path(path, "--teachers.weights")
-        if cfg.teachers.select in ("0", "1"):
-            check(int(cfg.teachers.select) < len(cfg.teachers.models),
-                  f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)")
-    if cfg.method in MULTI_TEACHER_METHODS:
-        check(len(cfg.teachers.models) >= 2,
-              f"--method {cfg.method} distils from several teachers, --teachers has {len(cfg.teachers.models)}")
-    if cfg.method == "asmb":
-        check(len(cfg.teachers.models) == 2,
-              f"--method asmb distils from two teachers, --teachers has {len(cfg.teachers.models)}")
-        check(not cfg.teachers.compile, "--teachers.compile freezes the teachers' weights into the graph, but asmb's "
-              "teachers train in phase A (use --run.compile)")
-    check(min(cfg.data.randaugment) >= 0 and cfg.data.randaugment[1] <= 30,
-          f"--data.randaugment needs N >= 0 and M in [0, 30], got {' '.join(map(str, cfg.data.randaugment))}")
-    if cfg.data.loader == "fast":
-        check(cfg.data.dataset != "imagefolder", "--data.loader fast needs tensor-backed data (synthetic, cifar100, "
-                                                 "tiny-imagenet), not imagefolder; use auto or torch")
-        check(cfg.data.randaugment[0] == 0, "--data.loader fast does not do RandAugment; use auto or torch")
-    check(not cfg.data.classes or cfg.data.dataset in ("imagefolder", "tiny-imagenet"),
-          f"--data.classes selects classes of imagefolder or tiny-imagenet, not {cfg.data.dataset}")
-    if cfg.data.dataset != "synthetic":
-        check(Path(cfg.data.root).exists() or cfg.data.dataset == "cifar100",
-              f"data root {cfg.data.root} does not exist (--data.root)")
-
-
 # ---- The run, as a contents page -----------------------------------------------------------------
-# What may differ between a run and its resumption: where it runs and writes, how it loads data and
-# checkpoints, wandb. Everything else (method, models, data, batch size, optimiser, schedule, epochs, seed,
-# precision) must match, or the continued run would not be the run that was started.
-RESUME_MAY_CHANGE = ("preset", "run.resume", "run.overwrite", "run.name", "run.out_dir", "run.device",
-                     "run.deterministic", "run.compile", "run.ckpt_every_steps", "run.keep_last", "run.log_every",
-                     "data.workers", "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir",
-                     "data.max_extract_gb", "data.max_extract_files", "run.dist_timeout_min",
-                     "teachers.compile", "wandb.")
-
-
 def run(cfg: Config) -> dict[str, Any]:
     # 1. Every check before anything is written: values, processes, the resume checkpoint, names, dimensions.
     validate(cfg)
@@ -541,7 +131,7 @@ def run(cfg: Config) -> dict[str, Any]:
     teacher_dims = [create_model(arch, data.num_classes, small_input=teacher_small).num_features  # unknown names
                     for arch in (cfg.teachers.models if cfg.method != "ce" else ())]  # fail here, before any write
     asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
-    uses_teachers = cfg.method != "ce" and (cfg.method in ("teacher", "asmb") or METHODS[cfg.method][0].uses_teachers)
+    uses_teachers = cfg.method != "ce" and (cfg.method in ("teacher", "asmb") or METHOD_SPECS[cfg.method].uses_teachers)
     teacher_ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, teacher_small, device,
                                      bridge_split=cfg.asmb.bridge_split if parts else 0.0) if uses_teachers else []
     check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, data.num_classes, teacher_small,
@@ -605,7 +195,7 @@ def run(cfg: Config) -> dict[str, Any]:
         summary.update(train_asmb(cfg, data, loaders, device, logger, ckpt, clock, student,
                                   [t for t, _ in teachers], asmb_modules, bridge_loaders=bridge_loaders))
     elif cfg.method != "teacher":
-        multi = METHODS[cfg.method][0].multi_teacher
+        multi = METHOD_SPECS[cfg.method].multi_teacher
         summary.update(train_single(cfg, data, loaders, device, logger, ckpt, clock, student,
                                     [t for t, _ in teachers] if multi else select_teachers(cfg.teachers.select, teachers)))
     trained = (lambda p: p.startswith("teacher:")) if cfg.method == "teacher" else \
@@ -827,7 +417,7 @@ def finetune_teacher(cfg: Config, arch: str, path: Path, identity: dict[str, Any
     if spec is not None:
         model.set_input_transform(**spec)
     model = prepare(model, cfg, device)
-    method = METHODS["ce"][0](None, model, [], num_classes=data.num_classes, num_train=len(data.train),
+    method = method_class("ce")(None, model, [], num_classes=data.num_classes, num_train=len(data.train),
                               label_smoothing=cfg.teachers.label_smoothing)
     optimizer = optimizer_for([model], cfg.optim, cfg.teachers.lr, device)
     tr = make_trainer(cfg, model, method, [], device, clock, optimizer, cfg.optim, cfg.teachers.epochs,
@@ -858,7 +448,7 @@ def single_trainer(cfg: Config, data, device, clock: StepClock, student: KDModel
                    steps: int) -> Trainer:
     """The student on its device, the method (its loss terms and auxiliary modules) and their Trainer."""
     student = prepare(student, cfg, device)
-    method_cls, _ = METHODS[cfg.method]
+    method_cls = method_class(cfg.method)
     method = method_cls(getattr(cfg, cfg.method, None), student, teachers, num_classes=data.num_classes,
                         num_train=len(data.train), label_smoothing=cfg.optim.label_smoothing,
                         image_size=data.image_size,
@@ -944,7 +534,7 @@ def build_asmb_run(cfg: Config, student: KDModel, teachers: list[KDModel], modul
     scheduled over all phase-B epochs. Both carry the run as Trainer.extra: every checkpoint holds all of it.
     `steps`: phase B's steps per epoch; `steps_a`: phase A's (its training part, --asmb.bridge-split), default
     `steps`."""
-    a, clock = cfg.asmb, clock or StepClock()
+    a, clock = cfg.asmb, clock or StepClock(progress=RunProgress())
     frozen_student = FrozenModel(student, resolve_teacher_dtype(cfg.teachers.precision, device))  # phase A's query
     run = AsmbRun(a, student, teachers, modules, device, num_classes, cfg.optim.epochs, cfg.optim.label_smoothing)
     run.phase_a = make_trainer(cfg, run.synergy, run.adapt, [], device, clock,
@@ -1075,8 +665,7 @@ def train_step(tr: Trainer, x: Tensor, y: Tensor, index: Tensor, epoch: int) -> 
     with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32, enabled=tr.amp_dtype is not None):
         t_outs = frozen_forward(tr.teachers, x, with_maps=maps, dtype=tr.teacher_dtype)
         terms = tr.step_module(x, y, index, epoch, t_outs)
-        weights = tr.method.loss_weights(epoch)
-        loss = weighted_loss(terms, weights)  # zero-weight terms left out of the graph
+        loss = tr.method.total_loss(terms, epoch)  # zero-weight terms left out of the graph
     tr.optimizer.zero_grad(set_to_none=True)
     tr.scaler.scale(loss).backward()
     if tr.grad_clip_norm > 0:
@@ -1148,5 +737,3 @@ def finish_wandb(wandb_run, summary: dict[str, Any], run_dir: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-else:
-    load_runtime()

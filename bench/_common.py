@@ -32,8 +32,10 @@ from kd.engine.checkpoint import Checkpointer  # noqa: E402
 from kd.engine.device import resolve_device  # noqa: E402
 from kd.engine.rng import seed_everything  # noqa: E402
 from kd.engine.trainer import StepClock, Trainer  # noqa: E402
+from kd_cli.progress import RunProgress  # noqa: E402
 from kd.freeze import apply_freeze, set_train  # noqa: E402
-from kd.methods import METHODS, StepInputs  # noqa: E402
+from kd.methods import METHOD_SPECS  # noqa: E402
+from kd.methods.base import StepInputs  # noqa: E402
 from kd.models import create_model  # noqa: E402
 from kd.teachers import FrozenModel, frozen_forward, select_teachers, teacher_small_input  # noqa: E402
 
@@ -124,10 +126,10 @@ def build_ours(cfg: train.Config, data, phase: str = "single") -> Bundle:
     adapter_dim = cfg.asmb.teacher_adapter_dim if asmb and cfg.asmb.teacher_freeze == "adapter" else 0
     teachers = [train.prepare(create_model(arch, data.num_classes, small_input=teacher_small_input(
         small, cfg.teachers.image_size), adapter_dim=adapter_dim), cfg, device, inference=True)
-        for arch in cfg.teachers.models] if asmb or METHODS[cfg.method][0].uses_teachers else []
+        for arch in cfg.teachers.models] if METHOD_SPECS[cfg.method].uses_teachers else []
     if not asmb:
         teachers = select_teachers(cfg.teachers.select, [(t, 0.0) for t in teachers])
-        tr = train.single_trainer(cfg, data, device, StepClock(), student, teachers, steps)
+        tr = train.single_trainer(cfg, data, device, StepClock(progress=RunProgress()), student, teachers, steps)
         return Bundle(cfg, tr, loader, tr.model, teachers, "single")
     for t in teachers:
         apply_freeze(t, cfg.asmb.teacher_freeze)  # as train_asmb() does after stage 0

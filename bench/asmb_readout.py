@@ -43,7 +43,10 @@ def read_run(run_dir: Path) -> dict | None:
 def cells(r: dict) -> list[str]:
     def f(x):
         return "" if x is None else f"{x:.2f}"
-    diff = (lambda x, y: None if x is None or y is None else x - y)
+
+    def diff(x, y):
+        return None if x is None or y is None else x - y
+
     guard = "n/a (no residual)" if r["guard"] is None else f"{sum(r['guard'])} of {len(r['guard'])}"
     attn = "" if r["attn"][0] is None else f"{r['attn'][0]:.3f} / {r['attn'][1]:.3f}"
     return [str(r["seed"]), f(r["ensemble"]), f(r["adapted"]), f(r["synergy"]),

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import ConfigError
-
-# Methods that distil from every --teachers model (Method.multi_teacher; at least two teachers).
-MULTI_TEACHER_METHODS = ("aver", "camkd", "ebkd", "aekd")
-
 
 MIN_TEMPERATURE = 1e-3
 
@@ -393,3 +389,16 @@ def feat_kd_map_index(key: str) -> int | None:
     if match is None:
         raise ConfigError(f"--asmb.feat-kd-key must be 'feature' or 'map:<index>' (e.g. map:-1), got {key!r}")
     return int(match.group(1))
+
+
+def flatten_config(config: dict[str, Any], prefix: str = "", dash: bool = False) -> dict[str, Any]:
+    """A nested config dict as {"group.field": value}; lists become tuples. `dash`: field names in their CLI
+    form (`kd.ce-weight`) instead of the dataclass form (`kd.ce_weight`)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = prefix + (k.replace("_", "-") if dash else k)
+        if isinstance(v, dict):
+            out.update(flatten_config(v, key + ".", dash))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import timm
@@ -50,8 +50,54 @@ def teacher_small_input(student_small_input: bool, teacher_image_size: int) -> b
     return teacher_image_size <= 64 if teacher_image_size else student_small_input
 
 
-def teacher_identities(teachers: Any, optim: Any, data_cfg: Any, run: Any, data: Any,
-                       small_input: bool, device: torch.device | str = "cpu",
+class TeacherSettings(Protocol):
+    """What of the teachers' config group makes a teacher (train.py: --teachers.*)."""
+    models: Sequence[str]
+    weights: Sequence[str]
+    pretrained: bool
+    image_size: int
+    seed: int
+    epochs: int
+    lr: float
+    label_smoothing: float
+
+
+class OptimSettings(Protocol):
+    """What of the optimiser's config group stage 0 fine-tunes with (train.py: --optim.*)."""
+    name: str
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: str
+    milestones: Sequence[int]
+    gamma: float
+    warmup_epochs: float
+    mixup_alpha: float
+    cutmix_alpha: float
+    grad_clip_norm: float
+
+
+class DataSettings(Protocol):
+    """What of the data's config group a teacher depends on (train.py: --data.*); the classes and image size
+    enter through the loaded data (its fingerprint, class subset and size)."""
+    dataset: str
+    val_fraction: float
+    split_seed: int
+    batch_size: int
+    aug: bool
+    randaugment: Sequence[int]
+    loader: str
+
+
+class RunSettings(Protocol):
+    """What of the run's config group a teacher depends on (train.py: --run.*)."""
+    max_steps_per_epoch: int
+    amp: str
+    sync_bn: bool
+
+
+def teacher_identities(teachers: TeacherSettings, optim: OptimSettings, data_cfg: DataSettings, run: RunSettings,
+                       data: Any, small_input: bool, device: torch.device | str = "cpu",
                        bridge_split: float = 0.0) -> list[dict[str, Any]]:
     """The identity of each of `teachers.models` (teacher_identity) from the config groups (--teachers, --optim,
     --data, --run), the loaded kd.data.DataSplits `data` and the `device` it is fine-tuned on. Its data part is
@@ -85,9 +131,12 @@ def compute_identity(device: torch.device | str) -> dict[str, Any]:
     return {"device": kind, **({"threads": torch.get_num_threads()} if kind == "cpu" else {}), "world_size": world}
 
 
-def teacher_recipe(teachers: Any, optim: Any, data: Any, run: Any) -> dict[str, Any]:
+def teacher_recipe(teachers: TeacherSettings, optim: OptimSettings, data: DataSettings,
+                   run: RunSettings) -> dict[str, Any]:
     """How stage 0 fine-tunes a teacher, from the config groups (--teachers, --optim, --data, --run): every
-    setting its weights depend on besides the architecture, the data and its seed."""
+    setting its weights depend on besides the architecture, the data and its seed. The settings it reads are
+    the Protocols above; tests/test_teachers.py checks that every other config field is named as not making a
+    teacher, so a new flag cannot be left out by mistake."""
     return {"epochs": teachers.epochs, "lr": teachers.lr, "label_smoothing": teachers.label_smoothing,
             "pretrained": teachers.pretrained, "image_size": teachers.image_size,
             "optimizer": optim.name, "momentum": optim.momentum, "nesterov": optim.nesterov,
@@ -95,7 +144,8 @@ def teacher_recipe(teachers: Any, optim: Any, data: Any, run: Any) -> dict[str, 
             "gamma": optim.gamma, "warmup_epochs": optim.warmup_epochs, "mixup_alpha": optim.mixup_alpha,
             "cutmix_alpha": optim.cutmix_alpha, "grad_clip_norm": optim.grad_clip_norm,
             "batch_size": data.batch_size, "aug": data.aug, "randaugment": list(data.randaugment),
-            "loader": data.loader, "max_steps_per_epoch": run.max_steps_per_epoch, "amp": run.amp}
+            "loader": data.loader, "max_steps_per_epoch": run.max_steps_per_epoch, "amp": run.amp,
+            **({"sync_bn": True} if run.sync_bn else {})}  # absent when off: earlier identities stay valid
 
 
 def teacher_identity(arch: str, *, num_classes: int, small_input: bool, input_spec: dict[str, Any] | None,

@@ -20,10 +20,11 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
 import train
+from kd_cli.config import smoke_preset
 from kd.engine.checkpoint import Checkpointer
 from kd.engine.trainer import StepClock
+from kd_cli.progress import RunProgress
 from kd.teachers import teacher_identities
 from kd.asmb import (AsmbAdapt, AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,
                      guard_residual, stage_metrics, synergy_warning, tau_at)
@@ -31,9 +32,11 @@ from kd.errors import ConfigError
 from kd.freeze import apply_freeze, count_params, policy_params, set_train
 from kd.losses import dkd_loss, kd_loss
 from kd.mbm import IBMBM, MLPMBM, AttnMBM, build_bridge
-from kd.methods import StepInputs
+from kd.methods.base import StepInputs
 from kd.models import ModelOutput, create_model
 from kd.synergy import synergy_losses
+
+ROOT = Path(__file__).resolve().parents[1]
 
 C = 10
 B = 8
@@ -53,7 +56,7 @@ def asmb_cfg(*flags: str) -> train.Config:
 def make_run(seed: int = 0, **asmb) -> train.AsmbRun:
     """An AsmbRun with the smoke preset and `asmb` overrides of --asmb.* (field names), on random-weight teachers
     (resnet20, wrn_16_2) and a resnet8 student, CPU, 2 steps per epoch."""
-    cfg = train.smoke_preset()
+    cfg = smoke_preset()
     cfg.method = "asmb"
     cfg.asmb = dataclasses.replace(cfg.asmb, **asmb)
     train.validate(cfg)
@@ -548,7 +551,7 @@ def test_checkpoint_rebuilds_the_synergy(tmp_path, teacher_cache):
     loaders = train.build_loaders(cfg, data, torch.device("cpu"))
     identities = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
     teachers = [t for t, _ in train.stage0_teachers(cfg, data, loaders, torch.device("cpu"), None,
-                                                    Checkpointer.disabled(), StepClock(), True, identities,
+                                                    Checkpointer.disabled(), StepClock(progress=RunProgress()), True, identities,
                                                     adapter_dim=4)]
     assert all(t.adapter is not None and t.adapter.down.out_features == 4 for t in teachers)
     for t, saved in zip(teachers, extra["teachers"]):

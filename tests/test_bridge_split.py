@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 import train
 from kd.data import bridge_split
 from kd.errors import ConfigError
 from kd.teachers import teacher_cache_path, teacher_identities, teacher_key, whole_split_identity
 from test_resume import assert_same_run, train_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

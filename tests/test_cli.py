@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import train
-from kd.engine.cli import run_name
+from kd.configs import AsmbCfg
+from kd_cli.cli import run_name
 from kd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,10 +127,14 @@ def test_light_configs_agree_with_the_methods():
     """kd.configs holds the method configs without torch; the method modules use the same classes."""
     import kd.asmb
     from kd import configs
-    from kd.methods import METHODS
+    from kd.methods import METHOD_SPECS, method_class
 
-    assert set(configs.MULTI_TEACHER_METHODS) == {n for n, (cls, _) in METHODS.items() if cls.multi_teacher}
-    assert all(cfg is None or cfg is getattr(configs, cfg.__name__) for _, cfg in METHODS.values())
+    for name, spec in METHOD_SPECS.items():  # the table and each Method class say the same
+        if spec.impl:
+            cls = method_class(name)
+            assert cls.name == name
+            assert (cls.multi_teacher, cls.uses_teachers) == (spec.multi_teacher, spec.uses_teachers), name
+        assert spec.config is None or spec.config is getattr(configs, spec.config.__name__)
     # kd/asmb.py is to import AsmbCfg from kd.configs; until then the two definitions must not drift apart
     fields = lambda cls: [(f.name, f.type, f.default) for f in dataclasses.fields(cls)]  # noqa: E731
     assert fields(kd.asmb.AsmbCfg) == fields(configs.AsmbCfg)
@@ -153,7 +158,7 @@ def test_help_describes_the_real_run_name_and_mbm_query(capsys, monkeypatch):
     assert "<method>-<student>-from-<teachers joined by +>-<dataset>-s<seed>-<YYYYmmdd-HHMMSS>" in text
     kind = text[text.index("--asmb.mbm-kind"):text.index("--asmb.mbm-query-dim")]
     assert "student-query" not in kind and "learned token by default" in kind
-    assert train.AsmbCfg().learnable_query  # what "by default" says
+    assert AsmbCfg().learnable_query  # what "by default" says
 
 
 def test_adapter_students_and_freezing_a_random_student_are_said_at_the_start():
@@ -169,3 +174,92 @@ def test_adapter_students_and_freezing_a_random_student_are_said_at_the_start():
     assert notes("--student.freeze", "none", "--student.pretrained", "True") == []
     assert notes("--method", "teacher", "--student.freeze", "head") == []  # no student is trained
     assert len(notes("--student.freeze", "adapter", "--student.adapter-dim", "8")) == 2
+
+
+TOY_METHOD = '''
+from dataclasses import dataclass
+
+from kd.losses import cross_entropy, kd_loss
+from kd.methods.base import Method, teacher_logits
+
+
+@dataclass
+class ToyKDCfg:
+    """--method toykd: CE + KD at a fixed temperature (a test's own method)."""
+    weight: float = 1.0
+    """weight of the KD term."""
+
+
+class ToyKD(Method):
+    name = "toykd"
+
+    def loss_terms(self, inp):
+        return {"ce": cross_entropy(inp.student.logits, inp.target),
+                "toy": kd_loss(inp.student.logits, teacher_logits(inp).detach(), 4.0)}
+
+    def loss_weights(self, epoch):
+        return {"toy": self.cfg.weight}
+'''
+
+REGISTER_AND_RUN = '''
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import kd.methods
+from toy_method import ToyKDCfg
+# the one line a new method adds to kd/methods/__init__.py's table, here from outside it
+kd.methods.METHOD_SPECS["toykd"] = kd.methods.MethodSpec("toykd", "logit", ToyKDCfg, "toy_method:ToyKD")
+import train, report
+print("FAMILY", report.family_of("toykd"))
+sys.exit(train.main(sys.argv[3:]))
+'''
+
+
+def test_a_new_method_is_one_file_and_one_table_line(tmp_path):
+    """A method registered by one MethodSpec line gets its --method choice, its --toykd.* group (with --help),
+    validation, a whole run through train.py's loop with its named terms and weights, and its report family:
+    nothing else lists methods."""
+    (tmp_path / "toy_method.py").write_text(TOY_METHOD)
+    script = tmp_path / "register.py"
+    script.write_text(REGISTER_AND_RUN)
+    base = [sys.executable, str(script), str(tmp_path), str(ROOT)]
+    shown = subprocess.run(base + ["--method", "toykd", "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "--toykd.weight" in shown.stdout and "--kd.temperature" not in shown.stdout
+    bad = subprocess.run(base + ["--method", "toykd", "--toykd.weight", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--toykd.weight must be >= 0" in bad.stderr
+    args = ["--preset", "smoke", "--method", "toykd", "--toykd.weight", "0.5", "--data.synthetic-train-size", "200",
+            "--data.synthetic-test-size", "40", "--teachers.epochs", "1", "--optim.epochs", "1",
+            "--run.max-steps-per-epoch", "2", "--wandb.mode", "disabled", "--run.out-dir", str(tmp_path / "runs"),
+            "--run.name", "toy", "--teachers.cache-dir", str(tmp_path / "cache"), "--teachers", "resnet20"]
+    done = subprocess.run(base + args, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "FAMILY logit" in done.stdout
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "toy" / "metrics.jsonl").read_text().splitlines()]
+    toy = [r for r in rows if r["phase"] == "toykd"]
+    assert toy and all("train/toy" in r and "train/ce" in r for r in toy)
+    assert json.loads((tmp_path / "runs" / "toy" / "config.json").read_text())["toykd"] == {"weight": 0.5}
+
+
+def test_kd_never_imports_the_application_and_report_needs_no_sweep():
+    """kd/ is the library a user copies out: importing every module of it loads nothing of kd_cli/, train.py,
+    sweep.py or report.py; report.py reads sweep specs from kd_cli.sweep_spec (no report <-> sweep cycle)."""
+    probe = """
+import importlib, pkgutil, sys
+import kd
+for m in pkgutil.walk_packages(kd.__path__, "kd."):
+    importlib.import_module(m.name)
+print(sorted(n for n in sys.modules if n.split(".")[0] in ("kd_cli", "train", "sweep", "report", "tyro", "wandb", "tqdm")))
+import report
+print(sorted(n for n in ("sweep", "train") if n in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "[]"]
+
+
+def test_resume_may_change_names_existing_settings():
+    """Every entry of RESUME_MAY_CHANGE is a config field or group (a renamed flag must not leave a stale one)."""
+    from kd.configs import flatten_config
+
+    keys = set(flatten_config(dataclasses.asdict(train.Config())))
+    for entry in train.RESUME_MAY_CHANGE:
+        assert entry in keys or any(k.startswith(entry) for k in keys if entry.endswith(".")), entry

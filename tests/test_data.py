@@ -63,7 +63,10 @@ def test_bad_val_fraction_is_a_config_error(fraction):
 
 def test_make_loader_train_is_seeded_shuffled_and_drops_last():
     splits = build_data("synthetic", "", synthetic=SMALL, aug=False)
-    order = lambda seed: torch.cat([i for _, _, i in make_loader(splits.train, 16, train=True, seed=seed)])
+
+    def order(seed):
+        return torch.cat([i for _, _, i in make_loader(splits.train, 16, train=True, seed=seed)])
+
     assert len(splits.train) == 72 and len(order(0)) == 64  # 72 // 16 full batches
     assert torch.equal(order(0), order(0)) and not torch.equal(order(0), order(1))
     assert not torch.equal(order(0), torch.arange(64))

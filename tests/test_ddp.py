@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 import train
 from test_resume import assert_equal_tree
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
 
@@ -134,7 +135,6 @@ def test_crd_memory_banks_under_two_gloo_processes_equal_one_process(tmp_path):
 SKEWED = """
 import os, sys
 import train
-train.load_runtime()
 real, calls = train.evaluate_top1_top5, []
 def skewed(model, loader, device):
     calls.append(1)

@@ -188,8 +188,6 @@ def test_an_unwritable_out_dir_exits_1_in_one_line(capsys, tmp_path, monkeypatch
     def refuse(obj, path):
         raise WriteError(f"cannot write {path}: No space left on device")
 
-    train.load_runtime()
-    monkeypatch.setattr(train, "load_runtime", lambda: None)  # main() would re-import and undo the patch below
     monkeypatch.setattr(train, "atomic_write_json", refuse)
     args = ["--preset", "smoke", "--method", "ce", "--run.out-dir", str(tmp_path / "runs"), "--run.name", "x",
             "--optim.epochs", "1", "--run.max-steps-per-epoch", "1", "--wandb.mode", "disabled"]
@@ -254,7 +252,7 @@ def test_a_checkpoint_whose_zip_directory_declares_gigabytes_is_refused_without_
     bomb = _zip_declaring(tmp_path / "bomb.pt", members=3, declared=0xF0000000)  # 3 x 3.75 GiB declared
     assert bomb.stat().st_size < 2000
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
-    expected = f"would expand to 11.2 GiB in memory, above the load cap of 8 GiB ($KD_MAX_LOAD_GB"
+    expected = "would expand to 11.2 GiB in memory, above the load cap of 8 GiB ($KD_MAX_LOAD_GB"
     with pytest.raises(CheckpointError, match="^" + re.escape(f"checkpoint {bomb} {expected}")):
         safe_torch_load(bomb)
     with pytest.raises(CheckpointError, match="^" + re.escape(f"weights file {bomb} {expected}")):

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import train
+from kd_cli.config import smoke_preset
 from kd.engine.checkpoint import check_resume_config
 from kd.engine.device import prepare_model, resolve_teacher_dtype
 from kd.errors import CheckpointError, ConfigError
+from kd.methods import method_class
 from kd.models import create_model
 from kd.teachers import FrozenModel, frozen_forward
 
@@ -95,15 +97,15 @@ def test_train_step_uses_the_teacher_precision():
     assert cfg.teachers.precision == "bf16"
     model = teacher()
     student = create_model("resnet8", C, small_input=True)
-    tr = train.make_trainer(cfg, student, train.METHODS["kd"][0](cfg.kd, student, [model], num_classes=C,
-                                                                  num_train=8), [model], CPU, train.StepClock(),
+    tr = train.make_trainer(cfg, student, method_class("kd")(cfg.kd, student, [model], num_classes=C,
+                                                                  num_train=8), [model], CPU, train.StepClock(progress=train.RunProgress()),
                             torch.optim.SGD(student.parameters(), lr=0.1), cfg.optim, 1, 1, C, mix=False)
     assert tr.teacher_dtype == torch.bfloat16
 
 
 def test_asmb_phase_a_teachers_still_learn_with_bf16_teacher_precision():
     """Phase A: only the frozen student's query runs at teacher precision; the teachers run with gradient."""
-    cfg = train.smoke_preset()
+    cfg = smoke_preset()
     cfg.method, cfg.teachers.precision = "asmb", "bf16"
     cfg.asmb = dataclasses.replace(cfg.asmb, teacher_freeze="bn_head")
     train.validate(cfg)

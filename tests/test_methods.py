@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from kd.errors import ConfigError
 from kd.losses import at_loss, dist_loss, dkd_loss, kd_loss, pkt_loss, rkd_loss, sp_loss, standardize_logits
-from kd.methods import METHODS, StepInputs
+from kd.methods import METHOD_SPECS, method_class, method_names
+from kd.methods.base import StepInputs
 from kd.methods.crd import CRDCfg
 from kd.methods.dkd import DKDCfg
 from kd.methods.fitnet import hint_regressor
@@ -23,7 +24,7 @@ import train
 
 NUM_CLASSES, NUM_TRAIN, BATCH = 10, 40, 8
 TRAIN_LABELS = torch.arange(NUM_TRAIN) % NUM_CLASSES
-BASELINES = ["kd", "fitnet", "at", "dkd", "crd", "rkd", "pkt", "sp", "dist"]
+BASELINES = method_names("logit", "feature")  # the single-teacher baselines of the method table
 TERMS = {"kd": "kd", "fitnet": "hint", "at": "at", "dkd": "dkd", "crd": "crd", "rkd": "rkd", "pkt": "pkt",
          "sp": "sp", "dist": "dist"}
 AUX = {"fitnet": {"regressor"}, "crd": {"embed_s", "embed_t"}}
@@ -44,7 +45,7 @@ def nets():
 
 
 def build(name, student, teachers, cfg=None, **kw):
-    cls, cfg_cls = METHODS[name]
+    cls, cfg_cls = method_class(name), METHOD_SPECS[name].config
     kw = {"num_classes": NUM_CLASSES, "num_train": NUM_TRAIN, "image_size": 32, "train_labels": TRAIN_LABELS, **kw}
     return cls(cfg if cfg is not None else cfg_cls(), student, teachers, **kw)
 
@@ -126,10 +127,10 @@ def test_hint_regressor_output_matches_teacher_shape(s_hw, t_hw, first):
 
 
 def test_dkd_warmup_schedule():
-    dkd = METHODS["dkd"][0](DKDCfg(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    dkd = method_class("dkd")(DKDCfg(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
     assert [dkd.loss_weights(e)["dkd"] for e in (1, 10, 20, 21, 240)] == pytest.approx([0.05, 0.5, 1, 1, 1])
     assert dkd.loss_weights(1)["ce"] == 1.0
-    no_warmup = METHODS["dkd"][0](DKDCfg(warmup=0), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    no_warmup = method_class("dkd")(DKDCfg(warmup=0), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
     assert no_warmup.loss_weights(1)["dkd"] == 1.0
 
 
@@ -144,8 +145,8 @@ def logit_inputs(scale=1.0, shift=0.0, soft=False) -> StepInputs:
 
 
 def test_standardize_applies_logit_standardisation_to_kd_and_dkd():
-    kd_plain = METHODS["kd"][0](KDCfg(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
-    kd_std = METHODS["kd"][0](KDCfg(standardize=True), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    kd_plain = method_class("kd")(KDCfg(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    kd_std = method_class("kd")(KDCfg(standardize=True), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
     inp = logit_inputs()
     s, t = inp.student.logits, inp.teachers[0].logits
     plain, std = kd_plain(inp), kd_std(inp)
@@ -159,7 +160,7 @@ def test_standardize_applies_logit_standardisation_to_kd_and_dkd():
     assert kd_plain(rescaled)["kd"].item() != pytest.approx(plain["kd"].item(), rel=1e-2)
 
     y = inp.target
-    dkd_std = METHODS["dkd"][0](DKDCfg(standardize=True), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    dkd_std = method_class("dkd")(DKDCfg(standardize=True), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
     want = dkd_loss(standardize_logits(s), standardize_logits(t), y, 1.0, 8.0, 4.0)
     assert dkd_std(inp)["dkd"].item() == pytest.approx(want.item(), rel=1e-6)
     assert dkd_std(rescaled)["dkd"].item() == pytest.approx(want.item(), rel=1e-5)
@@ -168,11 +169,11 @@ def test_standardize_applies_logit_standardisation_to_kd_and_dkd():
 def test_dkd_and_dist_logit_terms():
     inp = logit_inputs()
     s, t, y = inp.student.logits, inp.teachers[0].logits, inp.target
-    dkd = METHODS["dkd"][0](DKDCfg(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    dkd = method_class("dkd")(DKDCfg(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
     assert dkd(inp)["dkd"].item() == pytest.approx(dkd_loss(s, t, y, 1.0, 8.0, 4.0).item())
     soft = logit_inputs(soft=True)  # MixUp/CutMix labels: DKD uses each row's dominant class
     assert dkd(soft)["dkd"].item() == pytest.approx(dkd_loss(s, t, y, 1.0, 8.0, 4.0).item())
-    dist = METHODS["dist"][0](METHODS["dist"][1](), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
+    dist = method_class("dist")(METHOD_SPECS["dist"].config(), None, [], num_classes=NUM_CLASSES, num_train=NUM_TRAIN)
     assert dist(inp)["dist"].item() == pytest.approx(dist_loss(s, t, 1.0, 1.0, 4.0).item())
 
 
@@ -268,7 +269,7 @@ def test_at_taps_every_non_stem_map_on_five_map_networks():
 
 
 # ------------------------------------------------------------------------------------------------ multi-teacher
-MULTI = ["aver", "ebkd", "camkd", "aekd"]
+MULTI = method_names("multi-teacher")
 
 
 def _kl_t2(s, t, temp):
@@ -384,18 +385,18 @@ def test_camkd_logit_and_feature_terms_float64(num_teachers):
 def test_multi_teacher_methods_need_two_teachers(nets):
     student, teachers = nets
     for name in MULTI:
-        assert METHODS[name][0].multi_teacher
+        assert method_class(name).multi_teacher
         with pytest.raises(ConfigError, match="several teachers"):
             build(name, student, teachers[:1])
         with pytest.raises(ConfigError, match="several teachers"):
             train.validate(train.parse_config(["--preset", "smoke", "--method", name, "--teachers", "resnet20"]))
-    assert not any(METHODS[name][0].multi_teacher for name in BASELINES)
+    assert not any(method_class(name).multi_teacher for name in BASELINES)
 
 
 @pytest.mark.parametrize("name", MULTI)
 def test_multi_teacher_method_trains_end_to_end_with_every_teacher(tmp_path, teacher_cache, monkeypatch, name):
     seen = {}
-    cls = METHODS[name][0]
+    cls = method_class(name)
     original_init = cls.__init__
 
     def spy(self, cfg, student, teachers, **kw):
@@ -474,7 +475,7 @@ def test_camkd_student_final_batchnorm_updates_once_per_step(arch, bn):
 def test_zero_weight_terms_are_left_out_of_the_graph_and_their_parameters_untouched():
     """CA-MKD's feature term has weight 0 in epoch 1: the embeddings get no gradient (None, not zeros), so SGD
     with weight decay and momentum leaves them unchanged (the authors' loop leaves the term out in epoch 1)."""
-    from kd.methods import weighted_loss
+    from kd.methods.base import weighted_loss
 
     torch.manual_seed(0)
     student = create_model("resnet8", NUM_CLASSES)
@@ -502,7 +503,7 @@ def test_zero_weight_terms_are_left_out_of_the_graph_and_their_parameters_untouc
 
 
 def test_weighted_loss_is_bitwise_the_plain_weighted_sum_when_no_weight_is_zero():
-    from kd.methods import weighted_loss
+    from kd.methods.base import weighted_loss
 
     g = torch.Generator().manual_seed(0)
     terms = {k: torch.rand((), generator=g, dtype=torch.float32) * 10 for k in ("ce", "kd", "feat", "extra")}
@@ -643,13 +644,13 @@ def test_aekd_config_and_teacher_limits(nets):
 CRD_RANK_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, os.environ["KD_ROOT"])
-from kd.methods import METHODS
+from kd.methods import METHOD_SPECS, method_class
 from kd.models import create_model
 rank = int(os.environ["RANK"])
 torch.distributed.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=rank, world_size=2)
 torch.manual_seed(100 + rank)  # ranks seeded differently: only the broadcast makes their banks agree
 student, teacher = create_model("resnet8", 10), create_model("resnet20", 10)
-cls, cfg_cls = METHODS["crd"]
+cls, cfg_cls = method_class("crd"), METHOD_SPECS["crd"].config
 method = cls(cfg_cls(), student, [teacher], num_classes=10, num_train=40, train_labels=torch.arange(40) % 10)
 torch.save(method.state_dict(), os.environ["OUT"])
 torch.distributed.destroy_process_group()

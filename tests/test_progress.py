@@ -11,10 +11,10 @@ import pytest
 import timm
 import torch
 
-import kd.engine.progress
+import kd_cli.progress
 import kd.metrics
 import train
-from kd.engine.progress import EpochMeter, RunProgress, describe_phase, format_duration
+from kd_cli.progress import EpochMeter, RunProgress, describe_phase, format_duration
 from kd.export import load_safetensors, save_safetensors, timm_state_dict
 from kd.metrics import topk_accuracy
 from kd.models import create_model
@@ -137,7 +137,7 @@ def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "wandb_server_reachable", lambda: True)
     meters, stopped = [], []  # the epoch meter has stopped whenever validation (or a test) runs
 
-    class Recording(kd.engine.progress.RunProgress):
+    class Recording(kd_cli.progress.RunProgress):
         def meter(self, *args, **kwargs):
             meters.append(super().meter(*args, **kwargs))
             return meters[-1]
@@ -147,8 +147,8 @@ def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
         return real_evaluate(*args, **kwargs)
 
     real_evaluate = kd.metrics.evaluate_top1_top5
-    monkeypatch.setattr(kd.engine.progress, "RunProgress", Recording)  # where train.main's runtime imports them
-    monkeypatch.setattr(kd.metrics, "evaluate_top1_top5", evaluate)
+    monkeypatch.setattr(train, "RunProgress", Recording)
+    monkeypatch.setattr(train, "evaluate_top1_top5", evaluate)
     code = train.main(["--preset", "smoke", "--method", "asmb", "--data.synthetic-train-size", "300",
                        "--data.synthetic-test-size", "60", "--data.batch-size", "32", "--teachers.epochs", "1",
                        "--optim.epochs", "4", "--run.max-steps-per-epoch", "3", "--run.log-every", "1",

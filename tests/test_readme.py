@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import time
 from pathlib import Path
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 import train
 from kd.engine.checkpoint import _float_tensors, check_resume_config, find_resume
 from kd.io import atomic_torch_save
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny, deterministic: 16 px synthetic images, batch 16, 3 steps per epoch, a checkpoint every 2 steps.
 BASE = ["--preset", "smoke", "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60",

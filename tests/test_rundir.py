@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import train
-from kd.engine.rundir import MARKER
+from kd_cli.rundir import MARKER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 
 import train
 from kd.freeze import apply_freeze, policy_params
-from kd.methods import METHODS
+from kd.methods import method_class
 from kd.models import create_model
 
 FAMILIES = ["resnet18", "convnext_atto", "swin_tiny_patch4_window7_224"]
@@ -22,9 +22,9 @@ def one_step(model, policy: str) -> None:
     """One SGD step of CE through train.Trainer, as train.py runs it."""
     cfg = train.Config()
     cfg.optim = train.OptimCfg(lr=0.5, weight_decay=0.0, epochs=1, schedule="constant")
-    method = METHODS["ce"][0](None, model, [], num_classes=5, num_train=4)
+    method = method_class("ce")(None, model, [], num_classes=5, num_train=4)
     optimizer = train.optimizer_for([model, method], cfg.optim, 0.5, torch.device("cpu"))
-    tr = train.make_trainer(cfg, model, method, [], torch.device("cpu"), train.StepClock(), optimizer, cfg.optim, 1, 1, 5,
+    tr = train.make_trainer(cfg, model, method, [], torch.device("cpu"), train.StepClock(progress=train.RunProgress()), optimizer, cfg.optim, 1, 1, 5,
                             freeze_policy=policy)
     train.set_train(model, policy)
     g = torch.Generator().manual_seed(0)

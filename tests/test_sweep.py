@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 import sweep
-from kd.engine.records import rounded_numbers
+from kd_cli.records import rounded_numbers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"preset": {"value": "smoke"}, "data.synthetic-train-size": {"value": 400},
         "data.synthetic-test-size": {"value": 100}, "data.batch-size": {"value": 32},
@@ -733,7 +734,7 @@ def test_wandb_offline_run_directory_holds_the_logged_keys(tmp_path):
 
 
 def test_wandb_row_keys_are_the_metrics_keys_with_teacher_rows_prefixed():
-    from kd.engine.wandb_env import wandb_keys
+    from kd_cli.wandb_env import wandb_keys
 
     row = {"phase": "kd", "epoch": 3, "lr": 0.1, "train/kd": 1.5, "val/acc": 50.0, "note": [1]}
     assert wandb_keys(row) == {"phase": "kd", "epoch": 3, "lr": 0.1, "train/kd": 1.5, "val/acc": 50.0}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--preset", "smoke", "--data.synthetic-train-size", "400", "--data.synthetic-test-size", "100",
         "--data.batch-size", "32", "--optim.epochs", "2", "--teachers.epochs", "1",

@@ -29,7 +29,7 @@ from ..errors import CheckpointError, ConfigError, Preempted
 from ..export import save_safetensors, timm_state_dict
 from ..io import atomic_link, atomic_torch_save, safe_torch_load
 from .distributed import DIST, say
-from .records import flatten_config
+from ..configs import flatten_config
 from .rng import gather_rng
 from .tracker import TrainingDiverged
 

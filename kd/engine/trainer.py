@@ -14,7 +14,6 @@ from ..methods.base import Method, StepInputs
 from ..models import KDModel, check_meta
 from .checkpoint import load_loader_state, loader_state
 from .distributed import say
-from .progress import RunProgress
 from .rng import rank_rng, set_rng_state
 from .tracker import LossTracker
 
@@ -22,9 +21,10 @@ from .tracker import LossTracker
 @dataclass
 class StepClock:
     """The run-wide count of optimisation steps, shared by every phase's trainer (checkpoints are named by it),
-    and the run's progress report (steps planned, ETA, how often to print)."""
+    and the application's progress report (train.py: kd_cli.progress.RunProgress; steps planned, ETA, how often
+    to print), which kd/ never reads."""
     steps: int = 0
-    progress: RunProgress = field(default_factory=RunProgress)
+    progress: Any = None
 
 
 @dataclass

@@ -1,46 +1,83 @@
-"""Single-stage training methods with the uniform API of `base.Method`.
+"""The method table: every method kd trains, by name, in one place (torch-free).
 
-Each method is one file holding its config dataclass (its `--<method>.*` CLI group) and its
-`Method` subclass; the math lives in kd/losses.py. Register new methods in `METHODS`. A config
-may define `check()`, raising ConfigError on bad values; train.py's validate() calls it before any work.
+Each method is one file in kd/methods/ holding its `Method` subclass (kd/methods/base.py; the math lives in
+kd/losses.py), and one line below: its name, family, config dataclass (its `--<name>.*` CLI group, kept in
+kd/configs.py so a CLI's --help and bad flags never wait for torch; None = no options) and where its class
+lives ("module:Class", imported by `method_class` when a run starts). Everything that lists methods (the CLI's
+`--method` choices and option groups, the report's families, the parametrised tests) reads this table.
+
+    from kd.methods import METHOD_SPECS, method_class
+    KD = method_class("kd")                # kd.methods.kd.KD
+    METHOD_SPECS["camkd"].multi_teacher    # True: distils from every --teachers model
 """
 
 from __future__ import annotations
 
-from .base import Method, StepInputs, teacher_logits, weighted_loss
-from .aekd import AEKD, AEKDCfg
-from .at import AT, ATCfg
-from .aver import Aver, AverCfg
-from .camkd import CAMKD, CAMKDCfg
-from .ce import CE
-from .crd import CRD, CRDCfg
-from .dist import DIST, DISTCfg
-from .dkd import DKD, DKDCfg
-from .ebkd import EBKD, EBKDCfg
-from .fitnet import FitNet, FitNetCfg
-from .kd import KD, KDCfg
-from .pkt import PKT, PKTCfg
-from .rkd import RKD, RKDCfg
-from .sp import SP, SPCfg
+import importlib
+from dataclasses import dataclass
+from typing import Literal
 
-# name -> (Method subclass, its config dataclass or None)
-METHODS: dict[str, tuple[type[Method], type]] = {
-    "ce": (CE, None),
-    "kd": (KD, KDCfg),
-    "fitnet": (FitNet, FitNetCfg),
-    "at": (AT, ATCfg),
-    "dkd": (DKD, DKDCfg),
-    "crd": (CRD, CRDCfg),
-    "rkd": (RKD, RKDCfg),
-    "pkt": (PKT, PKTCfg),
-    "sp": (SP, SPCfg),
-    "dist": (DIST, DISTCfg),
-    # multi-teacher (Method.multi_teacher: every --teachers model, >= 2)
-    "aver": (Aver, AverCfg),
-    "camkd": (CAMKD, CAMKDCfg),
-    "ebkd": (EBKD, EBKDCfg),
-    "aekd": (AEKD, AEKDCfg),
-}
+from ..configs import (AEKDCfg, AsmbCfg, ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg, FitNetCfg, KDCfg,
+                       PKTCfg, RKDCfg, SPCfg)
 
-__all__ = ["METHODS", "Method", "StepInputs", "teacher_logits", "weighted_loss", "AEKDCfg", "ATCfg", "AverCfg",
-           "CAMKDCfg", "CRDCfg", "DISTCfg", "DKDCfg", "EBKDCfg", "FitNetCfg", "KDCfg", "PKTCfg", "RKDCfg", "SPCfg"]
+Family = Literal["teacher", "baseline", "logit", "feature", "multi-teacher", "asmb"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method. `family`: teacher (stage 0 alone: fine-tune the teachers), baseline (the student alone),
+    logit / feature (distils from one teacher, --teachers.select), multi-teacher (from every --teachers model,
+    >= 2), asmb (train.py's staged ASMB loop, kd/asmb.py). `impl`: "module:Class" of its kd.methods.base.Method
+    subclass ("" for teacher and asmb, which train.py runs itself)."""
+
+    name: str
+    family: Family
+    config: type | None = None
+    impl: str = ""
+
+    @property
+    def uses_teachers(self) -> bool:
+        """Needs stage 0's teachers (fine-tuned or cached) before it trains."""
+        return self.family != "baseline"
+
+    @property
+    def multi_teacher(self) -> bool:
+        """Distils from every --teachers model (at least two), ignoring --teachers.select."""
+        return self.family in ("multi-teacher", "asmb")
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
+    MethodSpec("teacher", "teacher"),
+    MethodSpec("ce", "baseline", None, "kd.methods.ce:CE"),
+    MethodSpec("kd", "logit", KDCfg, "kd.methods.kd:KD"),
+    MethodSpec("dkd", "logit", DKDCfg, "kd.methods.dkd:DKD"),
+    MethodSpec("dist", "logit", DISTCfg, "kd.methods.dist:DIST"),
+    MethodSpec("fitnet", "feature", FitNetCfg, "kd.methods.fitnet:FitNet"),
+    MethodSpec("at", "feature", ATCfg, "kd.methods.at:AT"),
+    MethodSpec("crd", "feature", CRDCfg, "kd.methods.crd:CRD"),
+    MethodSpec("rkd", "feature", RKDCfg, "kd.methods.rkd:RKD"),
+    MethodSpec("pkt", "feature", PKTCfg, "kd.methods.pkt:PKT"),
+    MethodSpec("sp", "feature", SPCfg, "kd.methods.sp:SP"),
+    MethodSpec("aver", "multi-teacher", AverCfg, "kd.methods.aver:Aver"),
+    MethodSpec("camkd", "multi-teacher", CAMKDCfg, "kd.methods.camkd:CAMKD"),
+    MethodSpec("ebkd", "multi-teacher", EBKDCfg, "kd.methods.ebkd:EBKD"),
+    MethodSpec("aekd", "multi-teacher", AEKDCfg, "kd.methods.aekd:AEKD"),
+    MethodSpec("asmb", "asmb", AsmbCfg),
+)}
+
+
+def method_class(name: str) -> type:
+    """The Method subclass of `name` (imports its module: torch loads here)."""
+    spec = METHOD_SPECS[name]
+    if not spec.impl:
+        raise KeyError(f"--method {name} is run by train.py's own loop, not by a Method class")
+    module, cls = spec.impl.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def method_names(*families: str) -> tuple[str, ...]:
+    """Method names in table order, of the given families (all when none is given)."""
+    return tuple(n for n, s in METHOD_SPECS.items() if not families or s.family in families)
+
+
+__all__ = ["METHOD_SPECS", "MethodSpec", "method_class", "method_names"]

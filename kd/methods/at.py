@@ -16,7 +16,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..losses import at_loss, cross_entropy
-from ..configs import ATCfg
 from .base import Method, StepInputs
 
 

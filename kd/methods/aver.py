@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from ..losses import cross_entropy, kd_loss
-from ..configs import AverCfg
 from .base import Method, StepInputs
 
 

@@ -70,6 +70,11 @@ class Method(nn.Module):
     def forward(self, inp: StepInputs) -> dict[str, Tensor]:
         return self.loss_terms(inp)
 
+    def total_loss(self, terms: dict[str, Tensor], epoch: int) -> Tensor:
+        """The scalar to backpropagate: the terms weighted by loss_weights(epoch) (weighted_loss: zero-weight
+        terms left out of the graph), for train.py's step and any loop of your own."""
+        return weighted_loss(terms, self.loss_weights(epoch))
+
 
 def weighted_loss(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
     """sum of weight * term over the terms (weight 1 when not listed), leaving out every term whose weight is

@@ -12,7 +12,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..losses import cross_entropy, dist_loss
-from ..configs import DISTCfg
 from .base import Method, StepInputs, teacher_logits
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..losses import cross_entropy, dkd_loss, standardize_logits
-from ..configs import DKDCfg
 from .base import Method, StepInputs, teacher_logits
 
 

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from ..losses import cross_entropy, entropy_weights, kd_loss_per_sample, weighted_teacher_mean
-from ..configs import EBKDCfg
 from .base import Method, StepInputs
 
 

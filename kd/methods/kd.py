@@ -11,7 +11,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..losses import cross_entropy, kd_loss, standardize_logits
-from ..configs import KDCfg
 from .base import Method, StepInputs, teacher_logits
 
 

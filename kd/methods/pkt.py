@@ -13,7 +13,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..losses import cross_entropy, pkt_loss
-from ..configs import PKTCfg
 from .base import Method, StepInputs
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..losses import cross_entropy, rkd_loss
-from ..configs import RKDCfg
 from .base import Method, StepInputs
 
 

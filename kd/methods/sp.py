@@ -11,7 +11,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..losses import cross_entropy, sp_loss
-from ..configs import SPCfg
 from .base import Method, StepInputs
 
 

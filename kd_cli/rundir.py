@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path, PurePath
 
-from ..errors import ConfigError
+from kd.errors import ConfigError
 
 MARKER = ".kd-run"
 _held: dict[str, int] = {}  # resolved run directory -> open descriptor of its locked marker (this process)

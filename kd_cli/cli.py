@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import ConfigError, first_line
+from kd.errors import ConfigError, first_line
 
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from ..io import atomic_write_json, atomic_write_text
-from .distributed import DIST
+from kd.io import atomic_write_json, atomic_write_text
+from kd.engine.distributed import DIST
 
 
 class RunLogger:

@@ -35,19 +35,6 @@ def is_teacher_phase(phase: Any) -> bool:
     return str(phase).startswith(TEACHER_PHASE)
 
 
-def flatten_config(config: dict[str, Any], prefix: str = "", dash: bool = False) -> dict[str, Any]:
-    """A nested config dict as {"group.field": value}; lists become tuples. `dash`: field names in their CLI
-    form (`kd.ce-weight`) instead of the dataclass form (`kd.ce_weight`)."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        key = prefix + (k.replace("_", "-") if dash else k)
-        if isinstance(v, dict):
-            out.update(flatten_config(v, key + ".", dash))
-        else:
-            out[key] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
 def read_json(path: Path) -> Any:
     """A JSON file's content, or None when it is missing or unreadable."""
     try:
