@@ -4,10 +4,11 @@
     python train.py --method kd --data.dataset cifar100 --student.model resnet8x4 --teachers resnet32x4
     python train.py --help                               # every option, its default and meaning
 
-The file reads in the order a run happens: config -> validate -> run() (the contents page) -> data ->
-stage 0 (teachers) -> single-stage training or the ASMB stages -> fit() and the step -> summary -> wandb.
-Infrastructure (checkpoints, RNG, processes, optimisers, logging) lives in kd/engine/. Outputs go to
-runs/<name>/ (see README "Outputs").
+The file reads in the order a run happens: main() -> run() (the contents page: checks, records, stage 0,
+the method) -> data -> stage 0 (teachers) -> single-stage training or the ASMB stages -> fit() and the step.
+The config, its parsing and checks are kd_cli/config.py's; a run's start and end around the training (checks
+before any write, run directory, records, wandb, summary) kd_cli/session.py's; the library (losses, methods,
+models, data, ASMB, checkpoints, RNG, processes, optimisers) kd/'s. Outputs go to runs/<name>/ (README "Outputs").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dataclasses
 import itertools
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +37,7 @@ from tqdm import tqdm
 from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules, guard_residual, stage_metrics,
                      synergy_warning)
 from kd.data import ExtractLimits, SyntheticSpec, bridge_split, build_data, labels_in_order, train_subset
-from kd.engine.checkpoint import (Checkpointer, check_resume_config, checkpoint_on_stop_signals, find_resume,
-                                  reseed_loader)
+from kd.engine.checkpoint import (Checkpointer, checkpoint_on_stop_signals, reseed_loader)
 from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
 from kd.engine.distributed import (DIST, barrier, close_distributed, collective_timeout, distribute, init_distributed,
                                    rank0_values, say)
@@ -47,23 +48,20 @@ from kd.engine.trainer import StepClock, StudentStep, Trainer
 from kd.errors import ConfigError, KDError, Preempted, WriteError
 from kd.fastloader import DeviceLoader, make_loaders
 from kd.freeze import apply_freeze, freeze_report, set_train
-from kd.io import atomic_write_json
 from kd.methods import METHOD_SPECS, method_class
 from kd.methods.base import Method
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
-from kd.models import KDModel, check_meta, check_model_name, check_shapes, create_model
-from kd.teachers import (FrozenModel, check_resume_teachers, check_teacher_checkpoints, frozen_forward, load_teacher,
+from kd.models import KDModel, check_meta, check_shapes, create_model
+from kd.teachers import (FrozenModel, frozen_forward, load_teacher,
                          save_teacher, select_teachers, teacher_cache_path, teacher_identities, teacher_lock,
                          teacher_seed, teacher_small_input, teacher_test_summary)
-from kd.weights import hub_weights_status
-from kd_cli.cli import run_name
-from kd_cli.config import METHOD_GROUPS, RESUME_MAY_CHANGE, Config, OptimCfg, parse_config, validate
-from kd_cli.progress import RunProgress, mean_img_per_s
-from kd_cli.records import rounded_numbers
-from kd_cli.rundir import check_run_dir, new_run_dir, prepare_run_dir, release_run_dirs
-from kd_cli.runlog import RunLogger, copy_console_to, format_summary, stop_console_copy
-from kd_cli.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb_keys, wandb_server_reachable
+from kd_cli.config import Config, OptimCfg, parse_config, validate
+from kd_cli.progress import RunProgress
+from kd_cli.session import (check_before_data, check_teacher_sources, close_records, open_records,
+                             run_dir_and_resume, student_notes)
+from kd_cli.rundir import release_run_dirs
+from kd_cli.runlog import RunLogger, stop_console_copy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,27 +98,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---- The run, as a contents page -----------------------------------------------------------------
+@dataclass
+class RunContext:
+    """What every phase of one run shares, built once by run() and passed as one object."""
+    cfg: Config
+    data: Any  # kd.data.DataSplits: train / val / test, classes, image size
+    loaders: dict[str, Any]  # "train", "val", "test"
+    device: torch.device
+    logger: RunLogger | None  # metrics.jsonl rows (and wandb's)
+    ckpt: Checkpointer  # called every step; writes when due
+    clock: StepClock  # the run-wide step count and progress lines
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    # 1. Every check before anything is written: values, processes, the resume checkpoint, names, dimensions.
+    # 1. Every check before anything is written: values, names, weight files, processes, the resume checkpoint,
+    # the data, the models' dimensions, the teachers' sources.
     validate(cfg)
-    for name in [cfg.student.model] * (cfg.method != "teacher") + list(cfg.teachers.models) * (cfg.method != "ce"):
-        check_model_name(name)  # before any data is downloaded or extracted
-    check_start_weights(cfg)  # weight files read and fitted, the student's hub weights reachable
+    check_before_data(cfg)  # model names, weight files read and fitted, the student's hub weights reachable
     init_distributed(cfg.data.batch_size, use_cuda=cfg.run.device != "cpu", sync_bn=cfg.run.sync_bn,
                      timeout_min=cfg.run.dist_timeout_min)
-    named_dir = Path(cfg.run.out_dir) / cfg.run.name if cfg.run.name else None
-    resume_dir, resume = find_resume(cfg.run.resume, named_dir)
-    if resume is not None:
-        check_resume_config(dataclasses.asdict(cfg), resume["config"],
-                            ("data", "student", "teachers", "optim", "run", cfg.method), RESUME_MAY_CHANGE,
-                            resume["path"])
-        say(f"resuming from {resume['path']} ({resume['phase']}, step {resume['progress']['step']})")
-    run_dir = resume_dir or new_run_dir(cfg.run.out_dir, cfg.run.name or run_name(
-        cfg.method, cfg.student.model, cfg.teachers.models if cfg.method != "ce" else (), cfg.data.dataset,
-        seed=cfg.run.seed),
-        overwrite=cfg.run.overwrite)
-    if DIST.main:
-        check_run_dir(run_dir, overwrite=cfg.run.overwrite)  # held by another run? overwritable?
+    run_dir, resume = run_dir_and_resume(cfg)  # new, or the one --run.resume continues (its config checked)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     device = resolve_device(cfg.run.device)
     data = load_data(cfg)
@@ -131,33 +128,13 @@ def run(cfg: Config) -> dict[str, Any]:
     teacher_dims = [create_model(arch, data.num_classes, small_input=teacher_small).num_features  # unknown names
                     for arch in (cfg.teachers.models if cfg.method != "ce" else ())]  # fail here, before any write
     asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
-    uses_teachers = cfg.method != "ce" and (cfg.method in ("teacher", "asmb") or METHOD_SPECS[cfg.method].uses_teachers)
+    spec = METHOD_SPECS[cfg.method]
     teacher_ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, teacher_small, device,
-                                     bridge_split=cfg.asmb.bridge_split if parts else 0.0) if uses_teachers else []
-    check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, data.num_classes, teacher_small,
-                              cfg.teachers.image_size or None, teacher_ids)
-    if cfg.teachers.pretrained and not cfg.teachers.checkpoints:  # hub weights for the teachers to fine-tune
-        for arch, identity in zip(cfg.teachers.models, teacher_ids):
-            if not teacher_cache_path(cfg.teachers.cache_dir, identity).exists():
-                check_hub_weights(arch, "--teachers")
-    if resume is not None:  # the data may have moved (--data.root): the teachers must still be the run's
-        check_resume_teachers(teacher_ids, resume["config"].get("teacher_identities"), resume["path"])
+                                     bridge_split=cfg.asmb.bridge_split if parts else 0.0) if spec.uses_teachers else []
+    check_teacher_sources(cfg, teacher_ids, data.num_classes, teacher_small, resume)
 
-    # 2. The run directory, its records and its checkpoints.
-    barrier()  # every rank has checked the run directory before rank 0 creates it
-    if DIST.main:
-        prepare_run_dir(run_dir, overwrite=cfg.run.overwrite, fresh=not cfg.run.resume and not cfg.run.overwrite)
-        atomic_write_json(dataclasses.asdict(cfg), run_dir / "config.json")
-        copy_console_to(run_dir / "train.log")  # what the run prints, kept beside its records
-    barrier()
-    wandb_run = start_wandb(cfg, run_dir, resume)
-    sink = None if wandb_run is None else (  # rounded (no float32 noise): wandb's summary shows the last values
-        lambda row: wandb_run.log(rounded_numbers(wandb_keys(row, cfg.teachers.models))))
-    logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=sink,  # wandb keys: phase-scoped
-                       wandb_id=wandb_run.id if wandb_run is not None else (resume or {}).get("wandb_id"))
-    ckpt = Checkpointer(run_dir, {**dataclasses.asdict(cfg), "teacher_identities": teacher_ids},  # resume checks them
-                        every_steps=cfg.run.ckpt_every_steps, keep_last=cfg.run.keep_last, resume=resume, logger=logger)
-    clock = StepClock(ckpt.resume_step)
+    # 2. The run directory and its records (config.json, train.log, metrics.jsonl, checkpoints, wandb); loaders.
+    records = open_records(cfg, run_dir, resume, teacher_ids)
     say(f"run directory: {run_dir}  (device {device}, {data.num_classes} classes, "
         f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
     for note in student_notes(cfg):
@@ -170,9 +147,11 @@ def run(cfg: Config) -> dict[str, Any]:
                                        for part in parts)
         say(f"bridge split {cfg.asmb.bridge_split}: the teachers fit {len(parts[0].train)} training images, phase A "
             f"trains on the other {len(parts[1].train)} (the bridge part), phase B on all {len(data.train)}")
-    clock.progress = RunProgress(planned_steps(cfg, loaders, bridge_loaders), log_every=cfg.run.log_every,
-                                 num_stages=cfg.asmb.num_stages * (cfg.method == "asmb"))
-    t_start = time.time()
+    progress = RunProgress(planned_steps(cfg, loaders, bridge_loaders), log_every=cfg.run.log_every,
+                           num_stages=cfg.asmb.num_stages * (cfg.method == "asmb"))
+    ctx = RunContext(cfg, data, loaders, device, records.logger, records.ckpt,
+                     StepClock(records.ckpt.resume_step, progress))
+    records.started = t_start = time.time()
     summary: dict[str, Any] = {"method": cfg.method, "dataset": cfg.data.dataset, "num_classes": data.num_classes,
                                "run_dir": str(run_dir)}
     if parts:
@@ -180,11 +159,11 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # 3. Stage 0 (teachers, fine-tuned when not cached), then the method's training.
     teachers = []
-    if uses_teachers:  # the teachers' time and accuracies are reported apart from the student's
+    if spec.uses_teachers:  # the teachers' time and accuracies are reported apart from the student's
         adapter_dim = cfg.asmb.teacher_adapter_dim if cfg.method == "asmb" and cfg.asmb.teacher_freeze == "adapter" else 0
         timing: dict[str, float] = {}
-        teachers = stage0_teachers(cfg, parts[0] if parts else data, fit_loaders, device, logger, ckpt, clock,
-                                   teacher_small, teacher_ids, adapter_dim, timing=timing)
+        teachers = stage0_teachers(ctx, parts[0] if parts else data, fit_loaders, teacher_small, teacher_ids,
+                                   adapter_dim, timing=timing)
         summary.update({f"teacher/{arch}/val_acc": acc for arch, (_, acc) in zip(cfg.teachers.models, teachers)})
         summary.update(teacher_test_summary(cfg.teachers.models, [t for t, _ in teachers], loaders["test"], device))
         # this run's teacher time (fine-tuning, or loading from the cache, and testing); the time it waited for
@@ -192,38 +171,13 @@ def run(cfg: Config) -> dict[str, Any]:
         summary["teacher_wait_s"] = timing.get("wait_s", 0.0)
         summary["teacher_time_s"] = time.time() - t_start - summary["teacher_wait_s"]
     if cfg.method == "asmb":
-        summary.update(train_asmb(cfg, data, loaders, device, logger, ckpt, clock, student,
-                                  [t for t, _ in teachers], asmb_modules, bridge_loaders=bridge_loaders))
+        summary.update(train_asmb(ctx, student, [t for t, _ in teachers], asmb_modules, bridge_loaders=bridge_loaders))
     elif cfg.method != "teacher":
-        multi = METHOD_SPECS[cfg.method].multi_teacher
-        summary.update(train_single(cfg, data, loaders, device, logger, ckpt, clock, student,
-                                    [t for t, _ in teachers] if multi else select_teachers(cfg.teachers.select, teachers)))
+        chosen = [t for t, _ in teachers] if spec.multi_teacher else select_teachers(cfg.teachers.select, teachers)
+        summary.update(train_single(ctx, student, chosen))
     trained = (lambda p: p.startswith("teacher:")) if cfg.method == "teacher" else \
         (lambda p: not p.startswith(("teacher:", "asmb:A")))  # the phases of the model the run trains
-    summary.update(mean_img_per_s(logger.rows, trained))
-    summary["wall_time_s"] = time.time() - t_start - summary.get("teacher_time_s", 0.0) - summary.get("teacher_wait_s", 0.0)
-    summary = rounded_numbers(summary)  # as precise as what each measures (summary.json, wandb, the return value)
-    logger.write_summary(summary)
-    finish_wandb(wandb_run, summary, run_dir)
-    say(format_summary(summary))
-    stop_console_copy()
-    return summary
-
-
-def student_notes(cfg: Config) -> list[str]:
-    """One line each, said at the start of a run: no best.safetensors with --student.adapter-dim (timm's model
-    has no adapter), and a warning when --student.freeze freezes a randomly initialised student."""
-    if cfg.method == "teacher":
-        return []
-    s, notes = cfg.student, []
-    if s.adapter_dim > 0:
-        notes.append(f"note: --student.adapter-dim {s.adapter_dim}: the student has a part timm's {s.model} lacks, "
-                     "so no checkpoints/best.safetensors is written (the weights are in checkpoints/best.pt)")
-    if s.freeze != "none" and not (s.pretrained or s.checkpoint or s.weights):
-        starts = "--student.pretrained, --student.checkpoint or --student.weights"
-        notes.append(f"warning: --student.freeze {s.freeze} freezes a randomly initialised student (no {starts}): "
-                     "its frozen layers stay random")
-    return notes
+    return close_records(records, summary, trained)  # summary.json, wandb's summary, the printed summary
 
 
 def planned_epochs(cfg: Config) -> int:
@@ -260,46 +214,6 @@ def build_student(cfg: Config, data, small_input: bool, resume: dict[str, Any] |
 def weights_line(who: str, path: str, model: KDModel) -> str:
     """The one line a model started from a weight file prints: the file and what was re-initialised."""
     return f"{who}: weights {path}" + "".join(f"; {note}" for note in model.weights_notes)
-
-
-def check_start_weights(cfg: Config) -> None:
-    """Before any data is decoded or anything written (one line, exit 2): every --student.weights /
-    --teachers.weights file is read and fitted to its model (as the run will build it, where the data's size and
-    class count are known from the config; otherwise the file must fit the ImageNet-stem model, which covers the
-    small-input one), and the student's hub weights (--student.pretrained) must be cached or reachable. The
-    teachers' hub weights are checked once their cache is known (a cached teacher needs none)."""
-    d = cfg.data
-    size = d.image_size or {"synthetic": d.synthetic_image_size, "cifar100": 32, "tiny-imagenet": 64}.get(d.dataset)
-    classes = {"synthetic": d.synthetic_classes, "cifar100": 100}.get(d.dataset, 1000) if not d.classes else 1000
-    small = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and bool(size) and size <= 64)
-    fits = []
-    if cfg.method != "teacher":
-        if cfg.student.weights:
-            fits.append((cfg.student.model, cfg.student.weights, small, None, "--student.weights"))
-        if cfg.student.pretrained:
-            check_hub_weights(cfg.student.model, "--student")
-    if cfg.method != "ce":
-        fits += [(arch, path, teacher_small_input(small, cfg.teachers.image_size), cfg.teachers.image_size or None,
-                  "--teachers.weights") for arch, path in zip(cfg.teachers.models, cfg.teachers.weights)]
-    for arch, path, small_input, img_size, flag in fits:
-        try:
-            create_model(arch, classes, small_input=small_input, img_size=img_size, weights=path)
-        except KDError as e:
-            raise type(e)(f"{flag}: {e}") from None
-
-
-def check_hub_weights(arch: str, group: str) -> None:
-    """`{group}.pretrained True` can get timm's weights of `arch`: cached locally, or the hub answers (a probe of
-    at most a few seconds); else one line naming `{group}.weights` as the way out."""
-    status, detail = hub_weights_status(arch)
-    if status == "none":
-        raise ConfigError(f"{group}.pretrained True, but timm has no pretrained weights for {arch}: pass "
-                          f"{group}.pretrained False (train from scratch) or {group}.weights FILE")
-    if status == "offline":
-        raise ConfigError(f"{group}.pretrained True needs timm's pretrained weights of {arch}, which are not in the "
-                          f"local cache, and the hub cannot be reached ({detail}): pass a downloaded weight file "
-                          f"with {group}.weights FILE and {group}.pretrained False (README: pretrained teachers "
-                          "from local files)")
 
 
 # ---- Data ----------------------------------------------------------------------------------------
@@ -357,15 +271,15 @@ def steps_per_epoch(cfg: Config, loader) -> int:
 
 
 # ---- Stage 0: teachers (fine-tuned once per identity: what made them, then cached; kd/teachers.py)
-def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Checkpointer, clock: StepClock,
-                    small_input: bool, identities: list[dict[str, Any]], adapter_dim: int = 0,
-                    timing: dict[str, float] | None = None) -> list[tuple[KDModel, float]]:
+def stage0_teachers(ctx: RunContext, data, loaders, small_input: bool, identities: list[dict[str, Any]],
+                    adapter_dim: int = 0, timing: dict[str, float] | None = None) -> list[tuple[KDModel, float]]:
     """Every configured teacher, frozen and in eval mode, with its validation accuracy: from
     --teachers.checkpoints, else from the cache, fine-tuning the ones that are missing (and the one a resumed
     run was fine-tuning when it stopped, even if cached, so it continues exactly). `adapter_dim` > 0 gives
     each a new zero-initialised residual adapter (ASMB's teacher_freeze adapter). `timing["wait_s"]`: the seconds
-    spent waiting for another process's fine-tuning (its cache lock), which is not this run's teacher time."""
-    given, waited = bool(cfg.teachers.checkpoints), 0.0
+    spent waiting for another process's fine-tuning (its cache lock), which is not this run's teacher time.
+    `data`, `loaders`: what the teachers fit (--asmb.bridge-split's teacher-fit part, else the run's)."""
+    cfg, given, waited = ctx.cfg, bool(ctx.cfg.teachers.checkpoints), 0.0
     paths = [Path(p) for p in cfg.teachers.checkpoints] if given else \
         [teacher_cache_path(cfg.teachers.cache_dir, identity) for identity in identities]
     weights = list(cfg.teachers.weights) or [""] * len(cfg.teachers.models)
@@ -375,15 +289,15 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
     # share the work instead of doubling it. Ranks of one run fine-tune together (rank 0 writes), unlocked.
     for wait in (False, True):
         for arch, identity, path, start in zip(cfg.teachers.models, identities, paths, weights):
-            resumed = ckpt.pending_phase() == f"teacher:{arch}"
+            resumed = ctx.ckpt.pending_phase() == f"teacher:{arch}"
             if given or arch in tuned or (path.exists() and not resumed):
                 continue
             asked = time.time()
             with teacher_lock(path, wait) if DIST.world_size == 1 else contextlib.nullcontext(True) as held:
                 waited += (time.time() - asked) if wait else 0.0  # the lock's holder was fine-tuning it
                 if held and (resumed or not path.exists()):
-                    finetune_teacher(cfg, arch, path, identity, data, loaders, device, logger, ckpt, clock,
-                                     small_input, **({"weights": start} if start else {}))
+                    finetune_teacher(ctx, arch, path, identity, data, loaders, small_input,
+                                     **({"weights": start} if start else {}))
                     tuned.add(arch)
     if timing is not None:
         timing["wait_s"] = waited
@@ -393,21 +307,21 @@ def stage0_teachers(cfg: Config, data, loaders, device, logger: RunLogger, ckpt:
             say(f"teacher {arch}: using cached {path}")
         model, val_acc = load_teacher(path, arch, data.num_classes, small_input, cfg.teachers.image_size or None,
                                       adapter_dim, identity["input"], identity)
-        model = prepare(model, cfg, device, inference=True)
+        model = prepare(model, cfg, ctx.device, inference=True)
         if val_acc is None:
-            val_acc = evaluate_acc(model, loaders["val"], device)
+            val_acc = evaluate_acc(model, loaders["val"], ctx.device)
         out.append((model, val_acc))
     return out
 
 
-def finetune_teacher(cfg: Config, arch: str, path: Path, identity: dict[str, Any], data, loaders, device,
-                     logger: RunLogger, ckpt: Checkpointer, clock: StepClock, small_input: bool,
-                     weights: str = "") -> None:
+def finetune_teacher(ctx: RunContext, arch: str, path: Path, identity: dict[str, Any], data, loaders,
+                     small_input: bool, weights: str = "") -> None:
     """Fine-tune one teacher with cross-entropy (phase `teacher:<arch>`, resumable), select it by validation
     accuracy and cache it at `path` with its identity. Its init and data order come from teacher_seed(identity);
     it starts from timm's hub weights (--teachers.pretrained), the local file `weights`, or from scratch."""
+    cfg, device = ctx.cfg, ctx.device
     say(f"stage 0: fine-tuning teacher {arch} for {cfg.teachers.epochs} epochs -> {path}")
-    clock.progress.plan(cfg.teachers.epochs * steps_per_epoch(cfg, loaders["train"]))
+    ctx.clock.progress.plan(cfg.teachers.epochs * steps_per_epoch(cfg, loaders["train"]))
     seed_everything(teacher_seed(identity))
     spec = identity["input"]
     model = create_model(arch, data.num_classes, pretrained=cfg.teachers.pretrained, small_input=small_input,
@@ -420,10 +334,10 @@ def finetune_teacher(cfg: Config, arch: str, path: Path, identity: dict[str, Any
     method = method_class("ce")(None, model, [], num_classes=data.num_classes, num_train=len(data.train),
                               label_smoothing=cfg.teachers.label_smoothing)
     optimizer = optimizer_for([model], cfg.optim, cfg.teachers.lr, device)
-    tr = make_trainer(cfg, model, method, [], device, clock, optimizer, cfg.optim, cfg.teachers.epochs,
+    tr = make_trainer(cfg, model, method, [], device, ctx.clock, optimizer, cfg.optim, cfg.teachers.epochs,
                       steps_per_epoch(cfg, loaders["train"]), data.num_classes)
     tr.seed = teacher_seed(identity)  # fit() reseeds the phase from it, not from --run.seed
-    best = fit(tr, loaders, cfg.teachers.epochs, f"teacher:{arch}", logger, ckpt, save_best=False)
+    best = fit(tr, loaders, cfg.teachers.epochs, f"teacher:{arch}", ctx.logger, ctx.ckpt, save_best=False)
     if DIST.main:
         save_teacher(path, model, best["state"], best["acc"], identity)
     barrier()  # the other ranks load the teacher from the cache rank 0 just wrote
@@ -436,12 +350,12 @@ def prepare(model: KDModel, cfg: Config, device: torch.device, inference: bool =
 
 
 # ---- Single-stage training: ce and the baselines (one student, frozen teachers) ------------------
-def train_single(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Checkpointer, clock: StepClock,
-                 student: KDModel, teachers: list[KDModel]) -> dict[str, Any]:
-    tr = single_trainer(cfg, data, device, clock, student, teachers, steps_per_epoch(cfg, loaders["train"]))
+def train_single(ctx: RunContext, student: KDModel, teachers: list[KDModel]) -> dict[str, Any]:
+    cfg, loaders = ctx.cfg, ctx.loaders
+    tr = single_trainer(cfg, ctx.data, ctx.device, ctx.clock, student, teachers, steps_per_epoch(cfg, loaders["train"]))
     say(freeze_report({"student": tr.model, "method": tr.method, **{f"teacher {t.arch}": t for t in teachers}}))
-    best = fit(tr, loaders, cfg.optim.epochs, cfg.method, logger, ckpt)
-    return test_summary(tr.model, best, loaders, device, logger)
+    best = fit(tr, loaders, cfg.optim.epochs, cfg.method, ctx.logger, ctx.ckpt)
+    return test_summary(tr.model, best, loaders, ctx.device, ctx.logger)
 
 
 def single_trainer(cfg: Config, data, device, clock: StepClock, student: KDModel, teachers: list[KDModel],
@@ -471,18 +385,18 @@ def test_summary(student: KDModel, best: dict[str, Any], loaders, device, logger
 # ---- ASMB (docs/asmb.md): stage 0 (both teachers), then num_stages x (phase A: the teachers' trainable part +
 # MBM + head learn the synergy; phase B: the student distils from it). The pieces live in kd/asmb.py; each
 # phase is an ordinary Trainer run by fit(), its optimiser and schedule built once for all stages.
-def train_asmb(cfg: Config, data, loaders, device, logger: RunLogger, ckpt: Checkpointer, clock: StepClock,
-               student: KDModel, teachers: list[KDModel], modules: AsmbModules,
+def train_asmb(ctx: RunContext, student: KDModel, teachers: list[KDModel], modules: AsmbModules,
                bridge_loaders: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ASMB stages after stage 0; returns the summary entries. Selection: the best student by validation
     accuracy over every phase-B epoch of every stage (best.pt); the test split only reports. Phase A trains on
     `bridge_loaders["train"]` (--asmb.bridge-split's bridge part; default: the whole training split), phase B on
     `loaders["train"]`."""
+    cfg, data, loaders, device, logger, ckpt = ctx.cfg, ctx.data, ctx.loaders, ctx.device, ctx.logger, ctx.ckpt
     bridge_loaders = bridge_loaders or loaders
     for teacher in teachers:
         apply_freeze(teacher, cfg.asmb.teacher_freeze)  # partly trainable; modes are set per phase
     run = build_asmb_run(cfg, prepare(student, cfg, device), teachers, modules, device,
-                         steps_per_epoch(cfg, loaders["train"]), data.num_classes, clock,
+                         steps_per_epoch(cfg, loaders["train"]), data.num_classes, ctx.clock,
                          steps_a=steps_per_epoch(cfg, bridge_loaders["train"]))
     say(freeze_report({"student": student, **{f"teacher {t.arch} ({cfg.asmb.teacher_freeze})": t for t in teachers},
                        "MBM + head": run.bridge, "projections": run.distill}))
@@ -676,63 +590,6 @@ def train_step(tr: Trainer, x: Tensor, y: Tensor, index: Tensor, epoch: int) -> 
     tr.scaler.update()
     tr.scheduler.step()
     return {"loss": loss.detach(), **{k: v.detach().float() for k, v in terms.items()}}
-
-
-# ---- wandb (the only wandb code): rows as they are, stage-0 teacher rows under teacher/<arch>/, the summary and
-# the selected model at the end. `auto` = online with credentials, else disabled; no network never hangs a run.
-def start_wandb(cfg: Config, run_dir: Path, resume: dict[str, Any] | None):
-    """A wandb run logging under run_dir/wandb/ (rank 0; None when disabled), continuing a resumed run's."""
-    mode = resolve_wandb_mode(cfg.wandb.mode)
-    if mode == "disabled" or not DIST.main:
-        return None
-    return init_wandb(cfg, run_dir, mode, (resume or {}).get("wandb_id"))
-
-
-def init_wandb(cfg: Config, run_dir: Path, mode: str, run_id: str | None = None):
-    """wandb.init; online falls back to offline (sync later with `wandb sync`) when the server is unreachable
-    (a 3 s probe) or init takes over 20 s. `run_id`: the run to continue (--run.resume)."""
-    import wandb  # imported only when used: it is slow to import and kd/ never needs it
-
-    kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity or None, group=cfg.wandb.group or None,
-                  tags=list(cfg.wandb.tags) or None, name=run_dir.name, dir=str(run_dir), job_type=cfg.method,
-                  config=wandb_config(dataclasses.asdict(cfg), cfg.method, METHOD_GROUPS))
-    if run_id:
-        kwargs.update(id=run_id, resume="allow")
-    if mode == "online" and not wandb_server_reachable():
-        say(f"wandb server unreachable; logging offline under {run_dir}/wandb (upload later with `wandb sync`)")
-        mode = "offline"
-    try:
-        wandb_run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=20), **kwargs)
-    except Exception as e:  # no network: never block or fail the run
-        if mode != "online":
-            raise
-        say(f"wandb online init failed ({type(e).__name__}); logging offline under {run_dir}/wandb")
-        wandb_run = wandb.init(mode="offline", **kwargs)
-    for axis in WANDB_AXES:
-        wandb_run.define_metric(axis)
-    wandb_run.define_metric("*", step_metric="epoch")  # charts over the global epoch, not wandb's _step
-    return wandb_run
-
-
-def finish_wandb(wandb_run, summary: dict[str, Any], run_dir: Path) -> None:
-    """The summary's numbers and strings into the wandb run summary; online runs upload checkpoints/best.pt as
-    a `model` artifact (a failed upload is reported and never fails the run)."""
-    if wandb_run is None:
-        return
-    wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-    best = run_dir / "checkpoints" / "best.pt"
-    if not wandb_run.offline and best.is_file():
-        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{wandb_run.name or wandb_run.id}-best")
-        meta = {k: summary[k] for k in ("best/val_acc", "best/test_acc", "best/epoch", "method") if k in summary}
-        try:
-            import wandb
-
-            artifact = wandb.Artifact(name, type="model", metadata=meta)
-            artifact.add_file(str(best), name="best.pt")
-            wandb_run.log_artifact(artifact, aliases=["best"])
-        except Exception as e:  # network or quota trouble must not lose the finished run
-            say(f"wandb: could not upload the best checkpoint ({type(e).__name__}: {e}); it stays at {best}")
-    wandb_run.finish()
 
 
 if __name__ == "__main__":

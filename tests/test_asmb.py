@@ -550,9 +550,9 @@ def test_checkpoint_rebuilds_the_synergy(tmp_path, teacher_cache):
     data = train.load_data(cfg)
     loaders = train.build_loaders(cfg, data, torch.device("cpu"))
     identities = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
-    teachers = [t for t, _ in train.stage0_teachers(cfg, data, loaders, torch.device("cpu"), None,
-                                                    Checkpointer.disabled(), StepClock(progress=RunProgress()), True, identities,
-                                                    adapter_dim=4)]
+    ctx = train.RunContext(cfg, data, loaders, torch.device("cpu"), None, Checkpointer.disabled(),
+                           StepClock(progress=RunProgress()))
+    teachers = [t for t, _ in train.stage0_teachers(ctx, data, loaders, True, identities, adapter_dim=4)]
     assert all(t.adapter is not None and t.adapter.down.out_features == 4 for t in teachers)
     for t, saved in zip(teachers, extra["teachers"]):
         assert any(k.startswith("adapter.") for k in saved["adapted"])

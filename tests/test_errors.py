@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kd_cli.session
 import train
 from kd.models import create_model
 
@@ -188,7 +189,7 @@ def test_an_unwritable_out_dir_exits_1_in_one_line(capsys, tmp_path, monkeypatch
     def refuse(obj, path):
         raise WriteError(f"cannot write {path}: No space left on device")
 
-    monkeypatch.setattr(train, "atomic_write_json", refuse)
+    monkeypatch.setattr(kd_cli.session, "atomic_write_json", refuse)
     args = ["--preset", "smoke", "--method", "ce", "--run.out-dir", str(tmp_path / "runs"), "--run.name", "x",
             "--optim.epochs", "1", "--run.max-steps-per-epoch", "1", "--wandb.mode", "disabled"]
     assert train.main(args) == 1  # the environment, not the input: exit 1

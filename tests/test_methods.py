@@ -14,10 +14,8 @@ from kd.errors import ConfigError
 from kd.losses import at_loss, dist_loss, dkd_loss, kd_loss, pkt_loss, rkd_loss, sp_loss, standardize_logits
 from kd.methods import METHOD_SPECS, method_class, method_names
 from kd.methods.base import StepInputs
-from kd.methods.crd import CRDCfg
-from kd.methods.dkd import DKDCfg
+from kd.configs import CRDCfg, DKDCfg, KDCfg
 from kd.methods.fitnet import hint_regressor
-from kd.methods.kd import KDCfg
 from kd.models import ModelOutput, create_model
 
 import train

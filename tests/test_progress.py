@@ -13,6 +13,7 @@ import torch
 
 import kd_cli.progress
 import kd.metrics
+import kd_cli.session
 import train
 from kd_cli.progress import EpochMeter, RunProgress, describe_phase, format_duration
 from kd.export import load_safetensors, save_safetensors, timm_state_dict
@@ -134,7 +135,7 @@ def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
     fake = types.SimpleNamespace(init=lambda mode, settings=None, **kw: runs.append(FakeWandbRun(**kw)) or runs[-1],
                                  Settings=lambda **kw: None)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.setattr(train, "wandb_server_reachable", lambda: True)
+    monkeypatch.setattr(kd_cli.session, "wandb_server_reachable", lambda: True)
     meters, stopped = [], []  # the epoch meter has stopped whenever validation (or a test) runs
 
     class Recording(kd_cli.progress.RunProgress):

@@ -46,6 +46,7 @@ README = ROOT / "README.md"
 
 import report  # noqa: E402
 import sweep  # noqa: E402
+import kd_cli.session  # noqa: E402
 import train  # noqa: E402
 from test_data import pack_archive  # noqa: E402
 
@@ -469,8 +470,8 @@ def test_inline_train_commands_run_as_written(tmp_path, monkeypatch, capsys, one
     with another seed."""
     monkeypatch.chdir(tmp_path)
     stamps = iter(range(int(time.time()), 2 ** 40, 60))  # a rerun starts later: its directory name (the time) differs
-    monkeypatch.setattr(train, "run_name",
-                        lambda *a, when=None, _name=train.run_name, **kw: _name(*a, when=next(stamps), **kw))
+    monkeypatch.setattr(kd_cli.session, "run_name",
+                        lambda *a, when=None, _name=kd_cli.session.run_name, **kw: _name(*a, when=next(stamps), **kw))
     commands = inline_train_commands()
     assert len(commands) >= 3
     for n, text in commands:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kd_cli.session
 import train
 from kd.engine.checkpoint import _float_tensors, check_resume_config, find_resume
 from kd.io import atomic_torch_save
@@ -351,7 +352,7 @@ def test_wandb_run_id_is_checkpointed_and_reused_on_resume(tmp, monkeypatch):
         calls.append(run_id)
         return FakeRun()
 
-    monkeypatch.setattr(train, "init_wandb", fake_init)
+    monkeypatch.setattr(kd_cli.session, "init_wandb", fake_init)
     args = args_for(tmp, "wb", "--method", "ce", "--optim.epochs", "1", "--run.deterministic", "False",
                     "--wandb.mode", "offline")
     assert train.main(args) == 0

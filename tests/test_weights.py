@@ -14,6 +14,7 @@ import timm
 import torch
 
 import train
+from kd_cli import session
 from kd.errors import CheckpointError
 from kd.models import create_model
 from kd.teachers import teacher_cache_path, teacher_identities
@@ -158,7 +159,7 @@ def test_offline_without_hf_hub_offline_fails_at_once_when_the_hub_does_not_answ
     assert kd_weights.hub_weights_status("resnet18") == ("offline", "huggingface.co cannot be reached")
     assert probed == ["huggingface.co"]  # one probe, no download attempt (no retries)
     with pytest.raises(train.ConfigError, match="--teachers.weights FILE"):
-        train.check_hub_weights("resnet18", "--teachers")
+        session.check_hub_weights("resnet18", "--teachers")
 
 
 def test_hub_weights_in_the_local_cache_work_offline(tmp_path, resnet18, monkeypatch):
@@ -177,7 +178,7 @@ def test_hub_weights_in_the_local_cache_work_offline(tmp_path, resnet18, monkeyp
     monkeypatch.setattr(kd_weights, "host_reachable", lambda host: False)
     status, path = kd_weights.hub_weights_status("resnet18")
     assert status == "cached" and path.endswith("model.safetensors") and constants.HF_HUB_OFFLINE
-    train.check_hub_weights("resnet18", "--teachers")  # no error
+    session.check_hub_weights("resnet18", "--teachers")  # no error
     model = create_model("resnet18", 10, pretrained=True, small_input=True)
     assert torch.equal(model.backbone.layer4[0].conv1.weight, resnet18.layer4[0].conv1.weight)
 
