@@ -24,7 +24,6 @@ if __name__ == "__main__":  # --help and a bad flag answer here, before torch an
 import contextlib
 import dataclasses
 import itertools
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +38,13 @@ from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules,
 from kd.data import ExtractLimits, SyntheticSpec, bridge_split, build_data, labels_in_order, train_subset
 from kd.engine.checkpoint import (Checkpointer, checkpoint_on_stop_signals, reseed_loader)
 from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
-from kd.engine.distributed import (DIST, barrier, close_distributed, collective_timeout, distribute, init_distributed,
+from kd.engine.distributed import (DIST, barrier, close_distributed, distribute, init_distributed,
                                    rank0_values, say)
 from kd.engine.optim import build_optimizer, build_scheduler, fused_kwargs
 from kd.engine.rng import phase_seed, seed_everything, set_rng_state
 from kd.engine.tracker import LossTracker
 from kd.engine.trainer import StepClock, StudentStep, Trainer
-from kd.errors import ConfigError, KDError, Preempted, WriteError
+from kd.errors import ConfigError, KDError, Preempted
 from kd.fastloader import DeviceLoader, make_loaders
 from kd.freeze import apply_freeze, freeze_report, set_train
 from kd.methods import METHOD_SPECS, method_class
@@ -58,43 +57,25 @@ from kd.teachers import (FrozenModel, frozen_forward, load_teacher,
                          teacher_seed, teacher_small_input, teacher_test_summary)
 from kd_cli.config import Config, OptimCfg, parse_config, validate
 from kd_cli.progress import RunProgress
-from kd_cli.session import (check_before_data, check_teacher_sources, close_records, open_records,
+from kd_cli.session import (check_before_data, check_teacher_sources, close_records, exit_code, open_records,
                              run_dir_and_resume, student_notes)
 from kd_cli.rundir import release_run_dirs
 from kd_cli.runlog import RunLogger, stop_console_copy
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
         validate(cfg)
         checkpoint_on_stop_signals()  # SIGTERM/SIGUSR1: a checkpoint at the next step, then Preempted
         run(cfg)
-    except Preempted as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{e}: checkpoint {e.path} written; continue with the same command and --run.resume "
-                  f"{e.path.parent.parent}", file=sys.stderr, flush=True)
-        return 128 + e.signum
-    except KDError as e:
-        rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank fails alike on bad input
-        if rank == 0 or not isinstance(e, ConfigError):
-            print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr, flush=True)
-        return 3 if type(e).__name__ == "TrainingDiverged" else 1 if isinstance(e, WriteError) else 2
-    except RuntimeError as e:  # under torchrun, a collective that waited past --run.dist-timeout-min: one line
-        line = collective_timeout(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return 0
+    except (KDError, Preempted, RuntimeError, KeyboardInterrupt) as e:
+        return exit_code(e)  # one line on stderr (how to continue, for Preempted); other errors raise
     finally:
         stop_console_copy()
         release_run_dirs()
         close_distributed()
-    return 0
 
 
 # ---- The run, as a contents page -----------------------------------------------------------------
@@ -121,7 +102,8 @@ def run(cfg: Config) -> dict[str, Any]:
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     device = resolve_device(cfg.run.device)
     data = load_data(cfg)
-    parts = bridge_parts(cfg, data)  # --asmb.bridge-split: (teacher-fit, bridge) parts of the training split, or None
+    # --asmb.bridge-split: (teacher-fit, bridge) parts of the training split, or None
+    parts = bridge_parts(cfg, data) if cfg.method == "asmb" and cfg.asmb.bridge_split > 0 else None
     small_input = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and data.image_size <= 64)
     teacher_small = teacher_small_input(small_input, cfg.teachers.image_size)
     student = None if cfg.method == "teacher" else build_student(cfg, data, small_input, resume)
@@ -180,18 +162,12 @@ def run(cfg: Config) -> dict[str, Any]:
     return close_records(records, summary, trained)  # summary.json, wandb's summary, the printed summary
 
 
-def planned_epochs(cfg: Config) -> int:
-    """Epochs of the method's training (stage-0 teachers are planned when they start: they may be cached)."""
-    if cfg.method == "asmb":
-        return cfg.asmb.num_stages * sum(cfg.asmb.epochs_per_stage(cfg.optim.epochs))
-    return 0 if cfg.method == "teacher" else cfg.optim.epochs
-
-
 def planned_steps(cfg: Config, loaders, bridge_loaders) -> int:
-    """Optimisation steps of the method's training: ASMB's phase A runs on `bridge_loaders`' training part."""
+    """Optimisation steps of the method's training (stage-0 teachers are planned when they start: they may be
+    cached); ASMB's phase A runs on `bridge_loaders`' training part."""
     steps = steps_per_epoch(cfg, loaders["train"])
     if cfg.method != "asmb":
-        return planned_epochs(cfg) * steps
+        return 0 if cfg.method == "teacher" else cfg.optim.epochs * steps
     epochs_a, epochs_b = cfg.asmb.epochs_per_stage(cfg.optim.epochs)
     return cfg.asmb.num_stages * (epochs_a * steps_per_epoch(cfg, bridge_loaders["train"]) + epochs_b * steps)
 
@@ -401,42 +377,38 @@ def train_asmb(ctx: RunContext, student: KDModel, teachers: list[KDModel], modul
     say(freeze_report({"student": student, **{f"teacher {t.arch} ({cfg.asmb.teacher_freeze})": t for t in teachers},
                        "MBM + head": run.bridge, "projections": run.distill}))
     # A resumed run skips the phases before its checkpoint's; fit() restores that one (and, via Trainer.extra, all).
-    order = [f"asmb:{phase}:s{stage}" for stage in range(1, run.num_stages + 1) for phase in "AB"]
-    resume_at = order.index(ckpt.pending_phase()) if ckpt.pending_phase() in order else 0
-    epoch = 0  # the global epoch counter (phase A and B alike): the temperature schedule and rows use it
+    phases = run.phases()  # (stage, tag, global epoch before it): A then B per stage
+    tags = [tag for _, tag, _ in phases]
+    resume_at = tags.index(ckpt.pending_phase()) if ckpt.pending_phase() in tags else 0
     guard_on = cfg.asmb.residual_guard and cfg.asmb.ensemble_base  # without the base there is no residual to reset
-    for stage in range(1, run.num_stages + 1):
+    fired = 0
+    for stage, tag, epoch in phases[resume_at:]:
         run.stage = stage
-        fired = 0
-        if order.index(f"asmb:A:s{stage}") >= resume_at:
-            fit(run.phase_a, bridge_loaders, run.teacher_epochs, f"asmb:A:s{stage}", logger, ckpt, epoch_offset=epoch,
+        if tag.startswith("asmb:A"):
+            fit(run.phase_a, bridge_loaders, run.teacher_epochs, tag, logger, ckpt, epoch_offset=epoch,
                 save_best=False, val_key="synergy_acc")
             if guard_on and (line := guard_residual(run.synergy, loaders["val"], stage, device)):
                 say(line)
                 fired = 1
-        epoch += run.teacher_epochs
-        if order.index(f"asmb:B:s{stage}") >= resume_at:
-            prior = {**run.best, "epoch": run.best["epoch"] - epoch}  # fit() counts epochs from its offset
-            best = fit(run.phase_b, loaders, run.student_epochs, f"asmb:B:s{stage}", logger, ckpt,
-                       epoch_offset=epoch, initial_best=prior)
-            run.best = {**best, "epoch": epoch + best["epoch"]}
-        epoch += run.student_epochs
-        if order.index(f"asmb:B:s{stage}") >= resume_at:
-            metrics = stage_metrics(run.synergy, loaders["val"], device)
-            logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch, **metrics,
-                        **({"guard/fired": fired} if guard_on else {})})
-            say(f"[asmb stage {stage}/{run.num_stages}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-            if warning := synergy_warning(stage, metrics):
-                say(warning)
+            continue
+        prior = {**run.best, "epoch": run.best["epoch"] - epoch}  # fit() counts epochs from its offset
+        best = fit(run.phase_b, loaders, run.student_epochs, tag, logger, ckpt, epoch_offset=epoch, initial_best=prior)
+        run.best = {**best, "epoch": epoch + best["epoch"]}
+        metrics = stage_metrics(run.synergy, loaders["val"], device)
+        logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch + run.student_epochs, **metrics,
+                    **({"guard/fired": fired} if guard_on else {})})
+        say(f"[asmb stage {stage}/{run.num_stages}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        if warning := synergy_warning(stage, metrics):
+            say(warning)
+        fired = 0
     test = stage_metrics(run.synergy, loaders["test"], device)
-    # best/epoch counts the student's training epochs (phase B), as for every method; the row's epoch is global
-    stage = -(-run.best["epoch"] // (run.teacher_epochs + run.student_epochs))
     # ensemble/test_acc stays the teachers' as stage 0 left them (as for every method); the adapted ones apart
-    fired = [r["guard/fired"] for r in logger.rows if r.get("phase") == "asmb:stage" and "guard/fired" in r]
+    firings = [r["guard/fired"] for r in logger.rows if r.get("phase") == "asmb:stage" and "guard/fired" in r]
+    # best/epoch counts the student's training epochs (phase B), as for every method; the row's epoch is global
     return {"synergy/test_acc": test["synergy/acc"], "adapted_ensemble/test_acc": test["ensemble/acc"],
-            **({"asmb/guard_fired": sum(fired)} if guard_on else {}),
+            **({"asmb/guard_fired": sum(firings)} if guard_on else {}),
             **test_summary(student, run.best, loaders, device, logger),
-            "best/epoch": run.best["epoch"] - stage * run.teacher_epochs, "best/global_epoch": run.best["epoch"]}
+            "best/epoch": run.distill.student_epoch(run.best["epoch"]), "best/global_epoch": run.best["epoch"]}
 
 
 def build_asmb_run(cfg: Config, student: KDModel, teachers: list[KDModel], modules: AsmbModules, device,

@@ -1,4 +1,4 @@
-"""Eager vs torch.compile for the synergy loss path (kd.synergy.synergy_losses), forward + backward.
+"""Eager vs torch.compile for the synergy loss path (kd.asmb.synergy_losses), forward + backward.
 
 Realistic ASMB dims by default: teachers 2048 (resnet152) and 1408 (efficientnet_b2), student 768
 (convnext_tiny), 100 classes, batch 128. Phase A differentiates w.r.t. the bridge parameters and
@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from kd.mbm import build_bridge  # noqa: E402
-from kd.synergy import compile_synergy, synergy_losses  # noqa: E402
+from kd.asmb import compile_synergy, synergy_losses  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

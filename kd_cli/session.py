@@ -10,14 +10,16 @@ disabled; no network never hangs a run."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume
-from kd.engine.distributed import DIST, barrier, say
-from kd.errors import ConfigError, KDError
+from kd.engine.distributed import DIST, barrier, collective_timeout, say
+from kd.errors import ConfigError, KDError, Preempted, WriteError
 from kd.io import atomic_write_json
 from kd.models import check_model_name, create_model
 from kd.teachers import check_resume_teachers, check_teacher_checkpoints, teacher_cache_path, teacher_small_input
@@ -129,6 +131,31 @@ def student_notes(cfg: Config) -> list[str]:
         notes.append(f"warning: --student.freeze {s.freeze} freezes a randomly initialised student (no {starts}): "
                      "its frozen layers stay random")
     return notes
+
+
+def exit_code(e: BaseException) -> int:
+    """How train.py's main() ends on `e`, after one line on stderr: Preempted 128 + its signal (with the command
+    that continues the run), bad input 2 (under torchrun rank 0 alone says a ConfigError: every rank fails alike),
+    TrainingDiverged 3, an unwritable folder 1, a collective past --run.dist-timeout-min 1, Ctrl-C 130. Any other
+    RuntimeError is re-raised."""
+    rank = int(os.environ.get("RANK", "0"))
+    if isinstance(e, Preempted):
+        if rank == 0:
+            print(f"{e}: checkpoint {e.path} written; continue with the same command and --run.resume "
+                  f"{e.path.parent.parent}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    if isinstance(e, KDError):
+        if rank == 0 or not isinstance(e, ConfigError):
+            print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr, flush=True)
+        return 3 if type(e).__name__ == "TrainingDiverged" else 1 if isinstance(e, WriteError) else 2
+    if isinstance(e, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    line = collective_timeout(e) if isinstance(e, RuntimeError) else None
+    if line is None:
+        raise e
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return 1
 
 
 # ---- The records ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from kd.losses import dkd_loss, kd_loss
 from kd.mbm import IBMBM, MLPMBM, AttnMBM, build_bridge
 from kd.methods.base import StepInputs
 from kd.models import ModelOutput, create_model
-from kd.synergy import synergy_losses
+from kd.asmb import synergy_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from kd_cli.config import RESUME_MAY_CHANGE
 from kd_cli.config import smoke_preset
 from kd.engine.checkpoint import check_resume_config
 from kd.engine.device import prepare_model, resolve_teacher_dtype
@@ -139,10 +140,10 @@ def test_teachers_compile_is_refused_for_asmb_and_may_change_on_resume():
     groups = ("data", "student", "teachers", "optim", "run", "kd")
     same_but_compiled = train.parse_config(["--preset", "smoke", "--method", "kd", "--teachers.precision", "fp32",
                                             "--teachers.compile", "True"])
-    check_resume_config(dataclasses.asdict(same_but_compiled), saved, groups, train.RESUME_MAY_CHANGE, "ck")
+    check_resume_config(dataclasses.asdict(same_but_compiled), saved, groups, RESUME_MAY_CHANGE, "ck")
     other_precision = train.parse_config(["--preset", "smoke", "--method", "kd", "--teachers.precision", "bf16"])
     with pytest.raises(CheckpointError, match="--teachers.precision is bf16 here but fp32"):
-        check_resume_config(dataclasses.asdict(other_precision), saved, groups, train.RESUME_MAY_CHANGE, "ck")
+        check_resume_config(dataclasses.asdict(other_precision), saved, groups, RESUME_MAY_CHANGE, "ck")
 
 
 def test_frozen_compile_matches_eager():

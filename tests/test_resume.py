@@ -20,6 +20,7 @@ import torch
 
 import kd_cli.session
 import train
+from kd_cli.config import RESUME_MAY_CHANGE
 from kd.engine.checkpoint import _float_tensors, check_resume_config, find_resume
 from kd.io import atomic_torch_save
 
@@ -252,7 +253,7 @@ def test_resume_refuses_a_changed_config_with_one_line(capsys, tmp, kd_reference
                                       "--data.workers", "3"))
     ck = find_resume(cfg.run.resume, Path(cfg.run.out_dir) / cfg.run.name)[1]
     check_resume_config(dataclasses.asdict(cfg), ck["config"], ("data", "student", "teachers", "optim", "run", "kd"),
-                        train.RESUME_MAY_CHANGE, "ck")
+                        RESUME_MAY_CHANGE, "ck")
     assert ck["phase"] == "kd"
 
 

@@ -743,17 +743,17 @@ def test_wandb_row_keys_are_the_metrics_keys_with_teacher_rows_prefixed():
 
 
 def test_wandb_mode_resolution(monkeypatch, tmp_path):
-    import train
+    from kd_cli.wandb_env import resolve_wandb_mode
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
-    assert train.resolve_wandb_mode("auto") == "disabled"  # no credentials
+    assert resolve_wandb_mode("auto") == "disabled"  # no credentials
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert train.resolve_wandb_mode("auto") == "online"
+    assert resolve_wandb_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert train.resolve_wandb_mode("auto") == "offline"
-    assert train.resolve_wandb_mode("disabled") == "disabled"  # an explicit mode wins
+    assert resolve_wandb_mode("auto") == "offline"
+    assert resolve_wandb_mode("disabled") == "disabled"  # an explicit mode wins
 
 
 def test_yaml_aliases_are_refused_in_specs_and_configs(tmp_path, capsys):

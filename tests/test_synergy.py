@@ -14,7 +14,7 @@ from torch import nn
 from kd.errors import ConfigError
 from kd.losses import cross_entropy, kd_loss
 from kd.mbm import build_bridge, ib_kl
-from kd.synergy import compile_synergy, synergy_losses
+from kd.asmb import compile_synergy, synergy_losses
 
 T_DIMS = (6, 5)
 S_DIM = 8
