@@ -47,7 +47,7 @@ from kd.engine.trainer import StepClock, StudentStep, Trainer
 from kd.errors import ConfigError, KDError, Preempted
 from kd.fastloader import DeviceLoader, make_loaders
 from kd.freeze import apply_freeze, freeze_report, set_train
-from kd.methods import METHOD_SPECS, method_class
+from kd.methods import method_class
 from kd.methods.base import Method
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
@@ -95,6 +95,7 @@ def run(cfg: Config) -> dict[str, Any]:
     # 1. Every check before anything is written: values, names, weight files, processes, the resume checkpoint,
     # the data, the models' dimensions, the teachers' sources.
     validate(cfg)
+    spec = cfg.spec  # the method's family and teachers (kd/methods/__init__.py's table)
     check_before_data(cfg)  # model names, weight files read and fitted, the student's hub weights reachable
     init_distributed(cfg.data.batch_size, use_cuda=cfg.run.device != "cpu", sync_bn=cfg.run.sync_bn,
                      timeout_min=cfg.run.dist_timeout_min)
@@ -103,14 +104,13 @@ def run(cfg: Config) -> dict[str, Any]:
     device = resolve_device(cfg.run.device)
     data = load_data(cfg)
     # --asmb.bridge-split: (teacher-fit, bridge) parts of the training split, or None
-    parts = bridge_parts(cfg, data) if cfg.method == "asmb" and cfg.asmb.bridge_split > 0 else None
+    parts = bridge_parts(cfg, data) if spec.family == "asmb" and cfg.asmb.bridge_split > 0 else None
     small_input = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and data.image_size <= 64)
     teacher_small = teacher_small_input(small_input, cfg.teachers.image_size)
-    student = None if cfg.method == "teacher" else build_student(cfg, data, small_input, resume)
+    student = None if spec.family == "teacher" else build_student(cfg, data, small_input, resume)
     teacher_dims = [create_model(arch, data.num_classes, small_input=teacher_small).num_features  # unknown names
-                    for arch in (cfg.teachers.models if cfg.method != "ce" else ())]  # fail here, before any write
-    asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if cfg.method == "asmb" else None
-    spec = METHOD_SPECS[cfg.method]
+                    for arch in (cfg.teachers.models if spec.uses_teachers else ())]  # fail here, before any write
+    asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if spec.family == "asmb" else None
     teacher_ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, teacher_small, device,
                                      bridge_split=cfg.asmb.bridge_split if parts else 0.0) if spec.uses_teachers else []
     check_teacher_sources(cfg, teacher_ids, data.num_classes, teacher_small, resume)
@@ -130,7 +130,7 @@ def run(cfg: Config) -> dict[str, Any]:
         say(f"bridge split {cfg.asmb.bridge_split}: the teachers fit {len(parts[0].train)} training images, phase A "
             f"trains on the other {len(parts[1].train)} (the bridge part), phase B on all {len(data.train)}")
     progress = RunProgress(planned_steps(cfg, loaders, bridge_loaders), log_every=cfg.run.log_every,
-                           num_stages=cfg.asmb.num_stages * (cfg.method == "asmb"))
+                           num_stages=cfg.asmb.num_stages * (spec.family == "asmb"))
     ctx = RunContext(cfg, data, loaders, device, records.logger, records.ckpt,
                      StepClock(records.ckpt.resume_step, progress))
     records.started = t_start = time.time()
@@ -142,7 +142,7 @@ def run(cfg: Config) -> dict[str, Any]:
     # 3. Stage 0 (teachers, fine-tuned when not cached), then the method's training.
     teachers = []
     if spec.uses_teachers:  # the teachers' time and accuracies are reported apart from the student's
-        adapter_dim = cfg.asmb.teacher_adapter_dim if cfg.method == "asmb" and cfg.asmb.teacher_freeze == "adapter" else 0
+        adapter_dim = cfg.asmb.teacher_adapter_dim if spec.family == "asmb" and cfg.asmb.teacher_freeze == "adapter" else 0
         timing: dict[str, float] = {}
         teachers = stage0_teachers(ctx, parts[0] if parts else data, fit_loaders, teacher_small, teacher_ids,
                                    adapter_dim, timing=timing)
@@ -152,12 +152,12 @@ def run(cfg: Config) -> dict[str, Any]:
         # another run fine-tuning the same teacher is apart, so a teacher loaded from the cache costs its load time
         summary["teacher_wait_s"] = timing.get("wait_s", 0.0)
         summary["teacher_time_s"] = time.time() - t_start - summary["teacher_wait_s"]
-    if cfg.method == "asmb":
+    if spec.family == "asmb":
         summary.update(train_asmb(ctx, student, [t for t, _ in teachers], asmb_modules, bridge_loaders=bridge_loaders))
-    elif cfg.method != "teacher":
+    elif spec.family != "teacher":
         chosen = [t for t, _ in teachers] if spec.multi_teacher else select_teachers(cfg.teachers.select, teachers)
         summary.update(train_single(ctx, student, chosen))
-    trained = (lambda p: p.startswith("teacher:")) if cfg.method == "teacher" else \
+    trained = (lambda p: p.startswith("teacher:")) if spec.family == "teacher" else \
         (lambda p: not p.startswith(("teacher:", "asmb:A")))  # the phases of the model the run trains
     return close_records(records, summary, trained)  # summary.json, wandb's summary, the printed summary
 
@@ -166,8 +166,8 @@ def planned_steps(cfg: Config, loaders, bridge_loaders) -> int:
     """Optimisation steps of the method's training (stage-0 teachers are planned when they start: they may be
     cached); ASMB's phase A runs on `bridge_loaders`' training part."""
     steps = steps_per_epoch(cfg, loaders["train"])
-    if cfg.method != "asmb":
-        return 0 if cfg.method == "teacher" else cfg.optim.epochs * steps
+    if cfg.spec.family != "asmb":
+        return 0 if cfg.spec.family == "teacher" else cfg.optim.epochs * steps
     epochs_a, epochs_b = cfg.asmb.epochs_per_stage(cfg.optim.epochs)
     return cfg.asmb.num_stages * (epochs_a * steps_per_epoch(cfg, bridge_loaders["train"]) + epochs_b * steps)
 
@@ -223,7 +223,7 @@ def bridge_parts(cfg: Config, data):
     kd.data.DataSplits sharing val and test, divided per class and seeded by --data.split-seed only (not --run.seed:
     every student seed sees the same parts, and a resumed run the same); None when off. A part too small to train
     on (a class without a bridge image, fewer images than --data.batch-size) is a ConfigError, before any write."""
-    fraction = cfg.asmb.bridge_split if cfg.method == "asmb" else 0.0
+    fraction = cfg.asmb.bridge_split if cfg.spec.family == "asmb" else 0.0
     if fraction <= 0:
         return None
     labels = labels_in_order(data.train, data.train_labels)
@@ -322,7 +322,7 @@ def finetune_teacher(ctx: RunContext, arch: str, path: Path, identity: dict[str,
 def prepare(model: KDModel, cfg: Config, device: torch.device, inference: bool = False) -> KDModel:
     return prepare_model(model, device, channels_last=cfg.run.channels_last, compile=cfg.run.compile,
                          sync_bn=cfg.run.sync_bn, inference=inference,
-                         frozen_compile=cfg.teachers.compile and cfg.method not in ("asmb", "teacher"))
+                         frozen_compile=cfg.teachers.compile and cfg.spec.family not in ("asmb", "teacher"))
 
 
 # ---- Single-stage training: ce and the baselines (one student, frozen teachers) ------------------

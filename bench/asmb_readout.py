@@ -9,9 +9,14 @@ split) and the student. Reads only the files a run writes (summary.json, metrics
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 import statistics
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kd.configs import AsmbCfg  # noqa: E402  (torch-free)
 
 COLUMNS = ("seed", "ensemble", "adapted", "synergy", "syn-ens", "syn-adapted", "guard fired", "attn t0/t1",
            "student")
@@ -29,8 +34,8 @@ def read_run(run_dir: Path) -> dict | None:
         return None
     stages = [r for r in rows if r.get("phase") == "asmb:stage"]
     a = config["asmb"]
-    defaults = {"num_stages": 2, "loss": "kd", "ensemble_base": True, "mbm_kind": "attn", "teacher_lr": 0.001}
-    setting = ", ".join(f"{k}={a.get(k)}" for k, v in defaults.items() if a.get(k, v) != v) or "defaults"
+    defaults = dataclasses.asdict(AsmbCfg())  # the setting: every --asmb.* option away from its default
+    setting = ", ".join(f"{k}={a[k]}" for k, v in defaults.items() if k in a and a[k] != v) or "defaults"
     teachers = {k.split("/")[1]: v for k, v in summary.items() if k.startswith("teacher/") and k.endswith("/test_acc")}
     last = stages[-1] if stages else {}
     return {"setting": setting, "seed": config["run"]["seed"], "teachers": teachers,

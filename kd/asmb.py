@@ -33,8 +33,7 @@ from .errors import ConfigError
 from .freeze import kept_modes, set_train
 from .losses import cross_entropy, dkd_loss, kd_loss
 from .mbm import MBMOutput, SynergyBridge, build_bridge, ensemble_logits, ib_kl
-from .methods.base import Method, StepInputs
-from .methods.dkd import warmup_factor
+from .methods.base import Method, StepInputs, warmup_factor
 from .metrics import accuracy, disagreement_rate, gather_outputs
 from .models import KDModel, ModelOutput
 

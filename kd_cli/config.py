@@ -22,7 +22,7 @@ import yaml
 
 from kd.configs import AsmbCfg
 from kd.errors import ConfigError
-from kd.methods import METHOD_SPECS, method_names
+from kd.methods import METHOD_SPECS, MethodSpec, method_names
 from kd_cli.cli import (bool_flags, first_message, flag_names, focused_config, load_config_json, normalize_booleans,
                         pop_option, unknown_flag_message)
 from kd_cli.rundir import check_run_name
@@ -237,6 +237,12 @@ class CommonConfig:
     run: RunCfg = field(default_factory=RunCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
 
+    @property
+    def spec(self) -> MethodSpec:
+        """The method's line in kd/methods/__init__.py's table: code asks it (family, uses_teachers,
+        multi_teacher), never the method's name."""
+        return METHOD_SPECS[self.method]
+
 
 # The whole config: the common groups, then one `--<method>.*` group per method of the table that has options.
 METHOD_GROUPS = tuple(name for name, spec in METHOD_SPECS.items() if spec.config is not None)
@@ -367,13 +373,13 @@ def validate(cfg: Config) -> None:
     check(not (cfg.run.resume and cfg.run.overwrite), "--run.resume and --run.overwrite exclude each other")
     check(cfg.run.resume != "auto" or bool(cfg.run.name),
           "--run.resume auto needs --run.name (the run directory to continue)")
-    if cfg.method != "teacher" and cfg.student.weights:
+    if cfg.spec.family != "teacher" and cfg.student.weights:
         check(not cfg.student.pretrained, "--student.weights and --student.pretrained True both choose the student's "
                                           "start: pass --student.pretrained False with a weights file")
         check(not cfg.student.checkpoint, "--student.weights and --student.checkpoint both choose the student's "
                                           "start: pass one of them")
         check_weights_path(cfg.student.weights, "--student.weights")
-    if cfg.method != "ce":
+    if cfg.spec.uses_teachers:
         check(len(cfg.teachers.models) >= 1, "--teachers needs at least one model")
         check(not cfg.teachers.checkpoints or len(cfg.teachers.checkpoints) == len(cfg.teachers.models),
               f"--teachers.checkpoints has {len(cfg.teachers.checkpoints)} paths for "
@@ -389,10 +395,10 @@ def validate(cfg: Config) -> None:
         if cfg.teachers.select in ("0", "1"):
             check(int(cfg.teachers.select) < len(cfg.teachers.models),
                   f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)")
-    if METHOD_SPECS[cfg.method].family == "multi-teacher":
+    if cfg.spec.family == "multi-teacher":
         check(len(cfg.teachers.models) >= 2,
               f"--method {cfg.method} distils from several teachers, --teachers has {len(cfg.teachers.models)}")
-    if cfg.method == "asmb":
+    if cfg.spec.family == "asmb":
         check(len(cfg.teachers.models) == 2,
               f"--method asmb distils from two teachers, --teachers has {len(cfg.teachers.models)}")
         check(not cfg.teachers.compile, "--teachers.compile freezes the teachers' weights into the graph, but asmb's "

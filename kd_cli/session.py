@@ -37,7 +37,8 @@ from kd_cli.wandb_env import WANDB_AXES, resolve_wandb_mode, wandb_config, wandb
 def check_before_data(cfg: Config) -> None:
     """Model names, then weight files and hub weights (check_start_weights): before any data is downloaded,
     extracted or decoded."""
-    for name in [cfg.student.model] * (cfg.method != "teacher") + list(cfg.teachers.models) * (cfg.method != "ce"):
+    students = [cfg.student.model] if cfg.spec.family != "teacher" else []
+    for name in students + (list(cfg.teachers.models) if cfg.spec.uses_teachers else []):
         check_model_name(name)
     check_start_weights(cfg)
 
@@ -53,12 +54,12 @@ def check_start_weights(cfg: Config) -> None:
     classes = {"synthetic": d.synthetic_classes, "cifar100": 100}.get(d.dataset, 1000) if not d.classes else 1000
     small = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and bool(size) and size <= 64)
     fits = []
-    if cfg.method != "teacher":
+    if cfg.spec.family != "teacher":
         if cfg.student.weights:
             fits.append((cfg.student.model, cfg.student.weights, small, None, "--student.weights"))
         if cfg.student.pretrained:
             check_hub_weights(cfg.student.model, "--student")
-    if cfg.method != "ce":
+    if cfg.spec.uses_teachers:
         fits += [(arch, path, teacher_small_input(small, cfg.teachers.image_size), cfg.teachers.image_size or None,
                   "--teachers.weights") for arch, path in zip(cfg.teachers.models, cfg.teachers.weights)]
     for arch, path, small_input, img_size, flag in fits:
@@ -108,7 +109,7 @@ def run_dir_and_resume(cfg: Config) -> tuple[Path, dict[str, Any] | None]:
                             ("data", "student", "teachers", "optim", "run", cfg.method), RESUME_MAY_CHANGE,
                             resume["path"])
         say(f"resuming from {resume['path']} ({resume['phase']}, step {resume['progress']['step']})")
-    teachers = cfg.teachers.models if cfg.method != "ce" else ()
+    teachers = cfg.teachers.models if cfg.spec.uses_teachers else ()
     run_dir = resume_dir or new_run_dir(cfg.run.out_dir, cfg.run.name or run_name(
         cfg.method, cfg.student.model, teachers, cfg.data.dataset, seed=cfg.run.seed), overwrite=cfg.run.overwrite)
     if DIST.main:
@@ -120,7 +121,7 @@ def run_dir_and_resume(cfg: Config) -> tuple[Path, dict[str, Any] | None]:
 def student_notes(cfg: Config) -> list[str]:
     """One line each, said at the start of a run: no best.safetensors with --student.adapter-dim (timm's model
     has no adapter), and a warning when --student.freeze freezes a randomly initialised student."""
-    if cfg.method == "teacher":
+    if cfg.spec.family == "teacher":
         return []
     s, notes = cfg.student, []
     if s.adapter_dim > 0:

@@ -76,6 +76,12 @@ class Method(nn.Module):
         return weighted_loss(terms, self.loss_weights(epoch))
 
 
+def warmup_factor(epoch: int, warmup: int) -> float:
+    """A loss weight's linear warm-up: min(epoch / warmup, 1) for 1-based epochs; 1 when warmup is 0 (DKD and
+    ASMB's phase-B dkd)."""
+    return 1.0 if warmup <= 0 else min(epoch / warmup, 1.0)
+
+
 def weighted_loss(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
     """sum of weight * term over the terms (weight 1 when not listed), leaving out every term whose weight is
     0: such a term stays out of the graph, so parameters only it reaches get no gradient (grad None) and the

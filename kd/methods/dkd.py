@@ -16,12 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..losses import cross_entropy, dkd_loss, standardize_logits
-from .base import Method, StepInputs, teacher_logits
-
-
-def warmup_factor(epoch: int, warmup: int) -> float:
-    """min(epoch / warmup, 1) for 1-based epochs; 1 when warmup is 0."""
-    return 1.0 if warmup <= 0 else min(epoch / warmup, 1.0)
+from .base import Method, StepInputs, teacher_logits, warmup_factor
 
 
 class DKD(Method):
