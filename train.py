@@ -21,7 +21,6 @@ if __name__ == "__main__":  # --help and a bad flag answer here, before torch an
     if (code := preflight(sys.argv[1:])) is not None:
         sys.exit(code)
 
-import contextlib
 import dataclasses
 import itertools
 import time
@@ -52,9 +51,8 @@ from kd.methods.base import Method
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_shapes, create_model
-from kd.teachers import (FrozenModel, frozen_forward, load_teacher,
-                         save_teacher, select_teachers, teacher_cache_path, teacher_identities, teacher_lock,
-                         teacher_seed, teacher_small_input, teacher_test_summary)
+from kd.teachers import (FrozenModel, fill_cache, frozen_forward, load_teacher,
+                         save_teacher, select_teachers, teacher_cache_path, teacher_identities, teacher_seed, teacher_small_input, teacher_test_summary)
 from kd_cli.config import Config, OptimCfg, parse_config, validate
 from kd_cli.progress import RunProgress
 from kd_cli.session import (check_before_data, check_teacher_sources, close_records, exit_code, open_records,
@@ -123,12 +121,7 @@ def run(cfg: Config) -> dict[str, Any]:
         say(note)
     loaders = build_loaders(cfg, data, device)
     # stage 0 fits the teachers on the teacher-fit part, phase A trains on the bridge part (both: all without a split)
-    fit_loaders, bridge_loaders = loaders, loaders
-    if parts:
-        fit_loaders, bridge_loaders = ({**loaders, "train": build_loaders(cfg, part, device, train_only=True)["train"]}
-                                       for part in parts)
-        say(f"bridge split {cfg.asmb.bridge_split}: the teachers fit {len(parts[0].train)} training images, phase A "
-            f"trains on the other {len(parts[1].train)} (the bridge part), phase B on all {len(data.train)}")
+    fit_loaders, bridge_loaders = split_loaders(cfg, data, parts, loaders, device) if parts else (loaders, loaders)
     progress = RunProgress(planned_steps(cfg, loaders, bridge_loaders), log_every=cfg.run.log_every,
                            num_stages=cfg.asmb.num_stages * (spec.family == "asmb"))
     ctx = RunContext(cfg, data, loaders, device, records.logger, records.ckpt,
@@ -241,6 +234,16 @@ def bridge_parts(cfg: Config, data):
     return train_subset(data, fit_idx), train_subset(data, bridge_idx)
 
 
+def split_loaders(cfg: Config, data, parts, loaders, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--asmb.bridge-split: the loaders of stage 0 (the teacher-fit part's training loader) and of phase A (the
+    bridge part's); validation and test as the run's."""
+    fit_loaders, bridge_loaders = ({**loaders, "train": build_loaders(cfg, part, device, train_only=True)["train"]}
+                                   for part in parts)
+    say(f"bridge split {cfg.asmb.bridge_split}: the teachers fit {len(parts[0].train)} training images, phase A "
+        f"trains on the other {len(parts[1].train)} (the bridge part), phase B on all {len(data.train)}")
+    return fit_loaders, bridge_loaders
+
+
 def steps_per_epoch(cfg: Config, loader) -> int:
     """Optimisation steps per epoch: the loader's batches, or --run.max-steps-per-epoch when smaller."""
     return min(len(loader), cfg.run.max_steps_per_epoch) if cfg.run.max_steps_per_epoch else len(loader)
@@ -255,31 +258,23 @@ def stage0_teachers(ctx: RunContext, data, loaders, small_input: bool, identitie
     each a new zero-initialised residual adapter (ASMB's teacher_freeze adapter). `timing["wait_s"]`: the seconds
     spent waiting for another process's fine-tuning (its cache lock), which is not this run's teacher time.
     `data`, `loaders`: what the teachers fit (--asmb.bridge-split's teacher-fit part, else the run's)."""
-    cfg, given, waited = ctx.cfg, bool(ctx.cfg.teachers.checkpoints), 0.0
+    cfg, given = ctx.cfg, bool(ctx.cfg.teachers.checkpoints)
+    archs = cfg.teachers.models
     paths = [Path(p) for p in cfg.teachers.checkpoints] if given else \
         [teacher_cache_path(cfg.teachers.cache_dir, identity) for identity in identities]
-    weights = list(cfg.teachers.weights) or [""] * len(cfg.teachers.models)
-    tuned: set[str] = set()
-    # Fine-tune the missing ones (and the one a resumed run was fine-tuning). A teacher another process is
-    # fine-tuning (its cache lock is held) is left for last, then waited for and loaded: two trials of a sweep
-    # share the work instead of doubling it. Ranks of one run fine-tune together (rank 0 writes), unlocked.
-    for wait in (False, True):
-        for arch, identity, path, start in zip(cfg.teachers.models, identities, paths, weights):
-            resumed = ctx.ckpt.pending_phase() == f"teacher:{arch}"
-            if given or arch in tuned or (path.exists() and not resumed):
-                continue
-            asked = time.time()
-            with teacher_lock(path, wait) if DIST.world_size == 1 else contextlib.nullcontext(True) as held:
-                waited += (time.time() - asked) if wait else 0.0  # the lock's holder was fine-tuning it
-                if held and (resumed or not path.exists()):
-                    finetune_teacher(ctx, arch, path, identity, data, loaders, small_input,
-                                     **({"weights": start} if start else {}))
-                    tuned.add(arch)
+    weights = list(cfg.teachers.weights) or [""] * len(archs)
+    tuned, waited = set(), 0.0
+    if not given:  # fine-tune the missing ones and the one a resumed run was fine-tuning (kd.teachers.fill_cache)
+        tuned, waited = fill_cache(
+            paths, lambda i: ctx.ckpt.pending_phase() == f"teacher:{archs[i]}" or not paths[i].exists(),
+            lambda i: finetune_teacher(ctx, archs[i], paths[i], identities[i], data, loaders, small_input,
+                                       **({"weights": weights[i]} if weights[i] else {})),
+            locked=DIST.world_size == 1)
     if timing is not None:
         timing["wait_s"] = waited
     out = []
-    for arch, identity, path in zip(cfg.teachers.models, identities, paths):
-        if not given and arch not in tuned:
+    for i, (arch, identity, path) in enumerate(zip(archs, identities, paths)):
+        if not given and i not in tuned:
             say(f"teacher {arch}: using cached {path}")
         model, val_acc = load_teacher(path, arch, data.num_classes, small_input, cfg.teachers.image_size or None,
                                       adapter_dim, identity["input"], identity)

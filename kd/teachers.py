@@ -14,8 +14,9 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import timm
@@ -205,6 +206,27 @@ def teacher_lock(path: Path, wait: bool = True):
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fill_cache(paths: Sequence[Path], needed: Callable[[int], bool], finetune: Callable[[int], None],
+               locked: bool = True) -> tuple[set[int], float]:
+    """Fine-tune the teachers whose cache files are missing (`needed(i)`, also true for one a resumed run was
+    fine-tuning), each under its file's lock (teacher_lock): a teacher another process is fine-tuning is left for
+    last, then waited for and, once that process wrote it, not fine-tuned again. So two trials of a sweep share
+    the work instead of doubling it. `locked` False: no locks (the ranks of one run fine-tune together). Returns
+    (the indices fine-tuned here, the seconds spent waiting for other processes)."""
+    tuned, waited = set(), 0.0
+    for wait in (False, True):
+        for i, path in enumerate(paths):
+            if i in tuned or not needed(i):
+                continue
+            asked = time.time()
+            with teacher_lock(path, wait) if locked else contextlib.nullcontext(True) as held:
+                waited += (time.time() - asked) if wait else 0.0  # the lock's holder was fine-tuning it
+                if held and needed(i):
+                    finetune(i)
+                    tuned.add(i)
+    return tuned, waited
 
 
 def identity_difference(here: dict[str, Any] | None, there: dict[str, Any] | None) -> str | None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import kd.teachers
 import train
 from kd.data import SyntheticSpec, build_data, tensor_fingerprint
 from kd.errors import CheckpointError, ConfigError
@@ -254,7 +255,9 @@ def test_a_teacher_loaded_after_waiting_for_another_run_counts_its_load_time_not
     made_elsewhere = cached.rename(tmp_path / "elsewhere.pt")
     offset = [0.0]
     real_time = train.time.time
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: real_time() + offset[0]))
+    shifted = types.SimpleNamespace(time=lambda: real_time() + offset[0])
+    monkeypatch.setattr(train, "time", shifted)  # the run's teacher time
+    monkeypatch.setattr(kd.teachers, "time", shifted)  # the wait, measured where the cache is filled
 
     @contextlib.contextmanager
     def busy_lock(path, wait=True):
@@ -265,7 +268,7 @@ def test_a_teacher_loaded_after_waiting_for_another_run_counts_its_load_time_not
         made_elsewhere.rename(path)
         yield True
 
-    monkeypatch.setattr(train, "teacher_lock", busy_lock)
+    monkeypatch.setattr(kd.teachers, "teacher_lock", busy_lock)
     summary = train.run(tiny_cfg(tmp_path, "--method", "kd", "--run.name", "waited"))
     assert "using cached" in capsys.readouterr().out
     assert summary["teacher_wait_s"] >= 1000.0
