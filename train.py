@@ -51,8 +51,9 @@ from kd.methods.base import Method
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_shapes, create_model
-from kd.teachers import (FrozenModel, fill_cache, frozen_forward, load_teacher,
-                         save_teacher, select_teachers, teacher_cache_path, teacher_identities, teacher_seed, teacher_small_input, teacher_test_summary)
+from kd.teachers import (FrozenModel, fill_cache, frozen_forward, load_teacher, save_teacher, select_teachers,
+                         teacher_cache_path, teacher_identities, teacher_seed, teacher_small_input,
+                         teacher_test_summary)
 from kd_cli.config import Config, OptimCfg, parse_config, validate
 from kd_cli.progress import RunProgress
 from kd_cli.session import (check_before_data, check_teacher_sources, close_records, exit_code, open_records,
@@ -64,7 +65,6 @@ from kd_cli.runlog import RunLogger, stop_console_copy
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        validate(cfg)
         checkpoint_on_stop_signals()  # SIGTERM/SIGUSR1: a checkpoint at the next step, then Preempted
         run(cfg)
         return 0
@@ -94,6 +94,7 @@ def run(cfg: Config) -> dict[str, Any]:
     # the data, the models' dimensions, the teachers' sources.
     validate(cfg)
     spec = cfg.spec  # the method's family and teachers (kd/methods/__init__.py's table)
+    asmb = spec.family == "asmb"
     check_before_data(cfg)  # model names, weight files read and fitted, the student's hub weights reachable
     init_distributed(cfg.data.batch_size, use_cuda=cfg.run.device != "cpu", sync_bn=cfg.run.sync_bn,
                      timeout_min=cfg.run.dist_timeout_min)
@@ -102,13 +103,13 @@ def run(cfg: Config) -> dict[str, Any]:
     device = resolve_device(cfg.run.device)
     data = load_data(cfg)
     # --asmb.bridge-split: (teacher-fit, bridge) parts of the training split, or None
-    parts = bridge_parts(cfg, data) if spec.family == "asmb" and cfg.asmb.bridge_split > 0 else None
+    parts = bridge_parts(cfg, data) if asmb and cfg.asmb.bridge_split > 0 else None
     small_input = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and data.image_size <= 64)
     teacher_small = teacher_small_input(small_input, cfg.teachers.image_size)
     student = None if spec.family == "teacher" else build_student(cfg, data, small_input, resume)
     teacher_dims = [create_model(arch, data.num_classes, small_input=teacher_small).num_features  # unknown names
                     for arch in (cfg.teachers.models if spec.uses_teachers else ())]  # fail here, before any write
-    asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if spec.family == "asmb" else None
+    asmb_modules = build_asmb_modules(cfg.asmb, teacher_dims, student, data.num_classes) if asmb else None
     teacher_ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, teacher_small, device,
                                      bridge_split=cfg.asmb.bridge_split if parts else 0.0) if spec.uses_teachers else []
     check_teacher_sources(cfg, teacher_ids, data.num_classes, teacher_small, resume)
@@ -123,7 +124,7 @@ def run(cfg: Config) -> dict[str, Any]:
     # stage 0 fits the teachers on the teacher-fit part, phase A trains on the bridge part (both: all without a split)
     fit_loaders, bridge_loaders = split_loaders(cfg, data, parts, loaders, device) if parts else (loaders, loaders)
     progress = RunProgress(planned_steps(cfg, loaders, bridge_loaders), log_every=cfg.run.log_every,
-                           num_stages=cfg.asmb.num_stages * (spec.family == "asmb"))
+                           num_stages=cfg.asmb.num_stages * asmb)
     ctx = RunContext(cfg, data, loaders, device, records.logger, records.ckpt,
                      StepClock(records.ckpt.resume_step, progress))
     records.started = t_start = time.time()
@@ -135,7 +136,7 @@ def run(cfg: Config) -> dict[str, Any]:
     # 3. Stage 0 (teachers, fine-tuned when not cached), then the method's training.
     teachers = []
     if spec.uses_teachers:  # the teachers' time and accuracies are reported apart from the student's
-        adapter_dim = cfg.asmb.teacher_adapter_dim if spec.family == "asmb" and cfg.asmb.teacher_freeze == "adapter" else 0
+        adapter_dim = cfg.asmb.teacher_adapter_dim if asmb and cfg.asmb.teacher_freeze == "adapter" else 0
         timing: dict[str, float] = {}
         teachers = stage0_teachers(ctx, parts[0] if parts else data, fit_loaders, teacher_small, teacher_ids,
                                    adapter_dim, timing=timing)
@@ -145,7 +146,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # another run fine-tuning the same teacher is apart, so a teacher loaded from the cache costs its load time
         summary["teacher_wait_s"] = timing.get("wait_s", 0.0)
         summary["teacher_time_s"] = time.time() - t_start - summary["teacher_wait_s"]
-    if spec.family == "asmb":
+    if asmb:
         summary.update(train_asmb(ctx, student, [t for t, _ in teachers], asmb_modules, bridge_loaders=bridge_loaders))
     elif spec.family != "teacher":
         chosen = [t for t, _ in teachers] if spec.multi_teacher else select_teachers(cfg.teachers.select, teachers)

@@ -71,7 +71,8 @@ def read_to_first_step(train_args: list[str]) -> None:
         spans = function_spans(ROOT / path)
         lines = sum(spans.get(f, 0) for f in functions)
         names = sorted({n for n, _ in functions if not n.startswith("<")})
-        print(f"{path}: {len(names)} functions, {lines} lines" + (f": {', '.join(names)}" if path == "train.py" else ""))
+        listed = f": {', '.join(names)}" if path == "train.py" else ""
+        print(f"{path}: {len(names)} functions, {lines} lines{listed}")
     print(f"files entered: {len(entered)}")
 
 
