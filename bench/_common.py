@@ -31,8 +31,7 @@ from kd.asmb import build_asmb_modules  # noqa: E402
 from kd.engine.checkpoint import Checkpointer  # noqa: E402
 from kd.engine.device import resolve_device  # noqa: E402
 from kd.engine.rng import seed_everything  # noqa: E402
-from kd.engine.trainer import StepClock, Trainer  # noqa: E402
-from kd_cli.progress import RunProgress  # noqa: E402
+from kd.engine.trainer import FitState, Trainer  # noqa: E402
 from kd.freeze import apply_freeze, set_train  # noqa: E402
 from kd.methods import METHOD_SPECS  # noqa: E402
 from kd.methods.base import StepInputs  # noqa: E402
@@ -118,7 +117,7 @@ def build_ours(cfg: train.Config, data, phase: str = "single") -> Bundle:
     prepares the fine-tuned ones (speed does not depend on the weights; the bench never fine-tunes)."""
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     device = resolve_device(cfg.run.device)
-    small = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and data.image_size <= 64)
+    small = cfg.student.small_stem(data.image_size)
     student = train.build_student(cfg, data, small, None)
     loader = train.build_loaders(cfg, data, device)["train"]
     steps = train.steps_per_epoch(cfg, loader)
@@ -129,20 +128,20 @@ def build_ours(cfg: train.Config, data, phase: str = "single") -> Bundle:
         for arch in cfg.teachers.models] if METHOD_SPECS[cfg.method].uses_teachers else []
     if not asmb:
         teachers = select_teachers(cfg.teachers.select, [(t, 0.0) for t in teachers])
-        tr = train.single_trainer(cfg, data, device, StepClock(progress=RunProgress()), student, teachers, steps)
+        tr = train.single_trainer(cfg, data, train.make_runtime(cfg, device), student, teachers, steps)
         return Bundle(cfg, tr, loader, tr.model, teachers, "single")
     for t in teachers:
         apply_freeze(t, cfg.asmb.teacher_freeze)  # as train_asmb() does after stage 0
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, data.num_classes)
-    run = train.build_asmb_run(cfg, train.prepare(student, cfg, device), teachers, modules, device, steps, data.num_classes)
+    run = train.build_asmb_run(cfg, train.make_runtime(cfg, device), train.prepare(student, cfg, device), teachers, modules,
+                               steps, data.num_classes)
     return Bundle(cfg, run.phase_a if phase == "A" else run.phase_b, loader, student, teachers, phase, {"run": run})
 
 
 def ours_steps(b: Bundle, steps: int) -> None:
     """`steps` steps of train.py's own loop: train.train_epoch over the DeviceLoader (steps_per_epoch = steps)."""
     b.trainer.steps_per_epoch = steps
-    b.trainer.tag = "bench"
-    train.train_epoch(b.trainer, b.loader, 1, "bench", Checkpointer.disabled())
+    train.train_epoch(FitState(b.trainer, "bench", b.loader), 1, "bench", Checkpointer.disabled())
 
 
 # ----------------------------------------------------------------------------------------------- hand-written loop
@@ -186,7 +185,7 @@ def hand_stepper(b: Bundle) -> Callable[[int], None]:
     tr, device = b.trainer, b.device
     batches = cycle(b.loader)
     method, opt, sched = tr.method, tr.optimizer, tr.scheduler
-    amp = dict(device_type=device.type, dtype=tr.amp_dtype or torch.float32, enabled=tr.amp_dtype is not None)
+    amp = dict(device_type=device.type, dtype=tr.runtime.amp_dtype or torch.float32, enabled=tr.runtime.amp_dtype is not None)
     weights = method.loss_weights(1)
     if b.phase == "A":
         b.extra["run"].synergy.train()  # teachers in their freeze policy's modes, student in eval
@@ -197,7 +196,7 @@ def hand_stepper(b: Bundle) -> Callable[[int], None]:
     def steps(n: int) -> None:
         for _ in range(n):
             x, y, index = next(batches)
-            if tr.channels_last:
+            if tr.runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(**amp):
                 _, loss = forward_loss(b, x, y, index, weights)

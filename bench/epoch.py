@@ -58,7 +58,7 @@ def instrumented_epoch(b: C.Bundle, steps: int) -> dict[str, float]:
     tr, device = b.trainer, b.device
     set_train(tr.model, tr.freeze_policy)
     tr.method.train()
-    amp = dict(device_type=device.type, dtype=tr.amp_dtype or torch.float32, enabled=tr.amp_dtype is not None)
+    amp = dict(device_type=device.type, dtype=tr.runtime.amp_dtype or torch.float32, enabled=tr.runtime.amp_dtype is not None)
     maps = tr.method.needs_maps
     tracker = LossTracker()
     split = dict.fromkeys(("data", "teacher", "student", "optimiser"), 0.0)
@@ -69,12 +69,12 @@ def instrumented_epoch(b: C.Bundle, steps: int) -> dict[str, float]:
         x, y, index = (t.to(device, non_blocking=True) for t in next(batches))
         if tr.mixer is not None:
             x, y = tr.mixer(x, y)
-        if tr.channels_last:
+        if tr.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         C.sync(device)
         t1 = time.perf_counter()
         with torch.autocast(**amp):  # as train.py's train_step: the teachers' own precision, inference mode
-            t_outs = frozen_forward(tr.teachers, x, with_maps=maps, dtype=tr.teacher_dtype)
+            t_outs = frozen_forward(tr.teachers, x, with_maps=maps, dtype=tr.runtime.teacher_dtype)
         C.sync(device)
         t2 = time.perf_counter()
         with torch.autocast(**amp):

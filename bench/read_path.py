@@ -90,8 +90,8 @@ def asmb_step_files() -> None:
     for t in teachers:
         apply_freeze(t, cfg.asmb.teacher_freeze)
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, classes)
-    run = train.build_asmb_run(cfg, train.prepare(student, cfg, cpu), teachers, modules, cpu, steps=2,
-                               num_classes=classes)
+    run = train.build_asmb_run(cfg, train.make_runtime(cfg, cpu), train.prepare(student, cfg, cpu), teachers, modules,
+                               steps=2, num_classes=classes)
     x, y, index = torch.randn(8, 3, 32, 32), torch.randint(0, classes, (8,)), torch.arange(8)
     for name, tr in (("A", run.phase_a), ("B", run.phase_b)):
         train.set_train(tr.model, tr.freeze_policy)

@@ -2,7 +2,7 @@
 the standard KD toolboxes, and against the best hand-written loop using the same kernels.
 
 Three loops on the same models, batch shape and images, per method:
-  ours  train.py's code: the Trainer built as run() builds it (make_trainer; ASMB: AsmbRun's phase trainers),
+  ours  train.py's code: the Trainer built as run() builds it (single_trainer; ASMB: AsmbRun's phase trainers),
         stepped through train.train_epoch on build_loaders()' DeviceLoader, with the train.py --flags given.
   ref   a plain loop as RepDistiller / mdistiller write it: DataLoader (2 workers) over a PIL-backed CIFAR-shaped
         dataset with torchvision PIL transforms (RandomCrop(32, padding=4), flip, ToTensor, Normalize), eager NCHW
@@ -148,15 +148,15 @@ def ablations(args, data) -> None:
     x, _, _ = next(iter(b.loader))
     ref_teacher = create_model(C.CIFAR_PAIR.teachers[0], 100, small_input=True).to(device).eval()
     ref_teacher.load_state_dict(teacher.state_dict())
-    x_ours = x.contiguous(memory_format=torch.channels_last) if tr.channels_last else x
+    x_ours = x.contiguous(memory_format=torch.channels_last) if tr.runtime.channels_last else x
 
     def ref_forward():
         with torch.no_grad():
             return ref_teacher(x)
 
-    precision = str(tr.teacher_dtype or torch.float32).removeprefix("torch.")
+    precision = str(tr.runtime.teacher_dtype or torch.float32).removeprefix("torch.")
     t = alternate({"ref": ref_forward, "float32": lambda: frozen_forward([teacher], x_ours),
-                   precision: lambda: frozen_forward([teacher], x_ours, dtype=tr.teacher_dtype)}, args.rounds, device)
+                   precision: lambda: frozen_forward([teacher], x_ours, dtype=tr.runtime.teacher_dtype)}, args.rounds, device)
     gflop = C.count_flops(ref_forward) / 1e9  # convolutions and matmuls: how close each runs to the hardware's peak
     print(f"teacher forward ({C.CIFAR_PAIR.teachers[0]}, batch {args.batch}, {gflop:.1f} GFLOP): toolbox float32 "
           f"NCHW no_grad {1e3 * t['ref']:.1f} ms ({gflop / t['ref']:.0f} GFLOP/s); train.py frozen forward float32 "

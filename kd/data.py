@@ -22,6 +22,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -769,6 +770,36 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
         num_classes=num_classes, image_size=size, mean=mean, std=std, class_names=class_names,
         train_images=train_images, train_labels=train_labels, class_subset=subset,
         fingerprint=tensor_fingerprint(images, labels, test_images, test_labels, classes=subset))
+
+
+class DatasetSettings(Protocol):
+    """A dataset as a config group names it (train.py: --data.*): build_data's arguments, the archive limits
+    (ExtractLimits.from_flags) and the synthetic data's size (SyntheticSpec, seeded by `split_seed`)."""
+    dataset: str
+    root: str
+    val_fraction: float
+    split_seed: int
+    image_size: int
+    aug: bool
+    randaugment: Sequence[int]
+    cache_dir: str  # "" = default_cache_dir()
+    classes: str
+    max_extract_gb: float
+    max_extract_files: int
+    synthetic_classes: int
+    synthetic_train_size: int
+    synthetic_test_size: int
+    synthetic_image_size: int
+
+
+def load_dataset(d: DatasetSettings) -> DataSplits:
+    """build_data from a dataset's settings."""
+    synthetic = SyntheticSpec(num_classes=d.synthetic_classes, train_size=d.synthetic_train_size,
+                              test_size=d.synthetic_test_size, image_size=d.synthetic_image_size, seed=d.split_seed)
+    return build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=d.split_seed, image_size=d.image_size,
+                      aug=d.aug, randaugment=d.randaugment, cache_dir=d.cache_dir or None, classes=d.classes,
+                      extract_limits=ExtractLimits.from_flags(d.max_extract_gb, d.max_extract_files),
+                      synthetic=synthetic)
 
 
 def labels_in_order(dataset, labels: Tensor | None = None) -> Tensor:

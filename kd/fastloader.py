@@ -17,13 +17,14 @@ Batches are `(x float32 [B,3,S,S], y int64 [B], index int64 [B])` like the DataL
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from .engine.distributed import DIST
 from .errors import ConfigError
 from .sampler import EpochCursor
 
@@ -166,16 +167,27 @@ class DeviceLoader(EpochCursor):
             yield x, self.labels[index], index
 
 
-def make_loaders(data, *, fast: bool, batch_size: int, eval_batch_size: int, workers: int, aug: bool, seed: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1, train_only: bool = False) -> dict:
-    """train/val/test loaders of kd.data.DataSplits `data`: device-resident DeviceLoaders when `fast` and the data
-    is tensor-backed (they do no RandAugment: pass fast=False with it), else DataLoaders with `workers`. With
-    several processes each rank's train loader yields its slice of every global batch (`batch_size`); every
-    rank evaluates the whole val/test split. `train_only`: the train loader alone (a part of the training split
-    that shares another set's val/test loaders)."""
+class LoaderSettings(Protocol):
+    """What of the data's settings the loaders read (train.py: --data.*)."""
+    batch_size: int  # global: each process loads its share
+    eval_batch_size: int
+    workers: int
+    aug: bool
+    loader: str  # auto / fast: device-resident for tensor-backed data; torch: DataLoaders
+    randaugment: Sequence[int]  # (N, M); N > 0 needs DataLoaders (the device-resident loader does none)
+
+
+def make_loaders(data, d: LoaderSettings, *, seed: int, device: torch.device, train_only: bool = False) -> dict:
+    """train/val/test loaders of kd.data.DataSplits `data`: device-resident DeviceLoaders for tensor-backed data
+    (unless `d.loader` is torch or RandAugment is on), else DataLoaders with `d.workers`. With several processes
+    each rank's train loader yields its slice of every global batch (`d.batch_size`); every rank evaluates the
+    whole val/test split. `train_only`: the train loader alone (a part of the training split that shares
+    another set's val/test loaders)."""
     from .data import make_loader  # kd.data imports torchvision's datasets: only here, where they are used
 
-    shard = dict(rank=rank, world_size=world_size)
+    fast = d.loader != "torch" and d.randaugment[0] == 0
+    batch_size, eval_batch_size, workers, aug = d.batch_size, d.eval_batch_size, d.workers, d.aug
+    shard = dict(rank=DIST.rank, world_size=DIST.world_size)
     if not fast or data.train_images is None:
         train = make_loader(data.train, batch_size, train=True, workers=workers, seed=seed, **shard)
         if train_only:

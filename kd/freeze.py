@@ -131,15 +131,6 @@ def set_train(model: nn.Module, policy: str, mode: bool = True) -> nn.Module:
     return model
 
 
-def train_mode(model: nn.Module, policy: str) -> nn.Module:
-    """Shorthand for `set_train(model, policy, True)`."""
-    return set_train(model, policy, True)
-
-
-def trainable_params(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) number of scalar parameters."""
     params: Iterable[nn.Parameter] = list(model.parameters())

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import timm
@@ -208,14 +208,18 @@ def teacher_lock(path: Path, wait: bool = True):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def fill_cache(paths: Sequence[Path], needed: Callable[[int], bool], finetune: Callable[[int], None],
-               locked: bool = True) -> tuple[set[int], float]:
-    """Fine-tune the teachers whose cache files are missing (`needed(i)`, also true for one a resumed run was
-    fine-tuning), each under its file's lock (teacher_lock): a teacher another process is fine-tuning is left for
+def fill_cache(paths: Sequence[Path], finetune: Callable[[int], None], redo: Iterable[int] = (),
+               locked: bool = True) -> float:
+    """Fine-tune (`finetune(i)`) the teachers whose cache files are missing and those in `redo` (the one a resumed
+    run was fine-tuning, which continues from its checkpoint), each under its file's lock (teacher_lock): a teacher another process is fine-tuning is left for
     last, then waited for and, once that process wrote it, not fine-tuned again. So two trials of a sweep share
-    the work instead of doubling it. `locked` False: no locks (the ranks of one run fine-tune together). Returns
-    (the indices fine-tuned here, the seconds spent waiting for other processes)."""
-    tuned, waited = set(), 0.0
+    the work instead of doubling it. `locked` False: no locks (the ranks of one run fine-tune together). Says which
+    cached files are used as they are; returns the seconds spent waiting for other processes."""
+    tuned, waited, redo = set(), 0.0, set(redo)
+
+    def needed(i: int) -> bool:
+        return i in redo or not paths[i].exists()
+
     for wait in (False, True):
         for i, path in enumerate(paths):
             if i in tuned or not needed(i):
@@ -226,7 +230,10 @@ def fill_cache(paths: Sequence[Path], needed: Callable[[int], bool], finetune: C
                 if held and needed(i):
                     finetune(i)
                     tuned.add(i)
-    return tuned, waited
+    for i, path in enumerate(paths):
+        if i not in tuned:
+            say(f"teacher: using cached {path}")
+    return waited
 
 
 def identity_difference(here: dict[str, Any] | None, there: dict[str, Any] | None) -> str | None:
@@ -345,8 +352,6 @@ def frozen_forward(models: Sequence[KDModel], x: Tensor, *, with_maps: bool = Fa
     precision the caller trains in. The outputs come back as float32 COPIES made outside inference mode:
     ordinary tensors that autograd may save (FitNet's target, CRD's trained teacher embedding) and that a
     CUDA-graph replay of a compiled model cannot overwrite."""
-    if not models:
-        return []
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         outs = [m(x, with_maps=with_maps) for m in models]
     return [float32_copy(o) for o in outs]

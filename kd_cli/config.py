@@ -98,6 +98,15 @@ class StudentCfg:
     adapter_dim: int = 0
     """residual bottleneck MLP (D -> N -> D, zero-initialised) on the student's pooled feature; 0 = off."""
 
+    def small_stem(self, image_size: int) -> bool:
+        """Whether the student's stem is adapted for images of `image_size` px (--student.small-input)."""
+        return self.small_input == "on" or (self.small_input == "auto" and 0 < image_size <= 64)
+
+    def model_options(self) -> dict:
+        """kd.models.create_model's keyword arguments of this group (besides the name, classes and stem)."""
+        return {"pretrained": self.pretrained, "checkpoint": self.checkpoint or None, "drop_rate": self.drop_rate,
+                "adapter_dim": self.adapter_dim, "weights": self.weights or None}
+
 
 @dataclass
 class TeachersCfg:
@@ -166,6 +175,11 @@ class OptimCfg:
     """CutMix alpha of distillation training (methods with teachers); > 0 replaces --optim.cutmix-alpha there."""
     grad_clip_norm: float = 0.0
     """clip the gradient norm to this value (0 = off)."""
+
+    def mix_alphas(self, distill: bool) -> tuple[float, float]:
+        """(mixup_alpha, cutmix_alpha) of a training phase: distillation phases use cutmix_alpha_distill instead of
+        cutmix_alpha when it is > 0 (CutMix still wins over MixUp)."""
+        return self.mixup_alpha, self.cutmix_alpha_distill if distill and self.cutmix_alpha_distill > 0 else self.cutmix_alpha
 
 
 @dataclass

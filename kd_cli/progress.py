@@ -1,13 +1,19 @@
 """Progress of a run for people watching it: the running loss, images/s and ETAs of an epoch, and where the run
-stands as a whole. No terminal library: the caller shows `postfix()` in its bar on a terminal and prints
-`line()` when `due()` says so off one (slurm logs, `| tee`), as timm's log_interval does."""
+stands as a whole. `RunProgress.epoch_batches` wraps an epoch's batches: a tqdm bar with `postfix()` on a terminal,
+and off one (slurm logs, `| tee`) a `line()` when `due()` says so, as timm's log_interval does."""
 
 from __future__ import annotations
 
+import itertools
 import re
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
+
+from tqdm import tqdm
+
+from kd.engine.distributed import DIST, say
 
 
 @dataclass
@@ -51,6 +57,22 @@ class RunProgress:
             self.start_step, self.start_time = step, self.now()
         self.epoch = EpochMeter(total, initial, self.log_every, self.interval_s, self.now)
         return self.epoch
+
+    def epoch_batches(self, batches: Iterable, total: int, done: int, step: int, desc: str,
+                      running_loss: Callable[[], float]) -> Iterator:
+        """The batches of an epoch of `total` steps, `done` of them already (a resumed epoch), from run-wide
+        `step`, each metered once the caller's step has run: a bar with the running loss and images/s on a
+        terminal (rank 0), else a line() every --run.log-every steps (or ~30 s). `running_loss()` syncs the
+        device: it is read only when a report is due. Call `self.epoch.stop()` once the epoch's loss is read."""
+        meter = self.meter(total, done, step)
+        bar = tqdm(itertools.islice(batches, total - done), desc=desc, total=total, initial=done,
+                   disable=not (sys.stdout.isatty() and DIST.main), leave=False, dynamic_ncols=True)
+        for batch in bar:
+            yield batch
+            meter.add(len(batch[0]) * DIST.world_size)
+            if meter.due(interval_s=None if bar.disable else 1.0):
+                loss = running_loss()
+                bar.set_postfix(meter.postfix(loss)) if not bar.disable else say(meter.line(desc, loss))
 
 
 class EpochMeter:

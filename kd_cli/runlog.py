@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
 from kd.io import atomic_write_json, atomic_write_text
-from kd.engine.distributed import DIST
+from kd.engine.distributed import DIST, say
 
 
 class RunLogger:
@@ -32,6 +33,22 @@ class RunLogger:
             self._write_rows()
             if self.sink is not None:
                 self.sink(row)
+
+    def log_epoch(self, fit, epoch: int, epochs: int, terms: dict[str, float], val: tuple[float, float],
+                  val_key: str = "acc", start: float = 0.0) -> None:
+        """The row and the printed line of epoch `epoch` of `epochs` of train.py's fit (kd.engine.trainer.FitState
+        `fit`): its mean loss terms, validation top-1/top-5 (`val/<val_key>`, `val/<val_key>5`), the best so far,
+        the learning rate, training images/s and the seconds since `start`; the row's epoch is global."""
+        tr, progress = fit.trainer, fit.trainer.runtime.clock.progress
+        steps = tr.runtime.clock.steps
+        row = {"phase": fit.tag, "epoch": fit.epoch_offset + epoch, "step": steps,
+               "lr": tr.optimizer.param_groups[0]["lr"], **{f"train/{k}": v for k, v in terms.items()},
+               f"val/{val_key}": val[0], f"val/{val_key}5": val[1], f"val/best_{val_key}": fit.best["acc"],
+               "train/img_per_s": progress.epoch.rate(), "time_s": time.time() - start}
+        self.log(row)
+        say(f"[{fit.tag}] epoch {epoch}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val[0]:.2f}  "
+            f"{row['train/img_per_s']:.0f} img/s  ({row['time_s']:.1f}s)  | "
+            + progress.where(fit.tag, epoch, epochs, steps))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if DIST.main:

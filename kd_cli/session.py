@@ -15,14 +15,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kd.engine.checkpoint import Checkpointer, check_resume_config, find_resume
 from kd.engine.distributed import DIST, barrier, collective_timeout, say
 from kd.errors import ConfigError, KDError, Preempted, WriteError
 from kd.io import atomic_write_json
 from kd.models import check_model_name, create_model
-from kd.teachers import check_resume_teachers, check_teacher_checkpoints, teacher_cache_path, teacher_small_input
+from kd.teachers import (check_resume_teachers, check_teacher_checkpoints, teacher_cache_path, teacher_identities,
+                         teacher_small_input, teacher_test_summary)
 from kd.weights import hub_weights_status
 from kd_cli.cli import run_name
 from kd_cli.config import METHOD_GROUPS, RESUME_MAY_CHANGE, Config
@@ -52,7 +53,7 @@ def check_start_weights(cfg: Config) -> None:
     d = cfg.data
     size = d.image_size or {"synthetic": d.synthetic_image_size, "cifar100": 32, "tiny-imagenet": 64}.get(d.dataset)
     classes = {"synthetic": d.synthetic_classes, "cifar100": 100}.get(d.dataset, 1000) if not d.classes else 1000
-    small = cfg.student.small_input == "on" or (cfg.student.small_input == "auto" and bool(size) and size <= 64)
+    small = cfg.student.small_stem(size or 0)
     fits = []
     if cfg.spec.family != "teacher":
         if cfg.student.weights:
@@ -83,19 +84,23 @@ def check_hub_weights(arch: str, group: str) -> None:
                           "from local files)")
 
 
-def check_teacher_sources(cfg: Config, teacher_ids: list[dict[str, Any]], num_classes: int, teacher_small: bool,
-                          resume: dict[str, Any] | None) -> None:
-    """Given --teachers.checkpoints fit their models and identities; teachers to fine-tune from timm's hub have
-    its weights (cached teachers need none); a resumed run's teachers are still the ones it started with (the
-    data may have moved: --data.root)."""
-    check_teacher_checkpoints(cfg.teachers.checkpoints, cfg.teachers.models, num_classes, teacher_small,
-                              cfg.teachers.image_size or None, teacher_ids)
-    if cfg.teachers.pretrained and not cfg.teachers.checkpoints:  # hub weights for the teachers to fine-tune
-        for arch, identity in zip(cfg.teachers.models, teacher_ids):
-            if not teacher_cache_path(cfg.teachers.cache_dir, identity).exists():
+def teacher_sources(cfg: Config, data, teacher_small: bool, device, resume: dict[str, Any] | None,
+                    bridge: bool = False) -> list[dict[str, Any]]:
+    """The identities of the run's teachers (none for a method without), then the checks of where they come from:
+    given --teachers.checkpoints fit their models and identities; teachers to fine-tune from timm's hub have its
+    weights (cached teachers need none); a resumed run's teachers are still the ones it started with (the data
+    may have moved: --data.root). `bridge`: the teachers fit --asmb.bridge-split's teacher-fit part."""
+    t = cfg.teachers
+    ids = teacher_identities(t, cfg.optim, cfg.data, cfg.run, data, teacher_small, device,
+                             bridge_split=cfg.asmb.bridge_split if bridge else 0.0) if cfg.spec.uses_teachers else []
+    check_teacher_checkpoints(t.checkpoints, t.models, data.num_classes, teacher_small, t.image_size or None, ids)
+    if t.pretrained and not t.checkpoints:  # hub weights for the teachers to fine-tune
+        for arch, identity in zip(t.models, ids):
+            if not teacher_cache_path(t.cache_dir, identity).exists():
                 check_hub_weights(arch, "--teachers")
     if resume is not None:
-        check_resume_teachers(teacher_ids, resume["config"].get("teacher_identities"), resume["path"])
+        check_resume_teachers(ids, resume["config"].get("teacher_identities"), resume["path"])
+    return ids
 
 
 def run_dir_and_resume(cfg: Config) -> tuple[Path, dict[str, Any] | None]:
@@ -118,6 +123,14 @@ def run_dir_and_resume(cfg: Config) -> tuple[Path, dict[str, Any] | None]:
 
 
 
+def announce(cfg: Config, run_dir: Path, device, data) -> None:
+    """The lines a run starts with: its directory, device and data, then student_notes."""
+    say(f"run directory: {run_dir}  (device {device}, {data.num_classes} classes, "
+        f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
+    for note in student_notes(cfg):
+        say(note)
+
+
 def student_notes(cfg: Config) -> list[str]:
     """One line each, said at the start of a run: no best.safetensors with --student.adapter-dim (timm's model
     has no adapter), and a warning when --student.freeze freezes a randomly initialised student."""
@@ -132,6 +145,24 @@ def student_notes(cfg: Config) -> list[str]:
         notes.append(f"warning: --student.freeze {s.freeze} freezes a randomly initialised student (no {starts}): "
                      "its frozen layers stay random")
     return notes
+
+
+def start_summary(cfg: Config, data, run_dir: Path, parts=None) -> dict[str, Any]:
+    """The summary's first entries: what ran on what (and the sizes of --asmb.bridge-split's `parts`)."""
+    summary = {"method": cfg.method, "dataset": cfg.data.dataset, "num_classes": data.num_classes,
+               "run_dir": str(run_dir)}
+    if parts:
+        summary.update({"data/teacher_fit_images": len(parts[0].train), "data/bridge_images": len(parts[1].train)})
+    return summary
+
+
+def teacher_summary(records: "Records", archs, teachers: list, test_loader, device, waited: float) -> dict[str, Any]:
+    """Stage 0's entries: each teacher's validation and test accuracy, their ensemble's, and this run's teacher
+    time (fine-tuning, or loading from the cache, and testing) apart from the `waited` seconds it waited for
+    another run fine-tuning the same teacher, so a teacher loaded from the cache costs its load time."""
+    out = {f"teacher/{arch}/val_acc": acc for arch, (_, acc) in zip(archs, teachers)}
+    out.update(teacher_test_summary(archs, [t for t, _ in teachers], test_loader, device))
+    return {**out, "teacher_wait_s": waited, "teacher_time_s": time.time() - records.started - waited}
 
 
 def exit_code(e: BaseException) -> int:
@@ -192,9 +223,13 @@ def open_records(cfg: Config, run_dir: Path, resume: dict[str, Any] | None,
     return Records(run_dir, logger, ckpt, wandb_run, time.time())
 
 
-def close_records(records: Records, summary: dict[str, Any], trained: Callable[[str], bool]) -> dict[str, Any]:
-    """Finish the summary (images/s of the `trained` phases, the wall time without the teachers', numbers as
-    precise as they measure), write summary.json, close wandb, print it; returns it."""
+def close_records(records: Records, summary: dict[str, Any], teacher_run: bool = False) -> dict[str, Any]:
+    """Finish the summary (images/s of the phases the run trains: stage 0's for `teacher_run`, else the student's,
+    the wall time without the teachers', numbers as precise as they measure), write summary.json, close wandb,
+    print it; returns it."""
+    def trained(phase: str) -> bool:
+        return phase.startswith("teacher:") if teacher_run else not phase.startswith(("teacher:", "asmb:A"))
+
     summary.update(mean_img_per_s(records.logger.rows, trained))
     teacher_s = summary.get("teacher_time_s", 0.0) + summary.get("teacher_wait_s", 0.0)
     summary["wall_time_s"] = time.time() - records.started - teacher_s

@@ -23,8 +23,7 @@ from torch import nn
 import train
 from kd_cli.config import smoke_preset
 from kd.engine.checkpoint import Checkpointer
-from kd.engine.trainer import StepClock
-from kd_cli.progress import RunProgress
+from kd.engine.trainer import FitState
 from kd.teachers import teacher_identities
 from kd.asmb import (AsmbAdapt, AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,
                      guard_residual, stage_metrics, synergy_warning, tau_at)
@@ -69,12 +68,13 @@ def make_run(seed: int = 0, **asmb) -> train.AsmbRun:
         t.eval().requires_grad_(False)
         apply_freeze(t, a.teacher_freeze)
     modules = build_asmb_modules(a, [t.num_features for t in teachers], student, C)
-    return train.build_asmb_run(cfg, student, teachers, modules, torch.device("cpu"), steps=2, num_classes=C)
+    return train.build_asmb_run(cfg, train.make_runtime(cfg, torch.device("cpu")), student, teachers, modules, steps=2,
+                                num_classes=C)
 
 
 def train_epoch(tr, batches, epoch: int, desc: str) -> dict[str, float]:
     """train.py's epoch loop over `batches`, without checkpoints."""
-    return train.train_epoch(tr, batches, epoch, desc, Checkpointer.disabled())
+    return train.train_epoch(FitState(tr, desc, batches), epoch, desc, Checkpointer.disabled())
 
 
 def batch(seed: int = 1):
@@ -550,9 +550,9 @@ def test_checkpoint_rebuilds_the_synergy(tmp_path, teacher_cache):
     data = train.load_data(cfg)
     loaders = train.build_loaders(cfg, data, torch.device("cpu"))
     identities = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
-    ctx = train.RunContext(cfg, data, loaders, torch.device("cpu"), None, Checkpointer.disabled(),
-                           StepClock(progress=RunProgress()))
-    teachers = [t for t, _ in train.stage0_teachers(ctx, data, loaders, True, identities, adapter_dim=4)]
+    ctx = train.RunContext(cfg, data, loaders, train.make_runtime(cfg, torch.device("cpu")), None,
+                           Checkpointer.disabled())
+    teachers = [t for t, _ in train.stage0_teachers(ctx, data, loaders, True, identities, adapter_dim=4)[0]]
     assert all(t.adapter is not None and t.adapter.down.out_features == 4 for t in teachers)
     for t, saved in zip(teachers, extra["teachers"]):
         assert any(k.startswith("adapter.") for k in saved["adapted"])

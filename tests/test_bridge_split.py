@@ -74,9 +74,9 @@ def test_stage_0_fits_the_teacher_part_phase_a_the_bridge_part_phase_b_all(tmp_p
     """The images each phase's training loader holds, recorded at fit(); and the run's summary and first lines."""
     seen, real_fit = {}, train.fit
 
-    def fit(tr, loaders, *args, **kwargs):
-        seen[args[1]] = loaders["train"].images
-        return real_fit(tr, loaders, *args, **kwargs)
+    def fit(ctx, tr, loaders, epochs, tag, *args):
+        seen[tag] = loaders["train"].images
+        return real_fit(ctx, tr, loaders, epochs, tag, *args)
 
     monkeypatch.setattr(train, "fit", fit)
     flags = ["--asmb.bridge-split", "0.2", "--run.out-dir", str(tmp_path / "runs"), "--run.name", "bridge",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import train
+from kd_cli.session import student_notes
 from kd.configs import AsmbCfg
 from kd_cli.config import RESUME_MAY_CHANGE
 from kd_cli.cli import run_name
@@ -164,7 +165,7 @@ def test_help_describes_the_real_run_name_and_mbm_query(capsys, monkeypatch):
 
 def test_adapter_students_and_freezing_a_random_student_are_said_at_the_start():
     def notes(*args: str) -> list[str]:
-        return train.student_notes(train.parse_config(["--preset", "smoke", *args]))
+        return student_notes(train.parse_config(["--preset", "smoke", *args]))
 
     assert notes() == []
     (line,) = notes("--student.adapter-dim", "8")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kd.errors import ConfigError
-from kd.freeze import FREEZE_POLICIES, apply_freeze, count_params, freeze_report, set_train, train_mode, trainable_params
+from kd.freeze import FREEZE_POLICIES, apply_freeze, count_params, freeze_report, set_train
 from kd.models import KDModel, create_model
 
 # patch 2 on 32 px: 16x16 tokens, so the last stage is 2x2 (a 1x1 stage attends to one token and its
@@ -98,7 +98,7 @@ def _sgd_step_and_check(model: nn.Module, policy: str) -> None:
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    trainable = {id(p) for p in trainable_params(model)}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
     set_train(model, policy)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)  # all params: frozen ones must get no grad
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -147,11 +147,11 @@ def test_adapter_is_trained_whenever_present(policy):
     _sgd_step_and_check(model, policy)
 
 
-def test_train_mode_keeps_frozen_norm_layers_in_eval():
+def test_set_train_keeps_frozen_norm_layers_in_eval():
     model = make_model("efficientnet")
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     apply_freeze(model, "head")
-    train_mode(model, "head")
+    set_train(model, "head")
     assert model.training and model.backbone.training
     assert all(not m.training for m in norms)
     assert model.classifier.training

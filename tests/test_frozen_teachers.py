@@ -15,7 +15,6 @@ from kd_cli.config import smoke_preset
 from kd.engine.checkpoint import check_resume_config
 from kd.engine.device import prepare_model, resolve_teacher_dtype
 from kd.errors import CheckpointError, ConfigError
-from kd.methods import method_class
 from kd.models import create_model
 from kd.teachers import FrozenModel, frozen_forward
 
@@ -93,15 +92,10 @@ def test_resolve_teacher_dtype():
 
 
 def test_train_step_uses_the_teacher_precision():
-    """make_trainer resolves --teachers.precision; the kd step's teacher logits are the frozen_forward ones."""
+    """make_runtime resolves --teachers.precision, which every phase's step reads."""
     cfg = train.parse_config(["--preset", "smoke", "--method", "kd", "--teachers.precision", "bf16"])
     assert cfg.teachers.precision == "bf16"
-    model = teacher()
-    student = create_model("resnet8", C, small_input=True)
-    tr = train.make_trainer(cfg, student, method_class("kd")(cfg.kd, student, [model], num_classes=C,
-                                                                  num_train=8), [model], CPU, train.StepClock(progress=train.RunProgress()),
-                            torch.optim.SGD(student.parameters(), lr=0.1), cfg.optim, 1, 1, C, mix=False)
-    assert tr.teacher_dtype == torch.bfloat16
+    assert train.make_runtime(cfg, CPU).teacher_dtype == torch.bfloat16
 
 
 def test_asmb_phase_a_teachers_still_learn_with_bf16_teacher_precision():
@@ -119,7 +113,7 @@ def test_asmb_phase_a_teachers_still_learn_with_bf16_teacher_precision():
         t.eval().requires_grad_(False)
         apply_freeze(t, "bn_head")
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, C)
-    run = train.build_asmb_run(cfg, student, teachers, modules, CPU, steps=1, num_classes=C)
+    run = train.build_asmb_run(cfg, train.make_runtime(cfg, CPU), student, teachers, modules, steps=1, num_classes=C)
     assert isinstance(run.phase_a.step_module.student, FrozenModel)
     assert run.phase_a.step_module.student.dtype == torch.bfloat16
     run.synergy.train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kd.engine.optim import build_optimizer
+from kd_cli.config import OptimCfg
 
 
 def test_fused_sgd_steps_a_parameter_whose_first_gradient_comes_late_like_lazy_sgd():
@@ -15,8 +16,8 @@ def test_fused_sgd_steps_a_parameter_whose_first_gradient_comes_late_like_lazy_s
     init = [torch.randn(5, 3), torch.randn(4)]
     grads = [[torch.randn(5, 3), None], [torch.randn(5, 3), torch.randn(4)], [torch.randn(5, 3), torch.randn(4)]]
     results = []
-    for make in (lambda ps: build_optimizer(ps, "sgd", 0.1, torch.device("cpu"), momentum=0.9, nesterov=True,
-                                            weight_decay=5e-4),
+    for make in (lambda ps: build_optimizer(ps, OptimCfg(momentum=0.9, nesterov=True, weight_decay=5e-4), 0.1,
+                                            torch.device("cpu")),
                  lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         opt = make(params)
@@ -25,6 +26,6 @@ def test_fused_sgd_steps_a_parameter_whose_first_gradient_comes_late_like_lazy_s
                 p.grad = None if g is None else g.clone()
             opt.step()
         results.append([p.detach().clone() for p in params])
-    assert build_optimizer([torch.nn.Parameter(torch.zeros(1))], "sgd", 0.1, torch.device("cpu")).defaults["fused"]
+    assert build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimCfg(), 0.1, torch.device("cpu")).defaults["fused"]
     for ours, lazy in zip(*results):
         torch.testing.assert_close(ours, lazy, rtol=0, atol=1e-7)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from kd.engine.optim import build_scheduler
 from kd.freeze import apply_freeze, policy_params
 from kd.methods import method_class
 from kd.models import create_model
@@ -24,8 +25,9 @@ def one_step(model, policy: str) -> None:
     cfg.optim = train.OptimCfg(lr=0.5, weight_decay=0.0, epochs=1, schedule="constant")
     method = method_class("ce")(None, model, [], num_classes=5, num_train=4)
     optimizer = train.optimizer_for([model, method], cfg.optim, 0.5, torch.device("cpu"))
-    tr = train.make_trainer(cfg, model, method, [], torch.device("cpu"), train.StepClock(progress=train.RunProgress()), optimizer, cfg.optim, 1, 1, 5,
-                            freeze_policy=policy)
+    runtime = train.make_runtime(cfg, torch.device("cpu"))
+    tr = train.Trainer(model, method, [], optimizer, build_scheduler(optimizer, cfg.optim, 1, 1), runtime, 1,
+                       freeze_policy=policy)
     train.set_train(model, policy)
     g = torch.Generator().manual_seed(0)
     train.train_step(tr, torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3]), torch.arange(4), epoch=1)

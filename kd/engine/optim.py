@@ -9,7 +9,7 @@ integer, so checkpoints stay small and stable)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -21,16 +21,31 @@ def fused_kwargs(device: torch.device) -> dict[str, Any]:
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
-def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, device: torch.device, *,
-                    momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0):
+class OptimizerSettings(Protocol):
+    """The optimiser's settings (train.py: --optim.*)."""
+    name: str  # sgd or adamw
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+
+
+class ScheduleSettings(Protocol):
+    """A learning-rate schedule's settings (train.py: --optim.*)."""
+    schedule: str  # cosine, multistep or constant
+    warmup_epochs: float
+    milestones: Sequence[int]  # multistep: the epochs at which the rate is multiplied by gamma
+    gamma: float
+
+
+def build_optimizer(params: Iterable[nn.Parameter], o: OptimizerSettings, lr: float, device: torch.device):
     """SGD (momentum, decay on every parameter) or AdamW."""
-    if name == "sgd":
-        sgd = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+    if o.name == "sgd":
+        sgd = torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
                               **fused_kwargs(device))
-        return with_zero_momentum(sgd) if momentum else sgd
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused_kwargs(device))
-    raise ValueError(f"unknown optimiser {name!r}")
+        return with_zero_momentum(sgd) if o.momentum else sgd
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, **fused_kwargs(device))
+    raise ValueError(f"unknown optimiser {o.name!r}")
 
 
 def with_zero_momentum(sgd: torch.optim.SGD) -> torch.optim.SGD:
@@ -44,10 +59,10 @@ def with_zero_momentum(sgd: torch.optim.SGD) -> torch.optim.SGD:
     return sgd
 
 
-def build_scheduler(optimizer, schedule: str, epochs: int, steps_per_epoch: int, *, warmup_epochs: float = 0.0,
-                    milestones: Sequence[int] = (), gamma: float = 0.1):
+def build_scheduler(optimizer, s: ScheduleSettings, epochs: int, steps_per_epoch: int):
     """Per-iteration LambdaLR: linear warm-up, then cosine / multistep / constant over `epochs`."""
-    warmup = warmup_epochs * steps_per_epoch
+    schedule, milestones, gamma = s.schedule, s.milestones, s.gamma
+    warmup = s.warmup_epochs * steps_per_epoch
     total = epochs * steps_per_epoch
 
     def factor(step: int) -> float:

@@ -60,6 +60,10 @@ class LossTracker:
         raise TrainingDiverged(f"training diverged at step {step}, {where}: loss term '{term}' is not finite; "
                                "stopped, the last good checkpoint is kept")
 
+    def running_loss(self) -> float:
+        """This process's mean of the first term (the weighted loss) so far: a host sync, for progress lines."""
+        return self.sums[0].item() / self.n
+
     def means(self) -> dict[str, float]:
         if self.sums is None:
             return {}

@@ -1,6 +1,7 @@
-"""The state of one training phase: what it trains, how it steps its optimiser, and the fit in progress, as one
-object whose state_dict() is a whole resumable checkpoint (the Checkpointer calls it only when it writes).
-The training loop itself (fit and the step) is train.py's."""
+"""The state of a training phase as three objects: the Runtime every phase shares (device, precisions, clock),
+the Trainer (what one phase trains and how it steps its optimiser) and the FitState (a fit in progress: epochs
+done, the running epoch's tracker, the best model so far), whose state_dict() is a whole resumable checkpoint
+(the Checkpointer calls it only when it writes). The training loop itself (fit and the step) is train.py's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from ..methods.base import Method, StepInputs
 from ..models import KDModel, check_meta
 from .checkpoint import load_loader_state, loader_state
-from .distributed import say
+from .distributed import distribute, say
 from .rng import rank_rng, set_rng_state
 from .tracker import LossTracker
 
@@ -28,36 +29,54 @@ class StepClock:
 
 
 @dataclass
+class Runtime:
+    """What every phase of a run steps with: the device, the autocast dtype of the trained model's forward (None
+    = float32) and of the frozen teachers' (None = float32), the memory format, the gradient-norm clip (0 = off),
+    the run-wide step clock and the run's seed."""
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    teacher_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    grad_clip_norm: float = 0.0
+    clock: StepClock = field(default_factory=StepClock)
+    seed: int = 0  # --run.seed: each phase reseeds from it (stage 0's teachers from their own)
+
+
+@dataclass
 class Trainer:
-    """What one fit() trains: a model (the one selected and tested) plus a method (loss terms and auxiliary
-    modules), with frozen teachers whose outputs are computed once per batch; and the fit in progress (epochs
-    done, the running epoch's tracker, the best model so far), so state_dict() is a whole checkpoint."""
+    """What one phase trains: a model (the one selected and tested) plus a method (loss terms and auxiliary
+    modules), with frozen teachers whose outputs are computed once per batch, its optimiser and per-step schedule
+    over `steps_per_epoch`-step epochs, MixUp/CutMix (`mixer`, None = off), the seed its phase is seeded from
+    (default: the runtime's), and how its fit validates: `val_key` names the rows' validation accuracy
+    (val/<key>), `save_best` writes the best model to checkpoints/best.pt (the run's selected model). The step
+    module (default: the model's forward and the method's terms) is DDP-wrapped with several processes; the
+    GradScaler follows the runtime's autocast dtype (enabled for float16 only)."""
 
     model: KDModel
     method: Method
     teachers: list[KDModel]
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-    mixer: Any
-    grad_clip_norm: float
-    channels_last: bool
-    clock: StepClock
+    runtime: Runtime
     steps_per_epoch: int
-    step_module: nn.Module  # model + method as one module; DDP-wrapped with several processes
+    mixer: Any = None
     freeze_policy: str = "none"  # the model's partial-freeze policy: frozen norm layers stay in eval
-    seed: int = 0  # --run.seed: each phase reseeds from it
-    teacher_dtype: torch.dtype | None = None  # autocast dtype of the teachers' frozen forward (None = float32)
+    seed: int | None = None  # fit() reseeds the phase from it: the runtime's, or a teacher's own in stage 0
+    save_best: bool = True
+    val_key: str = "acc"
+    step_module: nn.Module | None = None  # the trained part of a step as one module (StudentStep by default)
     extra: Any = None  # more state its checkpoints carry (state_dict/load_state_dict): ASMB's whole run
-    # the fit in progress (set by train.py's fit)
-    tag: str = ""
-    loader: Any = None
-    epoch_offset: int = 0
-    epochs_done: int = 0
-    tracker: LossTracker | None = None
-    best: dict[str, Any] = field(default_factory=lambda: {"acc": -1.0, "epoch": 0, "state": None})
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self):
+        device = self.runtime.device
+        self.seed = self.runtime.seed if self.seed is None else self.seed
+        self.step_module = distribute(self.step_module or StudentStep(self.model, self.method), device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.runtime.amp_dtype == torch.float16)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
     def optim_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -68,14 +87,40 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 
+
+def no_best() -> dict[str, Any]:
+    return {"acc": -1.0, "epoch": 0, "state": None}
+
+
+@dataclass
+class FitState:
+    """A fit of `trainer` in progress, as train.py's fit() runs and returns it: the phase `tag`, its training
+    `loader`, the global epoch before it (`epoch_offset`), the epochs done, the running epoch's tracker (None
+    between epochs) and the best model so far by validation accuracy ({"acc", "epoch" counted from the
+    offset, "state": a CPU copy of the weights}). state_dict() is a whole checkpoint of the phase."""
+
+    trainer: Trainer
+    tag: str
+    loader: Any
+    epoch_offset: int = 0
+    epochs_done: int = 0
+    tracker: LossTracker | None = None
+    best: dict[str, Any] = field(default_factory=no_best)
+
+    def keep_best(self, acc: float, epoch: int) -> None:
+        """The trainer's model is the best so far: keep a copy of its weights (never an alias of the live ones)."""
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.trainer.model.state_dict().items()}
+        self.best = {"acc": acc, "epoch": epoch, "state": weights}
+
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint of the fit in progress: weights, method, optimiser/schedule/scaler, data position,
         best so far. A diverged state is never checkpointed (raises TrainingDiverged)."""
+        tr = self.trainer
         if self.tracker is not None:
             self.tracker.check(f"epoch {self.epoch_offset + self.epochs_done + 1} ({self.tag})")
-        position = self.steps_per_epoch if self.tracker is None else self.tracker.n
-        return {"meta": self.model.meta(), "model": self.model.state_dict(), "method": self.method.state_dict(),
-                **self.optim_state(), **({"extra": self.extra.state_dict()} if self.extra is not None else {}),
+        position = tr.steps_per_epoch if self.tracker is None else self.tracker.n
+        return {"meta": tr.model.meta(), "model": tr.model.state_dict(), "method": tr.method.state_dict(),
+                **tr.optim_state(), **({"extra": tr.extra.state_dict()} if tr.extra is not None else {}),
                 "epoch": self.epoch_offset + self.epochs_done,
                 "loader": loader_state(self.loader, len(self.loader) if self.tracker is None else position),
                 "best": self.best["state"],
@@ -87,16 +132,17 @@ class Trainer:
         """Restore a fit() checkpoint (model, method, optimiser, extra, data position, progress). Returns the
         RNG states to set once the epoch's iterator exists when it stopped mid-epoch; at an epoch boundary
         they are set here."""
-        check_meta(self.model.meta(), ck["meta"], "resume checkpoint")
-        self.model.load_state_dict(ck["model"])
-        self.method.load_state_dict(ck["method"])
-        self.load_optim_state(ck)
-        if self.extra is not None:
-            self.extra.load_state_dict(ck["extra"])
+        tr = self.trainer
+        check_meta(tr.model.meta(), ck["meta"], "resume checkpoint")
+        tr.model.load_state_dict(ck["model"])
+        tr.method.load_state_dict(ck["method"])
+        tr.load_optim_state(ck)
+        if tr.extra is not None:
+            tr.extra.load_state_dict(ck["extra"])
         load_loader_state(self.loader, ck["loader"])
         p = ck["progress"]
         self.epochs_done, self.best = int(p["epoch"]), {"acc": p["best_acc"], "epoch": p["best_epoch"], "state": ck["best"]}
-        self.tracker = None if p["tracker"] is None else LossTracker.from_state(p["tracker"], self.device)
+        self.tracker = None if p["tracker"] is None else LossTracker.from_state(p["tracker"], tr.device)
         say(f"resumed {ck['phase']} at step {p['step']} (epoch {p['epoch']} done"
             + (f", {p['position']} steps into the next)" if self.tracker else ")"))
         rng = rank_rng(ck["rng"])

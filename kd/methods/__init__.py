@@ -75,9 +75,21 @@ def method_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+def build_method(name: str, options, student, teachers: list, data, label_smoothing: float = 0.0):
+    """Method `name` with its `options` (its config dataclass; None without) for `student` distilling from
+    `teachers` on the kd.data.DataSplits `data`: its class count, training-split size and image size, and the
+    training labels in loader order for a method that samples by class (CRD's needs_index)."""
+    from ..data import labels_in_order  # torch loads here, as with method_class
+
+    cls = method_class(name)
+    labels = labels_in_order(data.train, data.train_labels) if cls.needs_index else None
+    return cls(options, student, teachers, num_classes=data.num_classes, num_train=len(data.train),
+               label_smoothing=label_smoothing, image_size=data.image_size, train_labels=labels)
+
+
 def method_names(*families: str) -> tuple[str, ...]:
     """Method names in table order, of the given families (all when none is given)."""
     return tuple(n for n, s in METHOD_SPECS.items() if not families or s.family in families)
 
 
-__all__ = ["METHOD_SPECS", "MethodSpec", "method_class", "method_names"]
+__all__ = ["METHOD_SPECS", "MethodSpec", "build_method", "method_class", "method_names"]
