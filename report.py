@@ -23,16 +23,23 @@ from typing import Any
 import numpy as np
 
 from kd.configs import flatten_config
-from kd_cli.records import (final_metric, is_teacher_phase, metric_history, read_json,
-                               read_rows, rounded_number)
+from kd_cli.records import final_metric, is_teacher_phase, metric_history, read_json, read_rows, rounded_number
 from kd.errors import ConfigError, WriteError
 from kd.io import atomic_write_bytes, atomic_write_text
 from kd.methods import method_names
 from kd_cli.sweep_spec import DONE, STATE_FILE, Spec, distribution, flatten_parameters
 
 # Config keys that never make two runs different settings (seeds are averaged over).
-BOOKKEEPING = ("run.seed", "run.name", "run.out-dir", "run.overwrite", "run.device", "teachers.cache-dir",
-               "data.workers", "data.eval-batch-size")
+BOOKKEEPING = (
+    "run.seed",
+    "run.name",
+    "run.out-dir",
+    "run.overwrite",
+    "run.device",
+    "teachers.cache-dir",
+    "data.workers",
+    "data.eval-batch-size",
+)
 STANDARD_GROUPS = ("data", "student", "teachers", "optim", "run", "wandb")
 MAIN_KEYS = ("best/test_acc", "last/test_acc", "best/val_acc")
 
@@ -72,8 +79,11 @@ def find_runs(root: Path) -> list[Run]:
             config = read_json(path / "config.json")
             if isinstance(config, dict):
                 name = str(path.relative_to(root)) if path != root else path.name
-                runs.append(Run(name, path, flatten_config(config, dash=True), read_json(path / "summary.json"),
-                                read_rows(path)))
+                runs.append(
+                    Run(
+                        name, path, flatten_config(config, dash=True), read_json(path / "summary.json"), read_rows(path)
+                    )
+                )
             dirnames[:] = []  # a run directory holds no other runs
     return runs
 
@@ -102,8 +112,12 @@ def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
     for key, members in groups.items():
         d = dict(key)
         same_method = [other for other in settings if other.get("method") == d.get("method")]
-        varying = sorted(k for k in d if k != "method"  # among this method's groups that have the key
-                         and len({other[k] for other in same_method if k in other}) > 1)
+        varying = sorted(
+            k
+            for k in d
+            if k != "method"  # among this method's groups that have the key
+            and len({other[k] for other in same_method if k in other}) > 1
+        )
         shown = [f"{k}={format_cell(json.loads(d[k]))}" for k in varying]
         out.append((members[0].method + (f" ({', '.join(shown)})" if shown else ""), members))
     return sorted(out, key=lambda g: g[0])
@@ -122,12 +136,20 @@ def format_cell(v: Any) -> str:
 def table_keys(runs: list[Run]) -> list[str]:
     """Summary columns: test/val accuracy, teacher, ensemble (ASMB: adapted ensemble) and synergy accuracy, how
     often ASMB's residual guard fired, images/s, wall time (those present)."""
-    present = {k for r in runs if r.summary for k, v in r.summary.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    present = {
+        k
+        for r in runs
+        if r.summary
+        for k, v in r.summary.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     fused = [k for k in ("ensemble/test_acc", "adapted_ensemble/test_acc", "synergy/test_acc") if k in present]
-    extra = (sorted(k for k in present if k.startswith("teacher/")) + fused
-             + sorted(k for k in present if "synergy" in k and k not in fused)
-             + [k for k in ("asmb/guard_fired",) if k in present])
+    extra = (
+        sorted(k for k in present if k.startswith("teacher/"))
+        + fused
+        + sorted(k for k in present if "synergy" in k and k not in fused)
+        + [k for k in ("asmb/guard_fired",) if k in present]
+    )
     speed = sorted(k for k in present if "images" in k or "img" in k or "throughput" in k)
     keys = [k for k in MAIN_KEYS if k in present] + extra + speed
     keys += ["wall_time_s"] if "wall_time_s" in present else []
@@ -180,8 +202,15 @@ def find_sweeps(root: Path) -> list[SweepInfo]:
         params = flatten_parameters(raw.get("parameters") or {})
         metric = raw.get("metric")
         metric = {"name": metric["name"], "goal": metric.get("goal", "minimize")} if isinstance(metric, dict) else None
-        spec = Spec(state.get("name", path.parent.name), raw.get("method", "?"), params, metric,
-                    raw.get("early_terminate"), [], raw)
+        spec = Spec(
+            state.get("name", path.parent.name),
+            raw.get("method", "?"),
+            params,
+            metric,
+            raw.get("early_terminate"),
+            [],
+            raw,
+        )
         out.append(SweepInfo(spec.name, state, spec, path.parent))
     return out
 
@@ -194,8 +223,7 @@ def sweep_rows(sweep: SweepInfo) -> tuple[list[str], list[list[Any]]]:
     for t in sweep.state["trials"]:
         run_dir = sweep.path / t.get("run_dir", t["id"])
         value = final_metric(run_dir, metric) if run_dir.is_dir() else t.get("metric")
-        rows.append([t["id"], t["status"], *[t["params"].get(k) for k in sweep.spec.swept()], value,
-                     t.get("epochs")])
+        rows.append([t["id"], t["status"], *[t["params"].get(k) for k in sweep.spec.swept()], value, t.get("epochs")])
     return header, rows
 
 
@@ -214,18 +242,26 @@ def write_report(root: Path, out: Path) -> list[Path]:
     csv_rows, md_rows = [], []
     for label, members in groups:
         stats = [mean_std([r.summary[k] for r in members if isinstance(r.summary.get(k), (int, float))]) for k in keys]
-        csv_rows.append([members[0].method, label, len(members),
-                         *[rounded(k, x) for k, s in zip(keys, stats) for x in s]])
+        csv_rows.append(
+            [members[0].method, label, len(members), *[rounded(k, x) for k, s in zip(keys, stats) for x in s]]
+        )
         md_rows.append([label, len(members), *[fmt(*s) for s in stats]])
     write_csv(out / "report.csv", header, csv_rows)
     written.append(out / "report.csv")
 
     varying = _varying_keys(runs)
     run_header = ["run", "method", "seed", "status", *varying, *keys]
-    run_rows = [[r.name, r.method, r.config.get("run.seed"), "finished" if r.finished else "incomplete",
-                 *[format_cell(r.config.get(k)) for k in varying],
-                 *[rounded(k, (r.summary or {}).get(k)) for k in keys]]
-                for r in runs]
+    run_rows = [
+        [
+            r.name,
+            r.method,
+            r.config.get("run.seed"),
+            "finished" if r.finished else "incomplete",
+            *[format_cell(r.config.get(k)) for k in varying],
+            *[rounded(k, (r.summary or {}).get(k)) for k in keys],
+        ]
+        for r in runs
+    ]
     write_csv(out / "runs.csv", run_header, run_rows)
     written.append(out / "runs.csv")
 
@@ -238,9 +274,15 @@ def write_report(root: Path, out: Path) -> list[Path]:
     run_plots = [] if plot_note else write_run_plots(runs, single=len(runs) == 1)
     written += plots + run_plots
 
-    lines = [f"# Report: {root}", "",
-             f"{len(runs)} run(s), {len(finished)} finished. Settings group runs that differ only in seed; "
-             "values are mean ± sample std over the group's runs (n).", "", "## Methods", ""]
+    lines = [
+        f"# Report: {root}",
+        "",
+        f"{len(runs)} run(s), {len(finished)} finished. Settings group runs that differ only in seed; "
+        "values are mean ± sample std over the group's runs (n).",
+        "",
+        "## Methods",
+        "",
+    ]
     lines += md_table(["setting", "n", *keys], md_rows)
     if (out / "curves.png") in plots:
         lines += ["", "![validation accuracy per epoch](curves.png)"]
@@ -321,8 +363,13 @@ def curves_figure(plt, groups: list[tuple[str, list[Run]]]):
         if len(curves) > 1:
             ax.fill_between(x, arr.mean(0) - arr.std(0, ddof=1), arr.mean(0) + arr.std(0, ddof=1), alpha=0.2)
     if ax.lines:
-        xlabel = ("epoch (ASMB: global, phase A and B counted)" if asmb and others
-                  else "epoch (global: phase A and B counted)" if asmb else "epoch")
+        xlabel = (
+            "epoch (ASMB: global, phase A and B counted)"
+            if asmb and others
+            else "epoch (global: phase A and B counted)"
+            if asmb
+            else "epoch"
+        )
         ax.set(xlabel=xlabel, ylabel="val/acc (%)", title="Validation accuracy per epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
@@ -350,8 +397,15 @@ def plot_sweep(plt, sweep: SweepInfo, out: Path) -> Path | None:
     for i, t in enumerate(trials):
         history = metric_history(read_rows(sweep.path / t.get("run_dir", t["id"])), metric)
         label = f"{t['id']} ({t['status']})"
-        ax.plot(range(1, len(history) + 1), history, marker="o", ms=3, color=colors[i % 10], label=label,
-                ls="--" if t["status"] == "stopped" else "-")
+        ax.plot(
+            range(1, len(history) + 1),
+            history,
+            marker="o",
+            ms=3,
+            color=colors[i % 10],
+            label=label,
+            ls="--" if t["status"] == "stopped" else "-",
+        )
     ax.set(xlabel="epoch", ylabel=metric, title=f"sweep {sweep.name}: {metric} per epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
@@ -378,8 +432,6 @@ def plot_sweep(plt, sweep: SweepInfo, out: Path) -> Path | None:
     return path
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Rounding: numbers as precise as what they measure (no float32 noise such as 26.499998569488525)
 # ----------------------------------------------------------------------------------------------
@@ -397,12 +449,14 @@ def rounded(key: str, value: Any) -> Any:
 # the families of kd/methods/__init__.py's table, in its order (teacher runs train no student: not compared)
 FAMILIES = {family: method_names(family) for family in ("baseline", "logit", "feature", "multi-teacher", "asmb")}
 SINGLE_TEACHER = FAMILIES["logit"] + FAMILIES["feature"]
-COMPARISON_NOTE = ("Test accuracy (%) of the student selected on validation (selected, best/test_acc) and of the "
-                   "last epoch's (last/test_acc), mean ± sample std over seeds (n); gains are differences of the "
-                   "selected means ± their standard error (seeds independent; a gain above ~2 SE is resolved at "
-                   "this n); the best single-teacher method is the one with the best mean validation "
-                   "accuracy among kd/dkd/dist and the feature methods that distil from one teacher (not "
-                   "--teachers.select both).")
+COMPARISON_NOTE = (
+    "Test accuracy (%) of the student selected on validation (selected, best/test_acc) and of the "
+    "last epoch's (last/test_acc), mean ± sample std over seeds (n); gains are differences of the "
+    "selected means ± their standard error (seeds independent; a gain above ~2 SE is resolved at "
+    "this n); the best single-teacher method is the one with the best mean validation "
+    "accuracy among kd/dkd/dist and the feature methods that distil from one teacher (not "
+    "--teachers.select both)."
+)
 
 
 def family_of(method: str) -> str:
@@ -431,8 +485,10 @@ def comparison_rows(groups: list[tuple[str, list[Run]]]) -> list[Compared]:
     rows = []
     for label, members in groups:
         keys = ["best/test_acc", "last/test_acc", "best/val_acc", *comparison_extra_keys(members)]
-        stats = {k: mean_std([float(r.summary[k]) for r in members if isinstance(r.summary.get(k), (int, float))])
-                 for k in keys}
+        stats = {
+            k: mean_std([float(r.summary[k]) for r in members if isinstance(r.summary.get(k), (int, float))])
+            for k in keys
+        }
         if stats["best/test_acc"][0] is None:
             continue
         method = members[0].method
@@ -441,8 +497,11 @@ def comparison_rows(groups: list[tuple[str, list[Run]]]) -> list[Compared]:
     rows.sort(key=lambda r: (family_order(r.method), r.label))
     ce = next((r for r in rows if r.method == "ce"), None)
     # the best single-teacher setting is chosen on validation accuracy, like every other choice in kd
-    best_single = max((r for r in rows if r.single_teacher and r.stats["best/val_acc"][0] is not None),
-                      key=lambda r: r.stats["best/val_acc"][0], default=None)
+    best_single = max(
+        (r for r in rows if r.single_teacher and r.stats["best/val_acc"][0] is not None),
+        key=lambda r: r.stats["best/val_acc"][0],
+        default=None,
+    )
     for row in rows:
         for name, other in (("ce", ce), ("single", best_single)):
             compared = other is not None and row is not other and (name == "ce" or row.method != "ce")
@@ -457,22 +516,24 @@ def gain_se(a: Compared, b: Compared) -> float | None:
     (_, sa), (_, sb) = a.stats["best/test_acc"], b.stats["best/test_acc"]
     if sa is None or sb is None or a.n < 2 or b.n < 2:
         return None
-    return math.sqrt(sa ** 2 / a.n + sb ** 2 / b.n)
+    return math.sqrt(sa**2 / a.n + sb**2 / b.n)
 
 
 def comparison_extra_keys(members: list[Run]) -> list[str]:
     """Teacher accuracies (test when the summaries have it, else val) and the ensemble's and synergy's."""
     present = {k for r in members for k in r.summary}
     archs = sorted({k.split("/")[1] for k in present if k.startswith("teacher/") and k.count("/") == 2})
-    teachers = [f"teacher/{a}/test_acc" if f"teacher/{a}/test_acc" in present else f"teacher/{a}/val_acc"
-                for a in archs]
+    teachers = [
+        f"teacher/{a}/test_acc" if f"teacher/{a}/test_acc" in present else f"teacher/{a}/val_acc" for a in archs
+    ]
     fused = [k for k in ("ensemble/test_acc", "adapted_ensemble/test_acc", "synergy/test_acc") if k in present]
     return [k for k in teachers if k in present] + fused
 
 
 def comparison_columns(rows: list[Compared]) -> list[str]:
-    return list(dict.fromkeys(k for r in rows for k in r.stats
-                              if k not in ("best/test_acc", "last/test_acc", "best/val_acc")))
+    return list(
+        dict.fromkeys(k for r in rows for k in r.stats if k not in ("best/test_acc", "last/test_acc", "best/val_acc"))
+    )
 
 
 def column_title(key: str) -> str:
@@ -492,28 +553,67 @@ def write_comparison(rows: list[Compared], out: Path) -> list[Path]:
     md_rows, csv_rows, tex_rows = [], [], []
     for r in rows:
         sel, last = r.stats["best/test_acc"], r.stats["last/test_acc"]
-        cells = [fmt(*sel), fmt(*last), signed(r.gains["ce"], r.gain_se["ce"]),
-                 signed(r.gains["single"], r.gain_se["single"]),
-                 *[fmt(*r.stats.get(k, (None, None))) for k in extra]]
+        cells = [
+            fmt(*sel),
+            fmt(*last),
+            signed(r.gains["ce"], r.gain_se["ce"]),
+            signed(r.gains["single"], r.gain_se["single"]),
+            *[fmt(*r.stats.get(k, (None, None))) for k in extra],
+        ]
         md_rows.append([r.label, r.n, *cells])
         tex_rows.append((r.method, [latex_escape(r.label), str(r.n), *[latex_cell(c) for c in cells]]))
-        csv_rows.append([r.label, r.method, family_of(r.method), r.n, *[rounded("acc", x) for x in (*sel, *last)],
-                         rounded("gain", r.gains["ce"]), rounded("gain", r.gain_se["ce"]),
-                         rounded("gain", r.gains["single"]), rounded("gain", r.gain_se["single"]),
-                         *[rounded(k, x) for k in extra for x in r.stats.get(k, (None, None))]])
+        csv_rows.append(
+            [
+                r.label,
+                r.method,
+                family_of(r.method),
+                r.n,
+                *[rounded("acc", x) for x in (*sel, *last)],
+                rounded("gain", r.gains["ce"]),
+                rounded("gain", r.gain_se["ce"]),
+                rounded("gain", r.gains["single"]),
+                rounded("gain", r.gain_se["single"]),
+                *[rounded(k, x) for k in extra for x in r.stats.get(k, (None, None))],
+            ]
+        )
     atomic_write_text("\n".join(md_table(titles, md_rows)) + "\n", out / "comparison.md")
-    write_csv(out / "comparison.csv", ["setting", "method", "family", "n", "selected mean", "selected std",
-                                       "last mean", "last std", "gain vs ce", "gain vs ce se",
-                                       "gain vs best single", "gain vs best single se",
-                                       *[f"{k} {s}" for k in extra for s in ("mean", "std")]], csv_rows)
+    write_csv(
+        out / "comparison.csv",
+        [
+            "setting",
+            "method",
+            "family",
+            "n",
+            "selected mean",
+            "selected std",
+            "last mean",
+            "last std",
+            "gain vs ce",
+            "gain vs ce se",
+            "gain vs best single",
+            "gain vs best single se",
+            *[f"{k} {s}" for k in extra for s in ("mean", "std")],
+        ],
+        csv_rows,
+    )
     atomic_write_text(latex_table(titles, tex_rows), out / "comparison.tex")
     written = [out / "comparison.md", out / "comparison.csv", out / "comparison.tex"]
     png = plot_comparison(rows, out)
     return written + ([png] if png else [])
 
 
-LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "_": r"\_",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -527,8 +627,12 @@ def latex_cell(cell: str) -> str:
 
 def latex_table(titles: list[str], rows: list[tuple[str, list[str]]]) -> str:
     """A booktabs table (\\usepackage{booktabs}) with a rule between method families."""
-    lines = [r"\begin{tabular}{l" + "r" * (len(titles) - 1) + "}", r"\toprule",
-             " & ".join(latex_escape(t) for t in titles) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{tabular}{l" + "r" * (len(titles) - 1) + "}",
+        r"\toprule",
+        " & ".join(latex_escape(t) for t in titles) + r" \\",
+        r"\midrule",
+    ]
     previous = None
     for method, cells in rows:
         if previous is not None and family_of(method) != family_of(previous):
@@ -538,8 +642,14 @@ def latex_table(titles: list[str], rows: list[tuple[str, list[str]]]) -> str:
     return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
-FAMILY_COLORS = {"baseline": "#7f7f7f", "logit": "#1f77b4", "feature": "#2ca02c", "multi-teacher": "#9467bd",
-                 "asmb": "#d62728", "other": "#8c564b"}
+FAMILY_COLORS = {
+    "baseline": "#7f7f7f",
+    "logit": "#1f77b4",
+    "feature": "#2ca02c",
+    "multi-teacher": "#9467bd",
+    "asmb": "#d62728",
+    "other": "#8c564b",
+}
 
 
 def plot_comparison(rows: list[Compared], out: Path) -> Path | None:
@@ -561,10 +671,22 @@ def comparison_figure(plt, rows: list[Compared]):
     for offset, key, hatch, name in ((-0.2, "best/test_acc", None, "selected"), (0.2, "last/test_acc", "//", "last")):
         means = [r.stats[key][0] if r.stats[key][0] is not None else np.nan for r in rows]
         colors = [FAMILY_COLORS[family_of(r.method)] for r in rows]
-        bars = ax.bar(x + offset, means, 0.4, color=colors, hatch=hatch,
-                      alpha=1.0 if hatch is None else 0.55, edgecolor="black", linewidth=0.5, label=name)
-        spread = [(xi + offset, m, r.stats[key][1]) for xi, m, r in zip(x, means, rows)
-                  if r.n >= 2 and r.stats[key][1] is not None]
+        bars = ax.bar(
+            x + offset,
+            means,
+            0.4,
+            color=colors,
+            hatch=hatch,
+            alpha=1.0 if hatch is None else 0.55,
+            edgecolor="black",
+            linewidth=0.5,
+            label=name,
+        )
+        spread = [
+            (xi + offset, m, r.stats[key][1])
+            for xi, m, r in zip(x, means, rows)
+            if r.n >= 2 and r.stats[key][1] is not None
+        ]
         if spread:
             xs, ms, ss = zip(*spread)
             ax.errorbar(xs, ms, yerr=ss, fmt="none", ecolor="black", elinewidth=0.8, capsize=3)
@@ -573,8 +695,14 @@ def comparison_figure(plt, rows: list[Compared]):
     ce = next((r for r in rows if r.method == "ce"), None)
     if ce is not None:
         ax.axhline(ce.stats["best/test_acc"][0], color="black", ls="--", lw=0.8, label="ce (selected)")
-    low = np.nanmin([r.stats[k][0] - (r.stats[k][1] or 0) for r in rows for k in ("best/test_acc", "last/test_acc")
-                     if r.stats[k][0] is not None])
+    low = np.nanmin(
+        [
+            r.stats[k][0] - (r.stats[k][1] or 0)
+            for r in rows
+            for k in ("best/test_acc", "last/test_acc")
+            if r.stats[k][0] is not None
+        ]
+    )
     ax.set_ylim(max(0.0, low - 5), None)
     ax.set_xticks(x, [r.label for r in rows], rotation=30, ha="right")
     seeds = "mean ± std over seeds" if any(r.n >= 2 for r in rows) else "one seed each: no error bars"
@@ -644,32 +772,57 @@ def asmb_stages_figure(plt, run: Run, stages: list[dict[str, Any]]):
     (the run), short ones per panel, constrained layout: nothing overlaps."""
     x = [int(r.get("stage", i + 1)) for i, r in enumerate(stages)]
     names = dict(zip(("teacher0/acc", "teacher1/acc"), teacher_names(run)))
-    fig, (acc_ax, attn_ax) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [3, 2]},
-                                          layout="constrained")
-    styles = {"teacher0/acc": ("#1f77b4", "s", ":"), "teacher1/acc": ("#ff7f0e", "s", ":"),
-              "ensemble/acc": ("#7f7f7f", "D", "--"), "synergy/acc": ("#9467bd", "o", "-"),
-              "student/acc": ("#d62728", "o", "-")}
+    fig, (acc_ax, attn_ax) = plt.subplots(
+        1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [3, 2]}, layout="constrained"
+    )
+    styles = {
+        "teacher0/acc": ("#1f77b4", "s", ":"),
+        "teacher1/acc": ("#ff7f0e", "s", ":"),
+        "ensemble/acc": ("#7f7f7f", "D", "--"),
+        "synergy/acc": ("#9467bd", "o", "-"),
+        "student/acc": ("#d62728", "o", "-"),
+    }
     for key in STAGE_ACCS:
         if any(key in r for r in stages):
             color, marker, ls = styles[key]
-            acc_ax.plot(x, [r.get(key, np.nan) for r in stages], marker=marker, ls=ls, color=color, lw=1.8,
-                        label=names.get(key, key.split("/")[0]))
-    fired = [(xi, float(r.get("synergy/acc", r.get("ensemble/acc", np.nan)))) for xi, r in zip(x, stages)
-             if r.get("guard/fired")]
+            acc_ax.plot(
+                x,
+                [r.get(key, np.nan) for r in stages],
+                marker=marker,
+                ls=ls,
+                color=color,
+                lw=1.8,
+                label=names.get(key, key.split("/")[0]),
+            )
+    fired = [
+        (xi, float(r.get("synergy/acc", r.get("ensemble/acc", np.nan))))
+        for xi, r in zip(x, stages)
+        if r.get("guard/fired")
+    ]
     if fired:
         fx, fy = zip(*fired)
-        acc_ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="black", linewidths=1.6, zorder=5,
-                       label=GUARD_LABEL)
+        acc_ax.scatter(
+            fx, fy, s=160, facecolors="none", edgecolors="black", linewidths=1.6, zorder=5, label=GUARD_LABEL
+        )
         for xi, yi in fired:
-            acc_ax.annotate("guard", (xi, yi), xytext=(0, 10), textcoords="offset points", ha="center",
-                            fontsize=8, fontweight="bold")
+            acc_ax.annotate(
+                "guard",
+                (xi, yi),
+                xytext=(0, 10),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+                fontweight="bold",
+            )
     acc_ax.set(xlabel="stage", ylabel="val accuracy (%)", title="accuracy at the end of each stage")
     acc_ax.set_xticks(x)
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize="small")
     bottom = np.zeros(len(x))
-    for key, color, name in (("attn/teacher0", "#1f77b4", teacher_names(run)[0]),
-                             ("attn/teacher1", "#ff7f0e", teacher_names(run)[1])):
+    for key, color, name in (
+        ("attn/teacher0", "#1f77b4", teacher_names(run)[0]),
+        ("attn/teacher1", "#ff7f0e", teacher_names(run)[1]),
+    ):
         w = np.asarray([float(r.get(key, np.nan)) for r in stages])
         if np.isnan(w).all():
             continue
@@ -689,36 +842,60 @@ def plot_run_curves(plt, run: Run) -> Path:
     """Accuracy (top) and training loss (bottom) over the global epoch. ASMB: phase A shaded (there the
     synergy head's val accuracy is what is logged, and its loss is another objective than phase B's, so
     each phase is its own line) and stage ends marked."""
-    rows = [r for r in run.rows if not is_teacher_phase(r.get("phase", "")) and r.get("phase") != STAGE_PHASE
-            and "epoch" in r]
+    rows = [
+        r
+        for r in run.rows
+        if not is_teacher_phase(r.get("phase", "")) and r.get("phase") != STAGE_PHASE and "epoch" in r
+    ]
     fig, (acc_ax, loss_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    series = (("val/acc", "student val acc", "#d62728", acc_ax), ("train/acc", "student train acc", "#ff9896", acc_ax),
-              ("val/synergy_acc", "synergy val acc (phase A)", "#9467bd", acc_ax))
+    series = (
+        ("val/acc", "student val acc", "#d62728", acc_ax),
+        ("train/acc", "student train acc", "#ff9896", acc_ax),
+        ("val/synergy_acc", "synergy val acc (phase A)", "#9467bd", acc_ax),
+    )
     for key, name, color, ax in series:
         plot_segments(ax, rows, key, name, color)
     losses = {"A": "phase A loss (synergy)", "B": "phase B loss (student)"}
     for phase, name in losses.items():
-        plot_segments(loss_ax, [r for r in rows if phase_kind(r) == phase], "train/loss", name,
-                      "#9467bd" if phase == "A" else "#d62728")
+        plot_segments(
+            loss_ax,
+            [r for r in rows if phase_kind(r) == phase],
+            "train/loss",
+            name,
+            "#9467bd" if phase == "A" else "#d62728",
+        )
     plot_segments(loss_ax, [r for r in rows if phase_kind(r) is None], "train/loss", "train loss", "#d62728")
     for ax in (acc_ax, loss_ax):
         shade_phase_a(ax, rows)
         for stage_row in (r for r in run.rows if r.get("phase") == STAGE_PHASE):
             ax.axvline(stage_row["epoch"] + 0.5, color="black", ls="--", lw=0.8)
             if ax is acc_ax:
-                ax.annotate(f"end of stage {stage_row.get('stage', '')}", (stage_row["epoch"] + 0.5, 1.0),
-                            xycoords=("data", "axes fraction"), ha="right", va="bottom", fontsize=8)
+                ax.annotate(
+                    f"end of stage {stage_row.get('stage', '')}",
+                    (stage_row["epoch"] + 0.5, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    ha="right",
+                    va="bottom",
+                    fontsize=8,
+                )
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     acc_ax.set(ylabel="accuracy (%)")
     acc_ax.set_title(f"{run.name}: accuracy and loss per epoch", pad=14)
-    loss_ax.set(xlabel="epoch (global: phase A and B counted)" if any(phase_kind(r) for r in rows) else "epoch",
-                ylabel="train loss")
+    loss_ax.set(
+        xlabel="epoch (global: phase A and B counted)" if any(phase_kind(r) for r in rows) else "epoch",
+        ylabel="train loss",
+    )
     for ax in (acc_ax, loss_ax):
         handles, labels = ax.get_legend_handles_labels()
         if handles:
-            ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize="small",
-                      loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.legend(
+                dict(zip(labels, handles)).values(),
+                dict(zip(labels, handles)).keys(),
+                fontsize="small",
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+            )
     fig.tight_layout()
     path = run.path / "run_curves.png"
     save_figure(fig, path)
@@ -727,7 +904,7 @@ def plot_run_curves(plt, run: Run) -> Path:
 
 
 def phase_kind(row: dict[str, Any]) -> str | None:
-    """"A" or "B" for ASMB rows (`asmb:A:s1`), None for single-phase methods."""
+    """ "A" or "B" for ASMB rows (`asmb:A:s1`), None for single-phase methods."""
     parts = str(row.get("phase", "")).split(":")
     return parts[1] if len(parts) == 3 and parts[0] == "asmb" else None
 
@@ -755,14 +932,16 @@ def shade_phase_a(ax, rows: list[dict[str, Any]]) -> None:
 
 def report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sweep.py report", description="Tables and plots from run directories (config.json, summary.json, "
+        prog="sweep.py report",
+        description="Tables and plots from run directories (config.json, summary.json, "
         "metrics.jsonl), found recursively; sweeps are recognised by their sweep.json. Plots need matplotlib "
-        "(pip install -e .[report]).")
+        "(pip install -e .[report]).",
+    )
     p.add_argument("runs_dir", type=Path, help="a run directory, a sweep directory, or any folder holding them")
-    p.add_argument("--out", type=Path,
-                   help="where to write report.md, report.csv, runs.csv and PNGs (default RUNS_DIR)")
+    p.add_argument(
+        "--out", type=Path, help="where to write report.md, report.csv, runs.csv and PNGs (default RUNS_DIR)"
+    )
     return p
-
 
 
 def report_main(argv: list[str]) -> int:
@@ -772,7 +951,6 @@ def report_main(argv: list[str]) -> int:
     for path in write_report(a.runs_dir, a.out or a.runs_dir):
         print(path, flush=True)
     return 0
-
 
 
 def main(argv: list[str] | None = None) -> int:

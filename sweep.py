@@ -37,10 +37,10 @@ from kd_cli.wandb_env import wandb_credentials_present, wandb_server_reachable
 from kd.errors import ConfigError, WriteError
 from kd.io import atomic_write_json
 from kd_cli.config import parse_config, validate
-from kd_cli.sweep_spec import (DONE, STATE_FILE, Spec, check_names, distribution, flag_name,
-                                load_spec)
+from kd_cli.sweep_spec import DONE, STATE_FILE, Spec, check_names, distribution, flag_name, load_spec
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
+
 
 def check_first_trial(spec: Spec, params: dict[str, Any]) -> None:
     """Parse and validate the first trial's flags with train.py's own parser: bad values fail at once too."""
@@ -55,8 +55,13 @@ def grid_points(spec: Spec) -> list[dict[str, Any]]:
     choices = []
     for p in spec.parameters.values():
         kind = distribution(p)
-        choices.append([p["value"]] if kind == "constant" else list(p["values"]) if kind == "categorical"
-                       else list(range(p["min"], p["max"] + 1)))
+        choices.append(
+            [p["value"]]
+            if kind == "constant"
+            else list(p["values"])
+            if kind == "categorical"
+            else list(range(p["min"], p["max"] + 1))
+        )
     return [dict(zip(spec.parameters, combo)) for combo in itertools.product(*choices)]
 
 
@@ -136,8 +141,9 @@ def hyperband_bands(et: dict, limit: int) -> list[int]:
     return sorted({b for b in bands if 1 <= b <= limit})
 
 
-def hyperband_should_stop(history: list[float], others: list[list[float]], bands: list[int], eta: float,
-                          goal: str, last_epoch: int) -> bool:
+def hyperband_should_stop(
+    history: list[float], others: list[list[float]], bands: list[int], eta: float, goal: str, last_epoch: int
+) -> bool:
     """Stop a running trial whose metric at the latest band it reached is outside the best 1/eta of every
     trial's value at that band (itself included). history[i] is the metric after epoch i + 1; a trial that
     has reached its last epoch is never stopped."""
@@ -184,8 +190,14 @@ def poll_trial(child: Child, run_dir: Path, should_stop: Callable[[Path], bool] 
     return child.stop(signal.SIGINT), stopped
 
 
-def run_trial_process(argv: list[str], run_dir: Path, log_path: Path, env: dict[str, str],
-                      should_stop: Callable[[Path], bool] | None = None, poll_s: float = 1.0) -> tuple[int, bool]:
+def run_trial_process(
+    argv: list[str],
+    run_dir: Path,
+    log_path: Path,
+    env: dict[str, str],
+    should_stop: Callable[[Path], bool] | None = None,
+    poll_s: float = 1.0,
+) -> tuple[int, bool]:
     """Run train.py until it exits or `should_stop(run_dir)` says so. Returns (exit code, stopped).
     An interruption of this process (Ctrl-C, SIGTERM, the wandb agent's stop) is forwarded to the trial
     as the same signal before it propagates."""
@@ -200,10 +212,18 @@ def run_trial_process(argv: list[str], run_dir: Path, log_path: Path, env: dict[
         raise
 
 
-def trial_command(spec: Spec, params: dict[str, Any], sweep_dir: Path, trial_id: str, wandb_mode: str,
-                  extra: list[str] = ()) -> list[str]:
-    args = [sys.executable, str(TRAIN), *trial_args(spec, params), f"--run.out-dir={sweep_dir}",
-            f"--run.name={trial_id}", f"--wandb.mode={wandb_mode}", *extra]
+def trial_command(
+    spec: Spec, params: dict[str, Any], sweep_dir: Path, trial_id: str, wandb_mode: str, extra: list[str] = ()
+) -> list[str]:
+    args = [
+        sys.executable,
+        str(TRAIN),
+        *trial_args(spec, params),
+        f"--run.out-dir={sweep_dir}",
+        f"--run.name={trial_id}",
+        f"--wandb.mode={wandb_mode}",
+        *extra,
+    ]
     if "wandb.group" not in params:
         args.append(f"--wandb.group={spec.name}")
     return args
@@ -217,8 +237,9 @@ def finish_trial(trial: dict[str, Any], spec: Spec, run_dir: Path, log_path: Pat
     metric = spec.metric["name"] if spec.metric else None
     rows = read_rows(run_dir)
     # epochs = rows that logged the metric (the iterations hyperband counts)
-    trial["epochs"] = (len(metric_history(rows, metric)) if metric
-                       else sum(not is_teacher_phase(r.get("phase", "")) for r in rows))
+    trial["epochs"] = (
+        len(metric_history(rows, metric)) if metric else sum(not is_teacher_phase(r.get("phase", "")) for r in rows)
+    )
     trial["metric"] = final_metric(run_dir, metric) if metric else None
     trial["error"] = last_error(log_path) if trial["status"] == "failed" else None
 
@@ -237,12 +258,23 @@ def describe(trial: dict[str, Any], spec: Spec) -> str:
 # Sweep state (sweep.json, written atomically) and the local runner
 # ----------------------------------------------------------------------------------------------
 def new_state(spec: Spec, spec_path: Path, mode: str, seed: int, count: int | None) -> dict[str, Any]:
-    return {"version": 1, "name": spec.name, "mode": mode, "spec_file": str(spec_path), "spec": spec.raw,
-            "spec_sha": spec.sha(), "seed": seed, "count": count, "sweep_id": None, "trials": []}
+    return {
+        "version": 1,
+        "name": spec.name,
+        "mode": mode,
+        "spec_file": str(spec_path),
+        "spec": spec.raw,
+        "spec_sha": spec.sha(),
+        "seed": seed,
+        "count": count,
+        "sweep_id": None,
+        "trials": [],
+    }
 
 
-def open_state(spec: Spec, spec_path: Path, sweep_dir: Path, mode: str, resume: bool, seed: int | None,
-               count: int | None) -> dict[str, Any]:
+def open_state(
+    spec: Spec, spec_path: Path, sweep_dir: Path, mode: str, resume: bool, seed: int | None, count: int | None
+) -> dict[str, Any]:
     """The saved state when resuming (same spec, same seed), else a new one in an empty directory."""
     path = sweep_dir / STATE_FILE
     if path.is_file():
@@ -279,8 +311,10 @@ def claim_sweep_dir(sweep_dir: Path) -> None:
         return
     fd, holder = lock_or_holder(sweep_dir / ".sweep.lock")
     if fd is None:
-        raise ConfigError(f"the sweep in {sweep_dir} is being run by another process (pid {holder}); wait for it "
-                          "to end (or stop it) before resuming")
+        raise ConfigError(
+            f"the sweep in {sweep_dir} is being run by another process (pid {holder}); wait for it "
+            "to end (or stop it) before resuming"
+        )
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _sweep_locks[str(sweep_dir.resolve())] = fd
@@ -290,13 +324,23 @@ def save_state(state: dict[str, Any], sweep_dir: Path) -> None:
     atomic_write_json(state, sweep_dir / STATE_FILE)
 
 
-def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, seed: int | None, resume: bool,
-              trial_wandb: str, poll_s: float = 1.0, jobs: int = 1) -> int:
+def run_local(
+    spec: Spec,
+    spec_path: Path,
+    sweep_dir: Path,
+    count: int | None,
+    seed: int | None,
+    resume: bool,
+    trial_wandb: str,
+    poll_s: float = 1.0,
+    jobs: int = 1,
+) -> int:
     """Our own runner: grid or seeded random, hyperband on the spec's metric, up to `jobs` trials at a time
     (started in index order; sweep.json is written here only)."""
     if spec.method == "bayes":
-        raise ConfigError("method bayes needs the wandb server: run with --mode online "
-                          "(local sweeps do grid and random)")
+        raise ConfigError(
+            "method bayes needs the wandb server: run with --mode online (local sweeps do grid and random)"
+        )
     state = open_state(spec, spec_path, sweep_dir, "local", resume, seed, count)
     if state["count"] is None:
         if spec.method == "random":
@@ -324,8 +368,9 @@ def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, s
                 if ended is not None:
                     running.remove(entry)
                     trial["wall_s"] = time.time() - t0
-                    finish_trial(trial, spec, sweep_dir / trial["run_dir"], sweep_dir / "logs" / f"{trial['id']}.log",
-                                 *ended)
+                    finish_trial(
+                        trial, spec, sweep_dir / trial["run_dir"], sweep_dir / "logs" / f"{trial['id']}.log", *ended
+                    )
                     save_state(state, sweep_dir)
                     print(describe(trial, spec), flush=True)
 
@@ -365,8 +410,11 @@ def run_local(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, s
         save_state(state, sweep_dir)
         if not isinstance(e, (KeyboardInterrupt, Interrupted)):
             raise
-        print(f"interrupted; continue with: python sweep.py {spec_path} --resume --out-dir {sweep_dir.parent}",
-              file=sys.stderr, flush=True)
+        print(
+            f"interrupted; continue with: python sweep.py {spec_path} --resume --out-dir {sweep_dir.parent}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + signal_of(e)
     print_best(state, spec, sweep_dir)
     return 0
@@ -380,7 +428,8 @@ def remove_trial_dir(run_dir: Path, trial_id: str, sweep_dir: Path) -> None:
     config = read_json(run_dir / "config.json")
     run = config.get("run", {}) if isinstance(config, dict) else {}
     if (run_dir / "config.json").exists() and (
-            run.get("name") != trial_id or Path(str(run.get("out_dir"))).resolve() != sweep_dir.resolve()):
+        run.get("name") != trial_id or Path(str(run.get("out_dir"))).resolve() != sweep_dir.resolve()
+    ):
         raise ConfigError(f"{run_dir} is not the run directory of this sweep's {trial_id}; move it away to resume")
     shutil.rmtree(run_dir)
 
@@ -391,8 +440,7 @@ def hyperband_check(spec: Spec, others: list[dict[str, Any]], sweep_dir: Path) -
         return None
     metric, goal = spec.metric["name"], spec.metric["goal"]
     eta = float(spec.early_terminate.get("eta", 3))
-    histories = [metric_history(read_rows(sweep_dir / t["run_dir"]), metric) for t in others
-                 if t["status"] in DONE]
+    histories = [metric_history(read_rows(sweep_dir / t["run_dir"]), metric) for t in others if t["status"] in DONE]
 
     def should_stop(run_dir: Path) -> bool:
         last_epoch = planned_epochs(read_json(run_dir / "config.json") or {})
@@ -434,18 +482,28 @@ def print_best(state: dict[str, Any], spec: Spec, sweep_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Online: a real wandb sweep; wandb.agent hands us each run, we run train.py in a subprocess
 # ----------------------------------------------------------------------------------------------
-def run_online(spec: Spec, spec_path: Path, sweep_dir: Path, count: int | None, sweep_id: str | None,
-               resume: bool, project: str | None, entity: str | None) -> int:
+def run_online(
+    spec: Spec,
+    spec_path: Path,
+    sweep_dir: Path,
+    count: int | None,
+    sweep_id: str | None,
+    resume: bool,
+    project: str | None,
+    entity: str | None,
+) -> int:
     if not wandb_credentials_present():
-        raise ConfigError("--mode online needs wandb credentials: set WANDB_API_KEY or run `wandb login` "
-                          "(or use --mode local)")
+        raise ConfigError(
+            "--mode online needs wandb credentials: set WANDB_API_KEY or run `wandb login` (or use --mode local)"
+        )
     import wandb
 
     attach = bool(sweep_id) and (sweep_dir / STATE_FILE).is_file()  # --sweep-id of a sweep we ran here before
     state = open_state(spec, spec_path, sweep_dir, "online", resume or attach, None, count)
     if sweep_id and state.get("sweep_id") not in (None, sweep_id):
-        raise ConfigError(f"{sweep_dir} belongs to wandb sweep {state['sweep_id']}, not {sweep_id}; "
-                          "use another --out-dir")
+        raise ConfigError(
+            f"{sweep_dir} belongs to wandb sweep {state['sweep_id']}, not {sweep_id}; use another --out-dir"
+        )
     project = project or spec.raw.get("project") or "kd"
     entity = entity or spec.raw.get("entity")
     sweep_id = sweep_id or state.get("sweep_id")
@@ -496,8 +554,9 @@ def run_online_trial(spec: Spec, state: dict[str, Any], sweep_dir: Path, extra: 
     t0 = time.time()
     rc, stopped = -1, False
     try:
-        rc, stopped = run_trial_process(trial_command(spec, params, sweep_dir, run_id, "online", extra),
-                                        run_dir, log_path, dict(os.environ))
+        rc, stopped = run_trial_process(
+            trial_command(spec, params, sweep_dir, run_id, "online", extra), run_dir, log_path, dict(os.environ)
+        )
     except Exception:  # wandb.agent stops a run (server-side hyperband) by raising Exception in this thread
         stopped = True
     finally:
@@ -521,26 +580,48 @@ class OneLineParser(argparse.ArgumentParser):
 
 def sweep_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
-        prog="sweep.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
-        epilog="Report: python sweep.py report RUNS_DIR [--out DIR]  (python sweep.py report --help)")
-    p.add_argument("spec", type=Path,
-                   help="wandb sweep YAML; parameter names are train.py flags (kd.temperature, optim.lr)")
-    p.add_argument("--mode", choices=("auto", "local", "online"), default="auto",
-                   help="online: a wandb sweep (needs WANDB_API_KEY or `wandb login`); local: our runner, no server; "
-                        "auto (default): online with credentials and a reachable server, else local")
-    p.add_argument("--count", type=int, help="trials to run (local: total for the sweep, default the whole grid; "
-                                              "online: trials for this agent)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="local: run up to N trials at the same time, started in order (default 1); with N > 1 "
-                        "each trial gets OMP_NUM_THREADS=1 unless your environment sets OMP_NUM_THREADS")
+        prog="sweep.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        epilog="Report: python sweep.py report RUNS_DIR [--out DIR]  (python sweep.py report --help)",
+    )
+    p.add_argument(
+        "spec", type=Path, help="wandb sweep YAML; parameter names are train.py flags (kd.temperature, optim.lr)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("auto", "local", "online"),
+        default="auto",
+        help="online: a wandb sweep (needs WANDB_API_KEY or `wandb login`); local: our runner, no server; "
+        "auto (default): online with credentials and a reachable server, else local",
+    )
+    p.add_argument(
+        "--count",
+        type=int,
+        help="trials to run (local: total for the sweep, default the whole grid; online: trials for this agent)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="local: run up to N trials at the same time, started in order (default 1); with N > 1 "
+        "each trial gets OMP_NUM_THREADS=1 unless your environment sets OMP_NUM_THREADS",
+    )
     p.add_argument("--sweep-id", help="online: attach to this existing wandb sweep instead of creating one")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the sweep in <out-dir>/<name>/ (finished trials are kept)")
-    p.add_argument("--out-dir", type=Path, default=Path("runs/sweeps"),
-                   help="parent of the sweep directory (default runs/sweeps)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the sweep in <out-dir>/<name>/ (finished trials are kept)"
+    )
+    p.add_argument(
+        "--out-dir", type=Path, default=Path("runs/sweeps"), help="parent of the sweep directory (default runs/sweeps)"
+    )
     p.add_argument("--seed", type=int, help="local random search: seed of the parameter draws (default 0)")
-    p.add_argument("--trial-wandb", choices=("offline", "disabled"), default="offline",
-                   help="local: wandb mode of each trial (offline: files under the trial's run directory)")
+    p.add_argument(
+        "--trial-wandb",
+        choices=("offline", "disabled"),
+        default="offline",
+        help="local: wandb mode of each trial (offline: files under the trial's run directory)",
+    )
     p.add_argument("--project", help="online: wandb project (default: the spec's `project`, else kd)")
     p.add_argument("--entity", help="online: wandb entity (default: the spec's `entity`, else your default)")
     p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -566,14 +647,14 @@ def sweep_main(argv: list[str]) -> int:
     if a.sweep_id and mode != "online":
         raise ConfigError("--sweep-id attaches to a wandb sweep: it needs --mode online")
     if a.jobs > 1 and mode == "online":
-        raise ConfigError("--jobs runs local trials side by side: it needs --mode local "
-                          "(online, start more agents with --sweep-id)")
+        raise ConfigError(
+            "--jobs runs local trials side by side: it needs --mode local (online, start more agents with --sweep-id)"
+        )
     check_names(spec, a.spec)
     raise_on_termination()  # SIGTERM/SIGHUP end the sweep like Ctrl-C: the running trial gets the signal too
     if mode == "online":
         return run_online(spec, a.spec, sweep_dir, a.count, a.sweep_id, a.resume, a.project, a.entity)
     return run_local(spec, a.spec, sweep_dir, a.count, a.seed, a.resume, a.trial_wandb, a.poll, a.jobs)
-
 
 
 def main(argv: list[str] | None = None) -> int:

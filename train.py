@@ -30,8 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd.asmb import (AsmbModules, AsmbRun, TeacherAdaptStep, build_asmb_modules, guard_residual, stage_metrics,
-                     synergy_warning)
+from kd.asmb import (
+    AsmbModules,
+    AsmbRun,
+    TeacherAdaptStep,
+    build_asmb_modules,
+    guard_residual,
+    stage_metrics,
+    synergy_warning,
+)
 from kd.data import bridge_split, labels_in_order, load_dataset, train_subset
 from kd.engine.checkpoint import Checkpointer, checkpoint_on_stop_signals, reseed_loader
 from kd.engine.device import prepare_model, resolve_amp, resolve_device, resolve_teacher_dtype
@@ -47,14 +54,32 @@ from kd.methods import build_method
 from kd.metrics import evaluate_acc, evaluate_top1_top5
 from kd.mix import build_mixer
 from kd.models import KDModel, check_meta, check_shapes, create_model
-from kd.teachers import (FrozenModel, fill_cache, frozen_forward, load_teacher, save_teacher, select_teachers,
-                         teacher_cache_path, teacher_seed, teacher_small_input)
+from kd.teachers import (
+    FrozenModel,
+    fill_cache,
+    frozen_forward,
+    load_teacher,
+    save_teacher,
+    select_teachers,
+    teacher_cache_path,
+    teacher_seed,
+    teacher_small_input,
+)
 from kd_cli.config import Config, OptimCfg, parse_config, validate
 from kd_cli.progress import RunProgress
 from kd_cli.rundir import release_run_dirs
 from kd_cli.runlog import RunLogger, stop_console_copy
-from kd_cli.session import (announce, check_before_data, close_records, exit_code, open_records, run_dir_and_resume,
-                            start_summary, teacher_sources, teacher_summary)
+from kd_cli.session import (
+    announce,
+    check_before_data,
+    close_records,
+    exit_code,
+    open_records,
+    run_dir_and_resume,
+    start_summary,
+    teacher_sources,
+    teacher_summary,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +137,9 @@ def run(cfg: Config) -> dict[str, Any]:
     loaders = build_loaders(cfg, data, device)
     # stage 0 fits the teachers on the teacher-fit part, phase A trains on the bridge part (both: all without a split)
     fit_loaders, bridge_loaders = split_loaders(cfg, data, parts, loaders, device) if parts else (loaders, loaders)
-    progress = RunProgress(planned_steps(cfg, loaders, bridge_loaders), cfg.run.log_every, num_stages=cfg.asmb.num_stages * asmb)
+    progress = RunProgress(
+        planned_steps(cfg, loaders, bridge_loaders), cfg.run.log_every, num_stages=cfg.asmb.num_stages * asmb
+    )
     clock = StepClock(records.ckpt.resume_step, progress)
     ctx = RunContext(cfg, data, loaders, make_runtime(cfg, device, clock), records.logger, records.ckpt)
     summary = start_summary(cfg, data, run_dir, parts)
@@ -122,8 +149,9 @@ def run(cfg: Config) -> dict[str, Any]:
     teachers = []
     if spec.uses_teachers:  # the teachers' time and accuracies are reported apart from the student's
         adapter_dim = cfg.asmb.teacher_adapter_dim if asmb and cfg.asmb.teacher_freeze == "adapter" else 0
-        teachers, waited = stage0_teachers(ctx, parts[0] if parts else data, fit_loaders, teacher_small, teacher_ids,
-                                           adapter_dim)
+        teachers, waited = stage0_teachers(
+            ctx, parts[0] if parts else data, fit_loaders, teacher_small, teacher_ids, adapter_dim
+        )
         summary.update(teacher_summary(records, cfg.teachers.models, teachers, loaders["test"], device, waited))
     if asmb:
         summary.update(train_asmb(ctx, student, [t for t, _ in teachers], asmb_modules, bridge_loaders))
@@ -172,7 +200,9 @@ def make_runtime(cfg: Config, device: torch.device, clock: StepClock | None = No
 def load_data(cfg: Config):
     data = load_dataset(cfg.data)  # kd.data.build_data from the --data.* flags
     if len(data.train) < cfg.data.batch_size:
-        raise ConfigError(f"--data.batch-size {cfg.data.batch_size} is larger than the training split ({len(data.train)})")
+        raise ConfigError(
+            f"--data.batch-size {cfg.data.batch_size} is larger than the training split ({len(data.train)})"
+        )
     return data
 
 
@@ -198,23 +228,30 @@ def bridge_parts(cfg: Config, data):
     per_class = torch.bincount(labels[bridge_idx], minlength=data.num_classes)
     if int(per_class.min()) < 1:
         c = int(per_class.argmin())
-        raise ConfigError(f"--asmb.bridge-split {fraction}: class {data.class_names[c]} has "
-                          f"{int((labels == c).sum())} training image(s), none left for the bridge part (each class "
-                          "needs 2)")
+        raise ConfigError(
+            f"--asmb.bridge-split {fraction}: class {data.class_names[c]} has "
+            f"{int((labels == c).sum())} training image(s), none left for the bridge part (each class "
+            "needs 2)"
+        )
     for name, idx in (("bridge", bridge_idx), ("teacher-fit", fit_idx)):
         if len(idx) < cfg.data.batch_size:
-            raise ConfigError(f"--asmb.bridge-split {fraction}: the {name} part has {len(idx)} images, fewer than "
-                              f"--data.batch-size {cfg.data.batch_size}")
+            raise ConfigError(
+                f"--asmb.bridge-split {fraction}: the {name} part has {len(idx)} images, fewer than "
+                f"--data.batch-size {cfg.data.batch_size}"
+            )
     return train_subset(data, fit_idx), train_subset(data, bridge_idx)
 
 
 def split_loaders(cfg: Config, data, parts, loaders, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
     """--asmb.bridge-split: the loaders of stage 0 (the teacher-fit part's training loader) and of phase A (the
     bridge part's); validation and test as the run's."""
-    fit_loaders, bridge_loaders = ({**loaders, "train": build_loaders(cfg, part, device, train_only=True)["train"]}
-                                   for part in parts)
-    say(f"bridge split {cfg.asmb.bridge_split}: the teachers fit {len(parts[0].train)} training images, phase A "
-        f"trains on the other {len(parts[1].train)} (the bridge part), phase B on all {len(data.train)}")
+    fit_loaders, bridge_loaders = (
+        {**loaders, "train": build_loaders(cfg, part, device, train_only=True)["train"]} for part in parts
+    )
+    say(
+        f"bridge split {cfg.asmb.bridge_split}: the teachers fit {len(parts[0].train)} training images, phase A "
+        f"trains on the other {len(parts[1].train)} (the bridge part), phase B on all {len(data.train)}"
+    )
     return fit_loaders, bridge_loaders
 
 
@@ -224,8 +261,9 @@ def steps_per_epoch(cfg: Config, loader) -> int:
 
 
 # ---- Stage 0: teachers (fine-tuned once per identity: what made them, then cached; kd/teachers.py)
-def stage0_teachers(ctx: RunContext, data, loaders, small_input: bool, identities: list[dict[str, Any]],
-                    adapter_dim: int = 0) -> tuple[list[tuple[KDModel, float]], float]:
+def stage0_teachers(
+    ctx: RunContext, data, loaders, small_input: bool, identities: list[dict[str, Any]], adapter_dim: int = 0
+) -> tuple[list[tuple[KDModel, float]], float]:
     """Every configured teacher, frozen and in eval mode, with its validation accuracy (from --teachers.checkpoints,
     else from the cache, fine-tuning what is missing), and the seconds spent waiting for another process's
     fine-tuning (not this run's teacher time). `adapter_dim` > 0: each gets a new zero-initialised residual adapter
@@ -235,19 +273,21 @@ def stage0_teachers(ctx: RunContext, data, loaders, small_input: bool, identitie
     waited = 0.0
     if not t.checkpoints:  # fine-tune the missing ones and the one a resumed run was fine-tuning (it continues)
         redo = [i for i, arch in enumerate(t.models) if ctx.ckpt.pending_phase() == f"teacher:{arch}"]
-        finetune = lambda i: finetune_teacher(ctx, i, paths[i], identities[i], data, loaders, small_input)  # noqa: E731
+        finetune = lambda i: finetune_teacher(ctx, i, paths[i], identities[i], data, loaders, small_input)
         waited = fill_cache(paths, finetune, redo, locked=DIST.world_size == 1)
     teachers = []
     for arch, identity, path in zip(t.models, identities, paths):
-        model, val_acc = load_teacher(path, arch, data.num_classes, small_input, t.image_size or None, adapter_dim,
-                                      identity["input"], identity)
+        model, val_acc = load_teacher(
+            path, arch, data.num_classes, small_input, t.image_size or None, adapter_dim, identity["input"], identity
+        )
         model = prepare(model, ctx.cfg, device, inference=True)
         teachers.append((model, evaluate_acc(model, loaders["val"], device) if val_acc is None else val_acc))
     return teachers, waited
 
 
-def finetune_teacher(ctx: RunContext, i: int, path: Path, identity: dict[str, Any], data, loaders,
-                     small_input: bool) -> None:
+def finetune_teacher(
+    ctx: RunContext, i: int, path: Path, identity: dict[str, Any], data, loaders, small_input: bool
+) -> None:
     """Fine-tune teacher `i` of --teachers with cross-entropy (phase `teacher:<arch>`, resumable), select it by
     validation accuracy and cache it at `path` with its identity. Its init and data order come from
     teacher_seed(identity); it starts from timm's hub weights (--teachers.pretrained), its --teachers.weights file,
@@ -293,8 +333,9 @@ def train_single(ctx: RunContext, student: KDModel, teachers: list[KDModel]) -> 
     return test_summary(tr.model, best, loaders, tr.device, ctx.logger)
 
 
-def single_trainer(cfg: Config, data, runtime: Runtime, student: KDModel, teachers: list[KDModel],
-                   steps: int) -> Trainer:
+def single_trainer(
+    cfg: Config, data, runtime: Runtime, student: KDModel, teachers: list[KDModel], steps: int
+) -> Trainer:
     """The student on its device, the method (its loss terms and auxiliary modules) and their Trainer."""
     o, options = cfg.optim, getattr(cfg, cfg.method, None)  # the method's own options: --<method>.*
     student = prepare(student, cfg, runtime.device)
@@ -307,8 +348,10 @@ def single_trainer(cfg: Config, data, runtime: Runtime, student: KDModel, teache
 
 def test_summary(student: KDModel, best: dict[str, Any], loaders, device, logger: RunLogger) -> dict[str, Any]:
     """Test accuracy of the last and of the selected (best validation) student; the test split only reports."""
-    last = dict(zip(("last/test_acc", "last/test_acc5"), evaluate_top1_top5(student, loaders["test"], device)),
-                **{"last/val_acc": next(r["val/acc"] for r in reversed(logger.rows) if "val/acc" in r)})
+    last = dict(
+        zip(("last/test_acc", "last/test_acc5"), evaluate_top1_top5(student, loaders["test"], device)),
+        **{"last/val_acc": next(r["val/acc"] for r in reversed(logger.rows) if "val/acc" in r)},
+    )
     student.load_state_dict(best["state"])
     best_test = dict(zip(("best/test_acc", "best/test_acc5"), evaluate_top1_top5(student, loaders["test"], device)))
     return {**last, **best_test, "best/val_acc": best["acc"], "best/epoch": best["epoch"]}
@@ -317,22 +360,19 @@ def test_summary(student: KDModel, best: dict[str, Any], loaders, device, logger
 # ---- ASMB (docs/asmb.md): stage 0 (both teachers), then num_stages x (phase A: the teachers' trainable part +
 # MBM + head learn the synergy; phase B: the student distils from it). The pieces live in kd/asmb.py; each
 # phase is an ordinary Trainer run by fit(), its optimiser and schedule built once for all stages.
-def train_asmb(ctx: RunContext, student: KDModel, teachers: list[KDModel], modules: AsmbModules,
-               bridge_loaders: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_asmb(ctx: RunContext, student: KDModel, teachers: list[KDModel], modules: AsmbModules, bridge_loaders):
     """The ASMB stages after stage 0; returns the summary entries. Selection: the best student by validation
     accuracy over every phase-B epoch of every stage (best.pt); the test split only reports. Phase A trains on
-    `bridge_loaders["train"]` (--asmb.bridge-split's bridge part; default: the whole training split), phase B on
+    `bridge_loaders["train"]` (--asmb.bridge-split's bridge part, else the whole training split), phase B on
     `loaders["train"]`."""
-    cfg, data, loaders, logger, ckpt = ctx.cfg, ctx.data, ctx.loaders, ctx.logger, ctx.ckpt
-    device = ctx.runtime.device
-    bridge_loaders = bridge_loaders or loaders
+    cfg, loaders, logger, ckpt, device = ctx.cfg, ctx.loaders, ctx.logger, ctx.ckpt, ctx.runtime.device
     for teacher in teachers:
         apply_freeze(teacher, cfg.asmb.teacher_freeze)  # partly trainable; modes are set per phase
-    run = build_asmb_run(cfg, ctx.runtime, prepare(student, cfg, device), teachers, modules,
-                         steps_per_epoch(cfg, loaders["train"]), data.num_classes,
-                         steps_a=steps_per_epoch(cfg, bridge_loaders["train"]))
-    say(freeze_report({"student": student, **{f"teacher {t.arch} ({cfg.asmb.teacher_freeze})": t for t in teachers},
-                       "MBM + head": run.bridge, "projections": run.distill}))
+    steps, steps_a = steps_per_epoch(cfg, loaders["train"]), steps_per_epoch(cfg, bridge_loaders["train"])
+    student = prepare(student, cfg, device)
+    run = build_asmb_run(cfg, ctx.runtime, student, teachers, modules, steps, ctx.data.num_classes, steps_a)
+    trained = {f"teacher {t.arch} ({cfg.asmb.teacher_freeze})": t for t in teachers}
+    say(freeze_report({"student": student, **trained, "MBM + head": run.bridge, "projections": run.distill}))
     # A resumed run skips the phases before its checkpoint's; fit() restores that one (and, via Trainer.extra, all).
     phases = run.phases()  # (stage, tag, global epoch before it): A then B per stage
     tags = [tag for _, tag, _ in phases]
@@ -351,8 +391,8 @@ def train_asmb(ctx: RunContext, student: KDModel, teachers: list[KDModel], modul
         best = fit(ctx, run.phase_b, loaders, run.student_epochs, tag, epoch, prior).best
         run.best = {**best, "epoch": epoch + best["epoch"]}
         metrics = stage_metrics(run.synergy, loaders["val"], device)
-        logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch + run.student_epochs, **metrics,
-                    **({"guard/fired": fired} if guard_on else {})})
+        guard = {"guard/fired": fired} if guard_on else {}
+        logger.log({"phase": "asmb:stage", "stage": stage, "epoch": epoch + run.student_epochs, **metrics, **guard})
         say(f"[asmb stage {stage}/{run.num_stages}] " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         if warning := synergy_warning(stage, metrics):
             say(warning)
@@ -361,14 +401,17 @@ def train_asmb(ctx: RunContext, student: KDModel, teachers: list[KDModel], modul
     # ensemble/test_acc stays the teachers' as stage 0 left them (as for every method); the adapted ones apart
     firings = [r["guard/fired"] for r in logger.rows if r.get("phase") == "asmb:stage" and "guard/fired" in r]
     # best/epoch counts the student's training epochs (phase B), as for every method; the row's epoch is global
-    return {"synergy/test_acc": test["synergy/acc"], "adapted_ensemble/test_acc": test["ensemble/acc"],
-            **({"asmb/guard_fired": sum(firings)} if guard_on else {}),
-            **test_summary(student, run.best, loaders, device, logger),
-            "best/epoch": run.distill.student_epoch(run.best["epoch"]), "best/global_epoch": run.best["epoch"]}
+    summary = {"synergy/test_acc": test["synergy/acc"], "adapted_ensemble/test_acc": test["ensemble/acc"]}
+    summary.update({"asmb/guard_fired": sum(firings)} if guard_on else {})
+    summary.update(test_summary(student, run.best, loaders, device, logger))
+    return {
+        **summary,
+        "best/epoch": run.distill.student_epoch(run.best["epoch"]),
+        "best/global_epoch": run.best["epoch"],
+    }
 
 
-def build_asmb_run(cfg: Config, runtime: Runtime, student: KDModel, teachers: list[KDModel], modules: AsmbModules,
-                   steps: int, num_classes: int, steps_a: int | None = None) -> AsmbRun:
+def build_asmb_run(cfg: Config, runtime: Runtime, student, teachers, modules, steps: int, classes: int, steps_a=0):
     """ASMB's models and progress (kd.asmb.AsmbRun) and its two phase trainers, built once and persisting across
     stages: phase A trains the synergy model (each teacher's trainable part + MBM + head) by Adam, validated as
     val/synergy_acc, without MixUp/CutMix; phase B trains the student (+ projections) with --optim's optimiser,
@@ -377,18 +420,20 @@ def build_asmb_run(cfg: Config, runtime: Runtime, student: KDModel, teachers: li
     `steps`."""
     a, o, device = cfg.asmb, cfg.optim, runtime.device
     frozen_student = FrozenModel(student, runtime.teacher_dtype)  # phase A's query
-    run = AsmbRun(a, student, teachers, modules, device, num_classes, o.epochs, o.label_smoothing)
+    run = AsmbRun(a, student, teachers, modules, device, classes, o.epochs, o.label_smoothing)
     steps_a = steps_a or steps
     adam = torch.optim.Adam(run.adapt_param_groups(), **fused_kwargs(device))
-    schedule_a = dataclasses.replace(o, schedule=a.teacher_schedule, warmup_epochs=0.0)
-    run.phase_a = Trainer(run.synergy, run.adapt, [], adam,
-                          build_scheduler(adam, schedule_a, a.num_stages * run.teacher_epochs, steps_a), runtime,
-                          steps_a, save_best=False, val_key="synergy_acc",
-                          step_module=TeacherAdaptStep(frozen_student, teachers, run.bridge, run.adapt))
+    settings_a = dataclasses.replace(o, schedule=a.teacher_schedule, warmup_epochs=0.0)
+    schedule_a = build_scheduler(adam, settings_a, a.num_stages * run.teacher_epochs, steps_a)
+    adapt_step = TeacherAdaptStep(frozen_student, teachers, run.bridge, run.adapt)
+    run.phase_a = Trainer(run.synergy, run.adapt, [], adam, schedule_a, runtime, steps_a, step_module=adapt_step)
+    run.phase_a.save_best, run.phase_a.val_key = False, "synergy_acc"  # best.pt is the student's
     optimizer = optimizer_for([student, run.distill], o, o.lr, device)
-    run.phase_b = Trainer(student, run.distill, teachers, optimizer,
-                          build_scheduler(optimizer, o, a.num_stages * run.student_epochs, steps), runtime, steps,
-                          build_mixer(num_classes, *o.mix_alphas(distill=True)), cfg.student.freeze)
+    schedule_b = build_scheduler(optimizer, o, a.num_stages * run.student_epochs, steps)
+    mixer = build_mixer(classes, *o.mix_alphas(distill=True))
+    run.phase_b = Trainer(
+        student, run.distill, teachers, optimizer, schedule_b, runtime, steps, mixer, cfg.student.freeze
+    )
     run.phase_a.extra = run.phase_b.extra = run
     return run
 
@@ -429,8 +474,9 @@ def fit(ctx: RunContext, tr: Trainer, loaders, epochs: int, tag: str, epoch_offs
     return fs
 
 
-def train_epoch(fs: FitState, epoch: int, desc: str, ckpt: Checkpointer,
-                start_rng: dict[str, Any] | None = None) -> dict[str, float]:
+def train_epoch(
+    fs: FitState, epoch: int, desc: str, ckpt: Checkpointer, start_rng: dict[str, Any] | None = None
+) -> dict[str, float]:
     """One epoch (the trainer's steps_per_epoch steps), or the rest of one when fs.tracker holds a resumed
     mid-epoch state (`start_rng`: its RNG states). The checkpointer is called after every step but the last (the
     epoch-end checkpoint follows validation). Returns the mean loss terms (one host sync); raises

@@ -50,8 +50,9 @@ class Pair:
 
 
 CIFAR_PAIR = Pair("resnet32x4->resnet8x4", "resnet8x4", ("resnet32x4",), ("ce", "kd", "dkd", "at", "fitnet", "crd"))
-ASMB_PAIR = Pair("resnet152+efficientnet_b2->convnext_tiny", "convnext_tiny", ("resnet152", "efficientnet_b2"),
-                 ("asmb:A", "asmb:B"))
+ASMB_PAIR = Pair(
+    "resnet152+efficientnet_b2->convnext_tiny", "convnext_tiny", ("resnet152", "efficientnet_b2"), ("asmb:A", "asmb:B")
+)
 
 
 def setup(threads: int, device: str) -> torch.device:
@@ -69,15 +70,40 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_argv(pair: Pair, method: str, *, batch: int, train_size: int, steps: int, device: str,
-               flags: str = "") -> list[str]:
+def train_argv(
+    pair: Pair, method: str, *, batch: int, train_size: int, steps: int, device: str, flags: str = ""
+) -> list[str]:
     """train.py's command line for `method` on `pair` (synthetic CIFAR-shaped data, 100 classes, 32 px),
     `steps` steps per train_epoch call, then the caller's extra train.py `flags`."""
-    return ["--method", method.split(":")[0], "--student.model", pair.student, "--teachers", ",".join(pair.teachers),
-            "--teachers.pretrained", "False", "--data.dataset", "synthetic", "--data.synthetic-classes", "100",
-            "--data.synthetic-train-size", str(train_size), "--data.synthetic-test-size", "100",
-            "--data.synthetic-image-size", "32", "--data.batch-size", str(batch), "--run.device", device,
-            "--run.max-steps-per-epoch", str(steps), "--wandb.mode", "disabled", *shlex.split(flags)]
+    return [
+        "--method",
+        method.split(":")[0],
+        "--student.model",
+        pair.student,
+        "--teachers",
+        ",".join(pair.teachers),
+        "--teachers.pretrained",
+        "False",
+        "--data.dataset",
+        "synthetic",
+        "--data.synthetic-classes",
+        "100",
+        "--data.synthetic-train-size",
+        str(train_size),
+        "--data.synthetic-test-size",
+        "100",
+        "--data.synthetic-image-size",
+        "32",
+        "--data.batch-size",
+        str(batch),
+        "--run.device",
+        device,
+        "--run.max-steps-per-epoch",
+        str(steps),
+        "--wandb.mode",
+        "disabled",
+        *shlex.split(flags),
+    ]
 
 
 def parse(argv: list[str]) -> train.Config:
@@ -123,9 +149,24 @@ def build_ours(cfg: train.Config, data, phase: str = "single") -> Bundle:
     steps = train.steps_per_epoch(cfg, loader)
     asmb = cfg.method == "asmb"
     adapter_dim = cfg.asmb.teacher_adapter_dim if asmb and cfg.asmb.teacher_freeze == "adapter" else 0
-    teachers = [train.prepare(create_model(arch, data.num_classes, small_input=teacher_small_input(
-        small, cfg.teachers.image_size), adapter_dim=adapter_dim), cfg, device, inference=True)
-        for arch in cfg.teachers.models] if METHOD_SPECS[cfg.method].uses_teachers else []
+    teachers = (
+        [
+            train.prepare(
+                create_model(
+                    arch,
+                    data.num_classes,
+                    small_input=teacher_small_input(small, cfg.teachers.image_size),
+                    adapter_dim=adapter_dim,
+                ),
+                cfg,
+                device,
+                inference=True,
+            )
+            for arch in cfg.teachers.models
+        ]
+        if METHOD_SPECS[cfg.method].uses_teachers
+        else []
+    )
     if not asmb:
         teachers = select_teachers(cfg.teachers.select, [(t, 0.0) for t in teachers])
         tr = train.single_trainer(cfg, data, train.make_runtime(cfg, device), student, teachers, steps)
@@ -133,8 +174,15 @@ def build_ours(cfg: train.Config, data, phase: str = "single") -> Bundle:
     for t in teachers:
         apply_freeze(t, cfg.asmb.teacher_freeze)  # as train_asmb() does after stage 0
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, data.num_classes)
-    run = train.build_asmb_run(cfg, train.make_runtime(cfg, device), train.prepare(student, cfg, device), teachers, modules,
-                               steps, data.num_classes)
+    run = train.build_asmb_run(
+        cfg,
+        train.make_runtime(cfg, device),
+        train.prepare(student, cfg, device),
+        teachers,
+        modules,
+        steps,
+        data.num_classes,
+    )
     return Bundle(cfg, run.phase_a if phase == "A" else run.phase_b, loader, student, teachers, phase, {"run": run})
 
 
@@ -152,8 +200,9 @@ def cycle(loader) -> Iterator:
         yield from loader
 
 
-def forward_loss(b: Bundle, x: Tensor, y: Tensor, index: Tensor, weights: dict[str, float],
-                 reference: bool = False) -> tuple[Any, Tensor]:
+def forward_loss(
+    b: Bundle, x: Tensor, y: Tensor, index: Tensor, weights: dict[str, float], reference: bool = False
+) -> tuple[Any, Tensor]:
     """The forward and weighted loss both hand-written loops share: phase A runs the (frozen) student for the
     query and the teachers with grad; otherwise the teachers run frozen (kd.teachers.frozen_forward at
     --teachers.precision) and the student trains. `reference`: as the toolboxes do, the frozen models run
@@ -185,7 +234,9 @@ def hand_stepper(b: Bundle) -> Callable[[int], None]:
     tr, device = b.trainer, b.device
     batches = cycle(b.loader)
     method, opt, sched = tr.method, tr.optimizer, tr.scheduler
-    amp = dict(device_type=device.type, dtype=tr.runtime.amp_dtype or torch.float32, enabled=tr.runtime.amp_dtype is not None)
+    amp = dict(
+        device_type=device.type, dtype=tr.runtime.amp_dtype or torch.float32, enabled=tr.runtime.amp_dtype is not None
+    )
     weights = method.loss_weights(1)
     if b.phase == "A":
         b.extra["run"].synergy.train()  # teachers in their freeze policy's modes, student in eval
@@ -229,11 +280,19 @@ class PILImageDataset(Dataset):
 
 def reference_loader(data, batch: int, workers: int, device: torch.device) -> DataLoader:
     """DataLoader over PILImageDataset with the toolboxes' CIFAR augmentation (torchvision PIL transforms)."""
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(data.mean, data.std)])
+    tf = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(data.mean, data.std)]
+    )
     ds = PILImageDataset(data.train_images, data.train_labels, tf)
-    return DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
 
 
 def accuracy(logits: Tensor, target: Tensor, topk: tuple[int, ...] = (1, 5)) -> list[Tensor]:
@@ -252,8 +311,12 @@ def reference_stepper(b: Bundle, batches: Iterator) -> Callable[[int], None]:
     weights = method.loss_weights(1)
     trained = [p for g in b.trainer.optimizer.param_groups for p in g["params"]]
     if b.phase == "A":  # the same two parameter groups, plain Adam
-        opt = torch.optim.Adam([{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
-                                for g in b.trainer.optimizer.param_groups])
+        opt = torch.optim.Adam(
+            [
+                {k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
+                for g in b.trainer.optimizer.param_groups
+            ]
+        )
         b.extra["run"].synergy.train()
     else:
         o = b.cfg.optim
@@ -283,8 +346,14 @@ def plain_flags(flags: str) -> str:
     """The reference loop's train.py flags: the caller's with layout / precision / compile set to the toolboxes'
     eager NCHW float32 (the Bundle's models are prepared with them)."""
     out, words = [], shlex.split(flags)
-    skip = {"--run.channels-last", "--run.channels_last", "--run.amp", "--run.compile", "--teachers.precision",
-            "--teachers.compile"}
+    skip = {
+        "--run.channels-last",
+        "--run.channels_last",
+        "--run.amp",
+        "--run.compile",
+        "--teachers.precision",
+        "--teachers.compile",
+    }
     it = iter(words)
     for w in it:
         key = w.split("=", 1)[0]
@@ -293,8 +362,10 @@ def plain_flags(flags: str) -> str:
                 next(it, None)
             continue
         out.append(w)
-    return shlex.join(out + ["--run.channels-last", "False", "--run.amp", "off", "--run.compile", "False",
-                             "--teachers.precision", "fp32"])
+    return shlex.join(
+        out
+        + ["--run.channels-last", "False", "--run.amp", "off", "--run.compile", "False", "--teachers.precision", "fp32"]
+    )
 
 
 def describe_machine() -> str:
@@ -308,6 +379,7 @@ def describe_machine() -> str:
     except OSError:
         pass
     import os
+
     parts = [f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"]
     if torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name())
@@ -315,8 +387,18 @@ def describe_machine() -> str:
 
 
 # bf16 dense tensor-core peak (TFLOP/s) by GPU name, for the achieved fraction; --peak-tflops overrides.
-BF16_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-                    "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
+BF16_PEAK_TFLOPS = {
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+}
 
 
 def bf16_peak_tflops(device: torch.device) -> float | None:
@@ -342,6 +424,25 @@ def median(values: list[float]) -> float:
     return float(np.median(values))
 
 
-__all__ = ["ASMB_PAIR", "CIFAR_PAIR", "Bundle", "Pair", "accuracy", "bf16_peak_tflops", "build_data", "build_ours",
-           "count_flops", "cycle", "describe_machine", "hand_stepper", "median", "ours_steps", "parse", "plain_flags",
-           "reference_loader", "reference_stepper", "sync", "train_argv"]
+__all__ = [
+    "ASMB_PAIR",
+    "CIFAR_PAIR",
+    "Bundle",
+    "Pair",
+    "accuracy",
+    "bf16_peak_tflops",
+    "build_data",
+    "build_ours",
+    "count_flops",
+    "cycle",
+    "describe_machine",
+    "hand_stepper",
+    "median",
+    "ours_steps",
+    "parse",
+    "plain_flags",
+    "reference_loader",
+    "reference_stepper",
+    "sync",
+    "train_argv",
+]

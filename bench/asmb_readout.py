@@ -18,8 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kd.configs import AsmbCfg  # noqa: E402  (torch-free)
 
-COLUMNS = ("seed", "ensemble", "adapted", "synergy", "syn-ens", "syn-adapted", "guard fired", "attn t0/t1",
-           "student")
+COLUMNS = ("seed", "ensemble", "adapted", "synergy", "syn-ens", "syn-adapted", "guard fired", "attn t0/t1", "student")
 
 
 def read_run(run_dir: Path) -> dict | None:
@@ -38,11 +37,17 @@ def read_run(run_dir: Path) -> dict | None:
     setting = ", ".join(f"{k}={a[k]}" for k, v in defaults.items() if k in a and a[k] != v) or "defaults"
     teachers = {k.split("/")[1]: v for k, v in summary.items() if k.startswith("teacher/") and k.endswith("/test_acc")}
     last = stages[-1] if stages else {}
-    return {"setting": setting, "seed": config["run"]["seed"], "teachers": teachers,
-            "ensemble": summary.get("ensemble/test_acc"), "adapted": summary.get("adapted_ensemble/test_acc"),
-            "synergy": summary.get("synergy/test_acc"), "student": summary.get("best/test_acc"),
-            "guard": [r["guard/fired"] for r in stages if "guard/fired" in r] if a.get("ensemble_base", True) else None,
-            "attn": (last.get("attn/teacher0"), last.get("attn/teacher1"))}
+    return {
+        "setting": setting,
+        "seed": config["run"]["seed"],
+        "teachers": teachers,
+        "ensemble": summary.get("ensemble/test_acc"),
+        "adapted": summary.get("adapted_ensemble/test_acc"),
+        "synergy": summary.get("synergy/test_acc"),
+        "student": summary.get("best/test_acc"),
+        "guard": [r["guard/fired"] for r in stages if "guard/fired" in r] if a.get("ensemble_base", True) else None,
+        "attn": (last.get("attn/teacher0"), last.get("attn/teacher1")),
+    }
 
 
 def cells(r: dict) -> list[str]:
@@ -54,8 +59,17 @@ def cells(r: dict) -> list[str]:
 
     guard = "n/a (no residual)" if r["guard"] is None else f"{sum(r['guard'])} of {len(r['guard'])}"
     attn = "" if r["attn"][0] is None else f"{r['attn'][0]:.3f} / {r['attn'][1]:.3f}"
-    return [str(r["seed"]), f(r["ensemble"]), f(r["adapted"]), f(r["synergy"]),
-            f(diff(r["synergy"], r["ensemble"])), f(diff(r["synergy"], r["adapted"])), guard, attn, f(r["student"])]
+    return [
+        str(r["seed"]),
+        f(r["ensemble"]),
+        f(r["adapted"]),
+        f(r["synergy"]),
+        f(diff(r["synergy"], r["ensemble"])),
+        f(diff(r["synergy"], r["adapted"])),
+        guard,
+        attn,
+        f(r["student"]),
+    ]
 
 
 def mean_std(values: list[float]) -> str:
@@ -69,8 +83,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sweeps", nargs="+", type=Path, help="sweep directories (or any folders holding run directories)")
     a = p.parse_args()
-    runs = [r for d in a.sweeps for run_dir in sorted(d.iterdir()) if run_dir.is_dir()
-            if (r := read_run(run_dir)) is not None]
+    runs = [
+        r
+        for d in a.sweeps
+        for run_dir in sorted(d.iterdir())
+        if run_dir.is_dir()
+        if (r := read_run(run_dir)) is not None
+    ]
     by_setting: dict[str, list[dict]] = {}
     for r in runs:
         by_setting.setdefault(r["setting"], []).append(r)
@@ -85,11 +104,13 @@ def main() -> None:
         stage_count = sum(len(r["guard"]) for r in members if r["guard"] is not None)
         diff = [r["synergy"] - r["ensemble"] for r in members]
         share = [r["synergy"] - r["adapted"] for r in members]
-        print(f"| mean ± std (n={len(members)}) | {mean_std([r['ensemble'] for r in members])} | "
-              f"{mean_std([r['adapted'] for r in members])} | {mean_std([r['synergy'] for r in members])} | "
-              f"{mean_std(diff)} | {mean_std(share)} | "
-              f"{f'{sum(fired)} of {stage_count}' if fired else 'n/a'} | "
-              f"{mean_std([r['attn'][0] for r in members])} | {mean_std([r['student'] for r in members])} |")
+        print(
+            f"| mean ± std (n={len(members)}) | {mean_std([r['ensemble'] for r in members])} | "
+            f"{mean_std([r['adapted'] for r in members])} | {mean_std([r['synergy'] for r in members])} | "
+            f"{mean_std(diff)} | {mean_std(share)} | "
+            f"{f'{sum(fired)} of {stage_count}' if fired else 'n/a'} | "
+            f"{mean_std([r['attn'][0] for r in members])} | {mean_std([r['student'] for r in members])} |"
+        )
 
 
 if __name__ == "__main__":

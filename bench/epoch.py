@@ -39,9 +39,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--method", default="kd", help="any single-stage method of train.py")
     p.add_argument("--split-steps", type=int, default=200, help="steps of the instrumented copy (at most one epoch)")
-    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the reference loop (PIL DataLoader, eager, .item()) over the same steps "
-                        "(default: on, off with --quick)")
+    p.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the reference loop (PIL DataLoader, eager, .item()) over the same steps "
+        "(default: on, off with --quick)",
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak of the GPU (0: by its name)")
@@ -58,7 +62,9 @@ def instrumented_epoch(b: C.Bundle, steps: int) -> dict[str, float]:
     tr, device = b.trainer, b.device
     set_train(tr.model, tr.freeze_policy)
     tr.method.train()
-    amp = dict(device_type=device.type, dtype=tr.runtime.amp_dtype or torch.float32, enabled=tr.runtime.amp_dtype is not None)
+    amp = dict(
+        device_type=device.type, dtype=tr.runtime.amp_dtype or torch.float32, enabled=tr.runtime.amp_dtype is not None
+    )
     maps = tr.method.needs_maps
     tracker = LossTracker()
     split = dict.fromkeys(("data", "teacher", "student", "optimiser"), 0.0)
@@ -102,16 +108,19 @@ def main() -> None:
     # the synthetic set holds a stratified 10% validation split (at least one image per class) out of what it
     # generates: generate enough for `images` training images
     generated = max(round(args.images / 0.9), args.images + 100)
-    argv = C.train_argv(C.CIFAR_PAIR, args.method, batch=args.batch, train_size=generated, steps=0,
-                        device=args.device, flags=args.flags)
+    argv = C.train_argv(
+        C.CIFAR_PAIR, args.method, batch=args.batch, train_size=generated, steps=0, device=args.device, flags=args.flags
+    )
     cfg = C.parse(argv)
     data = C.build_data(cfg)
     ours = C.build_ours(cfg, data)
     steps = len(ours.loader)
     images = steps * args.batch
     print(f"{C.describe_machine()}; device {device}; flags: {args.flags or '(train.py defaults)'}")
-    print(f"{args.method} {C.CIFAR_PAIR.name}: one epoch of {len(data.train):,} synthetic 32x32 images, "
-          f"{steps} steps of {args.batch} ({images:,} images trained)")
+    print(
+        f"{args.method} {C.CIFAR_PAIR.name}: one epoch of {len(data.train):,} synthetic 32x32 images, "
+        f"{steps} steps of {args.batch} ({images:,} images trained)"
+    )
 
     C.ours_steps(ours, min(2, steps))  # warm-up: first-call allocations, oneDNN primitives, CUDA kernels
     C.sync(device)
@@ -127,16 +136,26 @@ def main() -> None:
 
     print(f"\n{'end to end (train.py)':<34}{epoch_s:>10.1f} s/epoch {ips:>10.1f} img/s")
     print(f"instrumented copy, {split_steps} steps (sync at each boundary):")
-    for part, name in (("data", "data (DeviceLoader + to device)"), ("teacher", "teacher forward"),
-                       ("student", "student forward + loss + backward"), ("optimiser", "optimiser + schedule")):
+    for part, name in (
+        ("data", "data (DeviceLoader + to device)"),
+        ("teacher", "teacher forward"),
+        ("student", "student forward + loss + backward"),
+        ("optimiser", "optimiser + schedule"),
+    ):
         print(f"  {name:<40}{1e3 * split[part] / split_steps:>9.1f} ms/step {100 * split[part] / total:>6.1f}%")
     print(f"  {'sum':<40}{1e3 * total / split_steps:>9.1f} ms/step")
 
     projected_h = EPOCHS * CIFAR_TRAIN / ips / 3600
-    print(f"\nprojected {EPOCHS} epochs of {CIFAR_TRAIN:,} images (CIFAR-100's training set) at {ips:.1f} img/s: "
-          f"{projected_h:.2f} h ({60 * projected_h:.1f} min)")
-    summary = [f"{ips:.1f} img/s", f"epoch {epoch_s:.1f} s", f"{EPOCHS} epochs {projected_h:.2f} h",
-               f"data {100 * split['data'] / total:.1f}% of step"]
+    print(
+        f"\nprojected {EPOCHS} epochs of {CIFAR_TRAIN:,} images (CIFAR-100's training set) at {ips:.1f} img/s: "
+        f"{projected_h:.2f} h ({60 * projected_h:.1f} min)"
+    )
+    summary = [
+        f"{ips:.1f} img/s",
+        f"epoch {epoch_s:.1f} s",
+        f"{EPOCHS} epochs {projected_h:.2f} h",
+        f"data {100 * split['data'] / total:.1f}% of step",
+    ]
 
     if device.type == "cuda":
         flops = C.count_flops(lambda: C.ours_steps(ours, 1))
@@ -147,9 +166,17 @@ def main() -> None:
         summary.append(f"{tflops:.1f} TFLOP/s" + (f" ({100 * tflops / peak:.1f}% bf16 peak)" if peak else ""))
 
     if args.reference:
-        ref_cfg = C.parse(C.train_argv(C.CIFAR_PAIR, args.method, batch=args.batch,
-                                       train_size=generated, steps=0, device=args.device,
-                                       flags=C.plain_flags(args.flags)))
+        ref_cfg = C.parse(
+            C.train_argv(
+                C.CIFAR_PAIR,
+                args.method,
+                batch=args.batch,
+                train_size=generated,
+                steps=0,
+                device=args.device,
+                flags=C.plain_flags(args.flags),
+            )
+        )
         loader = C.reference_loader(data, args.batch, args.workers, device)
         ref = C.build_ours(ref_cfg, data)
         ref_steps = C.reference_stepper(ref, iter(C.cycle(loader)))
@@ -159,8 +186,10 @@ def main() -> None:
         ref_steps(steps)
         C.sync(device)
         ref_s = time.perf_counter() - t
-        print(f"{'reference loop, same steps':<34}{ref_s:>10.1f} s/epoch {images / ref_s:>10.1f} img/s  "
-              f"(ours {ref_s / epoch_s:.2f}x)")
+        print(
+            f"{'reference loop, same steps':<34}{ref_s:>10.1f} s/epoch {images / ref_s:>10.1f} img/s  "
+            f"(ours {ref_s / epoch_s:.2f}x)"
+        )
         summary.append(f"ours/ref per epoch {ref_s / epoch_s:.2f}x")
     print("epoch: " + ", ".join(summary))
 

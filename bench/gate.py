@@ -31,10 +31,18 @@ def read_runs(folders: list[Path]) -> list[dict]:
             method = config.get("method")
             if method == "kd" and any(config["kd"].get(k) != v for k, v in KD_DEFAULTS.items()):
                 method = "kd (other settings)"
-            teachers = {k.split("/")[1]: v for k, v in summary.items()
-                        if k.startswith("teacher/") and k.endswith("/test_acc")}
-            runs.append({"method": method, "seed": config["run"]["seed"], "epochs": config["optim"]["epochs"],
-                         "test": summary["best/test_acc"], "teachers": teachers})
+            teachers = {
+                k.split("/")[1]: v for k, v in summary.items() if k.startswith("teacher/") and k.endswith("/test_acc")
+            }
+            runs.append(
+                {
+                    "method": method,
+                    "seed": config["run"]["seed"],
+                    "epochs": config["optim"]["epochs"],
+                    "test": summary["best/test_acc"],
+                    "teachers": teachers,
+                }
+            )
     return runs
 
 
@@ -57,24 +65,31 @@ def main() -> None:
     print(f"ce  (n={len(ce)}, seeds {sorted(ce)}): {ce_mean:.2f} ± {ce_std:.2f}")
     print(f"kd  (n={len(kd)}, seeds {sorted(kd)}): {kd_mean:.2f} ± {kd_std:.2f}")
     gain = kd_mean - ce_mean
-    se = (ce_std ** 2 / len(ce) + kd_std ** 2 / len(kd)) ** 0.5
+    se = (ce_std**2 / len(ce) + kd_std**2 / len(kd)) ** 0.5
     verdict = "passes" if se and gain > 2 * se else "fails"
-    print(f"kd - ce: {gain:+.2f} ± {se:.2f} (standard error) = {gain / se if se else float('inf'):.2f} SE: "
-          f"the check (> 2 SE) {verdict}")
+    print(
+        f"kd - ce: {gain:+.2f} ± {se:.2f} (standard error) = {gain / se if se else float('inf'):.2f} SE: "
+        f"the check (> 2 SE) {verdict}"
+    )
     teachers = next(iter(kd.values()))["teachers"]
     for name, acc in teachers.items():
         margin = acc - ce_mean
-        print(f"teacher {name}: {acc:.2f} on test, {margin:+.2f} over ce: the check (>= 8) "
-              f"{'passes' if margin >= 8 else 'fails'}")
+        print(
+            f"teacher {name}: {acc:.2f} on test, {margin:+.2f} over ce: the check (>= 8) "
+            f"{'passes' if margin >= 8 else 'fails'}"
+        )
     if a.plateau:
         longer = {r["seed"]: r for r in read_runs([a.plateau]) if r["method"] == "ce"}
         pairs = [(ce[s]["test"], longer[s]["test"]) for s in sorted(set(ce) & set(longer))]
         if pairs:
             gains = [b - c for c, b in pairs]
             epochs = next(iter(longer.values()))["epochs"], next(iter(ce.values()))["epochs"]
-            print(f"ce at {epochs[0]} epochs minus ce at {epochs[1]}, seed by seed "
-                  f"{sorted(set(ce) & set(longer))}: " + ", ".join(f"{g:+.2f}" for g in gains) +
-                  f" (mean {statistics.mean(gains):+.2f})")
+            print(
+                f"ce at {epochs[0]} epochs minus ce at {epochs[1]}, seed by seed "
+                f"{sorted(set(ce) & set(longer))}: "
+                + ", ".join(f"{g:+.2f}" for g in gains)
+                + f" (mean {statistics.mean(gains):+.2f})"
+            )
 
 
 if __name__ == "__main__":

@@ -38,12 +38,21 @@ def epoch_samples_per_s(loader, device: torch.device) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_device(device: torch.device, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 workers: int, rounds: int) -> dict[str, list[float]]:
+def bench_device(
+    device: torch.device, images: torch.Tensor, labels: torch.Tensor, batch_size: int, workers: int, rounds: int
+) -> dict[str, list[float]]:
     dataset = TensorImageDataset(images, labels, _tensor_transform(32, 32, CIFAR100_MEAN, CIFAR100_STD, True))
     loaders = {
-        "fast": DeviceLoader(images, labels, batch_size=batch_size, mean=CIFAR100_MEAN, std=CIFAR100_STD,
-                             train=True, device=device, seed=0),
+        "fast": DeviceLoader(
+            images,
+            labels,
+            batch_size=batch_size,
+            mean=CIFAR100_MEAN,
+            std=CIFAR100_STD,
+            train=True,
+            device=device,
+            seed=0,
+        ),
         "dataloader": make_loader(dataset, batch_size, train=True, workers=workers, seed=0),
     }
     for loader in loaders.values():  # warm-up: worker start-up, CUDA context and kernels
@@ -64,9 +73,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     ap.add_argument("--device", choices=["all", "cpu", "cuda"], default="all", help="all = cpu and cuda if present")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads of the main process (0 = torch's default); 1 avoids the stalls "
-                         "of multi-threaded ops on a machine whose cores are busy with other processes")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads of the main process (0 = torch's default); 1 avoids the stalls "
+        "of multi-threaded ops on a machine whose cores are busy with other processes",
+    )
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -82,15 +95,19 @@ def main() -> None:
     elif args.device == "cuda":
         sys.exit("--device cuda but no CUDA device is available")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.samples} CIFAR-shaped images, "
-          f"batch {args.batch_size}, DataLoader workers {args.workers}, {args.rounds} alternating rounds")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.samples} CIFAR-shaped images, "
+        f"batch {args.batch_size}, DataLoader workers {args.workers}, {args.rounds} alternating rounds"
+    )
     print(f"{'device':<8} {'path':<11} {'median samples/s':>17} {'min':>10} {'max':>10}")
     ratios = []
     for device in devices:
         res = bench_device(device, images, labels, args.batch_size, args.workers, args.rounds)
         for name, values in res.items():
-            print(f"{device.type:<8} {name:<11} {statistics.median(values):>17,.0f} {min(values):>10,.0f} "
-                  f"{max(values):>10,.0f}")
+            print(
+                f"{device.type:<8} {name:<11} {statistics.median(values):>17,.0f} {min(values):>10,.0f} "
+                f"{max(values):>10,.0f}"
+            )
         ratio = statistics.median(res["fast"]) / statistics.median(res["dataloader"])
         ratios.append(f"{device.type} {ratio:.1f}x")
     print(f"ratio fast / DataLoader (median samples/s): {', '.join(ratios)}")

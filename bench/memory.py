@@ -39,8 +39,11 @@ def run_one(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     generated = round(args.images / 0.9)  # the 10% validation split comes out of the generated set
     flags = args.flags if args.one == "ours" else C.plain_flags(args.flags)
-    cfg = C.parse(C.train_argv(C.CIFAR_PAIR, "kd", batch=64, train_size=generated, steps=args.steps + 1,
-                               device="cpu", flags=flags))
+    cfg = C.parse(
+        C.train_argv(
+            C.CIFAR_PAIR, "kd", batch=64, train_size=generated, steps=args.steps + 1, device="cpu", flags=flags
+        )
+    )
     data = C.build_data(cfg)
     bundle = C.build_ours(cfg, data)
     if args.one == "ours":
@@ -48,8 +51,14 @@ def run_one(args: argparse.Namespace) -> None:
     else:
         C.reference_stepper(bundle, C.cycle(C.reference_loader(data, 64, 2, torch.device("cpu"))))(args.steps + 1)
     kib = 1024  # ru_maxrss is in KiB on Linux
-    print(json.dumps({"main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
-                      "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib}))
+    print(
+        json.dumps(
+            {
+                "main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
+                "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -58,16 +67,28 @@ def main() -> None:
         return run_one(args)
     results: dict[str, list[dict[str, float]]] = {"ours": [], "ref": []}
     for r in range(args.rounds):
-        for loop in (("ours", "ref") if r % 2 == 0 else ("ref", "ours")):
-            cmd = [sys.executable, __file__, "--one", loop, "--steps", str(args.steps), "--images", str(args.images),
-                   "--flags", args.flags]
+        for loop in ("ours", "ref") if r % 2 == 0 else ("ref", "ours"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                loop,
+                "--steps",
+                str(args.steps),
+                "--images",
+                str(args.images),
+                "--flags",
+                args.flags,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if out.returncode:
                 raise SystemExit(f"{loop} failed:\n{out.stderr[-2000:]}")
             results[loop].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {loop}: {results[loop][-1]}", flush=True)
-    print(f"kd resnet32x4 -> resnet8x4, batch 64, {args.images:,} CIFAR-shaped images, {args.steps} steps; "
-          f"medians over {args.rounds} rounds (MiB):")
+    print(
+        f"kd resnet32x4 -> resnet8x4, batch 64, {args.images:,} CIFAR-shaped images, {args.steps} steps; "
+        f"medians over {args.rounds} rounds (MiB):"
+    )
     for loop, rows in results.items():
         main_mib = statistics.median(row["main_mib"] for row in rows)
         worker_mib = statistics.median(row["worker_mib"] for row in rows)

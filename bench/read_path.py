@@ -6,8 +6,8 @@ optimizer.step() (their lines, train.py's apart), and the files one ASMB phase-A
     python bench/read_path.py --asmb-step
 
 The first counts whole functions (a function entered is read whole, docstring included); comprehensions are
-part of their function. Run it twice with the same --teachers.cache-dir to read the path with the teachers cached
-(the first run's first step is stage 0's).
+part of their function. The path with the teachers cached: run `python train.py` with the same flags first (its
+first step is otherwise stage 0's fine-tuning, which the trace stops in, so the cache stays empty).
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ def trace(fn) -> dict[str, set[tuple[str, int]]]:
 
     def tracer(frame, event, arg):
         f = frame.f_code.co_filename
-        if event == "call" and f.startswith(str(ROOT)) and "/.venv/" not in f and "/tests/" not in f \
-                and f != __file__:
+        if event == "call" and f.startswith(str(ROOT)) and "/.venv/" not in f and "/tests/" not in f and f != __file__:
             entered.setdefault(os.path.relpath(f, ROOT), set()).add((frame.f_code.co_name, frame.f_code.co_firstlineno))
 
     sys.settrace(tracer)
@@ -85,13 +84,21 @@ def asmb_step_files() -> None:
     cfg, cpu, classes = smoke_preset(), torch.device("cpu"), 10
     cfg.method = "asmb"
     student = create_model("resnet8", classes, small_input=True)
-    teachers = [train.prepare(create_model(a, classes, small_input=True), cfg, cpu, inference=True)
-                for a in cfg.teachers.models]
+    teachers = [
+        train.prepare(create_model(a, classes, small_input=True), cfg, cpu, inference=True) for a in cfg.teachers.models
+    ]
     for t in teachers:
         apply_freeze(t, cfg.asmb.teacher_freeze)
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, classes)
-    run = train.build_asmb_run(cfg, train.make_runtime(cfg, cpu), train.prepare(student, cfg, cpu), teachers, modules,
-                               steps=2, num_classes=classes)
+    run = train.build_asmb_run(
+        cfg,
+        train.make_runtime(cfg, cpu),
+        train.prepare(student, cfg, cpu),
+        teachers,
+        modules,
+        steps=2,
+        classes=classes,
+    )
     x, y, index = torch.randn(8, 3, 32, 32), torch.randint(0, classes, (8,)), torch.arange(8)
     for name, tr in (("A", run.phase_a), ("B", run.phase_b)):
         train.set_train(tr.model, tr.freeze_policy)

@@ -44,31 +44,42 @@ from kd.teachers import frozen_forward  # noqa: E402
 
 
 FULL = {"batch": 64, "asmb_batch": 16, "rounds": 5, "steps": 2, "train_size": 20_000, "hand": None}
-QUICK = {"batch": 64, "asmb_batch": 2, "rounds": 3, "steps": 1, "train_size": 4_000,
-         "hand": ["kd", "asmb:A", "asmb:B"]}
+QUICK = {"batch": 64, "asmb_batch": 2, "rounds": 3, "steps": 1, "train_size": 4_000, "hand": ["kd", "asmb:A", "asmb:B"]}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="for a CPU: 3 rounds of 1 step, ASMB pair at batch 2, 4k images (CRD gets ~3.5k negatives), "
-                        "the hand-written loop for kd and asmb only")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="for a CPU: 3 rounds of 1 step, ASMB pair at batch 2, 4k images (CRD gets ~3.5k negatives), "
+        "the hand-written loop for kd and asmb only",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--pairs", nargs="+", choices=["cifar", "asmb"], default=["cifar", "asmb"])
     p.add_argument("--methods", nargs="+", default=None, help="subset of ce kd dkd at fitnet crd asmb:A asmb:B")
     p.add_argument("--flags", default="", help="train.py flags of ours and hand, e.g. '--run.amp bf16'")
-    p.add_argument("--alt-flags", default=None,
-                   help="also time train.py's step with these flags instead of --flags (column alt, ratio ours/alt)")
+    p.add_argument(
+        "--alt-flags",
+        default=None,
+        help="also time train.py's step with these flags instead of --flags (column alt, ratio ours/alt)",
+    )
     p.add_argument("--batch", type=int, help="batch of the resnet32x4 -> resnet8x4 pair (64)")
-    p.add_argument("--hand", nargs="*", default=None,
-                   help="methods that also time the hand-written loop (all; --quick: kd asmb:A asmb:B; none: --hand)")
+    p.add_argument(
+        "--hand",
+        nargs="*",
+        default=None,
+        help="methods that also time the hand-written loop (all; --quick: kd asmb:A asmb:B; none: --hand)",
+    )
     p.add_argument("--asmb-batch", type=int, help="batch of the ASMB pair (16; --quick 2)")
     p.add_argument("--rounds", type=int, help="timed rounds, each timing every loop once (5; --quick 3)")
     p.add_argument("--steps", type=int, help="steps per loop per round (2; --quick 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed blocks of --steps per loop first")
-    p.add_argument("--train-size", type=int,
-                   help="synthetic images before the 10%% validation split (20000: CRD gets its 16384 negatives; "
-                        "--quick 4000)")
+    p.add_argument(
+        "--train-size",
+        type=int,
+        help="synthetic images before the 10%% validation split (20000: CRD gets its 16384 negatives; --quick 4000)",
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-ablations", action="store_true", help="skip the teacher-forward and optimiser rows")
@@ -141,8 +152,17 @@ def ablations(args, data) -> None:
     mode, channels_last) in float32 and at the --flags' --teachers.precision, and the optimiser step over the
     student's parameters: torch's default implementation vs foreach vs fused (train.py uses fused)."""
     device = torch.device(args.device)
-    cfg = C.parse(C.train_argv(C.CIFAR_PAIR, "kd", batch=args.batch, train_size=args.train_size, steps=1,
-                               device=args.device, flags=args.flags))
+    cfg = C.parse(
+        C.train_argv(
+            C.CIFAR_PAIR,
+            "kd",
+            batch=args.batch,
+            train_size=args.train_size,
+            steps=1,
+            device=args.device,
+            flags=args.flags,
+        )
+    )
     b = C.build_ours(cfg, data)
     teacher, tr = b.teachers[0], b.trainer
     x, _, _ = next(iter(b.loader))
@@ -155,33 +175,50 @@ def ablations(args, data) -> None:
             return ref_teacher(x)
 
     precision = str(tr.runtime.teacher_dtype or torch.float32).removeprefix("torch.")
-    t = alternate({"ref": ref_forward, "float32": lambda: frozen_forward([teacher], x_ours),
-                   precision: lambda: frozen_forward([teacher], x_ours, dtype=tr.runtime.teacher_dtype)}, args.rounds, device)
+    t = alternate(
+        {
+            "ref": ref_forward,
+            "float32": lambda: frozen_forward([teacher], x_ours),
+            precision: lambda: frozen_forward([teacher], x_ours, dtype=tr.runtime.teacher_dtype),
+        },
+        args.rounds,
+        device,
+    )
     gflop = C.count_flops(ref_forward) / 1e9  # convolutions and matmuls: how close each runs to the hardware's peak
-    print(f"teacher forward ({C.CIFAR_PAIR.teachers[0]}, batch {args.batch}, {gflop:.1f} GFLOP): toolbox float32 "
-          f"NCHW no_grad {1e3 * t['ref']:.1f} ms ({gflop / t['ref']:.0f} GFLOP/s); train.py frozen forward float32 "
-          f"{1e3 * t['float32']:.1f} ms ({t['ref'] / t['float32']:.2f}x), {precision} {1e3 * t[precision]:.1f} ms "
-          f"({t['ref'] / t[precision]:.2f}x, {gflop / t[precision]:.0f} GFLOP/s)")
-    models = [b.student] + ([create_model(C.ASMB_PAIR.student, 100, small_input=True).to(device)]
-                            if "asmb" in args.pairs else [])
+    print(
+        f"teacher forward ({C.CIFAR_PAIR.teachers[0]}, batch {args.batch}, {gflop:.1f} GFLOP): toolbox float32 "
+        f"NCHW no_grad {1e3 * t['ref']:.1f} ms ({gflop / t['ref']:.0f} GFLOP/s); train.py frozen forward float32 "
+        f"{1e3 * t['float32']:.1f} ms ({t['ref'] / t['float32']:.2f}x), {precision} {1e3 * t[precision]:.1f} ms "
+        f"({t['ref'] / t[precision]:.2f}x, {gflop / t[precision]:.0f} GFLOP/s)"
+    )
+    models = [b.student] + (
+        [create_model(C.ASMB_PAIR.student, 100, small_input=True).to(device)] if "asmb" in args.pairs else []
+    )
     for model in models:
         params = list(model.parameters())
         for p in params:
             p.grad = torch.randn_like(p)
         o = cfg.optim
         kw = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        opts = {"default": torch.optim.SGD(params, **kw), "foreach": torch.optim.SGD(params, foreach=True, **kw),
-                "fused": torch.optim.SGD(params, fused=True, **kw)}
+        opts = {
+            "default": torch.optim.SGD(params, **kw),
+            "foreach": torch.optim.SGD(params, foreach=True, **kw),
+            "fused": torch.optim.SGD(params, fused=True, **kw),
+        }
         with torch.no_grad():
             t = alternate({k: opt.step for k, opt in opts.items()}, 10, device)
         timings = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in t.items())
-        print(f"SGD step ({model.arch}, {len(params)} tensors): {timings} (fused {t['default'] / t['fused']:.1f}x default)")
+        print(
+            f"SGD step ({model.arch}, {len(params)} tensors): {timings} (fused {t['default'] / t['fused']:.1f}x default)"
+        )
 
 
 def table_row(pair: C.Pair, method: str, batch: int, r: dict[str, float], peak: float | None) -> str:
     hand = (f"{r['hand_ips']:>12.1f}", f"{r['ours/hand']:>10.2f}x") if "hand_ips" in r else (f"{'-':>12}", f"{'-':>11}")
-    line = f"{pair.name:<42}{method:<8}{batch:>6}{r['ours_ips']:>12.1f}{r['ref_ips']:>11.1f}" \
-           f"{hand[0]}{r['ours/ref']:>9.2f}x{hand[1]}"
+    line = (
+        f"{pair.name:<42}{method:<8}{batch:>6}{r['ours_ips']:>12.1f}{r['ref_ips']:>11.1f}"
+        f"{hand[0]}{r['ours/ref']:>9.2f}x{hand[1]}"
+    )
     if "alt_ips" in r:
         line += f"{r['alt_ips']:>11.1f}{r['ours/alt']:>9.2f}x"
     if "tflops" in r:
@@ -195,12 +232,16 @@ def main() -> None:
     pairs = {"cifar": C.CIFAR_PAIR, "asmb": C.ASMB_PAIR}
     peak = args.peak_tflops or C.bf16_peak_tflops(device)
     print(f"{C.describe_machine()}; device {device}; ours/hand flags: {args.flags or '(train.py defaults)'}")
-    print(f"{args.rounds} rounds of {args.steps} step(s) per loop, loops in a new order every round, after "
-          f"{args.warmup} warm-up block(s); img/s: median over rounds; ratios: median of the per-round ratios; "
-          f"reference loop: DataLoader with {args.workers} workers over PIL images"
-          + (f"; --quick: ASMB pair at batch {args.asmb_batch}, {args.train_size} images" if args.quick else ""))
-    head = f"{'pair':<42}{'method':<8}{'batch':>6}{'ours img/s':>12}{'ref img/s':>11}{'hand img/s':>12}" \
-           f"{'ours/ref':>10}{'ours/hand':>11}"
+    print(
+        f"{args.rounds} rounds of {args.steps} step(s) per loop, loops in a new order every round, after "
+        f"{args.warmup} warm-up block(s); img/s: median over rounds; ratios: median of the per-round ratios; "
+        f"reference loop: DataLoader with {args.workers} workers over PIL images"
+        + (f"; --quick: ASMB pair at batch {args.asmb_batch}, {args.train_size} images" if args.quick else "")
+    )
+    head = (
+        f"{'pair':<42}{'method':<8}{'batch':>6}{'ours img/s':>12}{'ref img/s':>11}{'hand img/s':>12}"
+        f"{'ours/ref':>10}{'ours/hand':>11}"
+    )
     alt = args.alt_flags is not None
     if alt:
         print(f"alt: train.py's step with flags: {args.alt_flags or '(train.py defaults)'}")
@@ -215,8 +256,11 @@ def main() -> None:
         if not methods:
             continue
         batch = args.batch if key == "cifar" else args.asmb_batch
-        base = C.parse(C.train_argv(pair, methods[0], batch=batch, train_size=args.train_size, steps=args.steps,
-                                    device=args.device))
+        base = C.parse(
+            C.train_argv(
+                pair, methods[0], batch=batch, train_size=args.train_size, steps=args.steps, device=args.device
+            )
+        )
         data = C.build_data(base)
         ref_batches = C.cycle(C.reference_loader(data, batch, args.workers, device))
         next(ref_batches)  # start the worker processes before the models exist (smaller forks)
@@ -233,13 +277,28 @@ def main() -> None:
         gc.collect()
     if ("cifar", "ce") in ips and ("cifar", "kd") in ips:
         free, ref = ips["cifar", "ce"]["ours_ips"], ips["cifar", "kd"]["ref_ips"]
-        print(f"bound: a kd step whose teacher cost nothing (ours ce, {free:.1f} img/s) runs {free / ref:.2f}x the "
-              f"reference kd loop ({ref:.1f} img/s); ours kd: {ips['cifar', 'kd']['ours/ref']:.2f}x")
+        print(
+            f"bound: a kd step whose teacher cost nothing (ours ce, {free:.1f} img/s) runs {free / ref:.2f}x the "
+            f"reference kd loop ({ref:.1f} img/s); ours kd: {ips['cifar', 'kd']['ours/ref']:.2f}x"
+        )
     if not args.no_ablations:
-        ablations(args, data if data is not None else C.build_data(C.parse(C.train_argv(
-            C.CIFAR_PAIR, "kd", batch=args.batch, train_size=args.train_size, steps=1, device=args.device))))
-    print(f"ours/ref: {', '.join(ratios)}" + (f"; ours/hand: {', '.join(hand_ratios)}" if hand_ratios else "")
-          + (f"; ours/alt: {', '.join(alt_ratios)}" if alt else ""))
+        ablations(
+            args,
+            data
+            if data is not None
+            else C.build_data(
+                C.parse(
+                    C.train_argv(
+                        C.CIFAR_PAIR, "kd", batch=args.batch, train_size=args.train_size, steps=1, device=args.device
+                    )
+                )
+            ),
+        )
+    print(
+        f"ours/ref: {', '.join(ratios)}"
+        + (f"; ours/hand: {', '.join(hand_ratios)}" if hand_ratios else "")
+        + (f"; ours/alt: {', '.join(alt_ratios)}" if alt else "")
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ from kd.asmb import compile_synergy, synergy_losses  # noqa: E402
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few iterations (CPU run < 1 min incl. compile)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cpu, plus cuda when available")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cpu, plus cuda when available"
+    )
     p.add_argument("--kind", choices=["attn", "mlp", "ib"], default="attn")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--teacher-dims", type=int, nargs="+", default=[2048, 1408])
@@ -39,7 +41,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--iters", type=int, default=50, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant after the compiling call")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 on a shared machine")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 on a shared machine"
+    )
     return p.parse_args()
 
 
@@ -129,7 +133,9 @@ def main() -> None:
     for dev in devices:
         for phase in ("A", "B"):
             r = bench_one(args, torch.device(dev), phase)
-            print(f"{dev:<7}{phase:<7}{r['eager_ms']:>10.3f}{r['compiled_ms']:>13.3f}{r['speedup']:>8.2f}x{r['compile_s']:>11.1f}")
+            print(
+                f"{dev:<7}{phase:<7}{r['eager_ms']:>10.3f}{r['compiled_ms']:>13.3f}{r['speedup']:>8.2f}x{r['compile_s']:>11.1f}"
+            )
             ratios.append(f"{dev} {phase} {r['speedup']:.2f}x")
     print("speedup (eager time / compiled time): " + ", ".join(ratios))
 

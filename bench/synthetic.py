@@ -41,11 +41,12 @@ def main() -> None:
         versions = {"before": before, **versions}
     times: dict[str, list[float]] = {k: [] for k in versions}
     for r in range(args.rounds):
-        for name in (list(versions) if r % 2 == 0 else list(versions)[::-1]):
+        for name in list(versions) if r % 2 == 0 else list(versions)[::-1]:
             mod = versions[name]
             t = time.perf_counter()
-            mod._load_synthetic(mod.SyntheticSpec(num_classes=100, train_size=args.train_size,
-                                                  test_size=args.test_size, image_size=32))
+            mod._load_synthetic(
+                mod.SyntheticSpec(num_classes=100, train_size=args.train_size, test_size=args.test_size, image_size=32)
+            )
             times[name].append(time.perf_counter() - t)
             print(f"round {r + 1} {name}: {times[name][-1]:.2f} s", flush=True)
     print(", ".join(f"{k} median {statistics.median(v):.2f} s" for k, v in times.items()))

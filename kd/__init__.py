@@ -15,6 +15,7 @@ def _register_zoo_with_timm() -> None:
     knows the zoo names."""
     if "timm" in sys.modules:
         from . import zoo  # noqa: F401
+
         return
     import importlib
     import importlib.abc

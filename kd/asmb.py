@@ -222,10 +222,23 @@ def build_asmb_modules(cfg: AsmbCfg, teacher_dims: Sequence[int], student: KDMod
     """The bridge over teachers of feature dims `teacher_dims` queried by `student`, and the student's
     projections. Raises ConfigError for impossible dimensions (query dim != student dim, heads that do not
     divide the attention width, a feature map the student does not have)."""
-    bridge = build_bridge(cfg.mbm_kind, teacher_dims, student.num_features, num_classes, query_dim=cfg.mbm_query_dim,
-                          out_dim=cfg.mbm_out_dim, r=cfg.mbm_r, n_head=cfg.mbm_n_head, dropout=cfg.mbm_dropout,
-                          learnable_query=cfg.learnable_query, hidden=cfg.mbm_hidden, z_dim=cfg.z_dim,
-                          ib_fusion=cfg.ib_fusion, feat_norm=cfg.mbm_feat_norm, ensemble_base=cfg.ensemble_base)
+    bridge = build_bridge(
+        cfg.mbm_kind,
+        teacher_dims,
+        student.num_features,
+        num_classes,
+        query_dim=cfg.mbm_query_dim,
+        out_dim=cfg.mbm_out_dim,
+        r=cfg.mbm_r,
+        n_head=cfg.mbm_n_head,
+        dropout=cfg.mbm_dropout,
+        learnable_query=cfg.learnable_query,
+        hidden=cfg.mbm_hidden,
+        z_dim=cfg.z_dim,
+        ib_fusion=cfg.ib_fusion,
+        feat_norm=cfg.mbm_feat_norm,
+        ensemble_base=cfg.ensemble_base,
+    )
     h_dim = bridge.mbm.out_dim  # the synergy feature (z for ib)
     feat_proj = latent_proj = None
     if cfg.feat_kd_alpha > 0:
@@ -234,11 +247,15 @@ def build_asmb_modules(cfg: AsmbCfg, teacher_dims: Sequence[int], student: KDMod
         if index is not None:
             channels = student.feature_channels()
             if not -len(channels) <= index < len(channels):
-                raise ConfigError(f"--asmb.feat-kd-key {cfg.feat_kd_key}: {student.arch} has {len(channels)} feature maps")
+                raise ConfigError(
+                    f"--asmb.feat-kd-key {cfg.feat_kd_key}: {student.arch} has {len(channels)} feature maps"
+                )
             in_dim = channels[index]
         feat_proj = FeatureProjection(in_dim, h_dim)
     if cfg.latent_alpha > 0:
-        latent_proj = FeatureProjection(student.num_features, h_dim, l2_input=cfg.latent_l2_input, batchnorm=cfg.latent_bn)
+        latent_proj = FeatureProjection(
+            student.num_features, h_dim, l2_input=cfg.latent_l2_input, batchnorm=cfg.latent_bn
+        )
     return AsmbModules(bridge, feat_proj, latent_proj)
 
 
@@ -283,8 +300,12 @@ class SynergyModel(nn.Module):
         return self.outputs(x)[2]
 
     def meta(self) -> dict[str, Any]:
-        return {"arch": f"asmb-{self.bridge.kind}", "num_classes": self.student.num_classes,
-                "student": self.student.arch, "teachers": [t.arch for t in self.teachers]}
+        return {
+            "arch": f"asmb-{self.bridge.kind}",
+            "num_classes": self.student.num_classes,
+            "student": self.student.arch,
+            "teachers": [t.arch for t in self.teachers],
+        }
 
 
 # ----------------------------------------------------------------------------------------------- phase A
@@ -321,15 +342,27 @@ class AsmbAdapt(Method):
 
     name = "asmb:A"
 
-    def __init__(self, cfg: AsmbCfg, bridge: SynergyBridge, teachers: Sequence[KDModel], temperatures: Tensor, *,
-                 num_classes: int, label_smoothing: float = 0.0):
-        super().__init__(cfg, None, list(teachers), num_classes=num_classes, num_train=0, label_smoothing=label_smoothing)
+    def __init__(
+        self,
+        cfg: AsmbCfg,
+        bridge: SynergyBridge,
+        teachers: Sequence[KDModel],
+        temperatures: Tensor,
+        *,
+        num_classes: int,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(
+            cfg, None, list(teachers), num_classes=num_classes, num_train=0, label_smoothing=label_smoothing
+        )
         _keep_unregistered(self, "bridge", bridge)
         _keep_unregistered(self, "teacher_models", list(teachers))
         for teacher in teachers:
             if not any(p.requires_grad for p in teacher.parameters()):
-                raise ConfigError(f"--asmb.teacher-freeze {cfg.teacher_freeze} leaves nothing of teacher {teacher.arch} "
-                                  "to train in phase A")
+                raise ConfigError(
+                    f"--asmb.teacher-freeze {cfg.teacher_freeze} leaves nothing of teacher {teacher.arch} "
+                    "to train in phase A"
+                )
         self.register_buffer("temperatures", temperatures, persistent=False)
         self.synergy = compile_synergy(synergy_losses, cfg.compile_synergy)
 
@@ -344,8 +377,13 @@ class AsmbAdapt(Method):
 
     def loss_weights(self, epoch: int) -> dict[str, float]:
         c = self.cfg
-        return {"synergy_ce": c.synergy_ce, "adapt_kd": c.adapt_kd, "ib_kl": c.ib_beta, "mbm_l2": c.mbm_reg_lambda,
-                "teacher_l2": c.reg_lambda}
+        return {
+            "synergy_ce": c.synergy_ce,
+            "adapt_kd": c.adapt_kd,
+            "ib_kl": c.ib_beta,
+            "mbm_l2": c.mbm_reg_lambda,
+            "teacher_l2": c.reg_lambda,
+        }
 
 
 # ----------------------------------------------------------------------------------------------- phase B
@@ -361,11 +399,21 @@ class AsmbDistill(Method):
 
     name = "asmb:B"
 
-    def __init__(self, cfg: AsmbCfg, student: KDModel, teachers: Sequence[KDModel], modules: AsmbModules,
-                 temperatures: Tensor, *, num_classes: int, label_smoothing: float = 0.0,
-                 phase_epochs: tuple[int, int] = (0, 1)):
-        super().__init__(cfg, student, list(teachers), num_classes=num_classes, num_train=0,
-                         label_smoothing=label_smoothing)
+    def __init__(
+        self,
+        cfg: AsmbCfg,
+        student: KDModel,
+        teachers: Sequence[KDModel],
+        modules: AsmbModules,
+        temperatures: Tensor,
+        *,
+        num_classes: int,
+        label_smoothing: float = 0.0,
+        phase_epochs: tuple[int, int] = (0, 1),
+    ):
+        super().__init__(
+            cfg, student, list(teachers), num_classes=num_classes, num_train=0, label_smoothing=label_smoothing
+        )
         self.phase_epochs = phase_epochs  # (phase A, phase B) epochs per stage: the student epoch of a global one
         _keep_unregistered(self, "bridge", modules.bridge)
         _keep_unregistered(self, "teacher_models", list(teachers))
@@ -410,8 +458,13 @@ class AsmbDistill(Method):
 
     def loss_weights(self, epoch: int) -> dict[str, float]:
         c = self.cfg
-        return {"ce": c.ce, "kd": c.kd, "dkd": c.kd * warmup_factor(self.student_epoch(epoch), c.dkd_warmup),
-                "feat_kd": c.feat_kd_alpha, "latent": c.latent_alpha}
+        return {
+            "ce": c.ce,
+            "kd": c.kd,
+            "dkd": c.kd * warmup_factor(self.student_epoch(epoch), c.dkd_warmup),
+            "feat_kd": c.feat_kd_alpha,
+            "latent": c.latent_alpha,
+        }
 
 
 # ----------------------------------------------------------------------------------------------- reporting, state
@@ -424,19 +477,36 @@ class AsmbRun:
     teacher plus these rebuild it), bridge, projections, both optimisers/schedules/scalers, the stage and the
     best student so far; everything loads with torch.load(weights_only=True)."""
 
-    def __init__(self, cfg: AsmbCfg, student: KDModel, teachers: Sequence[KDModel], modules: AsmbModules,
-                 device: torch.device | str, num_classes: int, optim_epochs: int, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        cfg: AsmbCfg,
+        student: KDModel,
+        teachers: Sequence[KDModel],
+        modules: AsmbModules,
+        device: torch.device | str,
+        num_classes: int,
+        optim_epochs: int,
+        label_smoothing: float = 0.0,
+    ):
         self.cfg, self.num_stages = cfg, cfg.num_stages
         self.teacher_epochs, self.student_epochs = cfg.epochs_per_stage(optim_epochs)
         temperatures = temperature_table(cfg, cfg.num_stages * (self.teacher_epochs + self.student_epochs), device)
         self.student, self.teachers, self.bridge = student, list(teachers), modules.bridge.to(device)
         self.teacher_keys = [adapted_keys(t, cfg.teacher_freeze) for t in teachers]
         self.synergy = SynergyModel(self.bridge, student, teachers, cfg.teacher_freeze)
-        self.adapt = AsmbAdapt(cfg, self.bridge, teachers, temperatures, num_classes=num_classes,
-                               label_smoothing=label_smoothing)
-        self.distill = AsmbDistill(cfg, student, teachers, modules, temperatures, num_classes=num_classes,
-                                   label_smoothing=label_smoothing,
-                                   phase_epochs=(self.teacher_epochs, self.student_epochs)).to(device)
+        self.adapt = AsmbAdapt(
+            cfg, self.bridge, teachers, temperatures, num_classes=num_classes, label_smoothing=label_smoothing
+        )
+        self.distill = AsmbDistill(
+            cfg,
+            student,
+            teachers,
+            modules,
+            temperatures,
+            num_classes=num_classes,
+            label_smoothing=label_smoothing,
+            phase_epochs=(self.teacher_epochs, self.student_epochs),
+        ).to(device)
         self.phase_a = self.phase_b = None  # the phases' trainers (optimizer, scheduler, scaler; optim_state())
         self.stage = 0
         self.best: dict[str, Any] = {"acc": -1.0, "epoch": 0, "state": None}  # best student (global epoch)
@@ -456,19 +526,31 @@ class AsmbRun:
         """Phase A's optimiser groups: each teacher's trainable part at teacher_lr (teacher_weight_decay); the MBM
         + head faster (teacher_lr * mbm_lr_factor) and without decay (mbm_reg_lambda regularises them)."""
         c = self.cfg
-        return [{"params": [p for t in self.teachers for p in t.parameters() if p.requires_grad], "lr": c.teacher_lr,
-                 "weight_decay": c.teacher_weight_decay},
-                {"params": list(self.bridge.parameters()), "lr": c.teacher_lr * c.mbm_lr_factor, "weight_decay": 0.0}]
+        return [
+            {
+                "params": [p for t in self.teachers for p in t.parameters() if p.requires_grad],
+                "lr": c.teacher_lr,
+                "weight_decay": c.teacher_weight_decay,
+            },
+            {"params": list(self.bridge.parameters()), "lr": c.teacher_lr * c.mbm_lr_factor, "weight_decay": 0.0},
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "stage": self.stage, "student_meta": self.student.meta(), "student": self.student.state_dict(),
-            "teachers": [{"meta": t.meta(), "adapted": {k: v for k, v in t.state_dict().items() if k in keys}}
-                         for t, keys in zip(self.teachers, self.teacher_keys)],
-            "bridge": self.bridge.state_dict(), "projections": self.distill.state_dict(),
-            "phase_a": self.phase_a.optim_state(), "phase_b": self.phase_b.optim_state(),
+            "stage": self.stage,
+            "student_meta": self.student.meta(),
+            "student": self.student.state_dict(),
+            "teachers": [
+                {"meta": t.meta(), "adapted": {k: v for k, v in t.state_dict().items() if k in keys}}
+                for t, keys in zip(self.teachers, self.teacher_keys)
+            ],
+            "bridge": self.bridge.state_dict(),
+            "projections": self.distill.state_dict(),
+            "phase_a": self.phase_a.optim_state(),
+            "phase_b": self.phase_b.optim_state(),
             # the best student before the running phase B (during one, the trainer's own "best"/"progress" lead)
-            "best": {"acc": self.best["acc"], "epoch": self.best["epoch"]}, "best_student": self.best["state"],
+            "best": {"acc": self.best["acc"], "epoch": self.best["epoch"]},
+            "best_student": self.best["state"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -519,7 +601,9 @@ def zero_residual(bridge: SynergyBridge) -> None:
         last.bias.zero_()
 
 
-def guard_residual(synergy: SynergyModel, loader: Iterable, stage: int, device: torch.device | str = "cpu") -> str | None:
+def guard_residual(
+    synergy: SynergyModel, loader: Iterable, stage: int, device: torch.device | str = "cpu"
+) -> str | None:
     """--asmb.residual-guard, after phase A of `stage`: when the synergy is less accurate than the teachers'
     ensemble on `loader` (the validation split), reset the residual to 0 and return the line saying so. Under
     DDP every process evaluates the whole split and all take rank 0's decision (their BatchNorm statistics may
@@ -529,8 +613,10 @@ def guard_residual(synergy: SynergyModel, loader: Iterable, stage: int, device: 
     if synergy_acc >= ensemble_acc:
         return None
     zero_residual(synergy.bridge)
-    return (f"stage {stage}: synergy val acc {synergy_acc:.2f} < ensemble {ensemble_acc:.2f} "
-            "after phase A: residual reset to 0 (synergy = ensemble)")
+    return (
+        f"stage {stage}: synergy val acc {synergy_acc:.2f} < ensemble {ensemble_acc:.2f} "
+        "after phase A: residual reset to 0 (synergy = ensemble)"
+    )
 
 
 def synergy_warning(stage: int, metrics: dict[str, float]) -> str | None:
@@ -538,8 +624,10 @@ def synergy_warning(stage: int, metrics: dict[str, float]) -> str | None:
     distilled from it learns from something worse than averaging the teachers), else None."""
     if metrics["synergy/acc"] >= metrics["ensemble/acc"]:
         return None
-    return (f"warning: stage {stage}: synergy val acc {metrics['synergy/acc']:.2f} is below the teachers' ensemble "
-            f"{metrics['ensemble/acc']:.2f}")
+    return (
+        f"warning: stage {stage}: synergy val acc {metrics['synergy/acc']:.2f} is below the teachers' ensemble "
+        f"{metrics['ensemble/acc']:.2f}"
+    )
 
 
 def adapted_keys(model: nn.Module, policy: str) -> set[str]:

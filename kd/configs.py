@@ -26,8 +26,10 @@ class TemperatureChecked:
         if self.temperature <= 0:
             raise ConfigError(f"--{group}.temperature must be > 0, got {self.temperature}")
         if self.temperature < MIN_TEMPERATURE:  # T^2 scales the KL: below this it vanishes in float32
-            raise ConfigError(f"--{group}.temperature {self.temperature} is below {MIN_TEMPERATURE}: the T^2 "
-                              "factor would turn distillation off")
+            raise ConfigError(
+                f"--{group}.temperature {self.temperature} is below {MIN_TEMPERATURE}: the T^2 "
+                "factor would turn distillation off"
+            )
 
 
 @dataclass
@@ -349,24 +351,39 @@ class AsmbCfg:
             (self.mbm_lr_factor > 0, f"--asmb.mbm-lr-factor must be > 0, got {self.mbm_lr_factor}"),
             (self.hybrid_beta <= 1, f"--asmb.hybrid-beta must be in [0, 1], got {self.hybrid_beta}"),
             (self.bridge_split < 1, f"--asmb.bridge-split must be in [0, 1), got {self.bridge_split}"),
-            (self.loss == "kd" or self.hybrid_beta == 0,
-             "--asmb.hybrid-beta mixes two KD targets; it needs --asmb.loss kd"),
+            (
+                self.loss == "kd" or self.hybrid_beta == 0,
+                "--asmb.hybrid-beta mixes two KD targets; it needs --asmb.loss kd",
+            ),
             (self.mbm_dropout < 1, f"--asmb.mbm-dropout must be in [0, 1), got {self.mbm_dropout}"),
             (self.mbm_r >= 1, f"--asmb.mbm-r must be >= 1, got {self.mbm_r}"),
             (self.mbm_n_head >= 1, f"--asmb.mbm-n-head must be >= 1, got {self.mbm_n_head}"),
             (self.mbm_hidden >= 1, f"--asmb.mbm-hidden must be >= 1, got {self.mbm_hidden}"),
-            (self.tau_start > 0 and self.tau_end > 0,
-             f"--asmb.tau-start and --asmb.tau-end must be > 0, got {self.tau_start} and {self.tau_end}"),
-            (self.teacher_freeze != "adapter" or self.teacher_adapter_dim >= 1,
-             "--asmb.teacher-freeze adapter needs --asmb.teacher-adapter-dim >= 1"),
-            (self.latent_alpha == 0 or self.mbm_kind == "ib",
-             f"--asmb.latent-alpha > 0 (IB-KD) needs --asmb.mbm-kind ib, got {self.mbm_kind}"),
-            (self.synergy_ce > 0 or self.adapt_kd > 0,
-             "--asmb.synergy-ce and --asmb.adapt-kd are both 0: phase A would train the teachers and the bridge "
-             "on their L2 terms alone"),
-            (self.z_dim == 0 or self.mbm_kind == "ib", f"--asmb.z-dim only applies to --asmb.mbm-kind ib, got {self.mbm_kind}"),
-            (self.mbm_out_dim == 0 or self.mbm_kind != "ib" or self.ib_fusion == "attn",
-             "--asmb.mbm-out-dim has no effect with --asmb.ib-fusion concat (set --asmb.z-dim for the latent size)"),
+            (
+                self.tau_start > 0 and self.tau_end > 0,
+                f"--asmb.tau-start and --asmb.tau-end must be > 0, got {self.tau_start} and {self.tau_end}",
+            ),
+            (
+                self.teacher_freeze != "adapter" or self.teacher_adapter_dim >= 1,
+                "--asmb.teacher-freeze adapter needs --asmb.teacher-adapter-dim >= 1",
+            ),
+            (
+                self.latent_alpha == 0 or self.mbm_kind == "ib",
+                f"--asmb.latent-alpha > 0 (IB-KD) needs --asmb.mbm-kind ib, got {self.mbm_kind}",
+            ),
+            (
+                self.synergy_ce > 0 or self.adapt_kd > 0,
+                "--asmb.synergy-ce and --asmb.adapt-kd are both 0: phase A would train the teachers and the bridge "
+                "on their L2 terms alone",
+            ),
+            (
+                self.z_dim == 0 or self.mbm_kind == "ib",
+                f"--asmb.z-dim only applies to --asmb.mbm-kind ib, got {self.mbm_kind}",
+            ),
+            (
+                self.mbm_out_dim == 0 or self.mbm_kind != "ib" or self.ib_fusion == "attn",
+                "--asmb.mbm-out-dim has no effect with --asmb.ib-fusion concat (set --asmb.z-dim for the latent size)",
+            ),
         ]
         for ok, msg in rules:
             if not ok:

@@ -54,14 +54,16 @@ class ExtractLimits:
     """The most an archive may expand to (--data.max-extract-gb, --data.max-extract-files), read from its member
     list before anything is extracted: a small zip can declare hundreds of GB or millions of files. The defaults
     hold Tiny-ImageNet-200 (~120k files, ~0.25 GB) and ImageNet-100-sized sets (~135k files, ~16 GB) with room."""
+
     max_bytes: int = 50 * 10**9
     max_files: int = 1_000_000
 
     @classmethod
     def from_flags(cls, max_gb: float, max_files: int) -> "ExtractLimits":
         if not max_gb > 0 or max_files < 1:
-            raise ConfigError(f"--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1, got {max_gb} "
-                              f"and {max_files}")
+            raise ConfigError(
+                f"--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1, got {max_gb} and {max_files}"
+            )
         return cls(int(max_gb * 10**9), int(max_files))
 
 
@@ -160,8 +162,10 @@ def validation_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Te
     nothing could select a model, and the run would fail after its first epoch)."""
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     if len(val_idx) == 0:
-        raise DataError(f"the validation split is empty: each of the {int(labels.max()) + 1} classes has a single "
-                        "training image, and a class needs 2 to give one to validation")
+        raise DataError(
+            f"the validation split is empty: each of the {int(labels.max()) + 1} classes has a single "
+            "training image, and a class needs 2 to give one to validation"
+        )
     return train_idx, val_idx
 
 
@@ -186,8 +190,17 @@ def train_subset(data: DataSplits, indices: Tensor) -> DataSplits:
     raise TypeError(f"train_subset: unsupported training dataset {type(ds).__name__}")
 
 
-def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int = 0, seed: int = 0,
-                drop_last: bool | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    workers: int = 0,
+    seed: int = 0,
+    drop_last: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
     """Training: reshuffled every epoch from a seeded generator, incomplete last batch dropped (fixed shapes
     for torch.compile), through a resumable kd.sampler.EpochBatchSampler (`loader.batch_sampler`) that
     gives rank `rank` of `world_size` its slice of each global batch of `batch_size`. Eval: in order,
@@ -196,12 +209,23 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int = 0, 
     if drop_last and len(ds) < batch_size:
         raise ConfigError(f"batch_size {batch_size} is larger than the split ({len(ds)} samples); lower it")
     if train and drop_last:
-        return DataLoader(ds, batch_sampler=EpochBatchSampler(len(ds), batch_size, seed=seed, rank=rank,
-                                                              world_size=world_size),
-                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=drop_last, num_workers=workers,
-                      generator=torch.Generator().manual_seed(seed) if train else None,
-                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            ds,
+            batch_sampler=EpochBatchSampler(len(ds), batch_size, seed=seed, rank=rank, world_size=world_size),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=drop_last,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed) if train else None,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- transforms
@@ -213,8 +237,9 @@ def _randaugment(randaugment: tuple[int, int]) -> list[v2.Transform]:
     return [v2.RandAugment(num_ops=num_ops, magnitude=magnitude)] if num_ops > 0 else []
 
 
-def _tensor_transform(native: int, size: int, mean, std, augment: bool,
-                      randaugment: tuple[int, int] = (0, 0)) -> v2.Transform:
+def _tensor_transform(
+    native: int, size: int, mean, std, augment: bool, randaugment: tuple[int, int] = (0, 0)
+) -> v2.Transform:
     """uint8 [3,H,W] -> (resize) -> (random crop, pad size//8 + flip, RandAugment) -> float normalised."""
     steps: list[v2.Transform] = [v2.Resize((size, size), antialias=True)] if size != native else []
     if augment:
@@ -229,8 +254,9 @@ def _file_transform(size: int, mean, std, augment: bool, randaugment: tuple[int,
         steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *_randaugment(randaugment)]
     else:  # the usual 224/256 ratio
         steps = [v2.Resize(math.ceil(size / 0.875), antialias=True), v2.CenterCrop(size)]
-    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
-                       v2.ToPureTensor()])
+    return v2.Compose(
+        [v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- synthetic
@@ -270,9 +296,13 @@ def _load_synthetic(spec: SyntheticSpec) -> tuple[Tensor, Tensor, Tensor, Tensor
         raise ConfigError(f"invalid synthetic data spec {spec}: need >= 2 classes, image_size >= 4, sizes >= 1")
     g = torch.Generator().manual_seed(spec.seed)
     c = spec.num_classes
-    params = {"theta": torch.rand(c, generator=g) * math.pi, "freq": 1.5 + 4.5 * torch.rand(c, generator=g),
-              "centre": 0.25 + 0.5 * torch.rand(c, 2, generator=g), "radius": 0.08 + 0.1 * torch.rand(c, generator=g),
-              "palette": torch.rand(c, 3, 3, generator=g)}
+    params = {
+        "theta": torch.rand(c, generator=g) * math.pi,
+        "freq": 1.5 + 4.5 * torch.rand(c, generator=g),
+        "centre": 0.25 + 0.5 * torch.rand(c, 2, generator=g),
+        "radius": 0.08 + 0.1 * torch.rand(c, generator=g),
+        "palette": torch.rand(c, 3, 3, generator=g),
+    }
     out = []
     for n in (spec.train_size, spec.test_size):
         labels = (torch.arange(n) % c)[torch.randperm(n, generator=g)]  # balanced, shuffled
@@ -290,8 +320,10 @@ def _load_cifar100(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str
     try:
         splits = [tvd.CIFAR100(str(root), train=train, download=True) for train in (True, False)]
     except (OSError, RuntimeError) as e:  # URLError/HTTPError are OSErrors; a bad md5 is a RuntimeError
-        raise DataError(f"CIFAR-100 not found (or corrupt) at {folder} and the download failed ({first_line(e)}); "
-                        f"download cifar-100-python.tar.gz from {CIFAR100_URL} and extract it under {root}") from None
+        raise DataError(
+            f"CIFAR-100 not found (or corrupt) at {folder} and the download failed ({first_line(e)}); "
+            f"download cifar-100-python.tar.gz from {CIFAR100_URL} and extract it under {root}"
+        ) from None
     except Exception as e:  # files pass the md5 check but do not unpickle to the expected arrays
         raise DataError(f"malformed CIFAR-100 files in {folder} ({type(e).__name__}: {first_line(e)})") from None
     out: list = []
@@ -341,11 +373,12 @@ def select_classes(all_ids: list[str], selection: int | list[str] | None, where:
     known = set(all_ids)
     unknown = [i for i in selection if i not in known]
     if unknown:
-        raise DataError(f"--data.classes: class {unknown[0]!r} is not in {where}"
-                        f"{f' (nor {len(unknown) - 1} more)' if len(unknown) > 1 else ''}")
+        raise DataError(
+            f"--data.classes: class {unknown[0]!r} is not in {where}"
+            f"{f' (nor {len(unknown) - 1} more)' if len(unknown) > 1 else ''}"
+        )
     wanted = set(selection)
     return [i for i in all_ids if i in wanted]
-
 
 
 # ----------------------------------------------------------------------------------------------- tiny-imagenet
@@ -398,12 +431,16 @@ def _check_archive_size(archive: Path, limits: ExtractLimits) -> None:
     except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
         raise DataError(f"could not read the member list of {archive}: {first_line(e)}") from None
     if members > limits.max_files:
-        raise DataError(f"{archive} holds more than {limits.max_files:,} files (--data.max-extract-files); nothing "
-                        "was extracted (raise the flag if the archive is what you meant)")
+        raise DataError(
+            f"{archive} holds more than {limits.max_files:,} files (--data.max-extract-files); nothing "
+            "was extracted (raise the flag if the archive is what you meant)"
+        )
     if total > limits.max_bytes:
-        raise DataError(f"{archive} expands to more than {limits.max_bytes / 1e9:.3g} GB (--data.max-extract-gb; it "
-                        f"declares {total / 1e9:.3g} GB or more); nothing was extracted (raise the flag if the "
-                        "archive is what you meant)")
+        raise DataError(
+            f"{archive} expands to more than {limits.max_bytes / 1e9:.3g} GB (--data.max-extract-gb; it "
+            f"declares {total / 1e9:.3g} GB or more); nothing was extracted (raise the flag if the "
+            "archive is what you meant)"
+        )
 
 
 def _extract_once(archive: Path, cache_dir: Path, limits: ExtractLimits = ExtractLimits()) -> Path:
@@ -447,8 +484,10 @@ def _find_tiny_dir(root: Path, cache_dir: Path, limits: ExtractLimits = ExtractL
         root = _extract_once(root, cache_dir, limits)
     if not root.is_dir():
         problem = "is not a folder or a .zip/.tar.gz archive" if root.exists() else "does not exist"
-        raise DataError(f"Tiny-ImageNet root {root} {problem}; expected a folder with {expected}, "
-                        f"a folder containing one, or a .zip/.tar.gz archive of it")
+        raise DataError(
+            f"Tiny-ImageNet root {root} {problem}; expected a folder with {expected}, "
+            f"a folder containing one, or a .zip/.tar.gz archive of it"
+        )
     if _is_tiny_dir(root):
         return root
     found = [p for p in sorted(root.iterdir()) if p.is_dir() and _is_tiny_dir(p)]
@@ -464,8 +503,9 @@ def _find_tiny_dir(root: Path, cache_dir: Path, limits: ExtractLimits = ExtractL
     return found[0]
 
 
-def _tiny_file_lists(d: Path, classes: int | list[str] | None = None
-                     ) -> tuple[list[str], list[Path], list[int], list[Path], list[int]]:
+def _tiny_file_lists(
+    d: Path, classes: int | list[str] | None = None
+) -> tuple[list[str], list[Path], list[int], list[Path], list[int]]:
     """(wnids, train_files, train_labels, test_files, test_labels) from the original Tiny-ImageNet layout, for the
     classes kept by `classes` (parse_class_selection; None = all): only their folders are listed."""
     all_wnids = [w.strip() for w in (d / "wnids.txt").read_text().splitlines() if w.strip()]
@@ -521,6 +561,7 @@ def rgb_loader(path: str) -> Image.Image:
 
 def _decode_images(files: list[Path]) -> Tensor:
     """Decode image files (grayscale -> RGB) into one uint8 tensor [N,3,H,W]; all must share one size."""
+
     def decode(path: Path) -> np.ndarray:
         try:
             with Image.open(path) as img:
@@ -545,7 +586,9 @@ def _decode_images(files: list[Path]) -> Tensor:
 def _class_names(d: Path, wnids: list[str]) -> list[str]:
     """First human-readable name per wnid from words.txt when present, else the wnid itself."""
     words = d / "words.txt"
-    table = dict(line.split("\t", 1) for line in words.read_text().splitlines() if "\t" in line) if words.is_file() else {}
+    table = (
+        dict(line.split("\t", 1) for line in words.read_text().splitlines() if "\t" in line) if words.is_file() else {}
+    )
     return [table.get(w, w).split(",")[0].strip() or w for w in wnids]
 
 
@@ -568,30 +611,46 @@ def _read_cache(path: Path) -> dict | None:
         return None
 
 
-def _load_tiny_imagenet(root: Path, cache_dir: Path, classes: int | list[str] | None = None,
-                        limits: ExtractLimits = ExtractLimits()
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str], list[str]]:
+def _load_tiny_imagenet(
+    root: Path, cache_dir: Path, classes: int | list[str] | None = None, limits: ExtractLimits = ExtractLimits()
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str], list[str]]:
     """Tiny-ImageNet decoded once into uint8 tensors, cached as <cache_dir>/decoded/<folder>-<hash of its
     path>/decoded_uint8.pt (rebuilt when the class list or any label changed). With a class subset `classes`
     only its images are decoded, into a cache file of that subset. The last item is the kept wnids."""
     d = _find_tiny_dir(root, cache_dir, limits)
     wnids, train_files, train_labels, test_files, test_labels = _tiny_file_lists(d, classes)
     cache_path = tiny_cache_path(d, cache_dir, None if classes is None else wnids)
-    key = {"format": _CACHE_FORMAT, "wnids": wnids, "train_labels": torch.tensor(train_labels),
-           "test_labels": torch.tensor(test_labels)}
+    key = {
+        "format": _CACHE_FORMAT,
+        "wnids": wnids,
+        "train_labels": torch.tensor(train_labels),
+        "test_labels": torch.tensor(test_labels),
+    }
     cache = _read_cache(cache_path)
-    if not (cache and cache.get("format") == key["format"] and cache.get("wnids") == wnids
-            and torch.equal(cache["train_labels"], key["train_labels"])
-            and torch.equal(cache["test_labels"], key["test_labels"])):  # stale: the files changed
-        say(f"decoding {len(train_files) + len(test_files)} images of {d} once into {cache_path} (about a minute "
-              "per 100,000 images on 2 cores)")
+    if not (
+        cache
+        and cache.get("format") == key["format"]
+        and cache.get("wnids") == wnids
+        and torch.equal(cache["train_labels"], key["train_labels"])
+        and torch.equal(cache["test_labels"], key["test_labels"])
+    ):  # stale: the files changed
+        say(
+            f"decoding {len(train_files) + len(test_files)} images of {d} once into {cache_path} (about a minute "
+            "per 100,000 images on 2 cores)"
+        )
         cache = {**key, "train_images": _decode_images(train_files), "test_images": _decode_images(test_files)}
         try:
             atomic_torch_save(cache, cache_path)
         except WriteError as e:  # a read-only or full cache folder: still usable, just decoded again next time
             warnings.warn(f"could not write the decoded-image cache {cache_path}: {e}")
-    return (cache["train_images"], cache["train_labels"], cache["test_images"], cache["test_labels"],
-            _class_names(d, wnids), wnids)
+    return (
+        cache["train_images"],
+        cache["train_labels"],
+        cache["test_images"],
+        cache["test_labels"],
+        _class_names(d, wnids),
+        wnids,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- build_data
@@ -607,8 +666,14 @@ def _check_labels(labels: Tensor, num_classes: int, split: str, every_class: boo
         raise DataError(f"{split} split has no samples of class(es) {missing[:10]} (of {num_classes})")
 
 
-def tensor_fingerprint(images: Tensor, labels: Tensor, test_images: Tensor, test_labels: Tensor,
-                       sample: int = 512, classes: tuple[str, ...] = ()) -> str:
+def tensor_fingerprint(
+    images: Tensor,
+    labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    sample: int = 512,
+    classes: tuple[str, ...] = (),
+) -> str:
     """16 hex digits of sha1 over the shapes, every label of both splits and the bytes of an evenly strided
     sample of `sample` images of each split (and the kept class ids of a class subset): relabelled or replaced
     data gets another fingerprint, cheaply."""
@@ -659,13 +724,14 @@ def _check_no_folder_twice(top: Path) -> None:
     for here, dirs, _ in os.walk(top, followlinks=True):
         for folder in [here, *(os.path.join(here, d) for d in dirs)]:
             if os.path.realpath(folder) in seen:  # an ancestor (a loop) or a folder walked before (a duplicate)
-                raise DataError(f"{folder} reaches a folder already in {top} ({os.path.realpath(folder)}) through a "
-                                "symbolic link; remove the link")
+                raise DataError(
+                    f"{folder} reaches a folder already in {top} ({os.path.realpath(folder)}) through a "
+                    "symbolic link; remove the link"
+                )
         seen.add(os.path.realpath(here))
 
 
-def _load_imagefolder(root: Path, classes: int | list[str] | None = None
-                      ) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
+def _load_imagefolder(root: Path, classes: int | list[str] | None = None) -> tuple[tvd.ImageFolder, tvd.ImageFolder]:
     folders = []
     for split in ("train", "val"):
         path = root / split
@@ -699,10 +765,20 @@ def _check_image_headers(files: list[str]) -> None:
             pass
 
 
-def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int = 0, image_size: int = 0,
-               aug: bool = True, synthetic: SyntheticSpec = SyntheticSpec(),
-               randaugment: tuple[int, int] = (0, 0), cache_dir: str | Path | None = None,
-               classes: str = "", extract_limits: ExtractLimits = ExtractLimits()) -> DataSplits:
+def build_data(
+    dataset: str,
+    root: str,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    image_size: int = 0,
+    aug: bool = True,
+    synthetic: SyntheticSpec = SyntheticSpec(),
+    randaugment: tuple[int, int] = (0, 0),
+    cache_dir: str | Path | None = None,
+    classes: str = "",
+    extract_limits: ExtractLimits = ExtractLimits(),
+) -> DataSplits:
     """Train / val (held out from train, eval transform) / test splits of `dataset` at `root`.
 
     seed: the validation split's seed (keep it fixed across student seeds: every run then sees the same split).
@@ -736,13 +812,19 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
         train_idx, val_idx = validation_split(labels, val_fraction, seed)
         eval_tf = _file_transform(size, IMAGENET_MEAN, IMAGENET_STD, augment=False)
         return DataSplits(
-            train=FileSubset(train_folder, train_idx,
-                             _file_transform(size, IMAGENET_MEAN, IMAGENET_STD, aug, randaugment)),
+            train=FileSubset(
+                train_folder, train_idx, _file_transform(size, IMAGENET_MEAN, IMAGENET_STD, aug, randaugment)
+            ),
             val=FileSubset(train_folder, val_idx, eval_tf),
             test=FileSubset(test_folder, torch.arange(len(test_folder)), eval_tf),
-            num_classes=num_classes, image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            class_names=list(train_folder.classes), class_subset=subset,
-            fingerprint=folder_fingerprint([train_folder, test_folder]))
+            num_classes=num_classes,
+            image_size=size,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            class_names=list(train_folder.classes),
+            class_subset=subset,
+            fingerprint=folder_fingerprint([train_folder, test_folder]),
+        )
 
     subset: tuple[str, ...] = ()
     if dataset == "synthetic":
@@ -763,18 +845,27 @@ def build_data(dataset: str, root: str, *, val_fraction: float = 0.1, seed: int 
     eval_tf = _tensor_transform(native, size, mean, std, augment=False)
     train_images, train_labels = images[train_idx], labels[train_idx]
     return DataSplits(
-        train=TensorImageDataset(train_images, train_labels,
-                                 _tensor_transform(native, size, mean, std, aug, randaugment)),
+        train=TensorImageDataset(
+            train_images, train_labels, _tensor_transform(native, size, mean, std, aug, randaugment)
+        ),
         val=TensorImageDataset(images[val_idx], labels[val_idx], eval_tf),
         test=TensorImageDataset(test_images, test_labels, eval_tf),
-        num_classes=num_classes, image_size=size, mean=mean, std=std, class_names=class_names,
-        train_images=train_images, train_labels=train_labels, class_subset=subset,
-        fingerprint=tensor_fingerprint(images, labels, test_images, test_labels, classes=subset))
+        num_classes=num_classes,
+        image_size=size,
+        mean=mean,
+        std=std,
+        class_names=class_names,
+        train_images=train_images,
+        train_labels=train_labels,
+        class_subset=subset,
+        fingerprint=tensor_fingerprint(images, labels, test_images, test_labels, classes=subset),
+    )
 
 
 class DatasetSettings(Protocol):
     """A dataset as a config group names it (train.py: --data.*): build_data's arguments, the archive limits
     (ExtractLimits.from_flags) and the synthetic data's size (SyntheticSpec, seeded by `split_seed`)."""
+
     dataset: str
     root: str
     val_fraction: float
@@ -794,12 +885,26 @@ class DatasetSettings(Protocol):
 
 def load_dataset(d: DatasetSettings) -> DataSplits:
     """build_data from a dataset's settings."""
-    synthetic = SyntheticSpec(num_classes=d.synthetic_classes, train_size=d.synthetic_train_size,
-                              test_size=d.synthetic_test_size, image_size=d.synthetic_image_size, seed=d.split_seed)
-    return build_data(d.dataset, d.root, val_fraction=d.val_fraction, seed=d.split_seed, image_size=d.image_size,
-                      aug=d.aug, randaugment=d.randaugment, cache_dir=d.cache_dir or None, classes=d.classes,
-                      extract_limits=ExtractLimits.from_flags(d.max_extract_gb, d.max_extract_files),
-                      synthetic=synthetic)
+    synthetic = SyntheticSpec(
+        num_classes=d.synthetic_classes,
+        train_size=d.synthetic_train_size,
+        test_size=d.synthetic_test_size,
+        image_size=d.synthetic_image_size,
+        seed=d.split_seed,
+    )
+    return build_data(
+        d.dataset,
+        d.root,
+        val_fraction=d.val_fraction,
+        seed=d.split_seed,
+        image_size=d.image_size,
+        aug=d.aug,
+        randaugment=d.randaugment,
+        cache_dir=d.cache_dir or None,
+        classes=d.classes,
+        extract_limits=ExtractLimits.from_flags(d.max_extract_gb, d.max_extract_files),
+        synthetic=synthetic,
+    )
 
 
 def labels_in_order(dataset, labels: Tensor | None = None) -> Tensor:

@@ -20,9 +20,18 @@ from torch import Tensor
 
 from .errors import CheckpointError
 
-DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-               torch.bool: "BOOL"}
+DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
@@ -31,7 +40,7 @@ def timm_state_dict(model_state: dict[str, Tensor], meta: dict[str, Any]) -> dic
     parts timm's model lacks (a residual adapter, --student.adapter-dim > 0)."""
     if meta.get("adapter_dim", 0) or any(not k.startswith("backbone.") for k in model_state):
         return None
-    return {k[len("backbone."):]: v for k, v in model_state.items()}
+    return {k[len("backbone.") :]: v for k, v in model_state.items()}
 
 
 def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -41,7 +50,11 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dic
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         blobs.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -60,8 +73,8 @@ def load_safetensors(path: str | Path) -> dict[str, Tensor]:
     raw = Path(path).read_bytes()
     try:
         (size,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + size])
-        data = memoryview(raw)[8 + size:]
+        header = json.loads(raw[8 : 8 + size])
+        data = memoryview(raw)[8 + size :]
         out = {}
         for name, entry in header.items():
             if name == "__metadata__":

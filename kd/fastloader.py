@@ -94,10 +94,23 @@ class DeviceLoader(EpochCursor):
     it and skipping `position` batches reproduces the rest of the epoch exactly.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, mean: Sequence[float],
-                 std: Sequence[float], train: bool, augment: bool = True, image_size: int = 0,
-                 device: torch.device | str = "cpu", seed: int = 0, drop_last: bool | None = None,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        augment: bool = True,
+        image_size: int = 0,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        drop_last: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         # rank/world_size (DDP): `batch_size` is the global batch; every rank draws the same epoch and takes
         # its contiguous batch_size // world_size slice of each global batch.
         if batch_size % world_size:
@@ -161,14 +174,16 @@ class DeviceLoader(EpochCursor):
             first = i * bs + self.rank * per_rank
             sl = slice(first, min(first + per_rank, len(order)))
             index = order[sl]
-            x = self.make_batch(index, offsets[sl] if offsets is not None else None,
-                                flips[sl] if flips is not None else None)
+            x = self.make_batch(
+                index, offsets[sl] if offsets is not None else None, flips[sl] if flips is not None else None
+            )
             self.position = i + 1
             yield x, self.labels[index], index
 
 
 class LoaderSettings(Protocol):
     """What of the data's settings the loaders read (train.py: --data.*)."""
+
     batch_size: int  # global: each process loads its share
     eval_batch_size: int
     workers: int
@@ -192,13 +207,26 @@ def make_loaders(data, d: LoaderSettings, *, seed: int, device: torch.device, tr
         train = make_loader(data.train, batch_size, train=True, workers=workers, seed=seed, **shard)
         if train_only:
             return {"train": train}
-        return {"train": train, "val": make_loader(data.val, eval_batch_size, train=False, workers=workers),
-                "test": make_loader(data.test, eval_batch_size, train=False, workers=workers)}
+        return {
+            "train": train,
+            "val": make_loader(data.val, eval_batch_size, train=False, workers=workers),
+            "test": make_loader(data.test, eval_batch_size, train=False, workers=workers),
+        }
     common = dict(mean=data.mean, std=data.std, image_size=data.image_size, device=device)
-    train = DeviceLoader(data.train_images, data.train_labels, batch_size=batch_size, train=True, augment=aug,
-                         seed=seed, **shard, **common)
+    train = DeviceLoader(
+        data.train_images,
+        data.train_labels,
+        batch_size=batch_size,
+        train=True,
+        augment=aug,
+        seed=seed,
+        **shard,
+        **common,
+    )
     if train_only:
         return {"train": train}
-    return {"train": train,
-            "val": DeviceLoader(*data.val.tensor_view(), batch_size=eval_batch_size, train=False, **common),
-            "test": DeviceLoader(*data.test.tensor_view(), batch_size=eval_batch_size, train=False, **common)}
+    return {
+        "train": train,
+        "val": DeviceLoader(*data.val.tensor_view(), batch_size=eval_batch_size, train=False, **common),
+        "test": DeviceLoader(*data.test.tensor_view(), batch_size=eval_batch_size, train=False, **common),
+    }

@@ -64,7 +64,9 @@ def last_stage_name(backbone: nn.Module) -> str:
     """Module name of the backbone's last feature stage, from timm's `feature_info`."""
     info = getattr(backbone, "feature_info", None)
     if info is None:
-        raise ConfigError(f"freeze policy last_block needs a timm backbone with feature_info ({type(backbone).__name__} has none)")
+        raise ConfigError(
+            f"freeze policy last_block needs a timm backbone with feature_info ({type(backbone).__name__} has none)"
+        )
     dicts = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
     if not dicts:
         raise ConfigError(f"{type(backbone).__name__}.feature_info is empty; cannot find its last block")

@@ -61,7 +61,7 @@ def remove_orphans(folder: Path, prefix: str) -> None:
     """Delete the temp files and folders `<prefix><pid>.*` in `folder` whose writing process has ended (killed
     mid-write: a later write of the same target cleans up after it). Those of live processes are left alone."""
     for entry in folder.glob(f"{glob_escape(prefix)}*"):
-        pid = entry.name[len(prefix):].split(".", 1)[0].split("-", 1)[0]
+        pid = entry.name[len(prefix) :].split(".", 1)[0].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
@@ -135,7 +135,7 @@ def verify_checksum(path: Path) -> bool | None:
                 return False
             sha.update(chunk)
             left -= len(chunk)
-    return sha.digest() == trailer[len(CHECKSUM_TAG):]
+    return sha.digest() == trailer[len(CHECKSUM_TAG) :]
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
@@ -151,8 +151,9 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write `obj` as indented, strict JSON to `path` atomically: NaN and infinities become null (bare NaN is
     not JSON; other readers refuse the file)."""
-    atomic_write_text(json.dumps(finite_or_none(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
-                      + "\n", path)
+    atomic_write_text(
+        json.dumps(finite_or_none(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n", path
+    )
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -215,12 +216,13 @@ def check_load_size(path: Path, what: str = "checkpoint") -> None:
     except (OSError, zipfile.BadZipFile, ValueError):  # not a readable zip: the loader reports what it is
         pass
     if total > cap:
-        raise CheckpointError(f"{what} {path} would expand to {total / 2**30:.3g} GiB in memory, above the load cap "
-                              f"of {cap / 2**30:.3g} GiB (${LOAD_CAP_ENV}: raise it for a file you trust); not loaded")
+        raise CheckpointError(
+            f"{what} {path} would expand to {total / 2**30:.3g} GiB in memory, above the load cap "
+            f"of {cap / 2**30:.3g} GiB (${LOAD_CAP_ENV}: raise it for a file you trust); not loaded"
+        )
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-                    size_cap: bool = True) -> Any:
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, size_cap: bool = True) -> Any:
     """torch.load with weights_only=True; a missing or unreadable file, or one whose checksum trailer does not
     match its content, raises CheckpointError (one line). Files without a trailer (torch.save elsewhere, older
     kd versions) load unverified. `size_cap`: refuse a file that would expand past the load cap
@@ -235,8 +237,10 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
     if verified is False:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its content does not match its sha256 checksum "
-                              "(changed on disk after it was written)")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its content does not match its sha256 checksum "
+            "(changed on disk after it was written)"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types; all mean "not a valid checkpoint"

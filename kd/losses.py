@@ -176,8 +176,14 @@ def kd_logit_gradients(logits_student: Tensor, logits_teachers: Tensor, temperat
     return temperature * (p_s.unsqueeze(0) - p_t)
 
 
-def aekd_weights(logits_student: Tensor, logits_teachers: Tensor, temperature: Scalar, tolerance: float = 0.6,
-                 normalize: bool = False, per_sample: bool = False) -> Tensor:
+def aekd_weights(
+    logits_student: Tensor,
+    logits_teachers: Tensor,
+    temperature: Scalar,
+    tolerance: float = 0.6,
+    normalize: bool = False,
+    per_sample: bool = False,
+) -> Tensor:
     """AE-KD teacher weights (Du et al., NeurIPS 2020, "Agree to Disagree: Adaptive Ensemble Knowledge
     Distillation in Gradient Space"): the min-norm point, with each weight capped at the tolerance C, of the
     teachers' KD-loss gradients with respect to the student's logits (kd_logit_gradients g[m, b]):
@@ -266,9 +272,7 @@ def dkd_loss(
     zs, zt = logits_student / temperature, logits_teacher / temperature
     log_p_s, log_p_t = F.log_softmax(zs, dim=1), F.log_softmax(zt, dim=1)
     tckd = _kl_rows(_binary_log_probs(log_p_t, target, other_idx), _binary_log_probs(log_p_s, target, other_idx))
-    nckd = _kl_rows(
-        F.log_softmax(zt.gather(1, other_idx), dim=1), F.log_softmax(zs.gather(1, other_idx), dim=1)
-    )
+    nckd = _kl_rows(F.log_softmax(zt.gather(1, other_idx), dim=1), F.log_softmax(zs.gather(1, other_idx), dim=1))
     return (alpha * tckd + beta * nckd).mean() * temperature**2
 
 
@@ -418,8 +422,14 @@ def _angles(x: Tensor) -> Tensor:
 
 
 @_in_float32
-def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0,
-             squared: bool = False, eps: float = 1e-12) -> Tensor:
+def rkd_loss(
+    f_s: Tensor,
+    f_t: Tensor,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+    squared: bool = False,
+    eps: float = 1e-12,
+) -> Tensor:
     """Relational KD (Park et al., CVPR 2019, "Relational Knowledge Distillation"); RepDistiller's RKDLoss.
 
     distance = smooth_l1(psi_D(s), psi_D(t)), psi_D = pairwise distances / their mean over the

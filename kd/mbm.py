@@ -88,7 +88,9 @@ class AttnMBM(nn.Module):
             raise ConfigError(f"mbm width out_dim // r = {out_dim} // {r} must be >= 1")
         width = out_dim // r
         if n_head < 1 or width % n_head != 0:
-            raise ConfigError(f"mbm n_head {n_head} must divide the attention width {width} (= out_dim {out_dim} // r {r})")
+            raise ConfigError(
+                f"mbm n_head {n_head} must divide the attention width {width} (= out_dim {out_dim} // r {r})"
+            )
         self.teacher_dims = tuple(int(d) for d in teacher_dims)
         self.query_dim = query_dim
         self.out_dim = out_dim
@@ -190,8 +192,9 @@ class IBMBM(nn.Module):
         self.logvar_clamp = float(logvar_clamp)
         if fusion == "attn":
             fused_dim = fused_dim or z_dim
-            self.fuse = AttnMBM(teacher_dims, query_dim, fused_dim, r=r, n_head=n_head, dropout=dropout,
-                                learnable_query=learnable_query)
+            self.fuse = AttnMBM(
+                teacher_dims, query_dim, fused_dim, r=r, n_head=n_head, dropout=dropout, learnable_query=learnable_query
+            )
         else:
             fused_dim = sum(self.teacher_dims)
         self.to_stats = nn.Linear(fused_dim, 2 * z_dim)
@@ -217,7 +220,9 @@ class SynergyHead(nn.Module):
 
     def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0, zero_init: bool = True) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(in_dim, num_classes))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(in_dim, num_classes)
+        )
         if zero_init:
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
@@ -236,8 +241,9 @@ class SynergyBridge(nn.Module):
     z_syn = mean_i(teacher_logits_i) + head(MBM(query, normalise(feats)).h), or with `ensemble_base` False (the
     method's first definition, docs/asmb.md) z_syn = head(MBM(query, normalise(feats)).h) alone."""
 
-    def __init__(self, mbm: nn.Module, head: SynergyHead, kind: str, feat_norm: str = "none",
-                 ensemble_base: bool = True) -> None:
+    def __init__(
+        self, mbm: nn.Module, head: SynergyHead, kind: str, feat_norm: str = "none", ensemble_base: bool = True
+    ) -> None:
         super().__init__()
         if feat_norm not in FEAT_NORMS:
             raise ConfigError(f"unknown mbm feature norm {feat_norm!r}; choose one of {', '.join(FEAT_NORMS)}")
@@ -247,8 +253,9 @@ class SynergyBridge(nn.Module):
         self.feat_norm = feat_norm
         self.ensemble_base = ensemble_base
 
-    def forward(self, query: Tensor | None, feats: Sequence[Tensor],
-                teacher_logits: Sequence[Tensor]) -> tuple[Tensor, MBMOutput]:
+    def forward(
+        self, query: Tensor | None, feats: Sequence[Tensor], teacher_logits: Sequence[Tensor]
+    ) -> tuple[Tensor, MBMOutput]:
         if len(teacher_logits) != len(feats):
             raise ValueError(f"synergy bridge: {len(feats)} teacher features but {len(teacher_logits)} teacher logits")
         out = self.mbm(query, normalise_feats(feats, self.feat_norm))
@@ -296,12 +303,23 @@ def build_bridge(
     fused_dim = out_dim
     out_dim = out_dim or student_dim
     if kind == "attn":
-        mbm: nn.Module = AttnMBM(teacher_dims, query_dim, out_dim, r=r, n_head=n_head, dropout=dropout, learnable_query=learnable_query)
+        mbm: nn.Module = AttnMBM(
+            teacher_dims, query_dim, out_dim, r=r, n_head=n_head, dropout=dropout, learnable_query=learnable_query
+        )
     elif kind == "mlp":
         mbm = MLPMBM(teacher_dims, out_dim, hidden=hidden, dropout=dropout)
     else:
         out_dim = z_dim or out_dim  # h = z
-        mbm = IBMBM(teacher_dims, query_dim, out_dim, fusion=ib_fusion, fused_dim=fused_dim, r=r, n_head=n_head,
-                    dropout=dropout, learnable_query=learnable_query)
+        mbm = IBMBM(
+            teacher_dims,
+            query_dim,
+            out_dim,
+            fusion=ib_fusion,
+            fused_dim=fused_dim,
+            r=r,
+            n_head=n_head,
+            dropout=dropout,
+            learnable_query=learnable_query,
+        )
     head = SynergyHead(out_dim, num_classes, dropout=dropout, zero_init=ensemble_base)
     return SynergyBridge(mbm, head, kind, feat_norm=feat_norm, ensemble_base=ensemble_base)

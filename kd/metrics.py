@@ -16,8 +16,12 @@ def _logits(model: nn.Module, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
-                   forward: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def predict_logits(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str = "cpu",
+    forward: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """All logits [N, C] and labels [N] of `model` on `loader` (items (x, y, ...)), in eval mode.
     `forward` overrides how logits are computed from a batch (e.g. a synergy path)."""
     all_logits, all_labels = [], []
@@ -32,8 +36,9 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | st
 
 
 @torch.no_grad()
-def gather_outputs(forward: Callable[[Tensor], dict[str, Tensor]], loader: Iterable,
-                   device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], Tensor]:
+def gather_outputs(
+    forward: Callable[[Tensor], dict[str, Tensor]], loader: Iterable, device: torch.device | str = "cpu"
+) -> tuple[dict[str, Tensor], Tensor]:
     """Run `forward(x) -> {name: [B, ...] tensor}` over every batch of `loader` (items (x, y, ...)) and return
     each output concatenated over the loader ([N, ...], float32, CPU) and the labels [N]. Several models can
     be rated in one pass (e.g. two teachers' logits for disagreement_rate). The caller sets eval mode."""
@@ -78,8 +83,9 @@ def evaluate_acc(model: nn.Module, loader: Iterable, device: torch.device | str 
     return accuracy(logits, labels)
 
 
-def disagreement_rate(logits_a: Tensor, logits_b: Tensor, targets: Tensor,
-                      mode: Literal["pred", "both_wrong"] = "pred") -> float:
+def disagreement_rate(
+    logits_a: Tensor, logits_b: Tensor, targets: Tensor, mode: Literal["pred", "both_wrong"] = "pred"
+) -> float:
     """Share (%) of samples where two classifiers disagree.
 
     mode="pred": argmax predictions differ; mode="both_wrong": both predictions are wrong.

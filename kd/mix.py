@@ -10,8 +10,9 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 
-def build_mixer(num_classes: int, mixup_alpha: float, cutmix_alpha: float
-                ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+def build_mixer(
+    num_classes: int, mixup_alpha: float, cutmix_alpha: float
+) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
     """A batch transform (images [B,3,H,W], labels [B]) -> (mixed images, soft labels [B,C]), or None
     when both alphas are 0. CutMix wins when both are > 0. Randomness comes from torch's global RNG,
     so a seeded run is reproducible."""

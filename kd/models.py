@@ -85,15 +85,22 @@ class KDModel(nn.Module):
         """The timm classifier (a property, so its weights live once in the state dict, under backbone.)."""
         return self.backbone.get_classifier()
 
-    def set_input_transform(self, data_mean: tuple[float, ...], data_std: tuple[float, ...],
-                            model_mean: tuple[float, ...], model_std: tuple[float, ...], size: int = 0) -> None:
+    def set_input_transform(
+        self,
+        data_mean: tuple[float, ...],
+        data_std: tuple[float, ...],
+        model_mean: tuple[float, ...],
+        model_std: tuple[float, ...],
+        size: int = 0,
+    ) -> None:
         """Let this model take batches normalised with the data's stats while it expects its own
         (e.g. a pretrained teacher's pretrained_cfg mean/std) and/or another resolution, so one batch
         feeds student and teachers: x -> (x * data_std + data_mean - model_mean) / model_std, per channel,
         folded into one multiply-add; then a bilinear (antialiased) resize to `size` px when size > 0 and
         the input differs. Matching stats and size 0 remove the adapter (identity, no cost)."""
-        d_mean, d_std, m_mean, m_std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
-                                        for v in (data_mean, data_std, model_mean, model_std))
+        d_mean, d_std, m_mean, m_std = (
+            torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (data_mean, data_std, model_mean, model_std)
+        )
         scale, shift = d_std / m_std, (d_mean - m_mean) / m_std
         device = next(self.parameters()).device
         same_stats = torch.allclose(scale, torch.ones_like(scale)) and torch.allclose(shift, torch.zeros_like(shift))
@@ -101,17 +108,26 @@ class KDModel(nn.Module):
         self.input_shift = None if same_stats else shift.to(device)
         self.input_size = size if size > 0 else None
         identity = same_stats and self.input_size is None
-        self.input_transform = None if identity else {
-            "data_mean": list(data_mean), "data_std": list(data_std), "model_mean": list(model_mean),
-            "model_std": list(model_std), "size": size}
+        self.input_transform = (
+            None
+            if identity
+            else {
+                "data_mean": list(data_mean),
+                "data_std": list(data_std),
+                "model_mean": list(model_mean),
+                "model_std": list(model_std),
+                "size": size,
+            }
+        )
 
     def adapt_input(self, x: Tensor) -> Tensor:
         """The input adapter of set_input_transform (identity when none is set). x [B,3,H,W]."""
         if self.input_scale is not None:
             x = torch.addcmul(self.input_shift, x, self.input_scale)
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
+            )
         return x
 
     def forward(self, x: Tensor, with_maps: bool = False) -> ModelOutput:
@@ -184,8 +200,11 @@ def create_model(
     if uses_patch_embed:
         kwargs.update(_patch_embed_kwargs(name, small_input, img_size))
     backbone = _create_backbone(name, pretrained, kwargs)
-    notes = [] if weights is None else load_backbone_weights(backbone, name, read_weights(weights),
-                                                             f"weights file {weights}")
+    notes = (
+        []
+        if weights is None
+        else load_backbone_weights(backbone, name, read_weights(weights), f"weights file {weights}")
+    )
     if small_input and not uses_patch_embed:
         stem_note = _adapt_stem_for_small_input(backbone, name)
         if weights is not None and stem_note:
@@ -364,15 +383,18 @@ def check_shapes(model: nn.Module, state: Any, what: str, *, same_keys: bool = F
         theirs = {str(k).replace("_orig_mod.", "") for k in state}
         missing, unexpected = sorted(set(own) - theirs), sorted(theirs - set(own))
         if missing or unexpected:
-            raise CheckpointError(f"{what}: state dict does not match {getattr(model, 'arch', 'the model')} "
-                                  f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
-                                  f"e.g. {unexpected[:3]})")
+            raise CheckpointError(
+                f"{what}: state dict does not match {getattr(model, 'arch', 'the model')} "
+                f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
+                f"e.g. {unexpected[:3]})"
+            )
     for key, value in state.items():
         mine = own.get(str(key).replace("_orig_mod.", ""))
         if mine is not None and (not isinstance(value, Tensor) or value.shape != mine.shape):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise CheckpointError(f"{what}: {key} has shape {shape}, {getattr(model, 'arch', 'the model')} "
-                                  f"expects {tuple(mine.shape)}")
+            raise CheckpointError(
+                f"{what}: {key} has shape {shape}, {getattr(model, 'arch', 'the model')} expects {tuple(mine.shape)}"
+            )
 
 
 def _unpack_checkpoint(ckpt: Any, what: str) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -60,17 +60,23 @@ class EpochCursor:
 
     def state_dict(self, position: int | None = None) -> dict[str, Any]:
         """{epoch, position, generator (state at the epoch start), seed, num_samples, batch_size}."""
-        return {"epoch": self.epoch, "position": self.position if position is None else position,
-                "generator": self._epoch_start.clone(), "seed": self.seed, "num_samples": self.num_samples,
-                "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "position": self.position if position is None else position,
+            "generator": self._epoch_start.clone(),
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict(): the next epoch continues the saved one at `position`, or, when that epoch
         was complete (position >= len), starts the next epoch as the saved run would have."""
         for key in ("num_samples", "batch_size"):
             if state.get(key) != getattr(self, key):
-                raise CheckpointError(f"{self.what} state is for {key}={state.get(key)}, "
-                                      f"this run has {getattr(self, key)}")
+                raise CheckpointError(
+                    f"{self.what} state is for {key}={state.get(key)}, this run has {getattr(self, key)}"
+                )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._epoch_start = state["generator"].clone()
         self.generator.set_state(self._epoch_start)
@@ -112,4 +118,4 @@ class EpochBatchSampler(EpochCursor, Sampler[list[int]]):
         for i in range(self.position, len(self)):
             start = i * self.batch_size + self.rank * per_rank
             self.position = i + 1
-            yield order[start:start + per_rank].tolist()
+            yield order[start : start + per_rank].tolist()

@@ -63,13 +63,20 @@ def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
             if key is not None:
                 obj = obj[key]
     if not isinstance(obj, dict) or not obj or not _all_tensors(obj):
-        found = f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict) and obj \
-            else "an empty dict" if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{what} holds no state dict (found {found}; expected tensors by parameter name, "
-                              f"or a dict holding them under {' or '.join(map(repr, WRAPPER_KEYS))})")
+        found = (
+            f"a dict with keys {', '.join(map(str, list(obj)[:5]))}"
+            if isinstance(obj, dict) and obj
+            else "an empty dict"
+            if isinstance(obj, dict)
+            else type(obj).__name__
+        )
+        raise CheckpointError(
+            f"{what} holds no state dict (found {found}; expected tensors by parameter name, "
+            f"or a dict holding them under {' or '.join(map(repr, WRAPPER_KEYS))})"
+        )
     state = {str(k).removeprefix("module.").replace("_orig_mod.", ""): v for k, v in obj.items()}
     if all(k.startswith("backbone.") for k in state):  # a kd KDModel (checkpoint or teacher cache)
-        state = {k[len("backbone."):]: v for k, v in state.items()}
+        state = {k[len("backbone.") :]: v for k, v in state.items()}
     return state
 
 
@@ -115,12 +122,15 @@ def load_backbone_weights(backbone: nn.Module, name: str, state: dict[str, Tenso
         try:
             state = filter_fn(state, backbone)
         except Exception as e:
-            raise CheckpointError(f"{what} cannot be adapted to {name} by timm's checkpoint filter "
-                                  f"({first_line(e)})") from None
+            raise CheckpointError(
+                f"{what} cannot be adapted to {name} by timm's checkpoint filter ({first_line(e)})"
+            ) from None
         resampled = sorted(k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k])
         if resampled:
-            notes.append(f"{', '.join(resampled[:3])}{' ...' if len(resampled) > 3 else ''} resampled by timm "
-                         "to the model's patch/grid size")
+            notes.append(
+                f"{', '.join(resampled[:3])}{' ...' if len(resampled) > 3 else ''} resampled by timm "
+                "to the model's patch/grid size"
+            )
     own = backbone.state_dict()
     head = classifier_keys(backbone)
     head_weight = next((k for k in sorted(head) if k.endswith("weight") and k in state), None)
@@ -134,12 +144,16 @@ def load_backbone_weights(backbone: nn.Module, name: str, state: dict[str, Tenso
         allowed_missing = head
     else:
         allowed_missing = set()
-    missing = [k for k in own if k not in state and k not in allowed_missing
-               and not k.endswith("num_batches_tracked")]  # older BatchNorm files lack the counter
+    missing = [
+        k for k in own if k not in state and k not in allowed_missing and not k.endswith("num_batches_tracked")
+    ]  # older BatchNorm files lack the counter
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        parts = [f"{len(keys)} {kind} keys (e.g. {', '.join(keys[:3])})"
-                 for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        parts = [
+            f"{len(keys)} {kind} keys (e.g. {', '.join(keys[:3])})"
+            for kind, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
         raise CheckpointError(f"{what} does not fit {name}: {'; '.join(parts)}; is it a {name} state dict?")
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
@@ -160,7 +174,9 @@ def hub_weights_status(name: str) -> tuple[str, str]:
     if not (hf_id or url or file):
         return "none", f"timm has no pretrained weights for {name}"
     if file:
-        return ("cached", str(file)) if Path(file).is_file() else ("offline", f"its pretrained_cfg file {file} is missing")
+        return (
+            ("cached", str(file)) if Path(file).is_file() else ("offline", f"its pretrained_cfg file {file} is missing")
+        )
     host = ""
     if hf_id:
         import huggingface_hub

@@ -69,16 +69,21 @@ class Child:
     def __init__(self, argv: list[str], log: IO, env: dict[str, str]):
         self._watchdog_in = self._start_watchdog(env)
         self._signalled = False
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0,
-                                     preexec_fn=_die_with_parent_fn())
+        self.proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0, preexec_fn=_die_with_parent_fn()
+        )
         self._tell_watchdog(f"{self.proc.pid}\n".encode())
 
     @staticmethod
     def _start_watchdog(env: dict[str, str]) -> IO[bytes] | None:
         try:
-            watchdog = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG, str(ORPHAN_GRACE_S)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+            watchdog = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", WATCHDOG, str(ORPHAN_GRACE_S)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except OSError:  # no watchdog: PR_SET_PDEATHSIG still covers Linux
             return None
         return watchdog.stdin

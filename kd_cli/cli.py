@@ -69,8 +69,7 @@ def pop_option(argv: Sequence[str], option: str) -> tuple[str | None, list[str]]
     return value, rest
 
 
-def load_config_json(path: str | Path, base: Any, parse: Callable[[str], Any] = json.loads,
-                     kind: str = "JSON") -> Any:
+def load_config_json(path: str | Path, base: Any, parse: Callable[[str], Any] = json.loads, kind: str = "JSON") -> Any:
     """`base` (a config dataclass instance) with the values of a saved config.json (a run's, or any subset of
     its keys; a run directory means its config.json) put over it; an unknown key or a missing/unreadable file
     is a ConfigError. `parse` reads another format of the same mapping (the caller's YAML reader, `kind`)."""
@@ -110,8 +109,12 @@ def focused_config(cfg_type: type, keep: str, groups: Sequence[str], hide: Calla
     parser's suppress marker): `--method X --help` then lists the common groups and X's only. The field
     docstrings stay those of `cfg_type` (the parser reads them through the base class)."""
     hints = typing.get_type_hints(cfg_type, include_extras=True)
-    namespace: dict[str, Any] = {"__annotations__": {}, "__module__": cfg_type.__module__,
-                                 "__qualname__": cfg_type.__qualname__, "__doc__": cfg_type.__doc__}
+    namespace: dict[str, Any] = {
+        "__annotations__": {},
+        "__module__": cfg_type.__module__,
+        "__qualname__": cfg_type.__qualname__,
+        "__doc__": cfg_type.__doc__,
+    }
     for f in dataclasses.fields(cfg_type):
         if f.name in groups and f.name != keep:
             namespace["__annotations__"][f.name] = hide(hints[f.name])
@@ -119,8 +122,9 @@ def focused_config(cfg_type: type, keep: str, groups: Sequence[str], hide: Calla
     return dataclasses.dataclass(type(cfg_type.__name__, (cfg_type,), namespace))
 
 
-def run_name(method: str, student: str, teachers: Sequence[str], dataset: str, when: float | None = None,
-             seed: int | None = None) -> str:
+def run_name(
+    method: str, student: str, teachers: Sequence[str], dataset: str, when: float | None = None, seed: int | None = None
+) -> str:
     """A run directory name that says what ran: `kd-resnet8-from-resnet32x4-cifar100-s0-20250101-120000`; a
     teacher run is named after its teachers (`teacher-resnet20+wrn_16_2-cifar100-...`), a ce run after its
     student. The seed is in it so that the seeds of a study started in the same second get their own names."""
@@ -155,10 +159,12 @@ def unknown_flag_message(unknown: list[str], valid: list[str]) -> str:
     most likely meant: the same field in another group (`--lr` -> `--optim.lr`), else the closest spellings."""
     name = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), unknown[0])
     field_name = name.lstrip("-").replace("_", "-")
-    close = [f for f in valid if f.rsplit(".", 1)[-1] == field_name.rsplit(".", 1)[-1]] or \
-        difflib.get_close_matches(field_name, valid, n=3, cutoff=0.6)
-    return f"unrecognized option {name}" + (f"; did you mean {' or '.join('--' + f for f in close)}?" if close
-                                             else " (see --help)")
+    close = [f for f in valid if f.rsplit(".", 1)[-1] == field_name.rsplit(".", 1)[-1]] or difflib.get_close_matches(
+        field_name, valid, n=3, cutoff=0.6
+    )
+    return f"unrecognized option {name}" + (
+        f"; did you mean {' or '.join('--' + f for f in close)}?" if close else " (see --help)"
+    )
 
 
 def flag_names(cfg: Any, prefix: str = "") -> list[str]:

@@ -23,8 +23,16 @@ import yaml
 from kd.configs import AsmbCfg
 from kd.errors import ConfigError
 from kd.methods import METHOD_SPECS, MethodSpec, method_names
-from kd_cli.cli import (bool_flags, first_message, flag_names, focused_config, load_config_json, normalize_booleans,
-                        pop_option, unknown_flag_message)
+from kd_cli.cli import (
+    bool_flags,
+    first_message,
+    flag_names,
+    focused_config,
+    load_config_json,
+    normalize_booleans,
+    pop_option,
+    unknown_flag_message,
+)
 from kd_cli.rundir import check_run_name
 
 DESCRIPTION = "Train a model with any kd method: teacher fine-tuning, single-stage baselines, or multi-stage ASMB."
@@ -104,8 +112,13 @@ class StudentCfg:
 
     def model_options(self) -> dict:
         """kd.models.create_model's keyword arguments of this group (besides the name, classes and stem)."""
-        return {"pretrained": self.pretrained, "checkpoint": self.checkpoint or None, "drop_rate": self.drop_rate,
-                "adapter_dim": self.adapter_dim, "weights": self.weights or None}
+        return {
+            "pretrained": self.pretrained,
+            "checkpoint": self.checkpoint or None,
+            "drop_rate": self.drop_rate,
+            "adapter_dim": self.adapter_dim,
+            "weights": self.weights or None,
+        }
 
 
 @dataclass
@@ -179,7 +192,10 @@ class OptimCfg:
     def mix_alphas(self, distill: bool) -> tuple[float, float]:
         """(mixup_alpha, cutmix_alpha) of a training phase: distillation phases use cutmix_alpha_distill instead of
         cutmix_alpha when it is > 0 (CutMix still wins over MixUp)."""
-        return self.mixup_alpha, self.cutmix_alpha_distill if distill and self.cutmix_alpha_distill > 0 else self.cutmix_alpha
+        return (
+            self.mixup_alpha,
+            self.cutmix_alpha_distill if distill and self.cutmix_alpha_distill > 0 else self.cutmix_alpha,
+        )
 
 
 @dataclass
@@ -261,16 +277,20 @@ class CommonConfig:
 # The whole config: the common groups, then one `--<method>.*` group per method of the table that has options.
 METHOD_GROUPS = tuple(name for name, spec in METHOD_SPECS.items() if spec.config is not None)
 Config = dataclasses.make_dataclass(
-    "Config", [(name, METHOD_SPECS[name].config, field(default_factory=METHOD_SPECS[name].config))
-               for name in METHOD_GROUPS], bases=(CommonConfig,), namespace={"__doc__": CommonConfig.__doc__})
+    "Config",
+    [(name, METHOD_SPECS[name].config, field(default_factory=METHOD_SPECS[name].config)) for name in METHOD_GROUPS],
+    bases=(CommonConfig,),
+    namespace={"__doc__": CommonConfig.__doc__},
+)
 Config.__module__ = __name__
 
 
 def smoke_preset() -> Config:
     """Tiny zoo models on built-in synthetic data: the whole pipeline in a few CPU minutes."""
     cfg = Config(preset="smoke")
-    cfg.data = DataCfg(dataset="synthetic", batch_size=64, workers=0, synthetic_train_size=2000,
-                       synthetic_test_size=500)
+    cfg.data = DataCfg(
+        dataset="synthetic", batch_size=64, workers=0, synthetic_train_size=2000, synthetic_test_size=500
+    )
     cfg.student = StudentCfg(model="resnet8")
     cfg.teachers = TeachersCfg(models=("resnet20", "wrn_16_2"), pretrained=False, epochs=3, lr=0.05)
     cfg.optim = OptimCfg(lr=0.05, epochs=3, schedule="cosine", milestones=())
@@ -296,8 +316,10 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_NoAliasLoader)
 
 
-CONFIG_HELP = (" `--config PATH` starts from a run's config.json (or its run directory) or a YAML/JSON file of "
-               "config groups (`optim: {lr: 0.1}`); flags given with it override it.")
+CONFIG_HELP = (
+    " `--config PATH` starts from a run's config.json (or its run directory) or a YAML/JSON file of "
+    "config groups (`optim: {lr: 0.1}`); flags given with it override it."
+)
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -327,8 +349,14 @@ def parse_config(argv: list[str]) -> Config:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            cfg, unknown = tyro.cli(cfg_type, args=argv, default=default, description=description,
-                                    config=(tyro.conf.FlagConversionOff,), return_unknown_args=True)
+            cfg, unknown = tyro.cli(
+                cfg_type,
+                args=argv,
+                default=default,
+                description=description,
+                config=(tyro.conf.FlagConversionOff,),
+                return_unknown_args=True,
+            )
     except SystemExit as e:
         if e.code in (0, None):
             raise
@@ -367,9 +395,11 @@ def validate(cfg: Config) -> None:
     check(0.0 < cfg.data.val_fraction < 1.0, f"--data.val-fraction must be in (0, 1), got {cfg.data.val_fraction}")
     check(cfg.student.drop_rate < 1, f"--student.drop-rate must be < 1, got {cfg.student.drop_rate}")
     check(cfg.optim.momentum < 1, f"--optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
-    check(cfg.run.seed < 2 ** 32, f"--run.seed must be in [0, 2**32), got {cfg.run.seed}")
-    check(max(cfg.data.image_size, cfg.teachers.image_size, cfg.data.synthetic_image_size) <= 1024,
-          "--data.image-size, --teachers.image-size and --data.synthetic-image-size must be <= 1024")
+    check(cfg.run.seed < 2**32, f"--run.seed must be in [0, 2**32), got {cfg.run.seed}")
+    check(
+        max(cfg.data.image_size, cfg.teachers.image_size, cfg.data.synthetic_image_size) <= 1024,
+        "--data.image-size, --teachers.image-size and --data.synthetic-image-size must be <= 1024",
+    )
     for flag, size in (("data.image-size", cfg.data.image_size), ("teachers.image-size", cfg.teachers.image_size)):
         check(size == 0 or size >= 8, f"--{flag} {size} is too small for any model here (0 = native, else >= 8)")
     check_run_name(cfg.run.name)
@@ -378,66 +408,123 @@ def validate(cfg: Config) -> None:
     check(cfg.optim.warmup_epochs < cfg.optim.epochs, "--optim.warmup-epochs must be < --optim.epochs")
     check(cfg.run.keep_last >= 1, "--run.keep-last must be >= 1")
     check(cfg.run.dist_timeout_min > 0, f"--run.dist-timeout-min must be > 0, got {cfg.run.dist_timeout_min}")
-    check(cfg.data.max_extract_gb > 0 and cfg.data.max_extract_files >= 1,
-          "--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1")
-    for flag in ("data.batch_size", "data.eval_batch_size", "optim.lr", "optim.epochs", "optim.gamma", "teachers.lr",
-                 "teachers.epochs"):
+    check(
+        cfg.data.max_extract_gb > 0 and cfg.data.max_extract_files >= 1,
+        "--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1",
+    )
+    for flag in (
+        "data.batch_size",
+        "data.eval_batch_size",
+        "optim.lr",
+        "optim.epochs",
+        "optim.gamma",
+        "teachers.lr",
+        "teachers.epochs",
+    ):
         value = getattr(getattr(cfg, flag.split(".")[0]), flag.split(".")[1])
         check(value > 0, f"--{flag.replace('_', '-')} must be > 0, got {value}")
     check(not (cfg.run.resume and cfg.run.overwrite), "--run.resume and --run.overwrite exclude each other")
-    check(cfg.run.resume != "auto" or bool(cfg.run.name),
-          "--run.resume auto needs --run.name (the run directory to continue)")
+    check(
+        cfg.run.resume != "auto" or bool(cfg.run.name),
+        "--run.resume auto needs --run.name (the run directory to continue)",
+    )
     if cfg.spec.family != "teacher" and cfg.student.weights:
-        check(not cfg.student.pretrained, "--student.weights and --student.pretrained True both choose the student's "
-                                          "start: pass --student.pretrained False with a weights file")
-        check(not cfg.student.checkpoint, "--student.weights and --student.checkpoint both choose the student's "
-                                          "start: pass one of them")
+        check(
+            not cfg.student.pretrained,
+            "--student.weights and --student.pretrained True both choose the student's "
+            "start: pass --student.pretrained False with a weights file",
+        )
+        check(
+            not cfg.student.checkpoint,
+            "--student.weights and --student.checkpoint both choose the student's start: pass one of them",
+        )
         check_weights_path(cfg.student.weights, "--student.weights")
     if cfg.spec.uses_teachers:
         check(len(cfg.teachers.models) >= 1, "--teachers needs at least one model")
-        check(not cfg.teachers.checkpoints or len(cfg.teachers.checkpoints) == len(cfg.teachers.models),
-              f"--teachers.checkpoints has {len(cfg.teachers.checkpoints)} paths for "
-              f"{len(cfg.teachers.models)} teachers")
-        check(not cfg.teachers.weights or len(cfg.teachers.weights) == len(cfg.teachers.models),
-              f"--teachers.weights has {len(cfg.teachers.weights)} files for {len(cfg.teachers.models)} teachers "
-              f"({', '.join(cfg.teachers.models)}): give one per --teachers.models, in its order")
-        check(not (cfg.teachers.weights and cfg.teachers.pretrained),
-              "--teachers.weights replaces timm's hub weights, but --teachers.pretrained is True (its default): "
-              "pass --teachers.pretrained False with --teachers.weights")
+        check(
+            not cfg.teachers.checkpoints or len(cfg.teachers.checkpoints) == len(cfg.teachers.models),
+            f"--teachers.checkpoints has {len(cfg.teachers.checkpoints)} paths for {len(cfg.teachers.models)} teachers",
+        )
+        check(
+            not cfg.teachers.weights or len(cfg.teachers.weights) == len(cfg.teachers.models),
+            f"--teachers.weights has {len(cfg.teachers.weights)} files for {len(cfg.teachers.models)} teachers "
+            f"({', '.join(cfg.teachers.models)}): give one per --teachers.models, in its order",
+        )
+        check(
+            not (cfg.teachers.weights and cfg.teachers.pretrained),
+            "--teachers.weights replaces timm's hub weights, but --teachers.pretrained is True (its default): "
+            "pass --teachers.pretrained False with --teachers.weights",
+        )
         for path in cfg.teachers.weights:
             check_weights_path(path, "--teachers.weights")
         if cfg.teachers.select in ("0", "1"):
-            check(int(cfg.teachers.select) < len(cfg.teachers.models),
-                  f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)")
+            check(
+                int(cfg.teachers.select) < len(cfg.teachers.models),
+                f"--teachers.select {cfg.teachers.select} but only {len(cfg.teachers.models)} teacher(s)",
+            )
     if cfg.spec.family == "multi-teacher":
-        check(len(cfg.teachers.models) >= 2,
-              f"--method {cfg.method} distils from several teachers, --teachers has {len(cfg.teachers.models)}")
+        check(
+            len(cfg.teachers.models) >= 2,
+            f"--method {cfg.method} distils from several teachers, --teachers has {len(cfg.teachers.models)}",
+        )
     if cfg.spec.family == "asmb":
-        check(len(cfg.teachers.models) == 2,
-              f"--method asmb distils from two teachers, --teachers has {len(cfg.teachers.models)}")
-        check(not cfg.teachers.compile, "--teachers.compile freezes the teachers' weights into the graph, but asmb's "
-              "teachers train in phase A (use --run.compile)")
-    check(min(cfg.data.randaugment) >= 0 and cfg.data.randaugment[1] <= 30,
-          f"--data.randaugment needs N >= 0 and M in [0, 30], got {' '.join(map(str, cfg.data.randaugment))}")
+        check(
+            len(cfg.teachers.models) == 2,
+            f"--method asmb distils from two teachers, --teachers has {len(cfg.teachers.models)}",
+        )
+        check(
+            not cfg.teachers.compile,
+            "--teachers.compile freezes the teachers' weights into the graph, but asmb's "
+            "teachers train in phase A (use --run.compile)",
+        )
+    check(
+        min(cfg.data.randaugment) >= 0 and cfg.data.randaugment[1] <= 30,
+        f"--data.randaugment needs N >= 0 and M in [0, 30], got {' '.join(map(str, cfg.data.randaugment))}",
+    )
     if cfg.data.loader == "fast":
-        check(cfg.data.dataset != "imagefolder", "--data.loader fast needs tensor-backed data (synthetic, cifar100, "
-                                                 "tiny-imagenet), not imagefolder; use auto or torch")
+        check(
+            cfg.data.dataset != "imagefolder",
+            "--data.loader fast needs tensor-backed data (synthetic, cifar100, "
+            "tiny-imagenet), not imagefolder; use auto or torch",
+        )
         check(cfg.data.randaugment[0] == 0, "--data.loader fast does not do RandAugment; use auto or torch")
-    check(not cfg.data.classes or cfg.data.dataset in ("imagefolder", "tiny-imagenet"),
-          f"--data.classes selects classes of imagefolder or tiny-imagenet, not {cfg.data.dataset}")
+    check(
+        not cfg.data.classes or cfg.data.dataset in ("imagefolder", "tiny-imagenet"),
+        f"--data.classes selects classes of imagefolder or tiny-imagenet, not {cfg.data.dataset}",
+    )
     if cfg.data.dataset != "synthetic":
-        check(Path(cfg.data.root).exists() or cfg.data.dataset == "cifar100",
-              f"data root {cfg.data.root} does not exist (--data.root)")
+        check(
+            Path(cfg.data.root).exists() or cfg.data.dataset == "cifar100",
+            f"data root {cfg.data.root} does not exist (--data.root)",
+        )
 
 
 # What may differ between a run and its resumption: where it runs and writes, how it loads data and
 # checkpoints, wandb. Everything else (method, models, data, batch size, optimiser, schedule, epochs, seed,
 # precision) must match, or the continued run would not be the run that was started.
-RESUME_MAY_CHANGE = ("preset", "run.resume", "run.overwrite", "run.name", "run.out_dir", "run.device",
-                     "run.deterministic", "run.compile", "run.ckpt_every_steps", "run.keep_last", "run.log_every",
-                     "data.workers", "data.root", "data.cache_dir", "data.eval_batch_size", "teachers.cache_dir",
-                     "data.max_extract_gb", "data.max_extract_files", "run.dist_timeout_min",
-                     "teachers.compile", "wandb.")
+RESUME_MAY_CHANGE = (
+    "preset",
+    "run.resume",
+    "run.overwrite",
+    "run.name",
+    "run.out_dir",
+    "run.device",
+    "run.deterministic",
+    "run.compile",
+    "run.ckpt_every_steps",
+    "run.keep_last",
+    "run.log_every",
+    "data.workers",
+    "data.root",
+    "data.cache_dir",
+    "data.eval_batch_size",
+    "teachers.cache_dir",
+    "data.max_extract_gb",
+    "data.max_extract_files",
+    "run.dist_timeout_min",
+    "teachers.compile",
+    "wandb.",
+)
 
 
 def preflight(argv: list[str]) -> int | None:

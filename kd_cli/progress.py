@@ -44,11 +44,12 @@ class RunProgress:
         return max(self.planned_steps - step, 0) * elapsed / done
 
     def where(self, tag: str, epoch: int, epochs: int, step: int) -> str:
-        """"stage 1/2 phase A, epoch 3/4, run 40%, run ETA 12 min" for the phase `tag` at run-wide `step`."""
+        """ "stage 1/2 phase A, epoch 3/4, run 40%, run ETA 12 min" for the phase `tag` at run-wide `step`."""
         share = f", run {100 * min(step / self.planned_steps, 1):.0f}%" if self.planned_steps else ""
         eta = self.eta_s(step)
-        return (f"{describe_phase(tag, self.num_stages)}, epoch {epoch}/{epochs}{share}"
-                + (f", run ETA {format_duration(eta)}" if eta is not None else ""))
+        return f"{describe_phase(tag, self.num_stages)}, epoch {epoch}/{epochs}{share}" + (
+            f", run ETA {format_duration(eta)}" if eta is not None else ""
+        )
 
     def meter(self, total: int, initial: int = 0, step: int = 0) -> "EpochMeter":
         """The meter of an epoch of `total` steps, `initial` of them done, starting at run-wide `step` (the first
@@ -58,15 +59,23 @@ class RunProgress:
         self.epoch = EpochMeter(total, initial, self.log_every, self.interval_s, self.now)
         return self.epoch
 
-    def epoch_batches(self, batches: Iterable, total: int, done: int, step: int, desc: str,
-                      running_loss: Callable[[], float]) -> Iterator:
+    def epoch_batches(
+        self, batches: Iterable, total: int, done: int, step: int, desc: str, running_loss: Callable[[], float]
+    ) -> Iterator:
         """The batches of an epoch of `total` steps, `done` of them already (a resumed epoch), from run-wide
         `step`, each metered once the caller's step has run: a bar with the running loss and images/s on a
         terminal (rank 0), else a line() every --run.log-every steps (or ~30 s). `running_loss()` syncs the
         device: it is read only when a report is due. Call `self.epoch.stop()` once the epoch's loss is read."""
         meter = self.meter(total, done, step)
-        bar = tqdm(itertools.islice(batches, total - done), desc=desc, total=total, initial=done,
-                   disable=not (sys.stdout.isatty() and DIST.main), leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            itertools.islice(batches, total - done),
+            desc=desc,
+            total=total,
+            initial=done,
+            disable=not (sys.stdout.isatty() and DIST.main),
+            leave=False,
+            dynamic_ncols=True,
+        )
         for batch in bar:
             yield batch
             meter.add(len(batch[0]) * DIST.world_size)
@@ -79,8 +88,14 @@ class EpochMeter:
     """One epoch's step counter: images/s since the epoch (re)started, ETA of the epoch, and when a report is
     due (every `every` steps, or every `interval_s` seconds when `every` is 0)."""
 
-    def __init__(self, total: int, initial: int = 0, every: int = 0, interval_s: float = 30.0,
-                 now: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        every: int = 0,
+        interval_s: float = 30.0,
+        now: Callable[[], float] = time.monotonic,
+    ):
         self.total, self.step, self.every, self.interval_s, self.now = total, initial, every, interval_s, now
         self.start = self.last_report = now()
         self.end: float | None = None  # when training stopped (stop()): validation is not training
@@ -121,8 +136,10 @@ class EpochMeter:
         return {"loss": f"{loss:.4f}", "img/s": f"{self.rate():.0f}"}
 
     def line(self, desc: str, loss: float) -> str:
-        return (f"[{desc}] step {self.step}/{self.total}  loss {loss:.4f}  {self.rate():.0f} img/s  "
-                f"ETA {format_duration(self.eta_s())}")
+        return (
+            f"[{desc}] step {self.step}/{self.total}  loss {loss:.4f}  {self.rate():.0f} img/s  "
+            f"ETA {format_duration(self.eta_s())}"
+        )
 
 
 def describe_phase(tag: str, num_stages: int = 0) -> str:

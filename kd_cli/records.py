@@ -54,8 +54,11 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def metric_history(rows: list[dict[str, Any]], metric: str) -> list[float]:
     """The trained model's values of `metric`, one per row that logged it (teacher rows left out)."""
-    return [float(r[metric]) for r in rows
-            if not is_teacher_phase(r.get("phase", "")) and isinstance(r.get(metric), (int, float))]
+    return [
+        float(r[metric])
+        for r in rows
+        if not is_teacher_phase(r.get("phase", "")) and isinstance(r.get(metric), (int, float))
+    ]
 
 
 def final_metric(run_dir: Path, metric: str) -> float | None:

@@ -25,18 +25,20 @@ _held: dict[str, int] = {}  # resolved run directory -> open descriptor of its l
 def check_run_name(name: str) -> None:
     """--run.name is a (relative) name under --run.out-dir: no absolute path, no `.` or `..` parts."""
     parts = PurePath(name).parts
-    if name and (PurePath(name).is_absolute() or any(p in (".", "..") for p in name.split("/"))
-                 or not parts):
-        raise ConfigError(f"--run.name {name!r} must be a relative name under --run.out-dir (no absolute path, "
-                          "no '.' or '..' parts)")
+    if name and (PurePath(name).is_absolute() or any(p in (".", "..") for p in name.split("/")) or not parts):
+        raise ConfigError(
+            f"--run.name {name!r} must be a relative name under --run.out-dir (no absolute path, no '.' or '..' parts)"
+        )
 
 
 def new_run_dir(out_dir: str | Path, name: str, *, overwrite: bool) -> Path:
     """<out_dir>/<name> for a fresh run: refused (one line) when it exists with content, unless `overwrite`."""
     run_dir = Path(out_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"run directory {run_dir} exists; pass --run.resume auto to continue it, "
-                          "--run.overwrite True to replace it, or another --run.name")
+        raise ConfigError(
+            f"run directory {run_dir} exists; pass --run.resume auto to continue it, "
+            "--run.overwrite True to replace it, or another --run.name"
+        )
     return run_dir
 
 
@@ -46,8 +48,9 @@ def check_run_dir(run_dir: Path, *, overwrite: bool) -> None:
     if not run_dir.exists() and not run_dir.is_symlink():
         return
     if run_dir.is_symlink() or not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} exists and is not a run directory (a file or a symbolic link); "
-                          "choose another --run.name")
+        raise ConfigError(
+            f"{run_dir} exists and is not a run directory (a file or a symbolic link); choose another --run.name"
+        )
     if (run_dir / MARKER).is_file():
         claim_run_dir(run_dir, create=False)
     if overwrite:
@@ -59,11 +62,14 @@ def check_deletable(run_dir: Path) -> None:
     neither the working directory nor one of its parents."""
     resolved, cwd = run_dir.resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        raise ConfigError(f"--run.overwrite refuses to delete {run_dir}: it is the working directory or one of "
-                          "its parents")
+        raise ConfigError(
+            f"--run.overwrite refuses to delete {run_dir}: it is the working directory or one of its parents"
+        )
     if not (run_dir / MARKER).is_file():
-        raise ConfigError(f"--run.overwrite refuses to delete {run_dir}: it is not a kd run directory (no "
-                          f"{MARKER} marker); remove it yourself or choose another --run.name")
+        raise ConfigError(
+            f"--run.overwrite refuses to delete {run_dir}: it is not a kd run directory (no "
+            f"{MARKER} marker); remove it yourself or choose another --run.name"
+        )
 
 
 def lock_or_holder(path: Path, create: bool = True) -> tuple[int | None, str]:
@@ -93,8 +99,10 @@ def claim_run_dir(run_dir: Path, *, create: bool = True) -> None:
     except OSError as e:
         raise ConfigError(f"cannot open {run_dir / MARKER}: {e.strerror}") from None
     if fd is None:
-        raise ConfigError(f"run directory {run_dir} is in use by another run (pid {holder}); wait for it to end "
-                          "or choose another --run.name")
+        raise ConfigError(
+            f"run directory {run_dir} is in use by another run (pid {holder}); wait for it to end "
+            "or choose another --run.name"
+        )
     _held[key] = fd
 
 
@@ -115,8 +123,10 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, fresh: bool) -> None:
                 entry.unlink()
     elif fresh and any(entry.name != MARKER for entry in run_dir.iterdir()):
         release_run_dirs()
-        raise ConfigError(f"run directory {run_dir} exists; pass --run.resume auto to continue it, "
-                          "--run.overwrite True to replace it, or another --run.name")
+        raise ConfigError(
+            f"run directory {run_dir} exists; pass --run.resume auto to continue it, "
+            "--run.overwrite True to replace it, or another --run.name"
+        )
     for stale in run_dir.glob(".*.tmp"):  # a kill mid-write leaves its temp file (checkpoints/: Checkpointer)
         stale.unlink(missing_ok=True)
     fd = _held[str(run_dir.resolve())]

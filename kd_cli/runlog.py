@@ -16,8 +16,13 @@ from kd.engine.distributed import DIST, say
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, rows: list[dict[str, Any]] | None = None,
-                 sink: Callable[[dict[str, Any]], None] | None = None, wandb_id: str | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        rows: list[dict[str, Any]] | None = None,
+        sink: Callable[[dict[str, Any]], None] | None = None,
+        wandb_id: str | None = None,
+    ):
         """`rows`: the rows of a resumed run's checkpoint (rows logged after it are redone). `wandb_id`: the
         wandb run it continues (stored in checkpoints)."""
         self.run_dir, self.rows, self.sink, self.wandb_id = Path(run_dir), list(rows or []), sink, wandb_id
@@ -34,21 +39,39 @@ class RunLogger:
             if self.sink is not None:
                 self.sink(row)
 
-    def log_epoch(self, fit, epoch: int, epochs: int, terms: dict[str, float], val: tuple[float, float],
-                  val_key: str = "acc", start: float = 0.0) -> None:
+    def log_epoch(
+        self,
+        fit,
+        epoch: int,
+        epochs: int,
+        terms: dict[str, float],
+        val: tuple[float, float],
+        val_key: str = "acc",
+        start: float = 0.0,
+    ) -> None:
         """The row and the printed line of epoch `epoch` of `epochs` of train.py's fit (kd.engine.trainer.FitState
         `fit`): its mean loss terms, validation top-1/top-5 (`val/<val_key>`, `val/<val_key>5`), the best so far,
         the learning rate, training images/s and the seconds since `start`; the row's epoch is global."""
         tr, progress = fit.trainer, fit.trainer.runtime.clock.progress
         steps = tr.runtime.clock.steps
-        row = {"phase": fit.tag, "epoch": fit.epoch_offset + epoch, "step": steps,
-               "lr": tr.optimizer.param_groups[0]["lr"], **{f"train/{k}": v for k, v in terms.items()},
-               f"val/{val_key}": val[0], f"val/{val_key}5": val[1], f"val/best_{val_key}": fit.best["acc"],
-               "train/img_per_s": progress.epoch.rate(), "time_s": time.time() - start}
+        row = {
+            "phase": fit.tag,
+            "epoch": fit.epoch_offset + epoch,
+            "step": steps,
+            "lr": tr.optimizer.param_groups[0]["lr"],
+            **{f"train/{k}": v for k, v in terms.items()},
+            f"val/{val_key}": val[0],
+            f"val/{val_key}5": val[1],
+            f"val/best_{val_key}": fit.best["acc"],
+            "train/img_per_s": progress.epoch.rate(),
+            "time_s": time.time() - start,
+        }
         self.log(row)
-        say(f"[{fit.tag}] epoch {epoch}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val[0]:.2f}  "
+        say(
+            f"[{fit.tag}] epoch {epoch}/{epochs}  loss {terms['loss']:.4f}  val {val_key} {val[0]:.2f}  "
             f"{row['train/img_per_s']:.0f} img/s  ({row['time_s']:.1f}s)  | "
-            + progress.where(fit.tag, epoch, epochs, steps))
+            + progress.where(fit.tag, epoch, epochs, steps)
+        )
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if DIST.main:
@@ -59,8 +82,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The end of a run: a few sentences a person reads (teachers, their ensemble, the synergy, the student,
     where the files are), then one `key  value` line per summary entry, floats to 2 decimals."""
     width = max(len(k) for k in summary)
-    return "\n" + "\n".join(in_words(summary)) + "\n\nresults\n" + "\n".join(
-        f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in summary.items())
+    return (
+        "\n"
+        + "\n".join(in_words(summary))
+        + "\n\nresults\n"
+        + "\n".join(
+            f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in summary.items()
+        )
+    )
 
 
 def in_words(s: dict[str, Any]) -> list[str]:
@@ -72,11 +101,15 @@ def in_words(s: dict[str, Any]) -> list[str]:
         lines.append("teachers (test): " + ", ".join(f"{a} {v:.2f}" for a, v in teachers) + ensemble)
     if "synergy/test_acc" in s:
         guard = f"; residual guard fired {s['asmb/guard_fired']} time(s)" if "asmb/guard_fired" in s else ""
-        lines.append(f"synergy (test): {s['synergy/test_acc']:.2f} (adapted teachers' ensemble "
-                     f"{s['adapted_ensemble/test_acc']:.2f}{guard})")
+        lines.append(
+            f"synergy (test): {s['synergy/test_acc']:.2f} (adapted teachers' ensemble "
+            f"{s['adapted_ensemble/test_acc']:.2f}{guard})"
+        )
     if "best/test_acc" in s:
-        lines.append(f"student (test): {s['best/test_acc']:.2f} selected on validation (epoch {s.get('best/epoch')}), "
-                     f"{s['last/test_acc']:.2f} at the last epoch")
+        lines.append(
+            f"student (test): {s['best/test_acc']:.2f} selected on validation (epoch {s.get('best/epoch')}), "
+            f"{s['last/test_acc']:.2f} at the last epoch"
+        )
     if "run_dir" in s:
         lines.append(f"files: {s['run_dir']}/ (summary.json, metrics.jsonl, train.log, checkpoints/)")
     return ["summary"] + [f"  {line}" for line in lines]

@@ -22,8 +22,14 @@ from kd.engine.distributed import DIST, barrier, collective_timeout, say
 from kd.errors import ConfigError, KDError, Preempted, WriteError
 from kd.io import atomic_write_json
 from kd.models import check_model_name, create_model
-from kd.teachers import (check_resume_teachers, check_teacher_checkpoints, teacher_cache_path, teacher_identities,
-                         teacher_small_input, teacher_test_summary)
+from kd.teachers import (
+    check_resume_teachers,
+    check_teacher_checkpoints,
+    teacher_cache_path,
+    teacher_identities,
+    teacher_small_input,
+    teacher_test_summary,
+)
 from kd.weights import hub_weights_status
 from kd_cli.cli import run_name
 from kd_cli.config import METHOD_GROUPS, RESUME_MAY_CHANGE, Config
@@ -61,8 +67,16 @@ def check_start_weights(cfg: Config) -> None:
         if cfg.student.pretrained:
             check_hub_weights(cfg.student.model, "--student")
     if cfg.spec.uses_teachers:
-        fits += [(arch, path, teacher_small_input(small, cfg.teachers.image_size), cfg.teachers.image_size or None,
-                  "--teachers.weights") for arch, path in zip(cfg.teachers.models, cfg.teachers.weights)]
+        fits += [
+            (
+                arch,
+                path,
+                teacher_small_input(small, cfg.teachers.image_size),
+                cfg.teachers.image_size or None,
+                "--teachers.weights",
+            )
+            for arch, path in zip(cfg.teachers.models, cfg.teachers.weights)
+        ]
     for arch, path, small_input, img_size, flag in fits:
         try:
             create_model(arch, classes, small_input=small_input, img_size=img_size, weights=path)
@@ -75,24 +89,29 @@ def check_hub_weights(arch: str, group: str) -> None:
     at most a few seconds); else one line naming `{group}.weights` as the way out."""
     status, detail = hub_weights_status(arch)
     if status == "none":
-        raise ConfigError(f"{group}.pretrained True, but timm has no pretrained weights for {arch}: pass "
-                          f"{group}.pretrained False (train from scratch) or {group}.weights FILE")
+        raise ConfigError(
+            f"{group}.pretrained True, but timm has no pretrained weights for {arch}: pass "
+            f"{group}.pretrained False (train from scratch) or {group}.weights FILE"
+        )
     if status == "offline":
-        raise ConfigError(f"{group}.pretrained True needs timm's pretrained weights of {arch}, which are not in the "
-                          f"local cache, and the hub cannot be reached ({detail}): pass a downloaded weight file "
-                          f"with {group}.weights FILE and {group}.pretrained False (README: pretrained teachers "
-                          "from local files)")
+        raise ConfigError(
+            f"{group}.pretrained True needs timm's pretrained weights of {arch}, which are not in the "
+            f"local cache, and the hub cannot be reached ({detail}): pass a downloaded weight file "
+            f"with {group}.weights FILE and {group}.pretrained False (README: pretrained teachers "
+            "from local files)"
+        )
 
 
-def teacher_sources(cfg: Config, data, teacher_small: bool, device, resume: dict[str, Any] | None,
-                    bridge: bool = False) -> list[dict[str, Any]]:
+def teacher_sources(
+    cfg: Config, data, teacher_small: bool, device, resume: dict[str, Any] | None, bridge: bool = False
+) -> list[dict[str, Any]]:
     """The identities of the run's teachers (none for a method without), then the checks of where they come from:
     given --teachers.checkpoints fit their models and identities; teachers to fine-tune from timm's hub have its
     weights (cached teachers need none); a resumed run's teachers are still the ones it started with (the data
     may have moved: --data.root). `bridge`: the teachers fit --asmb.bridge-split's teacher-fit part."""
-    t = cfg.teachers
-    ids = teacher_identities(t, cfg.optim, cfg.data, cfg.run, data, teacher_small, device,
-                             bridge_split=cfg.asmb.bridge_split if bridge else 0.0) if cfg.spec.uses_teachers else []
+    t, split, ids = cfg.teachers, cfg.asmb.bridge_split if bridge else 0.0, []
+    if cfg.spec.uses_teachers:
+        ids = teacher_identities(t, cfg.optim, cfg.data, cfg.run, data, teacher_small, device, bridge_split=split)
     check_teacher_checkpoints(t.checkpoints, t.models, data.num_classes, teacher_small, t.image_size or None, ids)
     if t.pretrained and not t.checkpoints:  # hub weights for the teachers to fine-tune
         for arch, identity in zip(t.models, ids):
@@ -110,23 +129,31 @@ def run_dir_and_resume(cfg: Config) -> tuple[Path, dict[str, Any] | None]:
     named_dir = Path(cfg.run.out_dir) / cfg.run.name if cfg.run.name else None
     resume_dir, resume = find_resume(cfg.run.resume, named_dir)
     if resume is not None:
-        check_resume_config(dataclasses.asdict(cfg), resume["config"],
-                            ("data", "student", "teachers", "optim", "run", cfg.method), RESUME_MAY_CHANGE,
-                            resume["path"])
+        check_resume_config(
+            dataclasses.asdict(cfg),
+            resume["config"],
+            ("data", "student", "teachers", "optim", "run", cfg.method),
+            RESUME_MAY_CHANGE,
+            resume["path"],
+        )
         say(f"resuming from {resume['path']} ({resume['phase']}, step {resume['progress']['step']})")
     teachers = cfg.teachers.models if cfg.spec.uses_teachers else ()
-    run_dir = resume_dir or new_run_dir(cfg.run.out_dir, cfg.run.name or run_name(
-        cfg.method, cfg.student.model, teachers, cfg.data.dataset, seed=cfg.run.seed), overwrite=cfg.run.overwrite)
+    run_dir = resume_dir or new_run_dir(
+        cfg.run.out_dir,
+        cfg.run.name or run_name(cfg.method, cfg.student.model, teachers, cfg.data.dataset, seed=cfg.run.seed),
+        overwrite=cfg.run.overwrite,
+    )
     if DIST.main:
         check_run_dir(run_dir, overwrite=cfg.run.overwrite)
     return run_dir, resume
 
 
-
 def announce(cfg: Config, run_dir: Path, device, data) -> None:
     """The lines a run starts with: its directory, device and data, then student_notes."""
-    say(f"run directory: {run_dir}  (device {device}, {data.num_classes} classes, "
-        f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
+    say(
+        f"run directory: {run_dir}  (device {device}, {data.num_classes} classes, "
+        f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test)"
+    )
     for note in student_notes(cfg):
         say(note)
 
@@ -138,19 +165,27 @@ def student_notes(cfg: Config) -> list[str]:
         return []
     s, notes = cfg.student, []
     if s.adapter_dim > 0:
-        notes.append(f"note: --student.adapter-dim {s.adapter_dim}: the student has a part timm's {s.model} lacks, "
-                     "so no checkpoints/best.safetensors is written (the weights are in checkpoints/best.pt)")
+        notes.append(
+            f"note: --student.adapter-dim {s.adapter_dim}: the student has a part timm's {s.model} lacks, "
+            "so no checkpoints/best.safetensors is written (the weights are in checkpoints/best.pt)"
+        )
     if s.freeze != "none" and not (s.pretrained or s.checkpoint or s.weights):
         starts = "--student.pretrained, --student.checkpoint or --student.weights"
-        notes.append(f"warning: --student.freeze {s.freeze} freezes a randomly initialised student (no {starts}): "
-                     "its frozen layers stay random")
+        notes.append(
+            f"warning: --student.freeze {s.freeze} freezes a randomly initialised student (no {starts}): "
+            "its frozen layers stay random"
+        )
     return notes
 
 
 def start_summary(cfg: Config, data, run_dir: Path, parts=None) -> dict[str, Any]:
     """The summary's first entries: what ran on what (and the sizes of --asmb.bridge-split's `parts`)."""
-    summary = {"method": cfg.method, "dataset": cfg.data.dataset, "num_classes": data.num_classes,
-               "run_dir": str(run_dir)}
+    summary = {
+        "method": cfg.method,
+        "dataset": cfg.data.dataset,
+        "num_classes": data.num_classes,
+        "run_dir": str(run_dir),
+    }
     if parts:
         summary.update({"data/teacher_fit_images": len(parts[0].train), "data/bridge_images": len(parts[1].train)})
     return summary
@@ -173,8 +208,12 @@ def exit_code(e: BaseException) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if isinstance(e, Preempted):
         if rank == 0:
-            print(f"{e}: checkpoint {e.path} written; continue with the same command and --run.resume "
-                  f"{e.path.parent.parent}", file=sys.stderr, flush=True)
+            print(
+                f"{e}: checkpoint {e.path} written; continue with the same command and --run.resume "
+                f"{e.path.parent.parent}",
+                file=sys.stderr,
+                flush=True,
+            )
         return 128 + e.signum
     if isinstance(e, KDError):
         if rank == 0 or not isinstance(e, ConfigError):
@@ -195,6 +234,7 @@ def exit_code(e: BaseException) -> int:
 class Records:
     """A run's records: its directory, the row logger (metrics.jsonl, and wandb when on), the checkpointer and
     the wandb run (None when off); `started` the time training began (after the checks and records)."""
+
     run_dir: Path
     logger: RunLogger
     ckpt: Checkpointer
@@ -202,8 +242,9 @@ class Records:
     started: float = 0.0
 
 
-def open_records(cfg: Config, run_dir: Path, resume: dict[str, Any] | None,
-                 teacher_ids: list[dict[str, Any]]) -> Records:
+def open_records(
+    cfg: Config, run_dir: Path, resume: dict[str, Any] | None, teacher_ids: list[dict[str, Any]]
+) -> Records:
     """Create (or reuse) the run directory with config.json and train.log (rank 0), start wandb, and build the
     row logger and the checkpointer, which continues `resume` and records the teachers' identities (a resumed
     run checks them)."""
@@ -214,12 +255,26 @@ def open_records(cfg: Config, run_dir: Path, resume: dict[str, Any] | None,
         copy_console_to(run_dir / "train.log")  # what the run prints, kept beside its records
     barrier()
     wandb_run = start_wandb(cfg, run_dir, resume)
-    sink = None if wandb_run is None else (  # rounded (no float32 noise): wandb's summary shows the last values
-        lambda row: wandb_run.log(rounded_numbers(wandb_keys(row, cfg.teachers.models))))
-    logger = RunLogger(run_dir, resume["rows"] if resume else None, sink=sink,  # wandb keys: phase-scoped
-                       wandb_id=wandb_run.id if wandb_run is not None else (resume or {}).get("wandb_id"))
-    ckpt = Checkpointer(run_dir, {**dataclasses.asdict(cfg), "teacher_identities": teacher_ids},
-                        every_steps=cfg.run.ckpt_every_steps, keep_last=cfg.run.keep_last, resume=resume, logger=logger)
+    sink = (
+        None
+        if wandb_run is None
+        # rounded (no float32 noise): wandb's summary shows the last values
+        else (lambda row: wandb_run.log(rounded_numbers(wandb_keys(row, cfg.teachers.models))))
+    )
+    logger = RunLogger(
+        run_dir,
+        resume["rows"] if resume else None,
+        sink=sink,  # wandb keys: phase-scoped
+        wandb_id=wandb_run.id if wandb_run is not None else (resume or {}).get("wandb_id"),
+    )
+    ckpt = Checkpointer(
+        run_dir,
+        {**dataclasses.asdict(cfg), "teacher_identities": teacher_ids},
+        every_steps=cfg.run.ckpt_every_steps,
+        keep_last=cfg.run.keep_last,
+        resume=resume,
+        logger=logger,
+    )
     return Records(run_dir, logger, ckpt, wandb_run, time.time())
 
 
@@ -227,6 +282,7 @@ def close_records(records: Records, summary: dict[str, Any], teacher_run: bool =
     """Finish the summary (images/s of the phases the run trains: stage 0's for `teacher_run`, else the student's,
     the wall time without the teachers', numbers as precise as they measure), write summary.json, close wandb,
     print it; returns it."""
+
     def trained(phase: str) -> bool:
         return phase.startswith("teacher:") if teacher_run else not phase.startswith(("teacher:", "asmb:A"))
 
@@ -255,9 +311,16 @@ def init_wandb(cfg: Config, run_dir: Path, mode: str, run_id: str | None = None)
     (a 3 s probe) or init takes over 20 s. `run_id`: the run to continue (--run.resume)."""
     import wandb  # imported only when used: it is slow to import and kd/ never needs it
 
-    kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity or None, group=cfg.wandb.group or None,
-                  tags=list(cfg.wandb.tags) or None, name=run_dir.name, dir=str(run_dir), job_type=cfg.method,
-                  config=wandb_config(dataclasses.asdict(cfg), cfg.method, METHOD_GROUPS))
+    kwargs = dict(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity or None,
+        group=cfg.wandb.group or None,
+        tags=list(cfg.wandb.tags) or None,
+        name=run_dir.name,
+        dir=str(run_dir),
+        job_type=cfg.method,
+        config=wandb_config(dataclasses.asdict(cfg), cfg.method, METHOD_GROUPS),
+    )
     if run_id:
         kwargs.update(id=run_id, resume="allow")
     if mode == "online" and not wandb_server_reachable():

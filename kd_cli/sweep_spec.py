@@ -19,8 +19,19 @@ from kd_cli.config import Config, load_yaml
 
 SEARCH_METHODS = ("grid", "random", "bayes")
 # The top-level keys of a wandb sweep configuration (docs.wandb.ai, "Sweep configuration options").
-SPEC_KEYS = ("name", "description", "program", "method", "metric", "parameters", "early_terminate", "command",
-             "project", "entity", "run_cap")
+SPEC_KEYS = (
+    "name",
+    "description",
+    "program",
+    "method",
+    "metric",
+    "parameters",
+    "early_terminate",
+    "command",
+    "project",
+    "entity",
+    "run_cap",
+)
 # Flags the runner sets for every trial: a spec may not set them.
 RESERVED = ("run.out-dir", "run.name", "wandb.mode")
 DONE = ("finished", "stopped", "failed")  # trial states never re-run on --resume (running/interrupted are)
@@ -66,16 +77,19 @@ def load_spec(path: Path) -> Spec:
     unknown = [k for k in raw if k not in SPEC_KEYS]
     if unknown:  # a misspelt `early_terminate:` would otherwise silently run without early termination
         close = difflib.get_close_matches(str(unknown[0]), SPEC_KEYS, n=1)
-        raise ConfigError(f"sweep spec {path}: unknown key {unknown[0]!r}"
-                          + (f"; did you mean {close[0]}?" if close else f" (keys: {', '.join(SPEC_KEYS)})"))
+        raise ConfigError(
+            f"sweep spec {path}: unknown key {unknown[0]!r}"
+            + (f"; did you mean {close[0]}?" if close else f" (keys: {', '.join(SPEC_KEYS)})")
+        )
     method = raw.get("method")
     if method not in SEARCH_METHODS:
         raise ConfigError(f"sweep spec {path}: method must be one of {', '.join(SEARCH_METHODS)}, got {method!r}")
     metric = raw.get("metric")
     if metric is not None:
         if not isinstance(metric, dict) or not metric.get("name"):
-            raise ConfigError(f"sweep spec {path}: metric needs a name "
-                              "(e.g. metric: {name: val/best_acc, goal: maximize})")
+            raise ConfigError(
+                f"sweep spec {path}: metric needs a name (e.g. metric: {{name: val/best_acc, goal: maximize}})"
+            )
         metric = {"name": str(metric["name"]), "goal": str(metric.get("goal", "minimize"))}
         if metric["goal"] not in ("minimize", "maximize"):
             raise ConfigError(f"sweep spec {path}: metric goal must be minimize or maximize, got {metric['goal']!r}")
@@ -91,8 +105,15 @@ def load_spec(path: Path) -> Spec:
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
     if not name.strip("."):  # "." or "..": the sweep directory would be --out-dir itself or its parent
         raise ConfigError(f"sweep spec {path}: name {name!r} is not a folder name; use letters, digits, - or _")
-    return Spec(name=name, method=method, parameters=params, metric=metric, early_terminate=early,
-                fixed_args=command_fixed_args(raw.get("command")), raw=raw)
+    return Spec(
+        name=name,
+        method=method,
+        parameters=params,
+        metric=metric,
+        early_terminate=early,
+        fixed_args=command_fixed_args(raw.get("command")),
+        raw=raw,
+    )
 
 
 def flatten_parameters(params: dict, prefix: str = "") -> dict[str, dict]:
@@ -121,8 +142,20 @@ def command_fixed_args(command: Any) -> list[str]:
     return [t for t in tokens[start:] if not (t.startswith("${") and t.endswith("}"))]
 
 
-DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
-                 "log_uniform_values", "q_log_uniform_values", "normal", "q_normal", "log_normal", "beta")
+DISTRIBUTIONS = (
+    "constant",
+    "categorical",
+    "int_uniform",
+    "uniform",
+    "q_uniform",
+    "log_uniform",
+    "log_uniform_values",
+    "q_log_uniform_values",
+    "normal",
+    "q_normal",
+    "log_normal",
+    "beta",
+)
 
 
 def distribution(p: dict) -> str:
@@ -145,8 +178,9 @@ def check_parameter(name: str, p: dict, method: str, path: Path) -> None:
     kind = distribution(p)
     where = f"sweep spec {path}: parameter {name!r}"
     if kind not in DISTRIBUTIONS:
-        raise ConfigError(f"{where}: unsupported distribution {kind!r} "
-                          f"(local runner supports {', '.join(DISTRIBUTIONS)})")
+        raise ConfigError(
+            f"{where}: unsupported distribution {kind!r} (local runner supports {', '.join(DISTRIBUTIONS)})"
+        )
     if kind == "categorical":
         if not isinstance(p.get("values"), list) or not p["values"]:
             raise ConfigError(f"{where}: values must be a non-empty list")
@@ -154,7 +188,8 @@ def check_parameter(name: str, p: dict, method: str, path: Path) -> None:
         if probs is not None and (len(probs) != len(p["values"]) or abs(sum(probs) - 1) > 1e-6):
             raise ConfigError(f"{where}: probabilities must match values and sum to 1")
     needs = {"constant": ("value",), "categorical": ("values",), "beta": ("a", "b")}.get(
-        kind, ("mu", "sigma") if "normal" in kind else ("min", "max"))
+        kind, ("mu", "sigma") if "normal" in kind else ("min", "max")
+    )
     if kind not in ("normal", "q_normal", "log_normal") and any(k not in p for k in needs):
         raise ConfigError(f"{where}: distribution {kind} needs {' and '.join(needs)}")
     if "min" in needs and not p["min"] < p["max"]:
@@ -186,5 +221,6 @@ def check_names(spec: Spec, spec_path: Path) -> None:
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown parameter {name!r} in {spec_path}{hint} (python train.py --help lists "
-                              "every flag)")
+            raise ConfigError(
+                f"unknown parameter {name!r} in {spec_path}{hint} (python train.py --help lists every flag)"
+            )

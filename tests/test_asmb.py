@@ -25,8 +25,18 @@ from kd_cli.config import smoke_preset
 from kd.engine.checkpoint import Checkpointer
 from kd.engine.trainer import FitState
 from kd.teachers import teacher_identities
-from kd.asmb import (AsmbAdapt, AsmbCfg, FeatureProjection, SynergyModel, adapted_keys, build_asmb_modules,
-                     guard_residual, stage_metrics, synergy_warning, tau_at)
+from kd.asmb import (
+    AsmbAdapt,
+    AsmbCfg,
+    FeatureProjection,
+    SynergyModel,
+    adapted_keys,
+    build_asmb_modules,
+    guard_residual,
+    stage_metrics,
+    synergy_warning,
+    tau_at,
+)
 from kd.errors import ConfigError
 from kd.freeze import apply_freeze, count_params, policy_params, set_train
 from kd.losses import dkd_loss, kd_loss
@@ -68,8 +78,9 @@ def make_run(seed: int = 0, **asmb) -> train.AsmbRun:
         t.eval().requires_grad_(False)
         apply_freeze(t, a.teacher_freeze)
     modules = build_asmb_modules(a, [t.num_features for t in teachers], student, C)
-    return train.build_asmb_run(cfg, train.make_runtime(cfg, torch.device("cpu")), student, teachers, modules, steps=2,
-                                num_classes=C)
+    return train.build_asmb_run(
+        cfg, train.make_runtime(cfg, torch.device("cpu")), student, teachers, modules, steps=2, classes=C
+    )
 
 
 def train_epoch(tr, batches, epoch: int, desc: str) -> dict[str, float]:
@@ -127,8 +138,11 @@ def grad_norm(term: torch.Tensor, params: list[nn.Parameter]) -> float:
 @pytest.mark.parametrize("policy", ["bn_head", "adapter", "last_block"])
 def test_phase_a_updates_exactly_the_freeze_set_and_bridge(policy):
     run = make_run(teacher_freeze=policy)
-    before = {"student": snapshot(run.student), "bridge": snapshot(run.bridge),
-              **{f"t{i}": snapshot(t) for i, t in enumerate(run.teachers)}}
+    before = {
+        "student": snapshot(run.student),
+        "bridge": snapshot(run.bridge),
+        **{f"t{i}": snapshot(t) for i, t in enumerate(run.teachers)},
+    }
     train_epoch(run.phase_a, [batch()], 1, "A")
     assert changed(before["student"], run.student) == set()  # bit-identical: eval, no grad, not in the optimiser
     assert changed(before["bridge"], run.bridge) == param_names(run.bridge)
@@ -161,8 +175,12 @@ def test_every_phase_a_term_has_gradient_incl_teachers():
     assert set(terms) == {"synergy_ce", "adapt_kd", "ib_kl", "mbm_l2", "teacher_l2"}
     bridge = list(run.bridge.parameters())
     # teacher parameters under the features (norm affines), i.e. not the classifier the features skip
-    features = [p for t in run.teachers for n, p in t.named_parameters()
-                if p.requires_grad and not any(p is q for q in t.classifier.parameters())]
+    features = [
+        p
+        for t in run.teachers
+        for n, p in t.named_parameters()
+        if p.requires_grad and not any(p is q for q in t.classifier.parameters())
+    ]
     trainable = [p for t in run.teachers for p in t.parameters() if p.requires_grad]
     student = list(run.student.parameters())
     for name in ("synergy_ce", "adapt_kd", "ib_kl"):
@@ -184,8 +202,9 @@ def test_every_trainable_teacher_tensor_gets_a_task_gradient(policy):
     for teacher in run.teachers:
         trainable = [(n, p) for n, p in teacher.named_parameters() if p.requires_grad]
         assert trainable, policy
-        grads = torch.autograd.grad(terms["synergy_ce"], [p for _, p in trainable], retain_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            terms["synergy_ce"], [p for _, p in trainable], retain_graph=True, allow_unused=True
+        )
         dead = [n for (n, _), g in zip(trainable, grads) if g is None or g.abs().sum() == 0]
         assert not dead, f"{policy}: {teacher.arch} tensors without task gradient: {dead[:5]}"
 
@@ -217,8 +236,13 @@ def test_every_phase_b_term_has_gradient_to_student_only():
 def test_phase_a_loss_is_the_weighted_sum_of_its_terms():
     run = make_run(mbm_kind="ib", synergy_ce=0.5, adapt_kd=2.0, ib_beta=0.3, mbm_reg_lambda=0.01, reg_lambda=0.02)
     out = train_epoch(run.phase_a, [batch()], 1, "A")
-    expected = (0.5 * out["synergy_ce"] + 2.0 * out["adapt_kd"] + 0.3 * out["ib_kl"] + 0.01 * out["mbm_l2"]
-                + 0.02 * out["teacher_l2"])
+    expected = (
+        0.5 * out["synergy_ce"]
+        + 2.0 * out["adapt_kd"]
+        + 0.3 * out["ib_kl"]
+        + 0.01 * out["mbm_l2"]
+        + 0.02 * out["teacher_l2"]
+    )
     assert out["loss"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -281,18 +305,21 @@ def run_cfg(run: train.AsmbRun) -> AsmbCfg:
     return run.distill.cfg
 
 
-@pytest.mark.parametrize("schedule, expected", [
-    ("fixed", {1: 4.0, 5: 4.0, 11: 4.0}),
-    ("linear", {1: 4.0, 3: 3.4, 6: 2.5, 11: 1.0, 20: 1.0}),
-    ("cosine", {1: 4.0, 6: 2.5, 11: 1.0, 30: 1.0}),
-])
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ("fixed", {1: 4.0, 5: 4.0, 11: 4.0}),
+        ("linear", {1: 4.0, 3: 3.4, 6: 2.5, 11: 1.0, 20: 1.0}),
+        ("cosine", {1: 4.0, 6: 2.5, 11: 1.0, 30: 1.0}),
+    ],
+)
 def test_tau_schedule_values(schedule, expected):
     cfg = AsmbCfg(tau_schedule=schedule, tau_start=4.0, tau_end=1.0)
     for epoch, tau in expected.items():
         assert tau_at(epoch, cfg, total_epochs=11) == pytest.approx(tau)
     decay = AsmbCfg(tau_schedule="cosine", tau_start=4.0, tau_end=1.0, tau_decay_epochs=4)
     assert tau_at(3, decay, 100) == pytest.approx(2.5) and tau_at(5, decay, 100) == pytest.approx(1.0)
-    assert tau_at(2, decay, 100) == pytest.approx(1.0 + 3.0 * (0.5 + 0.5 * 2 ** -0.5))
+    assert tau_at(2, decay, 100) == pytest.approx(1.0 + 3.0 * (0.5 + 0.5 * 2**-0.5))
 
 
 def test_synergy_grad_to_student_lets_the_query_carry_gradient():
@@ -344,7 +371,9 @@ def test_mbm_kind_ib_adds_ib_kl_and_latent_terms():
     x = torch.randn(4, run.student.num_features)
     torch.testing.assert_close(proj(3 * x), proj(x))  # the input is L2-normalised first
     plain = FeatureProjection(8, 4)
-    assert isinstance(plain.norm, nn.Identity) and not torch.allclose(plain(2 * torch.ones(1, 8)), plain(torch.ones(1, 8)))
+    assert isinstance(plain.norm, nn.Identity) and not torch.allclose(
+        plain(2 * torch.ones(1, 8)), plain(torch.ones(1, 8))
+    )
 
 
 def test_teacher_freeze_policy_sets_trainable_counts_and_adapter_dim():
@@ -373,11 +402,12 @@ def test_phase_a_optimiser_groups_and_schedule():
     cosine = make_run(teacher_lr=0.002)
     train_epoch(cosine.phase_a, [batch()], 1, "A")
     # cosine over all phase-A steps of the run (2 stages x 1 epoch x 2 steps): after 1 of 4 steps
-    assert cosine.phase_a.optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * 0.5 * (1 + 2 ** -0.5))
+    assert cosine.phase_a.optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * 0.5 * (1 + 2**-0.5))
     # phase B: --optim"s optimiser over student + projections, its schedule over all phase-B epochs
     assert isinstance(run.phase_b.optimizer, torch.optim.SGD)
-    assert {id(p) for g in run.phase_b.optimizer.param_groups for p in g["params"]} == \
-        {id(p) for p in [*run.student.parameters(), *run.distill.parameters()]}
+    assert {id(p) for g in run.phase_b.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in [*run.student.parameters(), *run.distill.parameters()]
+    }
 
 
 def test_compile_synergy_flag_wires_the_compiled_path():
@@ -396,8 +426,17 @@ def test_stage_metrics_keys_and_attention():
     run = make_run()
     x, y, _ = batch()
     metrics = stage_metrics(run.synergy, [(x, y)], "cpu")
-    assert list(metrics) == ["teacher0/acc", "teacher1/acc", "ensemble/acc", "synergy/acc", "disagreement/pred",
-                             "disagreement/both_wrong", "student/acc", "attn/teacher0", "attn/teacher1"]
+    assert list(metrics) == [
+        "teacher0/acc",
+        "teacher1/acc",
+        "ensemble/acc",
+        "synergy/acc",
+        "disagreement/pred",
+        "disagreement/both_wrong",
+        "student/acc",
+        "attn/teacher0",
+        "attn/teacher1",
+    ]
     # a fresh bridge's residual is 0: the synergy is exactly the teachers' mean-logit ensemble
     assert metrics["synergy/acc"] == metrics["ensemble/acc"]
     with torch.no_grad():
@@ -432,25 +471,30 @@ def test_residual_guard_falls_back_to_the_ensemble_only_when_the_synergy_is_wors
 
 def test_synergy_warning_only_below_the_ensemble():
     assert synergy_warning(1, {"synergy/acc": 50.0, "ensemble/acc": 50.0}) is None
-    assert synergy_warning(2, {"synergy/acc": 48.5, "ensemble/acc": 50.0}) == \
-        "warning: stage 2: synergy val acc 48.50 is below the teachers' ensemble 50.00"
+    assert (
+        synergy_warning(2, {"synergy/acc": 48.5, "ensemble/acc": 50.0})
+        == "warning: stage 2: synergy val acc 48.50 is below the teachers' ensemble 50.00"
+    )
 
 
 # --------------------------------------------------------------------------- config errors
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--asmb.hybrid-beta", "1.5"], "--asmb.hybrid-beta must be in [0, 1]"),
-    (["--asmb.latent-alpha", "1"], "needs --asmb.mbm-kind ib"),
-    (["--asmb.feat-kd-key", "layer3"], "--asmb.feat-kd-key must be"),
-    (["--asmb.num-stages", "0"], "--asmb.num-stages must be >= 1"),
-    (["--teachers", "resnet20,wrn_16_2,resnet8"], "two teachers"),
-    (["--asmb.mbm-n-head", "3"], "must divide the attention width"),
-    (["--asmb.feat-kd-key", "map:7"], "feature maps"),
-    (["--asmb.synergy-ce", "0", "--asmb.adapt-kd", "0"], "phase A would train the teachers and the bridge"),
-    (["--asmb.z-dim", "8"], "--asmb.z-dim only applies to --asmb.mbm-kind ib"),
-    (["--asmb.mbm-kind", "ib", "--asmb.ib-fusion", "concat", "--asmb.mbm-out-dim", "8"], "has no effect"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--asmb.hybrid-beta", "1.5"], "--asmb.hybrid-beta must be in [0, 1]"),
+        (["--asmb.latent-alpha", "1"], "needs --asmb.mbm-kind ib"),
+        (["--asmb.feat-kd-key", "layer3"], "--asmb.feat-kd-key must be"),
+        (["--asmb.num-stages", "0"], "--asmb.num-stages must be >= 1"),
+        (["--teachers", "resnet20,wrn_16_2,resnet8"], "two teachers"),
+        (["--asmb.mbm-n-head", "3"], "must divide the attention width"),
+        (["--asmb.feat-kd-key", "map:7"], "feature maps"),
+        (["--asmb.synergy-ce", "0", "--asmb.adapt-kd", "0"], "phase A would train the teachers and the bridge"),
+        (["--asmb.z-dim", "8"], "--asmb.z-dim only applies to --asmb.mbm-kind ib"),
+        (["--asmb.mbm-kind", "ib", "--asmb.ib-fusion", "concat", "--asmb.mbm-out-dim", "8"], "has no effect"),
+    ],
+)
 def test_bad_asmb_options_stop_before_any_work(tmp_path, flags, message):
     args = ["--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir", str(tmp_path / "cache"), *flags]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -460,10 +504,24 @@ def test_bad_asmb_options_stop_before_any_work(tmp_path, flags, message):
 
 def test_query_dim_mismatch_is_one_line_exit_2(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY,
-                          "--asmb.mbm-query-dim", "7", "--run.out-dir", str(tmp_path / "runs"),
-                          "--teachers.cache-dir", str(tmp_path / "cache")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *TINY,
+            "--asmb.mbm-query-dim",
+            "7",
+            "--run.out-dir",
+            str(tmp_path / "runs"),
+            "--teachers.cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == "error: mbm query dim 7 != student feature dim 64"
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
@@ -472,9 +530,30 @@ def test_query_dim_mismatch_is_one_line_exit_2(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
-TINY = ["--preset", "smoke", "--method", "asmb", "--data.synthetic-train-size", "400", "--data.synthetic-test-size",
-        "100", "--data.batch-size", "32", "--teachers.epochs", "1", "--run.max-steps-per-epoch", "2",
-        "--asmb.num-stages", "2", "--asmb.teacher-epochs", "1", "--asmb.student-epochs", "2", "--wandb.mode", "disabled"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--method",
+    "asmb",
+    "--data.synthetic-train-size",
+    "400",
+    "--data.synthetic-test-size",
+    "100",
+    "--data.batch-size",
+    "32",
+    "--teachers.epochs",
+    "1",
+    "--run.max-steps-per-epoch",
+    "2",
+    "--asmb.num-stages",
+    "2",
+    "--asmb.teacher-epochs",
+    "1",
+    "--asmb.student-epochs",
+    "2",
+    "--wandb.mode",
+    "disabled",
+]
 
 
 @pytest.fixture(scope="module")
@@ -483,8 +562,20 @@ def teacher_cache(tmp_path_factory) -> Path:
 
 
 def tiny_asmb(tmp_path: Path, cache: Path, name: str, *extra: str) -> tuple[dict, Path]:
-    summary = train.run(train.parse_config([*TINY, "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir",
-                                            str(cache), "--run.name", name, *extra]))
+    summary = train.run(
+        train.parse_config(
+            [
+                *TINY,
+                "--run.out-dir",
+                str(tmp_path / "runs"),
+                "--teachers.cache-dir",
+                str(cache),
+                "--run.name",
+                name,
+                *extra,
+            ]
+        )
+    )
     return summary, tmp_path / "runs" / name
 
 
@@ -496,18 +587,48 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
     summary, run_dir = tiny_asmb(tmp_path, teacher_cache, "e2e")
     rows = [r for r in read_rows(run_dir) if not r["phase"].startswith("teacher:")]
     assert [(r["phase"], r["epoch"]) for r in rows] == [
-        ("asmb:A:s1", 1), ("asmb:B:s1", 2), ("asmb:B:s1", 3), ("asmb:stage", 3),
-        ("asmb:A:s2", 4), ("asmb:B:s2", 5), ("asmb:B:s2", 6), ("asmb:stage", 6)]
+        ("asmb:A:s1", 1),
+        ("asmb:B:s1", 2),
+        ("asmb:B:s1", 3),
+        ("asmb:stage", 3),
+        ("asmb:A:s2", 4),
+        ("asmb:B:s2", 5),
+        ("asmb:B:s2", 6),
+        ("asmb:stage", 6),
+    ]
     a_row, b_row = rows[0], rows[1]
-    assert set(a_row) >= {"train/loss", "train/synergy_ce", "train/adapt_kd", "train/mbm_l2", "train/teacher_l2",
-                          "val/synergy_acc", "val/best_synergy_acc"} and "val/acc" not in a_row
+    assert (
+        set(a_row)
+        >= {
+            "train/loss",
+            "train/synergy_ce",
+            "train/adapt_kd",
+            "train/mbm_l2",
+            "train/teacher_l2",
+            "val/synergy_acc",
+            "val/best_synergy_acc",
+        }
+        and "val/acc" not in a_row
+    )
     assert set(b_row) >= {"train/loss", "train/ce", "train/kd", "train/feat_kd", "val/acc", "val/best_acc"}
     stages = [r for r in rows if r["phase"] == "asmb:stage"]
     assert [r["stage"] for r in stages] == [1, 2]
     for r in stages:
-        assert set(r) == {"phase", "stage", "epoch", "teacher0/acc", "teacher1/acc", "ensemble/acc", "synergy/acc",
-                          "disagreement/pred", "disagreement/both_wrong", "student/acc", "attn/teacher0",
-                          "attn/teacher1", "guard/fired"}
+        assert set(r) == {
+            "phase",
+            "stage",
+            "epoch",
+            "teacher0/acc",
+            "teacher1/acc",
+            "ensemble/acc",
+            "synergy/acc",
+            "disagreement/pred",
+            "disagreement/both_wrong",
+            "student/acc",
+            "attn/teacher0",
+            "attn/teacher1",
+            "guard/fired",
+        }
     assert summary["asmb/guard_fired"] == sum(r["guard/fired"] for r in stages)  # each firing, counted
     b_rows = [r for r in rows if r["phase"].startswith("asmb:B")]
     best = max(r["val/acc"] for r in b_rows)
@@ -518,15 +639,33 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
     assert summary["best/global_epoch"] == b_rows[best_row]["epoch"]  # the row's (global) epoch
     assert summary["best/epoch"] == best_row + 1  # student (phase-B) epochs, as for every method
     assert stages[-1]["student/acc"] == pytest.approx(b_rows[-1]["val/acc"])
-    for key in ("synergy/test_acc", "ensemble/test_acc", "adapted_ensemble/test_acc", "best/test_acc", "last/test_acc", "teacher/resnet20/val_acc",
-                "teacher/wrn_16_2/val_acc"):
+    for key in (
+        "synergy/test_acc",
+        "ensemble/test_acc",
+        "adapted_ensemble/test_acc",
+        "best/test_acc",
+        "last/test_acc",
+        "teacher/resnet20/val_acc",
+        "teacher/wrn_16_2/val_acc",
+    ):
         assert 0 <= summary[key] <= 100, key
     assert json.loads((run_dir / "summary.json").read_text())["synergy/test_acc"] == summary["synergy/test_acc"]
     # the teachers' columns are the teachers as given (what the synergy has to beat), not the adapted ones
-    pairs = [TINY[i:i + 2] for i in range(0, len(TINY), 2)]  # TINY is flag-value pairs
+    pairs = [TINY[i : i + 2] for i in range(0, len(TINY), 2)]  # TINY is flag-value pairs
     argv = [w for f, v in pairs if not f.startswith("--asmb.") for w in (f, "teacher" if v == "asmb" else v)]
-    given = train.run(train.parse_config([*argv, "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir",
-                                          str(teacher_cache), "--run.name", "given"]))
+    given = train.run(
+        train.parse_config(
+            [
+                *argv,
+                "--run.out-dir",
+                str(tmp_path / "runs"),
+                "--teachers.cache-dir",
+                str(teacher_cache),
+                "--run.name",
+                "given",
+            ]
+        )
+    )
     for key in ("ensemble/test_acc", "teacher/resnet20/test_acc", "teacher/wrn_16_2/test_acc"):
         assert summary[key] == given[key], key
     ck = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
@@ -542,16 +681,37 @@ def test_end_to_end_two_stages(tmp_path, teacher_cache):
 
 def test_checkpoint_rebuilds_the_synergy(tmp_path, teacher_cache):
     """From last.pt alone (plus the cached teachers), the synergy accuracy of the finished run is reproduced."""
-    summary, run_dir = tiny_asmb(tmp_path, teacher_cache, "ck", "--asmb.num-stages", "1",
-                                 "--asmb.teacher-freeze", "adapter", "--asmb.teacher-adapter-dim", "4")
+    summary, run_dir = tiny_asmb(
+        tmp_path,
+        teacher_cache,
+        "ck",
+        "--asmb.num-stages",
+        "1",
+        "--asmb.teacher-freeze",
+        "adapter",
+        "--asmb.teacher-adapter-dim",
+        "4",
+    )
     extra = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["extra"]
-    cfg = train.parse_config([*TINY, "--teachers.cache-dir", str(teacher_cache), "--asmb.num-stages", "1",
-                              "--asmb.teacher-freeze", "adapter", "--asmb.teacher-adapter-dim", "4"])
+    cfg = train.parse_config(
+        [
+            *TINY,
+            "--teachers.cache-dir",
+            str(teacher_cache),
+            "--asmb.num-stages",
+            "1",
+            "--asmb.teacher-freeze",
+            "adapter",
+            "--asmb.teacher-adapter-dim",
+            "4",
+        ]
+    )
     data = train.load_data(cfg)
     loaders = train.build_loaders(cfg, data, torch.device("cpu"))
     identities = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True)
-    ctx = train.RunContext(cfg, data, loaders, train.make_runtime(cfg, torch.device("cpu")), None,
-                           Checkpointer.disabled())
+    ctx = train.RunContext(
+        cfg, data, loaders, train.make_runtime(cfg, torch.device("cpu")), None, Checkpointer.disabled()
+    )
     teachers = [t for t, _ in train.stage0_teachers(ctx, data, loaders, True, identities, adapter_dim=4)[0]]
     assert all(t.adapter is not None and t.adapter.down.out_features == 4 for t in teachers)
     for t, saved in zip(teachers, extra["teachers"]):
@@ -562,7 +722,9 @@ def test_checkpoint_rebuilds_the_synergy(tmp_path, teacher_cache):
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, C)
     modules.bridge.load_state_dict(extra["bridge"])
     synergy = SynergyModel(modules.bridge, student, teachers, "adapter")
-    assert stage_metrics(synergy, loaders["test"])["synergy/acc"] == pytest.approx(summary["synergy/test_acc"], abs=0.005)
+    assert stage_metrics(synergy, loaders["test"])["synergy/acc"] == pytest.approx(
+        summary["synergy/test_acc"], abs=0.005
+    )
 
 
 # --------------------------------------------------------------------------- real data (KD_DATA_DIR)
@@ -587,12 +749,48 @@ def test_real_data_synergy_is_at_least_the_ensemble_at_every_stage(tmp_path):
     default: at each stage row the synergy's val accuracy is >= the mean-logit ensemble of the adapted teachers
     (the synergy starts at that ensemble; phase A may only improve on it). A few CPU minutes."""
     archive = real_data_archive(tmp_path)
-    args = ["--method", "asmb", "--teachers", "resnet20,wrn_16_2", "--teachers.pretrained", "False",
-            "--teachers.epochs", "10", "--teachers.lr", "0.05", "--student.model", "resnet8",
-            "--data.dataset", "tiny-imagenet", "--data.root", str(archive), "--data.image-size", "32",
-            "--data.batch-size", "64", "--data.workers", "0", "--optim.epochs", "10", "--optim.schedule", "cosine",
-            "--asmb.student-epochs", "5", "--run.amp", "bf16", "--run.seed", "0", "--wandb.mode", "disabled",
-            "--run.out-dir", str(tmp_path / "runs"), "--run.name", "real", "--teachers.cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--method",
+        "asmb",
+        "--teachers",
+        "resnet20,wrn_16_2",
+        "--teachers.pretrained",
+        "False",
+        "--teachers.epochs",
+        "10",
+        "--teachers.lr",
+        "0.05",
+        "--student.model",
+        "resnet8",
+        "--data.dataset",
+        "tiny-imagenet",
+        "--data.root",
+        str(archive),
+        "--data.image-size",
+        "32",
+        "--data.batch-size",
+        "64",
+        "--data.workers",
+        "0",
+        "--optim.epochs",
+        "10",
+        "--optim.schedule",
+        "cosine",
+        "--asmb.student-epochs",
+        "5",
+        "--run.amp",
+        "bf16",
+        "--run.seed",
+        "0",
+        "--wandb.mode",
+        "disabled",
+        "--run.out-dir",
+        str(tmp_path / "runs"),
+        "--run.name",
+        "real",
+        "--teachers.cache-dir",
+        str(tmp_path / "cache"),
+    ]
     train.run(train.parse_config(args))
     stages = [r for r in read_rows(tmp_path / "runs" / "real") if r["phase"] == "asmb:stage"]
     assert [r["stage"] for r in stages] == [1, 2]
@@ -642,8 +840,10 @@ def test_phase_b_with_dkd_distils_the_synergy_through_decoupled_kd(tmp_path, tea
         z_syn = run.synergy(x)
     assert terms["dkd"].item() == pytest.approx(dkd_loss(s.logits, z_syn, y, 2.0, 3.0, 4.0).item(), rel=1e-5)
     a, b = run.teacher_epochs, run.student_epochs
-    assert [run.distill.student_epoch(e) for e in range(a + 1, 2 * (a + b) + 1) if (e - 1) % (a + b) >= a] == \
-        [*range(1, b + 1), *range(b + 1, 2 * b + 1)]
+    assert [run.distill.student_epoch(e) for e in range(a + 1, 2 * (a + b) + 1) if (e - 1) % (a + b) >= a] == [
+        *range(1, b + 1),
+        *range(b + 1, 2 * b + 1),
+    ]
     assert run.distill.loss_weights(a + 1)["dkd"] == pytest.approx(0.25)  # student epoch 1 of warm-up 4
     with pytest.raises(ConfigError, match="needs --asmb.loss kd"):
         AsmbCfg(loss="dkd", hybrid_beta=0.5).check()

@@ -70,14 +70,33 @@ def tiny_archive(tmp_path: Path) -> Path:
 def test_a_two_class_two_epoch_benchmark_runs_end_to_end_and_reports(tmp_path):
     raw = yaml.safe_load(SPEC.read_text())
     params = raw["parameters"]
-    params.update({"data.root": {"value": str(tiny_archive(tmp_path))}, "data.classes": {"value": "2"},
-                   "teachers.epochs": {"value": 1}, "optim.epochs": {"value": 2}, "run.seed": {"values": [0]},
-                   "data.batch-size": {"value": 16}, "run.max-steps-per-epoch": {"value": 2},
-                   "teachers.cache-dir": {"value": str(tmp_path / "teachers")}})
+    params.update(
+        {
+            "data.root": {"value": str(tiny_archive(tmp_path))},
+            "data.classes": {"value": "2"},
+            "teachers.epochs": {"value": 1},
+            "optim.epochs": {"value": 2},
+            "run.seed": {"values": [0]},
+            "data.batch-size": {"value": 16},
+            "run.max-steps-per-epoch": {"value": 2},
+            "teachers.cache-dir": {"value": str(tmp_path / "teachers")},
+        }
+    )
     small = tmp_path / "bench_small.yaml"
     small.write_text(yaml.safe_dump(raw, sort_keys=False))
-    res = run_py("sweep.py", str(small), "--mode", "local", "--jobs", "2", "--out-dir", str(tmp_path / "sweeps"),
-                 "--trial-wandb", "disabled", tmp_path=tmp_path)
+    res = run_py(
+        "sweep.py",
+        str(small),
+        "--mode",
+        "local",
+        "--jobs",
+        "2",
+        "--out-dir",
+        str(tmp_path / "sweeps"),
+        "--trial-wandb",
+        "disabled",
+        tmp_path=tmp_path,
+    )
     arms = len(params["method"]["values"])
     finished = [ln for ln in res.stdout.splitlines() if ln.startswith("trial-") and " finished " in ln]
     assert res.returncode == 0 and len(finished) == arms, res.stdout + res.stderr
@@ -89,8 +108,13 @@ def test_a_two_class_two_epoch_benchmark_runs_end_to_end_and_reports(tmp_path):
         rows = {r["setting"]: r for r in csv.DictReader(f)}
     assert len(rows) == arms and {r["method"] for r in rows.values()} == METHODS
     asmb = rows["asmb (asmb.ensemble-base=True)"]  # the default beside the first definition
-    for key in ("teacher/resnet20/test_acc mean", "teacher/wrn_16_1/test_acc mean", "ensemble/test_acc mean",
-                "synergy/test_acc mean", "adapted_ensemble/test_acc mean"):
+    for key in (
+        "teacher/resnet20/test_acc mean",
+        "teacher/wrn_16_1/test_acc mean",
+        "ensemble/test_acc mean",
+        "synergy/test_acc mean",
+        "adapted_ensemble/test_acc mean",
+    ):
         assert 0 <= float(asmb[key]) <= 100, key
 
 
@@ -98,11 +122,16 @@ def test_the_gate_reads_ce_and_kd_runs_and_says_whether_the_checks_pass(tmp_path
     def run(folder: str, method: str, seed: int, test: float, epochs: int = 40, **kd):
         d = tmp_path / folder / f"{method}-s{seed}"
         d.mkdir(parents=True)
-        config = {"method": method, "run": {"seed": seed}, "optim": {"epochs": epochs},
-                  "kd": {"temperature": 4.0, "kd_weight": 0.9, "standardize": False, **kd}}
+        config = {
+            "method": method,
+            "run": {"seed": seed},
+            "optim": {"epochs": epochs},
+            "kd": {"temperature": 4.0, "kd_weight": 0.9, "standardize": False, **kd},
+        }
         (d / "config.json").write_text(json.dumps(config))
         summary = {"best/test_acc": test, **({"teacher/r20/test_acc": 70.0} if method != "ce" else {})}
         (d / "summary.json").write_text(json.dumps(summary))
+
     for seed, (c, k) in enumerate([(60.0, 63.0), (61.0, 64.0), (59.0, 62.0)]):
         run("main", "ce", seed, c)
         run("main", "kd", seed, k)

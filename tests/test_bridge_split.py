@@ -24,9 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # 400 synthetic images, 10 classes: 360 train (36 a class) after the validation split; F 0.2 -> 7 a class bridge
-TINY = ["--preset", "smoke", "--method", "asmb", "--data.synthetic-train-size", "400", "--data.synthetic-test-size",
-        "100", "--data.batch-size", "32", "--teachers.epochs", "1", "--run.max-steps-per-epoch", "2",
-        "--asmb.num-stages", "2", "--asmb.teacher-epochs", "1", "--asmb.student-epochs", "1", "--wandb.mode", "disabled"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--method",
+    "asmb",
+    "--data.synthetic-train-size",
+    "400",
+    "--data.synthetic-test-size",
+    "100",
+    "--data.batch-size",
+    "32",
+    "--teachers.epochs",
+    "1",
+    "--run.max-steps-per-epoch",
+    "2",
+    "--asmb.num-stages",
+    "2",
+    "--asmb.teacher-epochs",
+    "1",
+    "--asmb.student-epochs",
+    "1",
+    "--wandb.mode",
+    "disabled",
+]
 
 
 def cfg_data(*flags: str):
@@ -79,32 +100,48 @@ def test_stage_0_fits_the_teacher_part_phase_a_the_bridge_part_phase_b_all(tmp_p
         return real_fit(ctx, tr, loaders, epochs, tag, *args)
 
     monkeypatch.setattr(train, "fit", fit)
-    flags = ["--asmb.bridge-split", "0.2", "--run.out-dir", str(tmp_path / "runs"), "--run.name", "bridge",
-             "--teachers.cache-dir", str(tmp_path / "cache")]
+    flags = [
+        "--asmb.bridge-split",
+        "0.2",
+        "--run.out-dir",
+        str(tmp_path / "runs"),
+        "--run.name",
+        "bridge",
+        "--teachers.cache-dir",
+        str(tmp_path / "cache"),
+    ]
     summary = train.run(train.parse_config([*TINY, *flags]))
     cfg, data = cfg_data(*flags)
     fit_part, bridge_part = train.bridge_parts(cfg, data)
-    assert sorted(seen) == ["asmb:A:s1", "asmb:A:s2", "asmb:B:s1", "asmb:B:s2", "teacher:resnet20",
-                            "teacher:wrn_16_2"]
+    assert sorted(seen) == ["asmb:A:s1", "asmb:A:s2", "asmb:B:s1", "asmb:B:s2", "teacher:resnet20", "teacher:wrn_16_2"]
     for tag, images in seen.items():
         want = {"teacher": fit_part, "asmb:A": bridge_part}.get(tag.rsplit(":", 1)[0], data).train_images
         assert torch.equal(images, want), tag
     assert summary["data/teacher_fit_images"] == 290 and summary["data/bridge_images"] == 70
-    assert "bridge split 0.2: the teachers fit 290 training images, phase A trains on the other 70 (the bridge " \
-           "part), phase B on all 360" in capsys.readouterr().out
+    assert (
+        "bridge split 0.2: the teachers fit 290 training images, phase A trains on the other 70 (the bridge "
+        "part), phase B on all 360" in capsys.readouterr().out
+    )
     cached = sorted(p.name for p in (tmp_path / "cache").glob("*.pt"))
     ids = teacher_identities(cfg.teachers, cfg.optim, cfg.data, cfg.run, data, True, bridge_split=0.2)
     assert cached == sorted(teacher_cache_path(tmp_path / "cache", i).name for i in ids)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--asmb.bridge-split", "1"], "--asmb.bridge-split must be in [0, 1), got 1.0"),
-    (["--asmb.bridge-split", "-0.1"], "--asmb.bridge-split must be >= 0, got -0.1"),
-    (["--asmb.bridge-split", "0.05"], "--asmb.bridge-split 0.05: the bridge part has 20 images, fewer than "
-                                      "--data.batch-size 32"),
-    (["--asmb.bridge-split", "0.5", "--data.synthetic-train-size", "20", "--data.batch-size", "4"],
-     "--asmb.bridge-split 0.5: class class_0 has 1 training image(s), none left for the bridge part"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--asmb.bridge-split", "1"], "--asmb.bridge-split must be in [0, 1), got 1.0"),
+        (["--asmb.bridge-split", "-0.1"], "--asmb.bridge-split must be >= 0, got -0.1"),
+        (
+            ["--asmb.bridge-split", "0.05"],
+            "--asmb.bridge-split 0.05: the bridge part has 20 images, fewer than --data.batch-size 32",
+        ),
+        (
+            ["--asmb.bridge-split", "0.5", "--data.synthetic-train-size", "20", "--data.batch-size", "4"],
+            "--asmb.bridge-split 0.5: class class_0 has 1 training image(s), none left for the bridge part",
+        ),
+    ],
+)
 def test_bad_values_stop_before_anything_is_written(tmp_path, flags, message):
     args = [*TINY, "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir", str(tmp_path / "cache"), *flags]
     with pytest.raises(ConfigError) as e:
@@ -115,20 +152,44 @@ def test_bad_values_stop_before_anything_is_written(tmp_path, flags, message):
 
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--asmb.bridge-split", "0.05",
-                          "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir", str(tmp_path / "cache")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *TINY,
+            "--asmb.bridge-split",
+            "0.05",
+            "--run.out-dir",
+            str(tmp_path / "runs"),
+            "--teachers.cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip() == ("error: --asmb.bridge-split 0.05: the bridge part has 20 images, fewer than "
-                                  "--data.batch-size 32")
+    assert out.stderr.strip() == (
+        "error: --asmb.bridge-split 0.05: the bridge part has 20 images, fewer than --data.batch-size 32"
+    )
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
 def test_killed_in_phase_a_and_resumed_equals_uninterrupted(tmp_path):
     """tests/test_resume.py's tiny deterministic asmb run with a bridge split (220 train images, 40 in the bridge
     part: 2 phase-A steps an epoch): killed in stage 2's phase A, resumed, it ends as the uninterrupted run."""
-    args = ["--method", "asmb", "--teachers", "resnet8,resnet14", "--teachers.epochs", "1",
-            "--asmb.bridge-split", "0.2"]
+    args = [
+        "--method",
+        "asmb",
+        "--teachers",
+        "resnet8,resnet14",
+        "--teachers.epochs",
+        "1",
+        "--asmb.bridge-split",
+        "0.2",
+    ]
     ref = train_cli(tmp_path, "ref", *args)
     assert ref.returncode == 0, ref.stderr
     assert "phase A trains on the other 40 (the bridge part)" in ref.stdout

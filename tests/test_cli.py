@@ -32,13 +32,20 @@ print("heavy", sorted(m for m in ("torch", "timm", "wandb", "tqdm") if m in sys.
 
 
 def probe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", PROBE.format(args=list(args))], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", PROBE.format(args=list(args))], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_and_config_errors_never_import_torch_or_timm():
-    for args, code in [(["--help"], 0), (["--method", "asmb", "--help"], 0), (["--data.aug", "maybe"], 2),
-                       (["--lr", "0.1"], 2), (["--optim.lr", "-1"], 2), (["--method", "aver", "--teachers", "a"], 2)]:
+    for args, code in [
+        (["--help"], 0),
+        (["--method", "asmb", "--help"], 0),
+        (["--data.aug", "maybe"], 2),
+        (["--lr", "0.1"], 2),
+        (["--optim.lr", "-1"], 2),
+        (["--method", "aver", "--teachers", "a"], 2),
+    ]:
         out = probe(*args)
         assert f"exit {code}" in out.stdout, (args, out.stdout, out.stderr)
         assert "heavy []" in out.stdout, (args, out.stdout)
@@ -46,8 +53,16 @@ def test_help_and_config_errors_never_import_torch_or_timm():
 
 def test_method_help_shows_the_common_groups_and_that_method_only():
     out = probe("--method", "asmb", "--help").stdout
-    for flag in ("--data.dataset", "--student.model", "--teachers.models", "--optim.lr", "--run.seed",
-                 "--wandb.mode", "--asmb.num-stages", "--asmb.tau-start"):
+    for flag in (
+        "--data.dataset",
+        "--student.model",
+        "--teachers.models",
+        "--optim.lr",
+        "--run.seed",
+        "--wandb.mode",
+        "--asmb.num-stages",
+        "--asmb.tau-start",
+    ):
         assert flag in out, flag
     for other in ("--kd.temperature", "--dkd.beta", "--crd.nce-k", "--camkd.feature-weight"):
         assert other not in out, other
@@ -62,9 +77,22 @@ def test_unknown_flag_keeps_the_suggestion(capsys):
     assert "did you mean" in err and "--optim.epochs" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("word, value", [("true", True), ("TRUE", True), ("True", True), ("1", True), ("yes", True),
-                                         ("Yes", True), ("false", False), ("FALSE", False), ("0", False),
-                                         ("no", False), ("NO", False)])
+@pytest.mark.parametrize(
+    "word, value",
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("True", True),
+        ("1", True),
+        ("yes", True),
+        ("Yes", True),
+        ("false", False),
+        ("FALSE", False),
+        ("0", False),
+        ("no", False),
+        ("NO", False),
+    ],
+)
 def test_booleans_accept_common_spellings(word, value):
     cfg = train.parse_config(["--data.aug", word, f"--run.channels_last={word}", "--kd.standardize", word])
     assert cfg.data.aug is value and cfg.run.channels_last is value and cfg.kd.standardize is value
@@ -76,8 +104,22 @@ def test_a_bad_boolean_is_one_clear_line(capsys):
 
 
 def test_config_loads_a_saved_config_and_the_command_line_wins(tmp_path):
-    saved = train.parse_config(["--preset", "smoke", "--method", "dkd", "--dkd.beta", "3", "--optim.lr", "0.2",
-                                "--teachers", "resnet20,wrn_16_2", "--data.aug", "false"])
+    saved = train.parse_config(
+        [
+            "--preset",
+            "smoke",
+            "--method",
+            "dkd",
+            "--dkd.beta",
+            "3",
+            "--optim.lr",
+            "0.2",
+            "--teachers",
+            "resnet20,wrn_16_2",
+            "--data.aug",
+            "false",
+        ]
+    )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(saved)))
@@ -115,9 +157,12 @@ def test_config_reads_yaml_and_is_in_the_help(tmp_path, capsys):
 
 def test_run_names_describe_the_run():
     when = 0.0
-    assert run_name("kd", "resnet8", ("resnet32x4",), "cifar100", when).startswith("kd-resnet8-from-resnet32x4-cifar100-")
+    assert run_name("kd", "resnet8", ("resnet32x4",), "cifar100", when).startswith(
+        "kd-resnet8-from-resnet32x4-cifar100-"
+    )
     assert run_name("teacher", "resnet8", ("resnet20", "wrn_16_2"), "synthetic", when).startswith(
-        "teacher-resnet20+wrn_16_2-synthetic-")
+        "teacher-resnet20+wrn_16_2-synthetic-"
+    )
     assert run_name("ce", "resnet8", (), "cifar100", when).startswith("ce-resnet8-cifar100-")
     assert "/" not in run_name("kd", "hf_hub:org/net", ("a",), "x", when)
     # seeds of one study started in the same second get their own directories
@@ -158,7 +203,7 @@ def test_help_describes_the_real_run_name_and_mbm_query(capsys, monkeypatch):
     when = time.mktime((2025, 1, 1, 12, 0, 0, 0, 0, -1))  # the example's time, local
     assert example == run_name("kd", "resnet8", ("resnet32x4",), "cifar100", when, seed=0)
     assert "<method>-<student>-from-<teachers joined by +>-<dataset>-s<seed>-<YYYYmmdd-HHMMSS>" in text
-    kind = text[text.index("--asmb.mbm-kind"):text.index("--asmb.mbm-query-dim")]
+    kind = text[text.index("--asmb.mbm-kind") : text.index("--asmb.mbm-query-dim")]
     assert "student-query" not in kind and "learned token by default" in kind
     assert AsmbCfg().learnable_query  # what "by default" says
 
@@ -203,7 +248,7 @@ class ToyKD(Method):
         return {"toy": self.cfg.weight}
 '''
 
-REGISTER_AND_RUN = '''
+REGISTER_AND_RUN = """
 import json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import kd.methods
@@ -213,7 +258,7 @@ kd.methods.METHOD_SPECS["toykd"] = kd.methods.MethodSpec("toykd", "logit", ToyKD
 import train, report
 print("FAMILY", report.family_of("toykd"))
 sys.exit(train.main(sys.argv[3:]))
-'''
+"""
 
 
 def test_a_new_method_is_one_file_and_one_table_line(tmp_path):
@@ -228,10 +273,34 @@ def test_a_new_method_is_one_file_and_one_table_line(tmp_path):
     assert shown.returncode == 0 and "--toykd.weight" in shown.stdout and "--kd.temperature" not in shown.stdout
     bad = subprocess.run(base + ["--method", "toykd", "--toykd.weight", "-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--toykd.weight must be >= 0" in bad.stderr
-    args = ["--preset", "smoke", "--method", "toykd", "--toykd.weight", "0.5", "--data.synthetic-train-size", "200",
-            "--data.synthetic-test-size", "40", "--teachers.epochs", "1", "--optim.epochs", "1",
-            "--run.max-steps-per-epoch", "2", "--wandb.mode", "disabled", "--run.out-dir", str(tmp_path / "runs"),
-            "--run.name", "toy", "--teachers.cache-dir", str(tmp_path / "cache"), "--teachers", "resnet20"]
+    args = [
+        "--preset",
+        "smoke",
+        "--method",
+        "toykd",
+        "--toykd.weight",
+        "0.5",
+        "--data.synthetic-train-size",
+        "200",
+        "--data.synthetic-test-size",
+        "40",
+        "--teachers.epochs",
+        "1",
+        "--optim.epochs",
+        "1",
+        "--run.max-steps-per-epoch",
+        "2",
+        "--wandb.mode",
+        "disabled",
+        "--run.out-dir",
+        str(tmp_path / "runs"),
+        "--run.name",
+        "toy",
+        "--teachers.cache-dir",
+        str(tmp_path / "cache"),
+        "--teachers",
+        "resnet20",
+    ]
     done = subprocess.run(base + args, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "FAMILY logit" in done.stdout
@@ -250,8 +319,13 @@ def test_kd_never_imports_the_application_and_report_needs_no_sweep():
     banned = {"kd_cli", "train", "sweep", "report", "tyro", "wandb", "tqdm"}
     for path in (ROOT / "kd").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             assert not {n.split(".")[0] for n in names} & banned, f"{path.relative_to(ROOT)} imports {names}"
     probe = """
 import importlib, pkgutil, sys

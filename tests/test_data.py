@@ -100,8 +100,9 @@ def test_synthetic_bytes_are_those_of_the_original_generator():
     them), so teachers cached on synthetic data stay valid."""
     import hashlib
 
-    images, _, test_images, _, _ = kd_data._load_synthetic(SyntheticSpec(num_classes=5, train_size=300, test_size=50,
-                                                                         image_size=16, seed=7))
+    images, _, test_images, _, _ = kd_data._load_synthetic(
+        SyntheticSpec(num_classes=5, train_size=300, test_size=50, image_size=16, seed=7)
+    )
     digest = hashlib.sha1(images.numpy().tobytes() + test_images.numpy().tobytes()).hexdigest()
     assert digest == "e6a7adf4ea1800f2f4566be4eee69203047a41d0"
 
@@ -126,7 +127,9 @@ def test_val_uses_eval_transform_and_train_subset_matches_train_images():
 
 def test_image_size_resizes_tensor_datasets():
     splits = build_data("synthetic", "", synthetic=SMALL, image_size=24)
-    assert splits.image_size == 24 and splits.train[0][0].shape == (3, 24, 24) and splits.test[0][0].shape == (3, 24, 24)
+    assert (
+        splits.image_size == 24 and splits.train[0][0].shape == (3, 24, 24) and splits.test[0][0].shape == (3, 24, 24)
+    )
     assert splits.train_images.shape[-1] == 16  # stored at native resolution
 
 
@@ -134,9 +137,16 @@ def test_synthetic_is_learnable_by_a_tiny_cnn(one_thread):
     torch.manual_seed(0)
     spec = SyntheticSpec(num_classes=10, train_size=1200, test_size=300, image_size=16, seed=0)
     splits = build_data("synthetic", "", synthetic=spec, aug=False)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(32, 10))
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     steps = 0
     while steps < 100:
@@ -173,9 +183,13 @@ def _write_fake_cifar100(root: Path, n_train: int = 60, n_test: int = 20, classe
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, n in (("train", n_train), ("test", n_test)):
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "fine_labels": [i % classes for i in range(n)], "coarse_labels": [0] * n,
-                 "filenames": [f"{i}.png" for i in range(n)], "batch_label": name}
+        entry = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": [i % classes for i in range(n)],
+            "coarse_labels": [0] * n,
+            "filenames": [f"{i}.png" for i in range(n)],
+            "batch_label": name,
+        }
         (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
     meta = {"fine_label_names": [f"fine{i}" for i in range(classes)], "coarse_label_names": ["all"]}
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
@@ -184,8 +198,11 @@ def _write_fake_cifar100(root: Path, n_train: int = 60, n_test: int = 20, classe
 def test_cifar100_loads_real_pickle_format(tmp_path, monkeypatch):
     _write_fake_cifar100(tmp_path)
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
-    monkeypatch.setattr(tv_cifar, "download_and_extract_archive",
-                        lambda *a, **k: pytest.fail("must not download when the files are present"))
+    monkeypatch.setattr(
+        tv_cifar,
+        "download_and_extract_archive",
+        lambda *a, **k: pytest.fail("must not download when the files are present"),
+    )
     splits = build_data("cifar100", str(tmp_path), val_fraction=0.2, aug=False)
     assert splits.num_classes == 5 and splits.class_names == [f"fine{i}" for i in range(5)]
     assert (splits.image_size, splits.mean, splits.std) == (32, kd_data.CIFAR100_MEAN, kd_data.CIFAR100_STD)
@@ -269,7 +286,9 @@ def _write_tiny(root: Path, wnids=("n001", "n002", "n003"), train_per_class: int
     (d / "words.txt").write_text("n001\tgoldfish, Carassius auratus\nn002\ttabby cat\nn999\tother\n")
     for c, w in enumerate(wnids):
         for i in range(train_per_class):
-            _write_image(d / "train" / w / "images" / f"{w}_{i}.JPEG", seed=10 * c + i, mode="L" if c == i == 0 else "RGB")
+            _write_image(
+                d / "train" / w / "images" / f"{w}_{i}.JPEG", seed=10 * c + i, mode="L" if c == i == 0 else "RGB"
+            )
     lines = []
     for i in range(val_per_class * len(wnids)):
         _write_image(d / "val" / "images" / f"val_{i}.JPEG", seed=100 + i)
@@ -337,8 +356,9 @@ def test_tiny_imagenet_from_archive_extracts_once(tmp_path, kind, monkeypatch):
 def test_tiny_imagenet_folder_containing_only_an_archive(tmp_path):
     source = _write_tiny(tmp_path / "src")
     shutil.make_archive(str(tmp_path / "data" / "tiny-fake"), "gztar", source.parent, source.name)
-    _check_tiny(build_data("tiny-imagenet", str(tmp_path / "data"), val_fraction=0.25, cache_dir=tmp_path / "c"),
-                tmp_path / "c")
+    _check_tiny(
+        build_data("tiny-imagenet", str(tmp_path / "data"), val_fraction=0.25, cache_dir=tmp_path / "c"), tmp_path / "c"
+    )
 
 
 def test_tiny_imagenet_errors(tmp_path):
@@ -398,8 +418,7 @@ def test_tiny_imagenet_class_subset_decodes_only_its_classes(tmp_path, monkeypat
     # a file of ids: labels follow wnids.txt, not the file's order; comments and blank lines are ignored
     listed = tmp_path / "classes.txt"
     listed.write_text("# my subset\nn004\n\nn002  # tabby\n")
-    picked = build_data("tiny-imagenet", str(d), val_fraction=0.25, aug=False, cache_dir=cache_dir,
-                        classes=str(listed))
+    picked = build_data("tiny-imagenet", str(d), val_fraction=0.25, aug=False, cache_dir=cache_dir, classes=str(listed))
     assert picked.class_subset == ("n002", "n004") and picked.class_names == ["tabby cat", "n004"]
     assert len(picked.test) == 4 and picked.fingerprint not in (full.fingerprint, first2.fingerprint)
     # the cached subset is read back without decoding
@@ -422,11 +441,14 @@ def test_imagefolder_class_subset_lists_only_its_folders(tmp_path):
     assert len({full.fingerprint, two.fingerprint, picked.fingerprint}) == 3
 
 
-@pytest.mark.parametrize("content, message", [
-    ("n001\nn999\n", "class 'n999' is not in"),
-    ("n001\nn002\nn001\n", "class 'n001' is listed twice"),
-    ("n001\n", "needs at least 2 classes, the file lists 1"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("n001\nn999\n", "class 'n999' is not in"),
+        ("n001\nn002\nn001\n", "class 'n001' is listed twice"),
+        ("n001\n", "needs at least 2 classes, the file lists 1"),
+    ],
+)
 def test_bad_class_lists_are_one_line_errors(tmp_path, content, message):
     d = _write_tiny(tmp_path)
     listed = tmp_path / "classes.txt"
@@ -436,8 +458,10 @@ def test_bad_class_lists_are_one_line_errors(tmp_path, content, message):
     assert not (tmp_path / "cache" / "decoded").exists()  # refused before any decoding
 
 
-@pytest.mark.parametrize("classes, message", [
-    ("1", "needs at least 2 classes"), ("4", "has only 3 classes"), ("nowhere.txt", "neither a number")])
+@pytest.mark.parametrize(
+    "classes, message",
+    [("1", "needs at least 2 classes"), ("4", "has only 3 classes"), ("nowhere.txt", "neither a number")],
+)
 def test_bad_class_counts_and_paths(tmp_path, classes, message):
     d = _write_tiny(tmp_path)
     with pytest.raises((ConfigError, DataError), match=message):
@@ -455,8 +479,10 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
         out = np.asarray(kd_data.rgb(img))
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8
     assert np.array_equal(out[..., 0], (ramp >> 8).astype(np.uint8)) and (out[..., 0] == out[..., 2]).all()
-    assert np.array_equal(np.asarray(kd_data.rgb(Image.fromarray(ramp.astype(np.int32) // 1024))),
-                          np.repeat((ramp // 1024).astype(np.uint8)[..., None], 3, axis=2))  # 8-bit data in mode I
+    assert np.array_equal(
+        np.asarray(kd_data.rgb(Image.fromarray(ramp.astype(np.int32) // 1024))),
+        np.repeat((ramp // 1024).astype(np.uint8)[..., None], 3, axis=2),
+    )  # 8-bit data in mode I
     for folder in ("train/a", "train/b", "val/a", "val/b"):
         (tmp_path / "folder" / folder).mkdir(parents=True)
         Image.fromarray(ramp).save(tmp_path / "folder" / folder / "0.png")
@@ -489,8 +515,11 @@ def test_imagefolder_links_that_reach_a_folder_twice_are_refused(tmp_path):
     (tmp_path / "elsewhere" / "eel").mkdir(parents=True)
     _write_image(tmp_path / "elsewhere" / "eel" / "9.png", size=20)
     (tmp_path / "fine" / "train" / "eel" / "more").symlink_to(tmp_path / "elsewhere" / "eel")  # outside: fine
-    assert len(build_data("imagefolder", str(tmp_path / "fine"), val_fraction=0.3).train) + \
-        len(build_data("imagefolder", str(tmp_path / "fine"), val_fraction=0.3).val) == 10
+    assert (
+        len(build_data("imagefolder", str(tmp_path / "fine"), val_fraction=0.3).train)
+        + len(build_data("imagefolder", str(tmp_path / "fine"), val_fraction=0.3).val)
+        == 10
+    )
 
 
 def test_the_leftovers_of_killed_writers_are_removed_by_the_next_write(tmp_path):
@@ -545,8 +574,11 @@ def test_an_archive_over_the_member_or_size_cap_is_refused_before_extracting(tmp
         monkeypatch.setattr(cls, "extractall", lambda *a, **k: pytest.fail("extracted past the cap"))
     cache = tmp_path / "cache"
     few_files = kd_data.ExtractLimits(max_bytes=10**9, max_files=members - 1)
-    with pytest.raises(DataError, match=rf"holds more than {members - 1} files \(--data.max-extract-files\); "
-                                        "nothing was extracted"):
+    with pytest.raises(
+        DataError,
+        match=rf"holds more than {members - 1} files \(--data.max-extract-files\); "
+        "nothing was extracted",
+    ):
         build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache, extract_limits=few_files)
     few_bytes = kd_data.ExtractLimits(max_bytes=2_000_000, max_files=1000)
     with pytest.raises(DataError, match=r"expands to more than 0.002 GB \(--data.max-extract-gb; it declares "):
@@ -554,8 +586,9 @@ def test_an_archive_over_the_member_or_size_cap_is_refused_before_extracting(tmp
     assert not cache.exists() or not any(cache.rglob("*"))  # not a byte written
     monkeypatch.undo()
     enough = kd_data.ExtractLimits(max_bytes=4_000_000, max_files=members)
-    _check_tiny(build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache,
-                           extract_limits=enough), cache)
+    _check_tiny(
+        build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache, extract_limits=enough), cache
+    )
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
@@ -569,8 +602,11 @@ def test_a_failed_extraction_leaves_no_half_extracted_folder(tmp_path, failure, 
 
     monkeypatch.setattr(zipfile.ZipFile, "extractall", extract_then_fail)
     cache = tmp_path / "cache"
-    expected = (DataError, "could not extract .*No space left on device") if isinstance(failure, OSError) \
+    expected = (
+        (DataError, "could not extract .*No space left on device")
+        if isinstance(failure, OSError)
         else (KeyboardInterrupt, None)
+    )
     with pytest.raises(expected[0], match=expected[1]):
         build_data("tiny-imagenet", str(archive), val_fraction=0.25, cache_dir=cache)
     assert list((cache / "extracted").iterdir()) == []  # the temp folder went with the failure
@@ -582,13 +618,32 @@ def test_extraction_caps_are_flags_refused_in_one_line(tmp_path, capsys):
     source = _write_tiny(tmp_path / "src")
     archive = _zip_of(source, tmp_path / "tiny-fake.zip")
     members = len(list(source.rglob("*")))
-    base = ["--preset", "smoke", "--method", "ce", "--student.model", "resnet8", "--data.dataset", "tiny-imagenet",
-            "--data.root", str(archive), "--data.cache-dir", str(tmp_path / "cache"), "--wandb.mode", "disabled",
-            "--run.out-dir", str(tmp_path / "runs"), "--run.name", "r"]
+    base = [
+        "--preset",
+        "smoke",
+        "--method",
+        "ce",
+        "--student.model",
+        "resnet8",
+        "--data.dataset",
+        "tiny-imagenet",
+        "--data.root",
+        str(archive),
+        "--data.cache-dir",
+        str(tmp_path / "cache"),
+        "--wandb.mode",
+        "disabled",
+        "--run.out-dir",
+        str(tmp_path / "runs"),
+        "--run.name",
+        "r",
+    ]
     assert train.main([*base, "--data.max-extract-files", str(members - 1)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: {archive} holds more than {members - 1} files (--data.max-extract-files); nothing was "
-                   "extracted (raise the flag if the archive is what you meant)")
+    assert err == (
+        f"error: {archive} holds more than {members - 1} files (--data.max-extract-files); nothing was "
+        "extracted (raise the flag if the archive is what you meant)"
+    )
     assert train.main([*base, "--data.max-extract-gb", "0"]) == 2
     assert "--data.max-extract-gb must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()

@@ -26,11 +26,42 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or sh
 # kd: stage 0 fine-tunes the teacher under DDP too, then the student distils; no augmentation
 # randomness beyond the shared fast-loader draws; SGD (Adam would magnify rounding in near-zero
 # gradients); 2 epochs x 3 global batches of 32.
-ARGS = ["--preset", "smoke", "--method", "kd", "--student.model", "test_convnext", "--teachers", "test_convnext",
-        "--teachers.epochs", "1", "--teachers.lr", "0.05", "--optim.name", "sgd", "--optim.lr", "0.05",
-        "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60", "--data.synthetic-image-size",
-        "16", "--data.batch-size", "32", "--optim.epochs", "2", "--run.max-steps-per-epoch", "3",
-        "--run.deterministic", "True", "--wandb.mode", "disabled", "--run.name", "r"]
+ARGS = [
+    "--preset",
+    "smoke",
+    "--method",
+    "kd",
+    "--student.model",
+    "test_convnext",
+    "--teachers",
+    "test_convnext",
+    "--teachers.epochs",
+    "1",
+    "--teachers.lr",
+    "0.05",
+    "--optim.name",
+    "sgd",
+    "--optim.lr",
+    "0.05",
+    "--data.synthetic-train-size",
+    "240",
+    "--data.synthetic-test-size",
+    "60",
+    "--data.synthetic-image-size",
+    "16",
+    "--data.batch-size",
+    "32",
+    "--optim.epochs",
+    "2",
+    "--run.max-steps-per-epoch",
+    "3",
+    "--run.deterministic",
+    "True",
+    "--wandb.mode",
+    "disabled",
+    "--run.name",
+    "r",
+]
 
 
 def env() -> dict[str, str]:
@@ -39,18 +70,37 @@ def env() -> dict[str, str]:
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
 def test_two_gloo_processes_match_one_process_and_only_rank0_writes(tmp_path):
-    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *ARGS, "--run.out-dir", str(tmp_path / "one"),
-                          "--teachers.cache-dir", str(tmp_path / "cache-one")],
-                         capture_output=True, text=True, env=env(), timeout=600)
+    one = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *ARGS,
+            "--run.out-dir",
+            str(tmp_path / "one"),
+            "--teachers.cache-dir",
+            str(tmp_path / "cache-one"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr
     # Each rank runs in its own empty working directory with relative output paths (the teacher cache is
     # shared, as on a cluster's file system): whatever rank 1 wrote would land in r1/.
     for rank in (0, 1):
         (tmp_path / f"r{rank}").mkdir()
-    script = (f"cd {tmp_path}/r$RANK && exec {sys.executable} {ROOT / 'train.py'} {' '.join(ARGS)} "
-              f"--run.out-dir runs --teachers.cache-dir {tmp_path / 'cache-two'}")
-    two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", "bash", "-c", script],
-                         capture_output=True, text=True, env=env(), timeout=600)
+    script = (
+        f"cd {tmp_path}/r$RANK && exec {sys.executable} {ROOT / 'train.py'} {' '.join(ARGS)} "
+        f"--run.out-dir runs --teachers.cache-dir {tmp_path / 'cache-two'}"
+    )
+    two = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", "bash", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert list((tmp_path / "r1").iterdir()) == []  # rank 1 wrote nothing
     assert two.stdout.count("[kd] epoch 2/2") == 1 and two.stdout.count("results") == 1  # rank 0 alone prints
@@ -111,18 +161,38 @@ def test_crd_memory_banks_under_two_gloo_processes_equal_one_process(tmp_path):
     args[args.index("--method") + 1] = "crd"
     args[args.index("--optim.epochs") + 1] = "1"
     args += ["--crd.nce-k", "64", "--teachers.precision", "fp32"]  # bf16 rounds half and whole batches differently
-    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--run.out-dir", str(tmp_path / "one"),
-                          "--teachers.cache-dir", str(tmp_path / "cache-one")],
-                         capture_output=True, text=True, env=env(), timeout=600)
+    one = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *args,
+            "--run.out-dir",
+            str(tmp_path / "one"),
+            "--teachers.cache-dir",
+            str(tmp_path / "cache-one"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr
     # its own teacher cache: both runs fine-tune the teacher, so the method is built from the same RNG state
-    script = (f"exec {sys.executable} {ROOT / 'train.py'} {' '.join(args)} --run.out-dir {tmp_path / 'two'} "
-              f"--teachers.cache-dir {tmp_path / 'cache-two'}")
-    two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", "bash", "-c", script],
-                         capture_output=True, text=True, env=env(), timeout=600)
+    script = (
+        f"exec {sys.executable} {ROOT / 'train.py'} {' '.join(args)} --run.out-dir {tmp_path / 'two'} "
+        f"--teachers.cache-dir {tmp_path / 'cache-two'}"
+    )
+    two = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", "bash", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    m1, m2 = (torch.load(tmp_path / d / "r" / "checkpoints" / "last.pt", weights_only=True)["method"]
-              for d in ("one", "two"))
+    m1, m2 = (
+        torch.load(tmp_path / d / "r" / "checkpoints" / "last.pt", weights_only=True)["method"] for d in ("one", "two")
+    )
     assert float(m1["z_s"]) > 0
     for k in ("memory_s", "memory_t", "z_s", "z_t"):
         torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -150,15 +220,47 @@ finally:
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
 def test_ranks_whose_validation_numbers_differ_take_rank0s_decisions_and_finish(tmp_path):
-    args = ["--preset", "smoke", "--method", "kd", "--student.model", "resnet8", "--teachers", "resnet8",
-            "--teachers.epochs", "2", "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60",
-            "--data.synthetic-image-size", "16", "--data.batch-size", "32", "--optim.epochs", "3",
-            "--run.max-steps-per-epoch", "2", "--wandb.mode", "disabled", "--run.name", "bn",
-            "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--preset",
+        "smoke",
+        "--method",
+        "kd",
+        "--student.model",
+        "resnet8",
+        "--teachers",
+        "resnet8",
+        "--teachers.epochs",
+        "2",
+        "--data.synthetic-train-size",
+        "240",
+        "--data.synthetic-test-size",
+        "60",
+        "--data.synthetic-image-size",
+        "16",
+        "--data.batch-size",
+        "32",
+        "--optim.epochs",
+        "3",
+        "--run.max-steps-per-epoch",
+        "2",
+        "--wandb.mode",
+        "disabled",
+        "--run.name",
+        "bn",
+        "--run.out-dir",
+        str(tmp_path / "runs"),
+        "--teachers.cache-dir",
+        str(tmp_path / "cache"),
+    ]
     script = tmp_path / "skewed.py"
     script.write_text(SKEWED)
-    two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), *args],
-                         capture_output=True, text=True, env={**env(), "PYTHONPATH": str(ROOT)}, timeout=600)
+    two = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), *args],
+        capture_output=True,
+        text=True,
+        env={**env(), "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "bn" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["phase"] == "kd"] == [1, 2, 3]
@@ -168,25 +270,65 @@ def test_ranks_whose_validation_numbers_differ_take_rank0s_decisions_and_finish(
 # ---- BatchNorm models under 2 gloo processes (issue 23): ce, asmb, a killed rank resumed, a collective timeout.
 # resnet8 (BatchNorm) on 16 px synthetic data, global batches of 32, 3 steps an epoch, a checkpoint every 2 steps.
 # Rank 0 alone logs (metrics.jsonl, stdout) and its validation numbers decide for every rank (rank0_values).
-BN = ["--preset", "smoke", "--student.model", "resnet8", "--data.synthetic-train-size", "240",
-      "--data.synthetic-test-size", "60", "--data.synthetic-image-size", "16", "--data.batch-size", "32",
-      "--optim.epochs", "3", "--run.max-steps-per-epoch", "3", "--run.ckpt-every-steps", "2",
-      "--run.deterministic", "True", "--wandb.mode", "disabled", "--run.dist-timeout-min", "0.5"]
+BN = [
+    "--preset",
+    "smoke",
+    "--student.model",
+    "resnet8",
+    "--data.synthetic-train-size",
+    "240",
+    "--data.synthetic-test-size",
+    "60",
+    "--data.synthetic-image-size",
+    "16",
+    "--data.batch-size",
+    "32",
+    "--optim.epochs",
+    "3",
+    "--run.max-steps-per-epoch",
+    "3",
+    "--run.ckpt-every-steps",
+    "2",
+    "--run.deterministic",
+    "True",
+    "--wandb.mode",
+    "disabled",
+    "--run.dist-timeout-min",
+    "0.5",
+]
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
 
 
-def torchrun(tmp: Path, name: str, *args: str, script: str | None = None, script_args: tuple[str, ...] = ()
-             ) -> subprocess.CompletedProcess:
+def torchrun(
+    tmp: Path, name: str, *args: str, script: str | None = None, script_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """train.py (or `script`, given `script_args` before the flags) under torchrun with 2 gloo processes,
     writing the run `name` under tmp/runs (teachers cached in tmp/cache)."""
     program = [str(ROOT / "train.py")]
     if script is not None:
         (tmp / "script.py").write_text(script)
         program = [str(tmp / "script.py"), *script_args]
-    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *program, *BN, *args,
-                           "--run.name", name, "--run.out-dir", str(tmp / "runs"),
-                           "--teachers.cache-dir", str(tmp / "cache")],
-                          capture_output=True, text=True, env={**env(), "PYTHONPATH": str(ROOT)}, timeout=600)
+    return subprocess.run(
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *program,
+            *BN,
+            *args,
+            "--run.name",
+            name,
+            "--run.out-dir",
+            str(tmp / "runs"),
+            "--teachers.cache-dir",
+            str(tmp / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**env(), "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
 
 
 def logged(tmp: Path, name: str) -> tuple[dict, list[dict]]:
@@ -196,9 +338,10 @@ def logged(tmp: Path, name: str) -> tuple[dict, list[dict]]:
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timings = ("time_s", "img_per_s", "train/img_per_s", "wall_time_s", "teacher_time_s")
-    return ({k: v for k, v in last.items() if k not in ("rows", "config", "wandb_id")},
-            [{k: v for k, v in r.items() if k not in timings} for r in rows])
-
+    return (
+        {k: v for k, v in last.items() if k not in ("rows", "config", "wandb_id")},
+        [{k: v for k, v in r.items() if k not in timings} for r in rows],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -231,13 +374,26 @@ def test_ce_with_batchnorm_under_two_processes_ends_and_rank0_logs(bn_tmp, ce_tw
 
 @needs_torchrun
 def test_asmb_with_batchnorm_under_two_processes_ends_and_rank0_logs(bn_tmp):
-    out = torchrun(bn_tmp, "asmb", "--method", "asmb", "--teachers", "resnet8,resnet14", "--teachers.epochs", "1",
-                   "--asmb.num-stages", "1", "--asmb.teacher-epochs", "1", "--asmb.student-epochs", "1")
+    out = torchrun(
+        bn_tmp,
+        "asmb",
+        "--method",
+        "asmb",
+        "--teachers",
+        "resnet8,resnet14",
+        "--teachers.epochs",
+        "1",
+        "--asmb.num-stages",
+        "1",
+        "--asmb.teacher-epochs",
+        "1",
+        "--asmb.student-epochs",
+        "1",
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("results") == 1
     _, rows = logged(bn_tmp, "asmb")
-    assert [r["phase"] for r in rows] == ["teacher:resnet8", "teacher:resnet14", "asmb:A:s1", "asmb:B:s1",
-                                         "asmb:stage"]
+    assert [r["phase"] for r in rows] == ["teacher:resnet8", "teacher:resnet14", "asmb:A:s1", "asmb:B:s1", "asmb:stage"]
     assert_logged_by_rank0(bn_tmp, "asmb", [r["phase"] for r in rows])
 
 
@@ -266,8 +422,7 @@ sys.exit(train.main(sys.argv[2:]))
 
 @needs_torchrun
 def test_a_killed_rank_resumes_with_auto_to_the_uninterrupted_runs_end(bn_tmp, ce_two):
-    killed = torchrun(bn_tmp, "ce-killed", "--method", "ce", script=KILL_RANK1,
-                      script_args=(str(bn_tmp / "written"),))
+    killed = torchrun(bn_tmp, "ce-killed", "--method", "ce", script=KILL_RANK1, script_args=(str(bn_tmp / "written"),))
     assert killed.returncode != 0 and (bn_tmp / "written").is_file(), killed.stdout[-2000:] + killed.stderr[-2000:]
     ck = torch.load(bn_tmp / "runs" / "ce-killed" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["progress"]["step"] == 4 and ck["world_size"] == 2
@@ -300,11 +455,23 @@ sys.exit(code)
 
 @needs_torchrun
 def test_a_rank_left_waiting_in_a_collective_ends_in_one_line_after_the_timeout(tmp_path):
-    out = torchrun(tmp_path, "stuck", "--method", "ce", "--optim.epochs", "1", "--run.dist-timeout-min", "0.2",
-                   script=STUCK_RANK1, script_args=(str(tmp_path / "done"),))
+    out = torchrun(
+        tmp_path,
+        "stuck",
+        "--method",
+        "ce",
+        "--optim.epochs",
+        "1",
+        "--run.dist-timeout-min",
+        "0.2",
+        script=STUCK_RANK1,
+        script_args=(str(tmp_path / "done"),),
+    )
     assert out.returncode != 0 and (tmp_path / "done").read_text() == "1", out.stdout[-2000:] + out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if "timed out" in line]
     assert len(lines) == 1, out.stderr[-3000:]
     assert lines[0].startswith("error: rank 0: broadcast (called from rank0_values, distributed.py:")
-    assert lines[0].endswith("timed out after 0.2 min (--run.dist-timeout-min) waiting for the other ranks; one of "
-                             "them stopped, hangs or took another path")
+    assert lines[0].endswith(
+        "timed out after 0.2 min (--run.dist-timeout-min) waiting for the other ranks; one of "
+        "them stopped, hangs or took another path"
+    )

@@ -20,49 +20,69 @@ from kd.models import create_model
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--preset", "smoke", "--data.synthetic-train-size", "200", "--data.synthetic-test-size", "50",
-        "--data.batch-size", "16", "--optim.epochs", "1", "--run.max-steps-per-epoch", "2", "--wandb.mode", "disabled"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--data.synthetic-train-size",
+    "200",
+    "--data.synthetic-test-size",
+    "50",
+    "--data.batch-size",
+    "16",
+    "--optim.epochs",
+    "1",
+    "--run.max-steps-per-epoch",
+    "2",
+    "--wandb.mode",
+    "disabled",
+]
 
 
 def refused(capsys, tmp_path: Path, *args: str) -> str:
-    code = train.main([*TINY, "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir",
-                       str(tmp_path / "cache"), *args])
+    code = train.main(
+        [*TINY, "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir", str(tmp_path / "cache"), *args]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data.val-fraction", "0"], "--data.val-fraction must be in (0, 1), got 0.0"),
-    (["--data.val-fraction", "nan"], "--data.val-fraction must be finite"),
-    (["--optim.momentum", "nan"], "--optim.momentum must be finite, got nan"),
-    (["--optim.weight-decay", "-1e-4"], "--optim.weight-decay must be >= 0"),
-    (["--student.drop-rate", "-0.1"], "--student.drop-rate must be >= 0"),
-    (["--student.drop-rate", "1.0"], "--student.drop-rate must be < 1"),
-    (["--teachers.lr", "inf"], "--teachers.lr must be finite"),
-    (["--data.batch-size", "0"], "--data.batch-size must be > 0"),
-    (["--data.batch-size", "5000"], "--data.batch-size 5000 is larger than the training split"),
-    (["--optim.warmup-epochs", "3"], "--optim.warmup-epochs must be < --optim.epochs"),
-    (["--method", "kd", "--teachers", "no_such_teacher"], "unknown model 'no_such_teacher'"),
-    (["--method", "kd", "--teachers.select", "1", "--teachers", "resnet8"], "--teachers.select 1 but only 1"),
-    (["--method", "asmb", "--asmb.mbm-query-dim", "7"], "mbm query dim 7"),
-    (["--data.dataset", "imagefolder", "--data.root", "/nonexistent/imagenet100"], "/nonexistent/imagenet100"),
-    (["--run.keep-last", "0"], "--run.keep-last must be >= 1"),
-    (["--run.dist-timeout-min", "0"], "--run.dist-timeout-min must be > 0, got 0.0"),
-    (["--data.max-extract-files", "0"], "--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1"),
-    (["--run.resume", "auto"], "--run.resume auto needs --run.name"),
-    (["--run.resume", "auto", "--run.name", "r", "--run.overwrite", "True"], "exclude each other"),
-    (["--run.resume", "/nonexistent/run"], "no such checkpoint file or run directory"),
-    (["--run.seed", "-1"], "--run.seed must be >= 0, got -1"),
-    (["--run.seed", "4294967296"], "--run.seed must be in [0, 2**32), got 4294967296"),
-    (["--optim.momentum", "5"], "--optim.momentum must be in [0, 1), got 5.0"),
-    (["--optim.gamma", "0"], "--optim.gamma must be > 0"),
-    (["--data.image-size", "100000"], "must be <= 1024"),
-    (["--run.name", ".."], "--run.name '..' must be a relative name"),
-    (["--method", "kd", "--teachers", "resnet8", "--teachers.checkpoints", "/nonexistent/t.pt"],
-     "checkpoint not found: /nonexistent/t.pt"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.val-fraction", "0"], "--data.val-fraction must be in (0, 1), got 0.0"),
+        (["--data.val-fraction", "nan"], "--data.val-fraction must be finite"),
+        (["--optim.momentum", "nan"], "--optim.momentum must be finite, got nan"),
+        (["--optim.weight-decay", "-1e-4"], "--optim.weight-decay must be >= 0"),
+        (["--student.drop-rate", "-0.1"], "--student.drop-rate must be >= 0"),
+        (["--student.drop-rate", "1.0"], "--student.drop-rate must be < 1"),
+        (["--teachers.lr", "inf"], "--teachers.lr must be finite"),
+        (["--data.batch-size", "0"], "--data.batch-size must be > 0"),
+        (["--data.batch-size", "5000"], "--data.batch-size 5000 is larger than the training split"),
+        (["--optim.warmup-epochs", "3"], "--optim.warmup-epochs must be < --optim.epochs"),
+        (["--method", "kd", "--teachers", "no_such_teacher"], "unknown model 'no_such_teacher'"),
+        (["--method", "kd", "--teachers.select", "1", "--teachers", "resnet8"], "--teachers.select 1 but only 1"),
+        (["--method", "asmb", "--asmb.mbm-query-dim", "7"], "mbm query dim 7"),
+        (["--data.dataset", "imagefolder", "--data.root", "/nonexistent/imagenet100"], "/nonexistent/imagenet100"),
+        (["--run.keep-last", "0"], "--run.keep-last must be >= 1"),
+        (["--run.dist-timeout-min", "0"], "--run.dist-timeout-min must be > 0, got 0.0"),
+        (["--data.max-extract-files", "0"], "--data.max-extract-gb must be > 0 and --data.max-extract-files >= 1"),
+        (["--run.resume", "auto"], "--run.resume auto needs --run.name"),
+        (["--run.resume", "auto", "--run.name", "r", "--run.overwrite", "True"], "exclude each other"),
+        (["--run.resume", "/nonexistent/run"], "no such checkpoint file or run directory"),
+        (["--run.seed", "-1"], "--run.seed must be >= 0, got -1"),
+        (["--run.seed", "4294967296"], "--run.seed must be in [0, 2**32), got 4294967296"),
+        (["--optim.momentum", "5"], "--optim.momentum must be in [0, 1), got 5.0"),
+        (["--optim.gamma", "0"], "--optim.gamma must be > 0"),
+        (["--data.image-size", "100000"], "must be <= 1024"),
+        (["--run.name", ".."], "--run.name '..' must be a relative name"),
+        (
+            ["--method", "kd", "--teachers", "resnet8", "--teachers.checkpoints", "/nonexistent/t.pt"],
+            "checkpoint not found: /nonexistent/t.pt",
+        ),
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_created(capsys, tmp_path, args, message):
     assert message in refused(capsys, tmp_path, *args)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
@@ -82,8 +102,16 @@ def test_resume_into_another_existing_run_directory_is_refused(capsys, tmp_path)
     (tmp_path / "runs" / "b").mkdir()
     (tmp_path / "runs" / "b" / "notes.txt").write_text("mine")
     capsys.readouterr()
-    err = refused(capsys, tmp_path, "--method", "ce", "--run.name", "b", "--run.resume",
-                  str(tmp_path / "runs" / "a" / "checkpoints" / "last.pt"))
+    err = refused(
+        capsys,
+        tmp_path,
+        "--method",
+        "ce",
+        "--run.name",
+        "b",
+        "--run.resume",
+        str(tmp_path / "runs" / "a" / "checkpoints" / "last.pt"),
+    )
     assert "runs/b exists and is not the run of" in err
     assert [p.name for p in (tmp_path / "runs" / "b").iterdir()] == ["notes.txt"]
 
@@ -94,8 +122,18 @@ def test_unknown_model_is_reported_before_an_archive_is_extracted(capsys, tmp_pa
     payload.write_text("n01\n")
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(payload, arcname="tiny-imagenet-200/wnids.txt")
-    err = refused(capsys, tmp_path, "--data.dataset", "tiny-imagenet", "--data.root", str(archive),
-                  "--data.cache-dir", str(tmp_path / "cache"), "--student.model", "no_such_student")
+    err = refused(
+        capsys,
+        tmp_path,
+        "--data.dataset",
+        "tiny-imagenet",
+        "--data.root",
+        str(archive),
+        "--data.cache-dir",
+        str(tmp_path / "cache"),
+        "--student.model",
+        "no_such_student",
+    )
     assert "unknown model 'no_such_student'" in err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
@@ -126,8 +164,20 @@ def test_an_undecodable_image_is_named_before_the_run_directory(capsys, tmp_path
                 Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(folder / f"{i}.png")
     broken = tmp_path / "images" / "train" / "b" / "3.png"
     broken.write_bytes(b"this is not a png")
-    err = refused(capsys, tmp_path, "--data.dataset", "imagefolder", "--data.root", str(tmp_path / "images"),
-                  "--data.batch-size", "4", "--data.image-size", "8", "--data.workers", "0")
+    err = refused(
+        capsys,
+        tmp_path,
+        "--data.dataset",
+        "imagefolder",
+        "--data.root",
+        str(tmp_path / "images"),
+        "--data.batch-size",
+        "4",
+        "--data.image-size",
+        "8",
+        "--data.workers",
+        "0",
+    )
     assert f"cannot read image {broken}" in err
     assert not (tmp_path / "runs").exists()
 
@@ -140,8 +190,11 @@ def test_files_honour_the_umask_and_stale_temp_files_are_removed(tmp_path):
         run_dir = tmp_path / "runs" / "r"
         for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
             assert (run_dir / name).stat().st_mode & 0o777 == 0o644, name  # mkstemp alone gives 0600
-        stale = [run_dir / ".metrics.jsonl.abc123.tmp", run_dir / ".config.json.def456.tmp",
-                 run_dir / "checkpoints" / ".step-000000009.pt.gh78.tmp"]
+        stale = [
+            run_dir / ".metrics.jsonl.abc123.tmp",
+            run_dir / ".config.json.def456.tmp",
+            run_dir / "checkpoints" / ".step-000000009.pt.gh78.tmp",
+        ]
         for path in stale:
             path.write_text("partial")
         assert train.main([*args, "--run.resume", "auto"]) == 0
@@ -151,8 +204,13 @@ def test_files_honour_the_umask_and_stale_temp_files_are_removed(tmp_path):
 
 
 def test_sweep_usage_errors_are_one_line_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "spec.yaml", "--nope", "1"], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "sweep.py"), "spec.yaml", "--nope", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
     assert "--nope" in out.stderr and list(tmp_path.iterdir()) == []
 
@@ -190,18 +248,35 @@ def test_an_unwritable_out_dir_exits_1_in_one_line(capsys, tmp_path, monkeypatch
         raise WriteError(f"cannot write {path}: No space left on device")
 
     monkeypatch.setattr(kd_cli.session, "atomic_write_json", refuse)
-    args = ["--preset", "smoke", "--method", "ce", "--run.out-dir", str(tmp_path / "runs"), "--run.name", "x",
-            "--optim.epochs", "1", "--run.max-steps-per-epoch", "1", "--wandb.mode", "disabled"]
+    args = [
+        "--preset",
+        "smoke",
+        "--method",
+        "ce",
+        "--run.out-dir",
+        str(tmp_path / "runs"),
+        "--run.name",
+        "x",
+        "--optim.epochs",
+        "1",
+        "--run.max-steps-per-epoch",
+        "1",
+        "--wandb.mode",
+        "disabled",
+    ]
     assert train.main(args) == 1  # the environment, not the input: exit 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: cannot write {tmp_path / 'runs' / 'x' / 'config.json'}: No space left on device"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--run.sync-bn", "True"], "--run.sync-bn True synchronises BatchNorm across torchrun processes"),
-    (["--kd.temperature", "1e-30"], "the T^2 factor would turn distillation off"),
-    (["--data.image-size", "1"], "--data.image-size 1 is too small"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run.sync-bn", "True"], "--run.sync-bn True synchronises BatchNorm across torchrun processes"),
+        (["--kd.temperature", "1e-30"], "the T^2 factor would turn distillation off"),
+        (["--data.image-size", "1"], "--data.image-size 1 is too small"),
+    ],
+)
 def test_degenerate_settings_are_refused_up_front(capsys, tmp_path, args, message):
     base = ["--preset", "smoke", "--method", "kd", "--run.out-dir", str(tmp_path / "runs"), "--wandb.mode", "disabled"]
     assert train.main([*base, *args]) == 2
@@ -242,8 +317,7 @@ def _zip_declaring(path: Path, members: int, declared: int) -> Path:
     return path
 
 
-def test_a_checkpoint_whose_zip_directory_declares_gigabytes_is_refused_without_loading(capsys, tmp_path,
-                                                                                            monkeypatch):
+def test_a_checkpoint_whose_zip_directory_declares_gigabytes_is_refused_without_loading(capsys, tmp_path, monkeypatch):
     import re
 
     from kd.errors import CheckpointError

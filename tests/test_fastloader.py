@@ -37,7 +37,7 @@ def windows(image: torch.Tensor, pad: int) -> dict[tuple[int, int, bool], torch.
     out = {}
     for top in range(2 * pad + 1):
         for left in range(2 * pad + 1):
-            win = padded[:, top:top + h, left:left + w]
+            win = padded[:, top : top + h, left : left + w]
             out[(top, left, False)], out[(top, left, True)] = win, win.flip(-1)
     return out
 
@@ -145,8 +145,13 @@ def test_resize_then_crop_at_the_target_size():
 def coordinate_image(size: int = 32) -> torch.Tensor:
     """uint8 [3,S,S]: channel 0 = row + 1, channel 1 = column + 1 (0 is the padding), channel 2 constant."""
     r = torch.arange(1, size + 1, dtype=torch.uint8)
-    return torch.stack([r.view(-1, 1).expand(size, size), r.view(1, -1).expand(size, size),
-                        torch.full((size, size), 200, dtype=torch.uint8)])
+    return torch.stack(
+        [
+            r.view(-1, 1).expand(size, size),
+            r.view(1, -1).expand(size, size),
+            torch.full((size, size), 200, dtype=torch.uint8),
+        ]
+    )
 
 
 def recover_offsets(pixels: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,13 +173,23 @@ def test_fast_and_dataloader_paths_draw_the_same_offset_and_flip_distribution():
     torch.manual_seed(0)
     transform = _tensor_transform(32, 32, *identity, augment=True)
     slow = torch.stack([transform(image) for _ in range(n)]).round().to(torch.uint8)
-    loader = DeviceLoader(image.expand(2000, 3, 32, 32).contiguous(), torch.zeros(2000, dtype=torch.long),
-                          batch_size=500, mean=identity[0], std=identity[1], train=True, seed=0)
+    loader = DeviceLoader(
+        image.expand(2000, 3, 32, 32).contiguous(),
+        torch.zeros(2000, dtype=torch.long),
+        batch_size=500,
+        mean=identity[0],
+        std=identity[1],
+        train=True,
+        seed=0,
+    )
     fast = torch.cat([x for _ in range(10) for x, _, _ in loader]).round().to(torch.uint8)
     assert len(fast) == n
     sampled = sample_crop_flip(n, pad, torch.Generator().manual_seed(1))
-    paths = {"dataloader": recover_offsets(slow, pad), "fast": recover_offsets(fast, pad),
-             "sampler": (sampled[0][:, 0], sampled[0][:, 1], sampled[1])}
+    paths = {
+        "dataloader": recover_offsets(slow, pad),
+        "fast": recover_offsets(fast, pad),
+        "sampler": (sampled[0][:, 0], sampled[0][:, 1], sampled[1]),
+    }
     for name, (top, left, flipped) in paths.items():
         for values in (top, left):
             assert values.min() >= 0 and values.max() <= 2 * pad, name
@@ -193,16 +208,23 @@ def test_fast_and_dataloader_paths_draw_the_same_offset_and_flip_distribution():
 def test_one_batched_call_per_batch_no_per_sample_python():
     images, labels = random_images(40, 16)
     loader = DeviceLoader(images, labels, batch_size=8, mean=MEAN, std=STD, train=True)
-    with mock.patch.object(DeviceLoader, "make_batch", autospec=True, side_effect=DeviceLoader.make_batch) as mb, \
-            mock.patch.object(fastloader, "gather_windows", side_effect=fastloader.gather_windows) as gw, \
-            mock.patch.object(fastloader, "sample_crop_flip", side_effect=fastloader.sample_crop_flip) as sc:
+    with (
+        mock.patch.object(DeviceLoader, "make_batch", autospec=True, side_effect=DeviceLoader.make_batch) as mb,
+        mock.patch.object(fastloader, "gather_windows", side_effect=fastloader.gather_windows) as gw,
+        mock.patch.object(fastloader, "sample_crop_flip", side_effect=fastloader.sample_crop_flip) as sc,
+    ):
         batches = list(loader)
     assert len(batches) == mb.call_count == gw.call_count == 5  # one gather+crop+flip per batch
     assert sc.call_count == 1  # every random draw of the epoch in one call
     for call in gw.call_args_list:
         assert call.args[1].shape == (8,) and call.args[2].shape == (8, 2)  # whole batches, never one sample
-    for fn in (crop_flip, fastloader.gather_windows, DeviceLoader.make_batch, fastloader.to_normalised_float,
-               sample_crop_flip):
+    for fn in (
+        crop_flip,
+        fastloader.gather_windows,
+        DeviceLoader.make_batch,
+        fastloader.to_normalised_float,
+        sample_crop_flip,
+    ):
         assert "for " not in inspect.getsource(fn).split('"""')[-1], fn.__name__  # no loop in the code
 
 

@@ -107,7 +107,9 @@ def _sgd_step_and_check(model: nn.Module, policy: str) -> None:
     opt.step()
     for name, p in model.named_parameters():
         if id(p) in trainable:
-            assert not torch.equal(before[name], p.detach()), f"{policy}: trainable {name} did not change (grad {p.grad})"
+            assert not torch.equal(before[name], p.detach()), (
+                f"{policy}: trainable {name} did not change (grad {p.grad})"
+            )
         else:
             assert p.grad is None, f"{policy}: frozen {name} got a gradient"
             assert torch.equal(before[name], p.detach()), f"{policy}: frozen {name} changed"
@@ -124,7 +126,9 @@ def test_each_policy_trains_exactly_its_parameters(family):
         apply_freeze(model, policy)
         expected = expected_names(model, family, policy)
         got = trainable_names(model)
-        assert got == expected, f"{family}/{policy}: extra {sorted(got - expected)[:5]} missing {sorted(expected - got)[:5]}"
+        assert got == expected, (
+            f"{family}/{policy}: extra {sorted(got - expected)[:5]} missing {sorted(expected - got)[:5]}"
+        )
         assert len(got) > 0
     with pytest.raises(ConfigError, match="needs a model with an adapter"):
         apply_freeze(model, "adapter")

@@ -35,8 +35,10 @@ def images(n: int = 8, seed: int = 1) -> torch.Tensor:
 
 def soft_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Per-sample KL(softmax(p/T) || softmax(q/T))."""
-    return (F.softmax(p_logits / temperature, 1) * (F.log_softmax(p_logits / temperature, 1)
-                                                     - F.log_softmax(q_logits / temperature, 1))).sum(1)
+    return (
+        F.softmax(p_logits / temperature, 1)
+        * (F.log_softmax(p_logits / temperature, 1) - F.log_softmax(q_logits / temperature, 1))
+    ).sum(1)
 
 
 def test_bf16_teacher_outputs_are_close_to_float32_and_come_back_float32():
@@ -106,6 +108,7 @@ def test_asmb_phase_a_teachers_still_learn_with_bf16_teacher_precision():
     train.validate(cfg)
     from kd.asmb import build_asmb_modules
     from kd.freeze import apply_freeze
+
     torch.manual_seed(0)
     student = create_model("resnet8", C, small_input=True)
     teachers = [create_model(a, C, small_input=True) for a in ("resnet20", "wrn_16_2")]
@@ -113,7 +116,7 @@ def test_asmb_phase_a_teachers_still_learn_with_bf16_teacher_precision():
         t.eval().requires_grad_(False)
         apply_freeze(t, "bn_head")
     modules = build_asmb_modules(cfg.asmb, [t.num_features for t in teachers], student, C)
-    run = train.build_asmb_run(cfg, train.make_runtime(cfg, CPU), student, teachers, modules, steps=1, num_classes=C)
+    run = train.build_asmb_run(cfg, train.make_runtime(cfg, CPU), student, teachers, modules, 1, C)
     assert isinstance(run.phase_a.step_module.student, FrozenModel)
     assert run.phase_a.step_module.student.dtype == torch.bfloat16
     run.synergy.train()
@@ -129,11 +132,13 @@ def test_asmb_phase_a_teachers_still_learn_with_bf16_teacher_precision():
 def test_teachers_compile_is_refused_for_asmb_and_may_change_on_resume():
     with pytest.raises(ConfigError, match="--teachers.compile"):
         train.validate(train.parse_config(["--preset", "smoke", "--method", "asmb", "--teachers.compile", "True"]))
-    saved = dataclasses.asdict(train.parse_config(["--preset", "smoke", "--method", "kd", "--teachers.precision",
-                                                   "fp32"]))
+    saved = dataclasses.asdict(
+        train.parse_config(["--preset", "smoke", "--method", "kd", "--teachers.precision", "fp32"])
+    )
     groups = ("data", "student", "teachers", "optim", "run", "kd")
-    same_but_compiled = train.parse_config(["--preset", "smoke", "--method", "kd", "--teachers.precision", "fp32",
-                                            "--teachers.compile", "True"])
+    same_but_compiled = train.parse_config(
+        ["--preset", "smoke", "--method", "kd", "--teachers.precision", "fp32", "--teachers.compile", "True"]
+    )
     check_resume_config(dataclasses.asdict(same_but_compiled), saved, groups, RESUME_MAY_CHANGE, "ck")
     other_precision = train.parse_config(["--preset", "smoke", "--method", "kd", "--teachers.precision", "bf16"])
     with pytest.raises(CheckpointError, match="--teachers.precision is bf16 here but fp32"):

@@ -11,8 +11,18 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from kd import losses as L
-from kd.losses import (at_loss, confidence_weights, dist_loss, entropy_weights, kd_loss, kd_loss_per_sample, pkt_loss,
-                       rkd_loss, sp_loss, weighted_teacher_mean)
+from kd.losses import (
+    at_loss,
+    confidence_weights,
+    dist_loss,
+    entropy_weights,
+    kd_loss,
+    kd_loss_per_sample,
+    pkt_loss,
+    rkd_loss,
+    sp_loss,
+    weighted_teacher_mean,
+)
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -171,8 +181,10 @@ def test_dkd_reproduces_kd_with_beta_one_minus_teacher_target_prob(temp):
     y = torch.tensor([0, 6, 2, 2, 4])
     beta = 1 - F.softmax(t / temp, dim=1).gather(1, y[:, None]).squeeze(1)
     for b in range(5):  # one sample at a time, scalar beta
-        close(L.dkd_loss(s[b : b + 1], t[b : b + 1], y[b : b + 1], 1.0, float(beta[b]), temp),
-              L.kd_loss(s[b : b + 1], t[b : b + 1], temp))
+        close(
+            L.dkd_loss(s[b : b + 1], t[b : b + 1], y[b : b + 1], 1.0, float(beta[b]), temp),
+            L.kd_loss(s[b : b + 1], t[b : b + 1], temp),
+        )
     close(L.dkd_loss(s, t, y, 1.0, beta, temp), L.kd_loss(s, t, temp))  # [B] per-sample beta
 
 
@@ -268,6 +280,7 @@ def naive_at_stage(fs: torch.Tensor, ft: torch.Tensor, p: float = 2) -> float:
             n = math.sqrt(sum(v * v for v in vals))
             rows.append([v / n for v in vals])
         return rows
+
     a_s, a_t = amap(fs), amap(ft)
     diffs = [(u - v) ** 2 for rs, rt in zip(a_s, a_t) for u, v in zip(rs, rt)]
     return sum(diffs) / len(diffs)
@@ -296,10 +309,12 @@ def test_at_and_sp_reject_length_mismatch():
 
 def naive_sp_pair(fs: torch.Tensor, ft: torch.Tensor) -> float:
     b = fs.shape[0]
+
     def gram(f):
         f = f.reshape(b, -1).tolist()
         g = [[sum(x * y for x, y in zip(f[i], f[j])) for j in range(b)] for i in range(b)]
         return [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in g]
+
     gs, gt = gram(fs), gram(ft)
     return sum((gt[i][j] - gs[i][j]) ** 2 for i in range(b) for j in range(b)) / (b * b)
 
@@ -336,9 +351,9 @@ def naive_rkd(s: torch.Tensor, t: torch.Tensor, wd: float, wa: float) -> float:
 
     ds, dt = dist(xs), dist(xt)
     loss_d = sum(smooth_l1(ds[i][j] - dt[i][j]) for i in range(b) for j in range(b)) / b**2
-    loss_a = sum(
-        smooth_l1(cos(xs, a, i, k) - cos(xt, a, i, k)) for a in range(b) for i in range(b) for k in range(b)
-    ) / b**3
+    loss_a = (
+        sum(smooth_l1(cos(xs, a, i, k) - cos(xt, a, i, k)) for a in range(b) for i in range(b) for k in range(b)) / b**3
+    )
     return wd * loss_d + wa * loss_a
 
 
@@ -400,8 +415,11 @@ def test_crd_nce_matches_naive(dtype):
     got = L.crd_nce_loss(torch.tensor(scores, dtype=dtype), n_data=10)
     assert got.dtype == dtype and got.dim() == 0
     close(got, naive_crd_nce(scores, 10), dtype)
-    close(L.crd_loss(torch.tensor(scores, dtype=dtype), torch.tensor(scores[::-1], dtype=dtype), 10),
-          2 * naive_crd_nce(scores, 10), dtype)
+    close(
+        L.crd_loss(torch.tensor(scores, dtype=dtype), torch.tensor(scores[::-1], dtype=dtype), 10),
+        2 * naive_crd_nce(scores, 10),
+        dtype,
+    )
 
 
 def test_crd_contrast_pairs_student_with_teacher_memory_and_estimates_z():
@@ -503,8 +521,9 @@ def test_batch_mean_losses_are_batch_size_invariant():
     for a, b in pairs:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     # DIST's intra term sees the duplicated columns; only its eps breaks exact invariance
-    torch.testing.assert_close(L.dist_loss(s, t, 1.0, 1.0, 2.0), L.dist_loss(dup(s), dup(t), 1.0, 1.0, 2.0),
-                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        L.dist_loss(s, t, 1.0, 1.0, 2.0), L.dist_loss(dup(s), dup(t), 1.0, 1.0, 2.0), rtol=1e-6, atol=1e-9
+    )
 
 
 # ----------------------------------------------------------------- gradients
@@ -599,11 +618,13 @@ def test_rkd_squared_and_eps_match_naive_float64():
 
     for squared, eps in ((True, 1e-12), (False, 1e-12), (False, 0.5)):
         got = rkd_loss(s, t, 25.0, 50.0, squared=squared, eps=eps)
-        want = 25.0 * F.smooth_l1_loss(dist(s, squared, eps), dist(t, squared, eps)) + \
-            50.0 * F.smooth_l1_loss(angles(s), angles(t))
+        want = 25.0 * F.smooth_l1_loss(dist(s, squared, eps), dist(t, squared, eps)) + 50.0 * F.smooth_l1_loss(
+            angles(s), angles(t)
+        )
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0],
-                                   rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-9, atol=1e-12
+        )
     assert rkd_loss(s, t, squared=True).item() != pytest.approx(rkd_loss(s, t).item(), rel=1e-3)
 
 

@@ -23,12 +23,30 @@ import train
 NUM_CLASSES, NUM_TRAIN, BATCH = 10, 40, 8
 TRAIN_LABELS = torch.arange(NUM_TRAIN) % NUM_CLASSES
 BASELINES = method_names("logit", "feature")  # the single-teacher baselines of the method table
-TERMS = {"kd": "kd", "fitnet": "hint", "at": "at", "dkd": "dkd", "crd": "crd", "rkd": "rkd", "pkt": "pkt",
-         "sp": "sp", "dist": "dist"}
+TERMS = {
+    "kd": "kd",
+    "fitnet": "hint",
+    "at": "at",
+    "dkd": "dkd",
+    "crd": "crd",
+    "rkd": "rkd",
+    "pkt": "pkt",
+    "sp": "sp",
+    "dist": "dist",
+}
 AUX = {"fitnet": {"regressor"}, "crd": {"embed_s", "embed_t"}}
 # published CIFAR-100 defaults (DKD at epoch 1 of a 20-epoch warm-up)
-WEIGHTS_EPOCH1 = {"kd": 0.9, "fitnet": 100.0, "at": 1000.0, "dkd": 0.05, "crd": 0.8, "rkd": 1.0, "pkt": 30000.0,
-                  "sp": 3000.0, "dist": 2.0}
+WEIGHTS_EPOCH1 = {
+    "kd": 0.9,
+    "fitnet": 100.0,
+    "at": 1000.0,
+    "dkd": 0.05,
+    "crd": 0.8,
+    "rkd": 1.0,
+    "pkt": 30000.0,
+    "sp": 3000.0,
+    "dist": 2.0,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -108,15 +126,18 @@ def test_fitnet_regressor_maps_middle_stage_to_first_teacher(nets):
         build("fitnet", student, teachers, image_size=0)
 
 
-@pytest.mark.parametrize("s_hw,t_hw,first", [
-    ((16, 16), (16, 16), torch.nn.Conv2d),
-    ((32, 32), (16, 16), torch.nn.Conv2d),  # 3x3 stride 2
-    ((32, 32), (8, 8), torch.nn.Conv2d),  # 3x3 stride 4
-    ((8, 8), (16, 16), torch.nn.ConvTranspose2d),  # 4/2/1
-    ((4, 4), (12, 12), torch.nn.ConvTranspose2d),  # odd factor 3
-    ((12, 12), (8, 8), torch.nn.AdaptiveAvgPool2d),
-    ((7, 7), (8, 8), torch.nn.Upsample),
-])
+@pytest.mark.parametrize(
+    "s_hw,t_hw,first",
+    [
+        ((16, 16), (16, 16), torch.nn.Conv2d),
+        ((32, 32), (16, 16), torch.nn.Conv2d),  # 3x3 stride 2
+        ((32, 32), (8, 8), torch.nn.Conv2d),  # 3x3 stride 4
+        ((8, 8), (16, 16), torch.nn.ConvTranspose2d),  # 4/2/1
+        ((4, 4), (12, 12), torch.nn.ConvTranspose2d),  # odd factor 3
+        ((12, 12), (8, 8), torch.nn.AdaptiveAvgPool2d),
+        ((7, 7), (8, 8), torch.nn.Upsample),
+    ],
+)
 def test_hint_regressor_output_matches_teacher_shape(s_hw, t_hw, first):
     reg = hint_regressor((5, *s_hw), (6, *t_hw))
     assert isinstance(reg[0], first)
@@ -138,8 +159,14 @@ def logit_inputs(scale=1.0, shift=0.0, soft=False) -> StepInputs:
     y = torch.arange(BATCH) % NUM_CLASSES
     target = F.one_hot(y, NUM_CLASSES).float() * 0.7 + 0.03 if soft else y
     out = lambda z: ModelOutput(torch.zeros(BATCH, 4), z, None)  # noqa: E731
-    return StepInputs(x=torch.zeros(BATCH, 3, 2, 2), target=target, index=torch.arange(BATCH), epoch=1,
-                      student=out(s), teachers=[out(t * scale + shift)])
+    return StepInputs(
+        x=torch.zeros(BATCH, 3, 2, 2),
+        target=target,
+        index=torch.arange(BATCH),
+        epoch=1,
+        student=out(s),
+        teachers=[out(t * scale + shift)],
+    )
 
 
 def test_standardize_applies_logit_standardisation_to_kd_and_dkd():
@@ -217,16 +244,35 @@ def test_crd_needs_labels_and_caps_negatives(nets):
 
 
 def test_method_groups_are_validated():
-    for flags in (["--method", "dkd", "--dkd.temperature", "0"], ["--method", "crd", "--crd.momentum", "1"],
-                  ["--method", "at", "--at.at-weight", "-1"], ["--method", "kd", "--kd.temperature", "nan"]):
+    for flags in (
+        ["--method", "dkd", "--dkd.temperature", "0"],
+        ["--method", "crd", "--crd.momentum", "1"],
+        ["--method", "at", "--at.at-weight", "-1"],
+        ["--method", "kd", "--kd.temperature", "nan"],
+    ):
         with pytest.raises(ConfigError):
             train.validate(train.parse_config(["--preset", "smoke", *flags]))
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-TINY = ["--preset", "smoke", "--data.synthetic-train-size", "400", "--data.synthetic-test-size", "100",
-        "--data.batch-size", "32", "--optim.epochs", "1", "--teachers.epochs", "1", "--run.max-steps-per-epoch", "3",
-        "--wandb.mode", "disabled"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--data.synthetic-train-size",
+    "400",
+    "--data.synthetic-test-size",
+    "100",
+    "--data.batch-size",
+    "32",
+    "--optim.epochs",
+    "1",
+    "--teachers.epochs",
+    "1",
+    "--run.max-steps-per-epoch",
+    "3",
+    "--wandb.mode",
+    "disabled",
+]
 
 
 @pytest.fixture(scope="module")
@@ -236,13 +282,22 @@ def teacher_cache(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [m for m in BASELINES if m != "kd"])
 def test_method_trains_end_to_end(tmp_path, teacher_cache, name):
-    args = [*TINY, "--run.out-dir", str(tmp_path), "--teachers.cache-dir", str(teacher_cache), "--method", name,
-            "--run.name", name]
+    args = [
+        *TINY,
+        "--run.out-dir",
+        str(tmp_path),
+        "--teachers.cache-dir",
+        str(teacher_cache),
+        "--method",
+        name,
+        "--run.name",
+        name,
+    ]
     summary = train.run(train.parse_config(args))
     assert 0.0 <= summary["best/test_acc"] <= 100.0
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     row = [r for r in rows if r["phase"] == name][0]
-    assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss", "ce", TERMS[name], "img_per_s"}
+    assert {k[len("train/") :] for k in row if k.startswith("train/")} == {"loss", "ce", TERMS[name], "img_per_s"}
     ce_weight = 0.1 if name == "kd" else 1.0
     want = ce_weight * row["train/ce"] + WEIGHTS_EPOCH1[name] * row[f"train/{TERMS[name]}"]
     assert row["train/loss"] == pytest.approx(want, rel=1e-4)
@@ -288,8 +343,14 @@ def _logit_inputs(num_teachers, seed=0):
     ts = [3 * torch.randn(BATCH, NUM_CLASSES, generator=g, dtype=torch.float64) for _ in range(num_teachers)]
     y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
     out = lambda z: ModelOutput(z.new_zeros(BATCH, 4), z, None)  # noqa: E731
-    inp = StepInputs(x=torch.zeros(BATCH, 3, 4, 4), target=y, index=torch.arange(BATCH), epoch=1, student=out(s),
-                     teachers=[out(t) for t in ts])
+    inp = StepInputs(
+        x=torch.zeros(BATCH, 3, 4, 4),
+        target=y,
+        index=torch.arange(BATCH),
+        epoch=1,
+        student=out(s),
+        teachers=[out(t) for t in ts],
+    )
     return s, ts, y, inp
 
 
@@ -356,7 +417,11 @@ def test_camkd_logit_and_feature_terms_float64(num_teachers):
     for m, (teacher, t_out) in enumerate(zip(teachers, t_outs)):
         f_t = teacher.backbone.norm(t_out.maps[-1])  # WRN: the map after its final BN-ReLU (authors' feat[-2])
         size = f_t.shape[2:]
-        f = F.adaptive_avg_pool2d(f_s, size) if f_s.shape[2] >= size[0] else F.interpolate(f_s, size=size, mode="bilinear")
+        f = (
+            F.adaptive_avg_pool2d(f_s, size)
+            if f_s.shape[2] >= size[0]
+            else F.interpolate(f_s, size=size, mode="bilinear")
+        )
         conv, bn, _ = method.embeds[m]
         z = conv(f)
         mu, var = z.mean((0, 2, 3), keepdim=True), z.var((0, 2, 3), unbiased=False, keepdim=True)
@@ -403,15 +468,26 @@ def test_multi_teacher_method_trains_end_to_end_with_every_teacher(tmp_path, tea
         seen["params"] = {k: v.detach().clone() for k, v in self.named_parameters()}
 
     monkeypatch.setattr(cls, "__init__", spy)
-    args = [*TINY, "--run.out-dir", str(tmp_path), "--teachers.cache-dir", str(teacher_cache), "--method", name,
-            "--run.name", name, "--teachers.select", "0"]  # select is ignored: all teachers
+    args = [
+        *TINY,
+        "--run.out-dir",
+        str(tmp_path),
+        "--teachers.cache-dir",
+        str(teacher_cache),
+        "--method",
+        name,
+        "--run.name",
+        name,
+        "--teachers.select",
+        "0",
+    ]  # select is ignored: all teachers
     summary = train.run(train.parse_config(args))
     assert seen["teachers"] == ["resnet20", "wrn_16_2"]
     assert 0.0 <= summary["best/test_acc"] <= 100.0
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     row = [r for r in rows if r["phase"] == name][0]
     terms = {"ce", "kd", "feat"} if name == "camkd" else {"ce", "kd"}
-    assert {k[len("train/"):] for k in row if k.startswith("train/")} == {"loss", "img_per_s"} | terms
+    assert {k[len("train/") :] for k in row if k.startswith("train/")} == {"loss", "img_per_s"} | terms
     assert row["train/loss"] == pytest.approx(row["train/ce"] + row["train/kd"], rel=1e-4)  # epoch 1: feat weight 0
     # a zero-weight term stays out of the graph: CA-MKD's embeddings are not decayed in epoch 1
     state = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=False)["method"]
@@ -429,8 +505,9 @@ def _camkd_step(student, teachers, epoch=2, seed=5):
     y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
     with torch.no_grad():
         t_outs = [t(x, with_maps=True) for t in teachers]
-    inp = StepInputs(x=x, target=y, index=torch.arange(BATCH), epoch=epoch, student=student(x, with_maps=True),
-                     teachers=t_outs)
+    inp = StepInputs(
+        x=x, target=y, index=torch.arange(BATCH), epoch=epoch, student=student(x, with_maps=True), teachers=t_outs
+    )
     return method, inp, _total(method, inp, epoch=epoch)
 
 
@@ -557,8 +634,9 @@ def test_min_norm_simplex_weights_against_brute_force(m, upper):
     g = torch.Generator().manual_seed(10 * m + int(100 * upper))
     for trial in range(6):
         dim = [2, 5, 10][trial % 3]
-        v = torch.randn(m, dim, generator=g, dtype=torch.float64) + (trial % 2) * torch.randn(dim, generator=g,
-                                                                                                 dtype=torch.float64)
+        v = torch.randn(m, dim, generator=g, dtype=torch.float64) + (trial % 2) * torch.randn(
+            dim, generator=g, dtype=torch.float64
+        )
         a = min_norm_simplex_weights(v @ v.T, upper)
         assert a.dtype == torch.float64
         _check_min_norm(v, a, min(max(upper, 1 / m), 1.0))
@@ -570,8 +648,9 @@ def test_min_norm_simplex_weights_against_brute_force(m, upper):
     for i in range(4):
         torch.testing.assert_close(batched[i], min_norm_simplex_weights(v[i] @ v[i].T, upper), rtol=0, atol=1e-12)
     same = torch.ones(m, 3, dtype=torch.float64)
-    torch.testing.assert_close(min_norm_simplex_weights(same @ same.T, upper), torch.full((m,), 1 / m,
-                                                                                          dtype=torch.float64))
+    torch.testing.assert_close(
+        min_norm_simplex_weights(same @ same.T, upper), torch.full((m,), 1 / m, dtype=torch.float64)
+    )
     zero = torch.randn(m, 3, generator=g, dtype=torch.float64)
     zero[0] = 0
     assert min_norm_simplex_weights(zero @ zero.T, upper)[0].item() == pytest.approx(min(max(upper, 1 / m), 1.0))
@@ -608,8 +687,10 @@ def _aekd_transcription(s, ts, y, temp, upper, per_sample=False, normalize=False
 
 
 @pytest.mark.parametrize("num_teachers", [2, 3])
-@pytest.mark.parametrize("variant", [{}, {"per_sample": True}, {"normalize_grads": True},
-                                     {"tolerance": 1.0}, {"tolerance": 0.4, "per_sample": True}])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"per_sample": True}, {"normalize_grads": True}, {"tolerance": 1.0}, {"tolerance": 0.4, "per_sample": True}],
+)
 def test_aekd_matches_its_transcription_float64(nets, num_teachers, variant):
     from kd.configs import AEKDCfg
 
@@ -619,8 +700,7 @@ def test_aekd_matches_its_transcription_float64(nets, num_teachers, variant):
     got = _total(method, inp)
     want, weights = _aekd_transcription(s, ts, y, 4.0, cfg.tolerance, cfg.per_sample, cfg.normalize_grads)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-10,
-                               atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-10, atol=1e-12)
     uniform = torch.allclose(weights, torch.full_like(weights, 1 / num_teachers))
     assert uniform == (cfg.tolerance <= 1 / num_teachers)  # not AVER, unless the cap forces equal weights
     if cfg.tolerance < 1 and not cfg.normalize_grads:
@@ -634,8 +714,9 @@ def test_aekd_config_and_teacher_limits(nets):
         AEKDCfg(tolerance=0.0).check()
     with pytest.raises(ConfigError, match="at most 6"):
         build("aekd", nets[0], [nets[1][0]] * 7)
-    cfg = train.parse_config(["--preset", "smoke", "--method", "aekd", "--aekd.tolerance", "0.7",
-                              "--aekd.per-sample", "true"])
+    cfg = train.parse_config(
+        ["--preset", "smoke", "--method", "aekd", "--aekd.tolerance", "0.7", "--aekd.per-sample", "true"]
+    )
     assert cfg.aekd.tolerance == 0.7 and cfg.aekd.per_sample
 
 
@@ -668,10 +749,19 @@ def test_crd_banks_are_broadcast_from_rank0_across_processes(tmp_path):
     root = str(Path(__file__).resolve().parents[1])
     procs = []
     for rank in range(2):
-        env = {**os.environ, "KD_ROOT": root, "RANK": str(rank), "STORE": str(tmp_path / "store"),
-               "OUT": str(tmp_path / f"rank{rank}.pt"), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "KD_ROOT": root,
+            "RANK": str(rank),
+            "STORE": str(tmp_path / "store"),
+            "OUT": str(tmp_path / f"rank{rank}.pt"),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
@@ -681,5 +771,7 @@ def test_crd_banks_are_broadcast_from_rank0_across_processes(tmp_path):
     torch.manual_seed(100)  # rank 0's own draw, not rank 1's
     student, teacher = create_model("resnet8", 10), create_model("resnet20", 10)
     alone = build("crd", student, [teacher], num_classes=10, num_train=40, train_labels=torch.arange(40) % 10)
-    assert torch.equal(alone.memory_s, states[0]["memory_s"]) and torch.equal(alone.sample_seed, states[0]["sample_seed"])
+    assert torch.equal(alone.memory_s, states[0]["memory_s"]) and torch.equal(
+        alone.sample_seed, states[0]["sample_seed"]
+    )
     assert not torch.equal(states[1]["embed_s.weight"], states[0]["embed_s.weight"])  # the RNGs did differ

@@ -22,9 +22,15 @@ def constant_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.arange(B)
 
 
-@pytest.mark.parametrize("mixup, cutmix, kind", [
-    (0.0, 0.0, None), (0.2, 0.0, v2.MixUp), (0.0, 1.0, v2.CutMix), (0.2, 1.0, v2.CutMix),  # CutMix wins
-])
+@pytest.mark.parametrize(
+    "mixup, cutmix, kind",
+    [
+        (0.0, 0.0, None),
+        (0.2, 0.0, v2.MixUp),
+        (0.0, 1.0, v2.CutMix),
+        (0.2, 1.0, v2.CutMix),  # CutMix wins
+    ],
+)
 def test_build_mixer_choice_and_priority(mixup, cutmix, kind):
     mixer = build_mixer(C, mixup, cutmix)
     assert mixer is None if kind is None else type(mixer) is kind

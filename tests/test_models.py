@@ -168,8 +168,9 @@ def test_checkpoint_round_trip_all_layouts(tmp_path) -> None:
     for filename, obj in layouts.items():
         atomic_torch_save(obj, tmp_path / filename)
         torch.manual_seed(1)  # different init: equality below comes from the checkpoint
-        loaded = create_model("convnext_atto", NUM_CLASSES, small_input=True, adapter_dim=8,
-                              checkpoint=str(tmp_path / filename)).eval()
+        loaded = create_model(
+            "convnext_atto", NUM_CLASSES, small_input=True, adapter_dim=8, checkpoint=str(tmp_path / filename)
+        ).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(_batch(32)).logits, expected, rtol=0, atol=0)
     assert load_model_weights(loaded, str(tmp_path / "kd.pt")) == source.meta()

@@ -16,9 +16,12 @@ def test_fused_sgd_steps_a_parameter_whose_first_gradient_comes_late_like_lazy_s
     init = [torch.randn(5, 3), torch.randn(4)]
     grads = [[torch.randn(5, 3), None], [torch.randn(5, 3), torch.randn(4)], [torch.randn(5, 3), torch.randn(4)]]
     results = []
-    for make in (lambda ps: build_optimizer(ps, OptimCfg(momentum=0.9, nesterov=True, weight_decay=5e-4), 0.1,
-                                            torch.device("cpu")),
-                 lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)):
+    for make in (
+        lambda ps: build_optimizer(
+            ps, OptimCfg(momentum=0.9, nesterov=True, weight_decay=5e-4), 0.1, torch.device("cpu")
+        ),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    ):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         opt = make(params)
         for step in grads:

@@ -64,7 +64,7 @@ def test_run_progress_line_and_phase_words():
 
 
 def test_top5_accuracy():
-    logits = torch.tensor([[9., 8, 7, 6, 5, 4, 0], [0., 1, 2, 3, 4, 5, 6], [6., 5, 4, 3, 2, 1, 0]])
+    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4, 0], [0.0, 1, 2, 3, 4, 5, 6], [6.0, 5, 4, 3, 2, 1, 0]])
     labels = torch.tensor([4, 0, 6])  # 5th best, worst, worst
     assert topk_accuracy(logits, labels, 5) == pytest.approx(100 / 3)
     assert topk_accuracy(logits, labels, 1) == 0.0
@@ -132,8 +132,9 @@ def is_rounded(key, value) -> bool:
 
 def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
     runs = []
-    fake = types.SimpleNamespace(init=lambda mode, settings=None, **kw: runs.append(FakeWandbRun(**kw)) or runs[-1],
-                                 Settings=lambda **kw: None)
+    fake = types.SimpleNamespace(
+        init=lambda mode, settings=None, **kw: runs.append(FakeWandbRun(**kw)) or runs[-1], Settings=lambda **kw: None
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setattr(kd_cli.session, "wandb_server_reachable", lambda: True)
     meters, stopped = [], []  # the epoch meter has stopped whenever validation (or a test) runs
@@ -150,11 +151,34 @@ def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
     real_evaluate = kd.metrics.evaluate_top1_top5
     monkeypatch.setattr(train, "RunProgress", Recording)
     monkeypatch.setattr(train, "evaluate_top1_top5", evaluate)
-    code = train.main(["--preset", "smoke", "--method", "asmb", "--data.synthetic-train-size", "300",
-                       "--data.synthetic-test-size", "60", "--data.batch-size", "32", "--teachers.epochs", "1",
-                       "--optim.epochs", "4", "--run.max-steps-per-epoch", "3", "--run.log-every", "1",
-                       "--wandb.mode", "offline", "--run.out-dir", str(tmp_path / "runs"),
-                       "--teachers.cache-dir", str(tmp_path / "cache")])
+    code = train.main(
+        [
+            "--preset",
+            "smoke",
+            "--method",
+            "asmb",
+            "--data.synthetic-train-size",
+            "300",
+            "--data.synthetic-test-size",
+            "60",
+            "--data.batch-size",
+            "32",
+            "--teachers.epochs",
+            "1",
+            "--optim.epochs",
+            "4",
+            "--run.max-steps-per-epoch",
+            "3",
+            "--run.log-every",
+            "1",
+            "--wandb.mode",
+            "offline",
+            "--run.out-dir",
+            str(tmp_path / "runs"),
+            "--teachers.cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     # progress: a line per step off a terminal (not the epoch's last), the run-level position on epoch lines
@@ -166,7 +190,9 @@ def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     epoch_rows = [r for r in rows if r["phase"].startswith(("asmb:A", "asmb:B", "teacher:"))]
     assert all(r["train/img_per_s"] > 0 and "step" in r for r in epoch_rows)
-    assert all(0 <= r["val/acc5"] <= 100 and r["val/acc5"] >= r["val/acc"] for r in rows if r["phase"].startswith("asmb:B"))
+    assert all(
+        0 <= r["val/acc5"] <= 100 and r["val/acc5"] >= r["val/acc"] for r in rows if r["phase"].startswith("asmb:B")
+    )
     assert all("val/synergy_acc5" in r for r in rows if r["phase"].startswith("asmb:A"))
     assert summary["img_per_s"] > 0 and summary["best/test_acc5"] >= summary["best/test_acc"]
     # best/epoch counts student (phase B) epochs, as for every method; best/global_epoch is the row's epoch
@@ -187,8 +213,18 @@ def test_asmb_run_off_a_terminal(tmp_path, monkeypatch, capsys):
     assert "asmb" in wb.init["config"] and "kd" not in wb.init["config"] and "optim" in wb.init["config"]
     assert ("epoch", {}) in wb.metrics and ("step", {}) in wb.metrics and ("*", {"step_metric": "epoch"}) in wb.metrics
     keys = set().union(*wb.logged)
-    assert {"asmb_a/train/loss", "asmb_b/train/loss", "asmb_a/lr", "asmb_b/lr", "val/acc", "val/synergy_acc",
-            "teacher/resnet20/train/loss", "asmb_stage/teacher/resnet20/acc", "epoch", "step"} <= keys
+    assert {
+        "asmb_a/train/loss",
+        "asmb_b/train/loss",
+        "asmb_a/lr",
+        "asmb_b/lr",
+        "val/acc",
+        "val/synergy_acc",
+        "teacher/resnet20/train/loss",
+        "asmb_stage/teacher/resnet20/acc",
+        "epoch",
+        "step",
+    } <= keys
     assert not {"train/loss", "lr", "teacher0/acc"} & keys  # no chart mixes two phases' losses
     assert all("epoch" in row for row in wb.logged)
     assert wb.summary["best/val_acc"] == summary["best/val_acc"]  # the rounded summary

@@ -56,31 +56,49 @@ NOT_RUN: dict[str, str] = {
     r"^\. \.venv/bin/activate$": "activates the virtual environment (shell state)",
     r"^pip install ": "installs packages from the package index (internet)",
     r"^python -m pytest": "runs the test suite this test belongs to",
-    r"--student\.model swin_tiny_patch4_window7_224 --student\.pretrained True":
-        "timm's ImageNet weights of swin_tiny and of the default teachers (internet) and ImageNet-100",
-    r"--data\.dataset imagefolder --data\.root /data/imagenet100 --data\.image-size 224":
-        "the default teachers start from timm's ImageNet weights (internet)",
-    r"--data\.dataset imagefolder --data\.root /data/imagenet --data\.classes imagenet100\.txt":
-        "the default teachers start from timm's ImageNet weights (internet)",
-    r"--data\.dataset tiny-imagenet --data\.root /data/tiny-imagenet-200\.zip":
-        "the default teachers start from timm's ImageNet weights (internet)",
-    r"^torchrun --standalone --nproc_per_node 4 ":
-        "4 CUDA GPUs (--run.sync-bn True needs CUDA) and the default teachers' hub weights",
+    r"--student\.model swin_tiny_patch4_window7_224 --student\.pretrained True": "timm's ImageNet weights of swin_tiny and of the default teachers (internet) and ImageNet-100",
+    r"--data\.dataset imagefolder --data\.root /data/imagenet100 --data\.image-size 224": "the default teachers start from timm's ImageNet weights (internet)",
+    r"--data\.dataset imagefolder --data\.root /data/imagenet --data\.classes imagenet100\.txt": "the default teachers start from timm's ImageNet weights (internet)",
+    r"--data\.dataset tiny-imagenet --data\.root /data/tiny-imagenet-200\.zip": "the default teachers start from timm's ImageNet weights (internet)",
+    r"^torchrun --standalone --nproc_per_node 4 ": "4 CUDA GPUs (--run.sync-bn True needs CUDA) and the default teachers' hub weights",
     r"^torchrun --nnodes 2 ": "two machines with 8 GPUs each and the default teachers' hub weights",
     r"^python sweep\.py sweeps/baselines\.yaml --mode online": "a wandb server and credentials (internet)",
     r"^python sweep\.py sweeps/bench_tin20\.yaml": "48 trials on Tiny-ImageNet, about 2 hours on 2 cores "
-                                                    "(tests/test_bench.py runs a small copy end to end)",
+    "(tests/test_bench.py runs a small copy end to end)",
     r"^python sweep\.py report runs/sweeps/bench_tin20$": "reads the 48 trials of the benchmark sweep above",
 }
 
 # appended to every train.py command that runs: tiny sizes, no wandb (later flags win)
-TINY = ("--data.batch-size", "8", "--optim.epochs", "1", "--teachers.epochs", "1", "--run.max-steps-per-epoch", "2",
-        "--asmb.teacher-epochs", "1", "--data.workers", "0", "--data.synthetic-train-size", "200",
-        "--data.synthetic-test-size", "40", "--wandb.mode", "disabled")
+TINY = (
+    "--data.batch-size",
+    "8",
+    "--optim.epochs",
+    "1",
+    "--teachers.epochs",
+    "1",
+    "--run.max-steps-per-epoch",
+    "2",
+    "--asmb.teacher-epochs",
+    "1",
+    "--data.workers",
+    "0",
+    "--data.synthetic-train-size",
+    "200",
+    "--data.synthetic-test-size",
+    "40",
+    "--wandb.mode",
+    "disabled",
+)
 # local sweeps that run here (one trial), on a copy of the spec with these parameters fixed
 RUNNABLE_SPECS = {"sweeps/smoke.yaml"}
-TINY_SPEC = {"optim.epochs": 1, "teachers.epochs": 1, "data.batch-size": 8, "run.max-steps-per-epoch": 2,
-             "data.synthetic-train-size": 200, "data.synthetic-test-size": 40}
+TINY_SPEC = {
+    "optim.epochs": 1,
+    "teachers.epochs": 1,
+    "data.batch-size": 8,
+    "run.max-steps-per-epoch": 2,
+    "data.synthetic-train-size": 200,
+    "data.synthetic-test-size": 40,
+}
 # network -> offline: the README's comment beside the command names this variant
 OFFLINE_VARIANTS = {"pretrained=True": "pretrained=False"}
 
@@ -124,7 +142,7 @@ def shell_commands(body: list[tuple[int, str]]) -> list[Command]:
             cut = tokens.index("&&") if "&&" in tokens else len(tokens)
             if tokens[:cut]:
                 commands.append(Command(n, " ".join(tokens[:cut]), tuple(tokens[:cut])))
-            tokens = tokens[cut + 1:]
+            tokens = tokens[cut + 1 :]
     return commands
 
 
@@ -166,7 +184,7 @@ def script_args(argv: tuple[str, ...], script: str) -> list[str] | None:
     if argv[0] in ("python", "python3") and len(argv) > 1 and argv[1] == script:
         return list(argv[2:])
     if argv[0] == "torchrun" and script in argv:
-        return list(argv[argv.index(script) + 1:])
+        return list(argv[argv.index(script) + 1 :])
     return None
 
 
@@ -294,7 +312,8 @@ def check_train(args: list[str], cwd: Path) -> None:
         pcfg = timm.models.get_pretrained_cfg(name)
         assert pcfg and (pcfg.hf_hub_id or pcfg.url or pcfg.file), (
             f"timm has no pretrained weights for {name}: the command needs --teachers.pretrained False / "
-            "--student.pretrained False (or weights from a file)")
+            "--student.pretrained False (or weights from a file)"
+        )
 
 
 def tiny_spec(spec_path: Path, cwd: Path) -> None:
@@ -342,9 +361,25 @@ def tiny_run_of(arch: str, num_classes: int, cwd: Path, capsys) -> Path:
     """A finished tiny run whose student is `arch` with `num_classes` classes (for `runs/<name>`)."""
     name = f"snippet-{arch}-{num_classes}"
     if not (cwd / "runs" / name).exists():
-        rc = train.main(["--preset", "smoke", "--method", "ce", "--student.model", arch, "--run.name", name,
-                         "--data.synthetic-classes", str(num_classes), "--data.val-fraction", "0.25",
-                         *TINY, "--data.synthetic-train-size", str(4 * num_classes)])
+        rc = train.main(
+            [
+                "--preset",
+                "smoke",
+                "--method",
+                "ce",
+                "--student.model",
+                arch,
+                "--run.name",
+                name,
+                "--data.synthetic-classes",
+                str(num_classes),
+                "--data.val-fraction",
+                "0.25",
+                *TINY,
+                "--data.synthetic-train-size",
+                str(4 * num_classes),
+            ]
+        )
         out = capsys.readouterr()
         assert rc == 0, out.err[-3000:]
     return Path("runs") / name
@@ -369,8 +404,10 @@ def plan(command: Command) -> str | None:
     if train_args is not None:
         blockers = offline_blockers(argv, train_config(train_args))
         if blockers and reason is None:
-            raise AssertionError(f"{where}\n  needs {'; '.join(blockers)}: make it run offline (zoo teachers with "
-                                 "--teachers.pretrained False, ...) or add it to NOT_RUN with the reason")
+            raise AssertionError(
+                f"{where}\n  needs {'; '.join(blockers)}: make it run offline (zoo teachers with "
+                "--teachers.pretrained False, ...) or add it to NOT_RUN with the reason"
+            )
         if not blockers and reason is not None:
             raise AssertionError(f"{where}\n  runs offline but NOT_RUN lists it ({reason}): remove the entry")
         return reason
@@ -379,15 +416,22 @@ def plan(command: Command) -> str | None:
         a = sweep.sweep_parser().parse_args(sweep_args)
         runnable = a.mode != "online" and str(a.spec) in RUNNABLE_SPECS
         if not runnable and reason is None:
-            raise AssertionError(f"{where}\n  not runnable here (online, or a spec outside RUNNABLE_SPECS): add it "
-                                 "to NOT_RUN with the reason")
+            raise AssertionError(
+                f"{where}\n  not runnable here (online, or a spec outside RUNNABLE_SPECS): add it "
+                "to NOT_RUN with the reason"
+            )
         if runnable and reason is not None:
             raise AssertionError(f"{where}\n  runs here but NOT_RUN lists it ({reason}): remove the entry")
         return reason
     if reason is not None:
         return reason
-    if (sweep_args is not None or script_args(argv, "report.py") is not None or argv[0] in ("mkdir", "ln")
-            or argv[0] == "<python block>" or (argv[0] in ("python", "python3") and argv[1:2] == ("-c",))):
+    if (
+        sweep_args is not None
+        or script_args(argv, "report.py") is not None
+        or argv[0] in ("mkdir", "ln")
+        or argv[0] == "<python block>"
+        or (argv[0] in ("python", "python3") and argv[1:2] == ("-c",))
+    ):
         return None
     raise AssertionError(f"{where}\n  is neither run by this test nor listed in NOT_RUN (with the reason)")
 
@@ -461,17 +505,23 @@ def test_the_readme_says_how_to_run_the_real_data_tests():
 
 def inline_train_commands() -> list[tuple[int, str]]:
     """`python train.py ...` in the README's running text (inline code), with their line numbers."""
-    return [(n, m[1]) for n, line in enumerate(README.read_text().splitlines(), 1)
-            for m in re.finditer(r"`(python train\.py [^`]*)`", line)]
+    return [
+        (n, m[1])
+        for n, line in enumerate(README.read_text().splitlines(), 1)
+        for m in re.finditer(r"`(python train\.py [^`]*)`", line)
+    ]
 
 
 def test_inline_train_commands_run_as_written(tmp_path, monkeypatch, capsys, one_thread):
     """`--help` prints help (exit 0); `--config runs/<name> --run.seed 1` reruns a finished (tiny, auto-named) run
     with another seed."""
     monkeypatch.chdir(tmp_path)
-    stamps = iter(range(int(time.time()), 2 ** 40, 60))  # a rerun starts later: its directory name (the time) differs
-    monkeypatch.setattr(kd_cli.session, "run_name",
-                        lambda *a, when=None, _name=kd_cli.session.run_name, **kw: _name(*a, when=next(stamps), **kw))
+    stamps = iter(range(int(time.time()), 2**40, 60))  # a rerun starts later: its directory name (the time) differs
+    monkeypatch.setattr(
+        kd_cli.session,
+        "run_name",
+        lambda *a, when=None, _name=kd_cli.session.run_name, **kw: _name(*a, when=next(stamps), **kw),
+    )
     commands = inline_train_commands()
     assert len(commands) >= 3
     for n, text in commands:

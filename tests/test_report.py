@@ -16,12 +16,16 @@ import sweep
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(root: Path, name: str, method: str, seed: int, summary: dict | None, rows: list[dict],
-              **config) -> Path:
+def write_run(root: Path, name: str, method: str, seed: int, summary: dict | None, rows: list[dict], **config) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    cfg = {"method": method, "run": {"seed": seed, "name": name}, "optim": {"lr": 0.05},
-           "teachers": {"models": ["resnet20", "wrn_16_2"], "select": "best"}, **config}
+    cfg = {
+        "method": method,
+        "run": {"seed": seed, "name": name},
+        "optim": {"lr": 0.05},
+        "teachers": {"models": ["resnet20", "wrn_16_2"], "select": "best"},
+        **config,
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if summary is not None:
@@ -38,28 +42,48 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-TEACHERS = {"teacher/resnet20/val_acc": 60.0, "teacher/resnet20/test_acc": 61.0,
-            "teacher/wrn_16_2/val_acc": 58.0, "teacher/wrn_16_2/test_acc": 59.5}
+TEACHERS = {
+    "teacher/resnet20/val_acc": 60.0,
+    "teacher/resnet20/test_acc": 61.0,
+    "teacher/wrn_16_2/val_acc": 58.0,
+    "teacher/wrn_16_2/test_acc": 59.5,
+}
 
 
 def comparison_runs(root: Path) -> None:
     """ce, kd, dkd, fitnet, a kd of both teachers (not single-teacher), aekd and asmb, 2 seeds each, written
     in a scrambled order; accuracies with float32 noise."""
-    selected = {"asmb": (66.0, 68.0), "kd": (62.0, 64.0), "ce": (60.0, 61.0), "dkd": (63.5, 64.5),
-                "fitnet": (61.0, 61.0), "aekd": (64.0, 66.0)}
+    selected = {
+        "asmb": (66.0, 68.0),
+        "kd": (62.0, 64.0),
+        "ce": (60.0, 61.0),
+        "dkd": (63.5, 64.5),
+        "fitnet": (61.0, 61.0),
+        "aekd": (64.0, 66.0),
+    }
     for method, accs in selected.items():
         for seed, acc in enumerate(accs):
-            summary = {"best/test_acc": acc - 1.4305e-6, "last/test_acc": acc - 1.0 + 2.38e-7, "wall_time_s": 10.123,
-                       "best/val_acc": acc + (1.0 if method != "kd" else 3.0)}  # kd: best on val, not on test
+            summary = {
+                "best/test_acc": acc - 1.4305e-6,
+                "last/test_acc": acc - 1.0 + 2.38e-7,
+                "wall_time_s": 10.123,
+                "best/val_acc": acc + (1.0 if method != "kd" else 3.0),
+            }  # kd: best on val, not on test
             if method != "ce":
                 summary.update(TEACHERS)
             if method == "asmb":
                 summary.update({"synergy/test_acc": 70.0 + seed, "ensemble/test_acc": 65.0})
             write_run(root, f"{method}-s{seed}", method, seed, summary, curve(method, [40.0, 50.0]))
     for seed in (0, 1):  # kd of the averaged teachers: a multi-teacher setting, not the best single
-        write_run(root, f"kd-both-s{seed}", "kd", seed, {"best/test_acc": 70.0, "last/test_acc": 69.0,
-                                                        "best/val_acc": 72.0, **TEACHERS},
-                  curve("kd", [40.0, 50.0]), teachers={"models": ["resnet20", "wrn_16_2"], "select": "both"})
+        write_run(
+            root,
+            f"kd-both-s{seed}",
+            "kd",
+            seed,
+            {"best/test_acc": 70.0, "last/test_acc": 69.0, "best/val_acc": 72.0, **TEACHERS},
+            curve("kd", [40.0, 50.0]),
+            teachers={"models": ["resnet20", "wrn_16_2"], "select": "both"},
+        )
 
 
 def test_comparison_table_orders_families_and_computes_gains(tmp_path):
@@ -87,10 +111,14 @@ def test_comparison_table_orders_families_and_computes_gains(tmp_path):
     assert by["ce"]["teacher/resnet20/test_acc mean"] == ""  # ce has no teachers
 
     md = (out / "comparison.md").read_text().splitlines()
-    assert md[0] == ("| method | n | selected | last | gain vs ce | gain vs best single | teacher resnet20 (test) "
-                     "| teacher wrn_16_2 (test) | ensemble (test) | synergy (test) |")
-    assert ("| asmb | 2 | 67.00 ± 1.41 | 66.00 ± 1.41 | +6.50 ± 1.12 | +4.00 ± 1.41 | 61.00 ± 0.00 | 59.50 ± 0.00 "
-            "| 65.00 ± 0.00 | 70.50 ± 0.71 |") in md
+    assert md[0] == (
+        "| method | n | selected | last | gain vs ce | gain vs best single | teacher resnet20 (test) "
+        "| teacher wrn_16_2 (test) | ensemble (test) | synergy (test) |"
+    )
+    assert (
+        "| asmb | 2 | 67.00 ± 1.41 | 66.00 ± 1.41 | +6.50 ± 1.12 | +4.00 ± 1.41 | 61.00 ± 0.00 | 59.50 ± 0.00 "
+        "| 65.00 ± 0.00 | 70.50 ± 0.71 |"
+    ) in md
     tex = (out / "comparison.tex").read_text()
     assert tex.startswith(r"\begin{tabular}{lrrrrrrrrr}") and r"\bottomrule" in tex
     assert r"asmb & 2 & $67.00 \pm 1.41$ & $66.00 \pm 1.41$ & $+6.50 \pm 1.12$ & $+4.00 \pm 1.41$" in tex
@@ -125,23 +153,51 @@ def asmb_rows() -> list[dict]:
     epoch = 0
     for stage in (1, 2):
         epoch += 1
-        rows.append({"phase": f"asmb:A:s{stage}", "epoch": epoch, "train/loss": 2.3 - 0.01 * stage,
-                     "val/synergy_acc": 15.0 + 12.5 * (stage - 1)})
+        rows.append(
+            {
+                "phase": f"asmb:A:s{stage}",
+                "epoch": epoch,
+                "train/loss": 2.3 - 0.01 * stage,
+                "val/synergy_acc": 15.0 + 12.5 * (stage - 1),
+            }
+        )
         for _ in range(2):
             epoch += 1
-            rows.append({"phase": f"asmb:B:s{stage}", "epoch": epoch, "train/loss": 2.7 - 0.1 * epoch,
-                         "val/acc": 15.0 + 2.5 * epoch})
-        rows.append({"phase": "asmb:stage", "stage": stage, "epoch": epoch, "teacher0/acc": 12.5,
-                     "teacher1/acc": 10.000000149011612, "ensemble/acc": 13.0, "synergy/acc": 15.0 + 12.5 * (stage - 1),
-                     "student/acc": 22.5 + 2.5 * (stage - 1), "attn/teacher0": 0.51 + 0.1 * stage,
-                     "attn/teacher1": 0.49 - 0.1 * stage})
+            rows.append(
+                {
+                    "phase": f"asmb:B:s{stage}",
+                    "epoch": epoch,
+                    "train/loss": 2.7 - 0.1 * epoch,
+                    "val/acc": 15.0 + 2.5 * epoch,
+                }
+            )
+        rows.append(
+            {
+                "phase": "asmb:stage",
+                "stage": stage,
+                "epoch": epoch,
+                "teacher0/acc": 12.5,
+                "teacher1/acc": 10.000000149011612,
+                "ensemble/acc": 13.0,
+                "synergy/acc": 15.0 + 12.5 * (stage - 1),
+                "student/acc": 22.5 + 2.5 * (stage - 1),
+                "attn/teacher0": 0.51 + 0.1 * stage,
+                "attn/teacher1": 0.49 - 0.1 * stage,
+            }
+        )
     return rows
 
 
 def test_report_of_a_single_asmb_run_writes_its_plots_next_to_it(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    run_dir = write_run(tmp_path, "asmb-run", "asmb", 0, {"best/test_acc": 41.0, "last/test_acc": 40.999998,
-                                                           "synergy/test_acc": 13.0, **TEACHERS}, asmb_rows())
+    run_dir = write_run(
+        tmp_path,
+        "asmb-run",
+        "asmb",
+        0,
+        {"best/test_acc": 41.0, "last/test_acc": 40.999998, "synergy/test_acc": 13.0, **TEACHERS},
+        asmb_rows(),
+    )
     assert sweep.main(["report", str(run_dir)]) == 0
     printed = capsys.readouterr().out.split()
     for name in ("report.md", "report.csv", "runs.csv", "curves.png", "asmb_stages.png", "run_curves.png"):
@@ -185,8 +241,13 @@ def guard_rows(fired: tuple[int, ...]) -> list[dict]:
 
 def test_asmb_stages_marks_where_the_residual_guard_fired_and_titles_do_not_overlap(tmp_path):
     plt = pytest.importorskip("matplotlib.pyplot")
-    run = report.Run("a-long-run-name/asmb-resnet8-from-resnet20+wrn_16_2-synthetic-20250101-120000", tmp_path,
-                     {"method": "asmb", "teachers.models": ("resnet20", "wrn_16_2")}, {}, guard_rows((1,)))
+    run = report.Run(
+        "a-long-run-name/asmb-resnet8-from-resnet20+wrn_16_2-synthetic-20250101-120000",
+        tmp_path,
+        {"method": "asmb", "teachers.models": ("resnet20", "wrn_16_2")},
+        {},
+        guard_rows((1,)),
+    )
     stages = [r for r in run.rows if r["phase"] == "asmb:stage"]
     fig = report.asmb_stages_figure(plt, run, stages)
     acc_ax, attn_ax = fig.axes[:2]
@@ -199,26 +260,44 @@ def test_asmb_stages_marks_where_the_residual_guard_fired_and_titles_do_not_over
     assert run.name not in acc_ax.get_title()  # the run's name once, in the figure's title
     fig.canvas.draw()
     boxes = [t.get_window_extent() for t in (fig._suptitle, acc_ax.title, attn_ax.title)]
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     plt.close(fig)
-    quiet = report.asmb_stages_figure(plt, run, [r for r in report.Run("r", tmp_path, {}, {}, guard_rows(())).rows
-                                                 if r["phase"] == "asmb:stage"])
+    quiet = report.asmb_stages_figure(
+        plt, run, [r for r in report.Run("r", tmp_path, {}, {}, guard_rows(())).rows if r["phase"] == "asmb:stage"]
+    )
     assert report.GUARD_LABEL not in [t.get_text() for t in quiet.axes[0].get_legend().get_texts()]
     assert "guard" not in quiet.get_suptitle()
     plt.close(quiet)
 
 
 def test_report_of_a_single_asmb_run_has_ensemble_and_adapted_ensemble_columns(tmp_path):
-    run_dir = write_run(tmp_path, "asmb-run", "asmb", 0,
-                        {"best/test_acc": 41.0, "last/test_acc": 40.5, "best/val_acc": 42.0, **TEACHERS,
-                         "ensemble/test_acc": 63.0, "adapted_ensemble/test_acc": 64.0, "synergy/test_acc": 64.0,
-                         "asmb/guard_fired": 2}, guard_rows((1, 2)))
+    run_dir = write_run(
+        tmp_path,
+        "asmb-run",
+        "asmb",
+        0,
+        {
+            "best/test_acc": 41.0,
+            "last/test_acc": 40.5,
+            "best/val_acc": 42.0,
+            **TEACHERS,
+            "ensemble/test_acc": 63.0,
+            "adapted_ensemble/test_acc": 64.0,
+            "synergy/test_acc": 64.0,
+            "asmb/guard_fired": 2,
+        },
+        guard_rows((1, 2)),
+    )
     assert sweep.main(["report", str(run_dir)]) == 0
     md = (run_dir / "report.md").read_text().splitlines()
     header = next(line for line in md if line.startswith("| setting |"))
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert columns[columns.index("ensemble/test_acc"):][:4] == ["ensemble/test_acc", "adapted_ensemble/test_acc",
-                                                                 "synergy/test_acc", "asmb/guard_fired"]
+    assert columns[columns.index("ensemble/test_acc") :][:4] == [
+        "ensemble/test_acc",
+        "adapted_ensemble/test_acc",
+        "synergy/test_acc",
+        "asmb/guard_fired",
+    ]
     row = md[md.index(header) + 2]
     assert "| 63.00 | 64.00 | 64.00 | 2.00 |" in row
 

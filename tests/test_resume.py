@@ -27,20 +27,58 @@ from kd.io import atomic_torch_save
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny, deterministic: 16 px synthetic images, batch 16, 3 steps per epoch, a checkpoint every 2 steps.
-BASE = ["--preset", "smoke", "--data.synthetic-train-size", "240", "--data.synthetic-test-size", "60",
-        "--data.synthetic-image-size", "16", "--data.batch-size", "16", "--optim.epochs", "2",
-        "--run.max-steps-per-epoch", "3", "--run.ckpt-every-steps", "2", "--run.deterministic", "True",
-        "--student.model", "resnet8", "--wandb.mode", "disabled"]
+BASE = [
+    "--preset",
+    "smoke",
+    "--data.synthetic-train-size",
+    "240",
+    "--data.synthetic-test-size",
+    "60",
+    "--data.synthetic-image-size",
+    "16",
+    "--data.batch-size",
+    "16",
+    "--optim.epochs",
+    "2",
+    "--run.max-steps-per-epoch",
+    "3",
+    "--run.ckpt-every-steps",
+    "2",
+    "--run.deterministic",
+    "True",
+    "--student.model",
+    "resnet8",
+    "--wandb.mode",
+    "disabled",
+]
 # kd: stage 0 fine-tunes two teachers (steps 1-3, 4-6), then the student trains (steps 7-9, 10-12).
 KD = ["--method", "kd", "--teachers", "resnet8,resnet14", "--teachers.epochs", "1"]
 # ce on the DataLoader path: augmentation, MixUp and dropout all draw from the global torch RNG.
-CE_TORCH = ["--method", "ce", "--data.loader", "torch", "--data.workers", "0", "--optim.mixup-alpha", "0.4",
-            "--student.drop-rate", "0.3"]
+CE_TORCH = [
+    "--method",
+    "ce",
+    "--data.loader",
+    "torch",
+    "--data.workers",
+    "0",
+    "--optim.mixup-alpha",
+    "0.4",
+    "--student.drop-rate",
+    "0.3",
+]
 
 
 def args_for(tmp: Path, name: str, *args: str) -> list[str]:
-    return [*BASE, "--run.out-dir", str(tmp / "runs"), "--run.name", name,
-            "--teachers.cache-dir", str(tmp / f"cache-{name}"), *args]
+    return [
+        *BASE,
+        "--run.out-dir",
+        str(tmp / "runs"),
+        "--run.name",
+        name,
+        "--teachers.cache-dir",
+        str(tmp / f"cache-{name}"),
+        *args,
+    ]
 
 
 # train.py with a pre-emption: SIGKILL right after the checkpointer's call at run-wide step N (and the checkpoint
@@ -61,10 +99,15 @@ sys.exit(train.main(sys.argv[1:]))
 
 def train_cli(tmp: Path, name: str, *args: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    program = [str(ROOT / "train.py")] if kill_at is None else \
-        ["-c", KILL_AT_STEP.format(step=kill_at)]
-    return subprocess.run([sys.executable, *program, *args_for(tmp, name, *args)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    program = [str(ROOT / "train.py")] if kill_at is None else ["-c", KILL_AT_STEP.format(step=kill_at)]
+    return subprocess.run(
+        [sys.executable, *program, *args_for(tmp, name, *args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
 
 
 def refused(capsys, tmp: Path, name: str, *args: str) -> str:
@@ -82,8 +125,11 @@ def final_state(tmp: Path, name: str) -> tuple[dict, dict, list]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     drop = ("run_dir", "wall_time_s", "teacher_time_s", "time_s", "img_per_s", "train/img_per_s")  # timings differ
     last = {k: v for k, v in last.items() if k not in ("rows", "config", "wandb_id")}  # rows: below, sans times
-    return (last, {k: v for k, v in summary.items() if k not in drop},
-            [{k: v for k, v in r.items() if k not in drop} for r in rows])
+    return (
+        last,
+        {k: v for k, v in summary.items() if k not in drop},
+        [{k: v for k, v in r.items() if k not in drop} for r in rows],
+    )
 
 
 def assert_equal_tree(a, b, where: str = "checkpoint") -> None:
@@ -186,13 +232,20 @@ sys.exit(train.main(sys.argv[1:]))
 def test_sigterm_checkpoints_at_the_next_step_and_resume_equals_uninterrupted(tmp, kd_reference):
     """Step 11 is mid-epoch and off the every-2-steps schedule: the stop writes a checkpoint there anyway."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    stopped = subprocess.run([sys.executable, "-c", SIGTERM_AT_STEP.format(step=11), *args_for(tmp, "kd-term", *KD)],
-                             capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    stopped = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT_STEP.format(step=11), *args_for(tmp, "kd-term", *KD)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     run_dir = tmp / "runs" / "kd-term"
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1] == (
         f"stopped by SIGTERM at step 11 (kd): checkpoint {run_dir / 'checkpoints' / 'last.pt'} written; continue "
-        f"with the same command and --run.resume {run_dir}")
+        f"with the same command and --run.resume {run_dir}"
+    )
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert last["phase"] == "kd" and last["progress"]["step"] == 11
     resumed = train_cli(tmp, "kd-term", *KD, "--run.resume", "auto")
@@ -230,8 +283,9 @@ def test_checkpoint_files_keep_last_and_last_pt_is_the_newest(tmp, kd_reference)
     assert os.path.samefile(ck_dir / "last.pt", ck_dir / steps[-1])
     last = torch.load(ck_dir / "last.pt", weights_only=True)
     assert last["phase"] == "kd" and last["progress"]["step"] == 12 and last["progress"]["epoch"] == 2
-    assert {"model", "method", "optimizer", "scheduler", "scaler", "loader", "rng", "rows", "config",
-            "best"} <= set(last)
+    assert {"model", "method", "optimizer", "scheduler", "scaler", "loader", "rng", "rows", "config", "best"} <= set(
+        last
+    )
     mid = torch.load(ck_dir / "step-000000010.pt", weights_only=True)  # 1 step into epoch 2
     assert mid["progress"]["epoch"] == 1 and mid["progress"]["position"] == 1
     assert mid["progress"]["tracker"]["n"] == 1 and mid["loader"]["position"] == 1
@@ -242,18 +296,26 @@ def test_checkpoint_files_keep_last_and_last_pt_is_the_newest(tmp, kd_reference)
 def test_resume_refuses_a_changed_config_with_one_line(capsys, tmp, kd_reference):
     run_dir = tmp / "runs" / kd_reference
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-    for flag, value, shown in [("--optim.lr", "0.1", "--optim.lr is 0.1 here but 0.05"),
-                               ("--student.model", "resnet14", "--student.model is resnet14 here but resnet8"),
-                               ("--data.batch-size", "8", "--data.batch-size is 8 here but 16"),
-                               ("--method", "dkd", "--method is dkd here but kd")]:
+    for flag, value, shown in [
+        ("--optim.lr", "0.1", "--optim.lr is 0.1 here but 0.05"),
+        ("--student.model", "resnet14", "--student.model is resnet14 here but resnet8"),
+        ("--data.batch-size", "8", "--data.batch-size is 8 here but 16"),
+        ("--method", "dkd", "--method is dkd here but kd"),
+    ]:
         assert shown in refused(capsys, tmp, kd_reference, *KD, flag, value, "--run.resume", "auto")
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # untouched
     # what may change: checkpoint cadence, workers, devices (and paths, wandb)
-    cfg = train.parse_config(args_for(tmp, kd_reference, *KD, "--run.resume", "auto", "--run.ckpt-every-steps", "5",
-                                      "--data.workers", "3"))
+    cfg = train.parse_config(
+        args_for(tmp, kd_reference, *KD, "--run.resume", "auto", "--run.ckpt-every-steps", "5", "--data.workers", "3")
+    )
     ck = find_resume(cfg.run.resume, Path(cfg.run.out_dir) / cfg.run.name)[1]
-    check_resume_config(dataclasses.asdict(cfg), ck["config"], ("data", "student", "teachers", "optim", "run", "kd"),
-                        RESUME_MAY_CHANGE, "ck")
+    check_resume_config(
+        dataclasses.asdict(cfg),
+        ck["config"],
+        ("data", "student", "teachers", "optim", "run", "kd"),
+        RESUME_MAY_CHANGE,
+        "ck",
+    )
     assert ck["phase"] == "kd"
 
 
@@ -326,9 +388,13 @@ print(json.dumps({{"temp_left": len(list(last.parent.glob(".*.tmp")))}}), flush=
 
 
 def test_a_kill_during_checkpoint_writes_never_leaves_an_unreadable_last(tmp):
-    out = subprocess.run([sys.executable, "-c", KILLER.format(run_dir=str(tmp / "atomic"))],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", KILLER.format(run_dir=str(tmp / "atomic"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stderr
     *kills, end = [json.loads(line) for line in out.stdout.splitlines()]
     checked = [k for k in kills if k is not None]
@@ -354,8 +420,9 @@ def test_wandb_run_id_is_checkpointed_and_reused_on_resume(tmp, monkeypatch):
         return FakeRun()
 
     monkeypatch.setattr(kd_cli.session, "init_wandb", fake_init)
-    args = args_for(tmp, "wb", "--method", "ce", "--optim.epochs", "1", "--run.deterministic", "False",
-                    "--wandb.mode", "offline")
+    args = args_for(
+        tmp, "wb", "--method", "ce", "--optim.epochs", "1", "--run.deterministic", "False", "--wandb.mode", "offline"
+    )
     assert train.main(args) == 0
     last = torch.load(tmp / "runs" / "wb" / "checkpoints" / "last.pt", weights_only=True)
     assert last["wandb_id"] == "run-abc123"
@@ -397,7 +464,7 @@ def test_a_bit_flipped_checkpoint_is_detected_and_auto_resume_falls_back(capsys,
         (ck_dir / name).write_bytes((ref / name).read_bytes())
     newest = bytearray((ck_dir / "step-000000006.pt").read_bytes())
     start = len(newest) // 2
-    newest[start:start + 64] = bytes(b ^ 0xFF for b in newest[start:start + 64])
+    newest[start : start + 64] = bytes(b ^ 0xFF for b in newest[start : start + 64])
     (ck_dir / "step-000000006.pt").write_bytes(bytes(newest))
     os.link(ck_dir / "step-000000006.pt", ck_dir / "last.pt")
     err = refused(capsys, tmp, "ce-flipped", *CE_TORCH, "--run.resume", str(ck_dir / "step-000000006.pt"))

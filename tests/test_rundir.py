@@ -15,9 +15,24 @@ from kd_cli.rundir import MARKER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--preset", "smoke", "--method", "ce", "--data.synthetic-train-size", "200", "--data.synthetic-test-size",
-        "50", "--data.batch-size", "16", "--optim.epochs", "1", "--run.max-steps-per-epoch", "2",
-        "--wandb.mode", "disabled"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--method",
+    "ce",
+    "--data.synthetic-train-size",
+    "200",
+    "--data.synthetic-test-size",
+    "50",
+    "--data.batch-size",
+    "16",
+    "--optim.epochs",
+    "1",
+    "--run.max-steps-per-epoch",
+    "2",
+    "--wandb.mode",
+    "disabled",
+]
 
 
 def snapshot(root: Path) -> dict[str, int]:
@@ -46,8 +61,9 @@ def test_overwrite_never_deletes_what_is_not_a_kd_run_directory(capsys, tmp_path
         assert "--run.name" in err or "not a kd run directory" in err, err
     # --run.out-dir may point anywhere, but the directory it names still needs the marker, and the
     # working directory and its parents are never deleted, marker or not
-    assert "not a kd run directory" in refused(capsys, "--run.out-dir", str(tmp_path), "--run.name", "elsewhere",
-                                               "--run.overwrite", "True")
+    assert "not a kd run directory" in refused(
+        capsys, "--run.out-dir", str(tmp_path), "--run.name", "elsewhere", "--run.overwrite", "True"
+    )
     (work / MARKER).write_text("")
     before = snapshot(tmp_path)
     err = refused(capsys, "--run.out-dir", "..", "--run.name", "work", "--run.overwrite", "True")
@@ -66,8 +82,20 @@ def test_overwrite_replaces_a_run_directory_only_after_every_check(capsys, tmp_p
     # a bad teacher checkpoint (checked after the run directory was chosen): the old run stays whole
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    err = refused(capsys, *out, "--run.overwrite", "True", "--method", "kd", "--teachers", "resnet8",
-                  "--teachers.checkpoints", str(bad), "--teachers.cache-dir", str(tmp_path / "cache"))
+    err = refused(
+        capsys,
+        *out,
+        "--run.overwrite",
+        "True",
+        "--method",
+        "kd",
+        "--teachers",
+        "resnet8",
+        "--teachers.checkpoints",
+        str(bad),
+        "--teachers.cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert str(bad) in err
     assert snapshot(run_dir) == before
     assert train.main([*TINY, *out, "--run.overwrite", "True"]) == 0

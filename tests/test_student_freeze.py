@@ -26,8 +26,9 @@ def one_step(model, policy: str) -> None:
     method = method_class("ce")(None, model, [], num_classes=5, num_train=4)
     optimizer = train.optimizer_for([model, method], cfg.optim, 0.5, torch.device("cpu"))
     runtime = train.make_runtime(cfg, torch.device("cpu"))
-    tr = train.Trainer(model, method, [], optimizer, build_scheduler(optimizer, cfg.optim, 1, 1), runtime, 1,
-                       freeze_policy=policy)
+    tr = train.Trainer(
+        model, method, [], optimizer, build_scheduler(optimizer, cfg.optim, 1, 1), runtime, 1, freeze_policy=policy
+    )
     train.set_train(model, policy)
     g = torch.Generator().manual_seed(0)
     train.train_step(tr, torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3]), torch.arange(4), epoch=1)
@@ -56,8 +57,9 @@ def test_policy_trains_exactly_its_parameters(arch, policy):
         assert torch.equal(value, before[name]), f"{arch}/{policy}: frozen {name} changed"
     changed = [n for n, p in params.items() if p.requires_grad and not torch.equal(p, before[n])]
     assert any(n.startswith("adapter.") for n in changed), "the adapter did not train"
-    assert any(n in changed for n in (f"backbone.{k}" for k, _ in model.classifier.named_parameters(prefix="")))\
-        or any("head" in n or "fc" in n for n in changed)
+    assert any(n in changed for n in (f"backbone.{k}" for k, _ in model.classifier.named_parameters(prefix=""))) or any(
+        "head" in n or "fc" in n for n in changed
+    )
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -73,10 +75,32 @@ def test_zero_initialised_adapter_keeps_the_function(arch):
 
 
 def test_cli_flags_reach_the_student(tmp_path):
-    args = ["--preset", "smoke", "--method", "ce", "--student.freeze", "head", "--student.adapter-dim", "8",
-            "--data.synthetic-train-size", "200", "--data.synthetic-test-size", "50", "--data.batch-size", "16",
-            "--optim.epochs", "1", "--run.max-steps-per-epoch", "2", "--run.out-dir", str(tmp_path),
-            "--run.name", "r", "--wandb.mode", "disabled"]
+    args = [
+        "--preset",
+        "smoke",
+        "--method",
+        "ce",
+        "--student.freeze",
+        "head",
+        "--student.adapter-dim",
+        "8",
+        "--data.synthetic-train-size",
+        "200",
+        "--data.synthetic-test-size",
+        "50",
+        "--data.batch-size",
+        "16",
+        "--optim.epochs",
+        "1",
+        "--run.max-steps-per-epoch",
+        "2",
+        "--run.out-dir",
+        str(tmp_path),
+        "--run.name",
+        "r",
+        "--wandb.mode",
+        "disabled",
+    ]
     train.run(train.parse_config(args))
     state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
     assert state["meta"]["adapter_dim"] == 8

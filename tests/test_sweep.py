@@ -21,16 +21,25 @@ from kd_cli.records import rounded_numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {"preset": {"value": "smoke"}, "data.synthetic-train-size": {"value": 400},
-        "data.synthetic-test-size": {"value": 100}, "data.batch-size": {"value": 32},
-        "optim.epochs": {"value": 2}, "teachers.epochs": {"value": 1}, "run.max-steps-per-epoch": {"value": 3}}
+TINY = {
+    "preset": {"value": "smoke"},
+    "data.synthetic-train-size": {"value": 400},
+    "data.synthetic-test-size": {"value": 100},
+    "data.batch-size": {"value": 32},
+    "optim.epochs": {"value": 2},
+    "teachers.epochs": {"value": 1},
+    "run.max-steps-per-epoch": {"value": 3},
+}
 METRIC = {"name": "val/best_acc", "goal": "maximize"}
 
 
 def write_spec(tmp_path: Path, parameters: dict, name: str = "t", **top) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, "method": "grid", "metric": METRIC, **top,
-                                    "parameters": parameters}, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {"name": name, "method": "grid", "metric": METRIC, **top, "parameters": parameters}, sort_keys=False
+        )
+    )
     return path
 
 
@@ -38,15 +47,27 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     """No credentials, wandb files and settings inside tmp_path, and a dead local URL so that any
     accidental server call fails on this machine instead of reaching the internet."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", WANDB_BASE_URL="http://127.0.0.1:9",
-               WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
-               WANDB_DATA_DIR=str(tmp_path / "wandb-data"), NETRC=str(tmp_path / "no-netrc"))
+    env.update(
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        WANDB_BASE_URL="http://127.0.0.1:9",
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+        WANDB_DATA_DIR=str(tmp_path / "wandb-data"),
+        NETRC=str(tmp_path / "no-netrc"),
+    )
     return env
 
 
 def run_py(script: str, *args: str, tmp_path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          cwd=tmp_path, env=env or offline_env(tmp_path), timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env or offline_env(tmp_path),
+        timeout=600,
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -68,19 +89,23 @@ def test_typo_in_parameter_name_fails_at_once_with_valid_names(tmp_path, capsys)
 
 
 def test_an_unknown_top_level_key_is_refused_with_a_suggestion(tmp_path, capsys):
-    spec = write_spec(tmp_path, {**TINY, "kd.temperature": {"values": [2, 4]}},
-                      early_terminat={"type": "hyperband", "min_iter": 1})
+    spec = write_spec(
+        tmp_path, {**TINY, "kd.temperature": {"values": [2, 4]}}, early_terminat={"type": "hyperband", "min_iter": 1}
+    )
     assert sweep.main([str(spec), "--mode", "local", "--out-dir", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("unknown key 'early_terminat'; did you mean early_terminate?") and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"run.name": {"value": "x"}}, "set by sweep.py"),
-    ({"kd.temperature": {"value": "hot"}}, "kd.temperature"),  # train.py's own parser rejects the value
-    ({"optim.lr": {"min": 0.1, "max": 0.01}}, "min must be < max"),
-    ({"optim.lr": {"distribution": "uniform", "min": 0.01, "max": 0.1}}, "grid search needs discrete"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"run.name": {"value": "x"}}, "set by sweep.py"),
+        ({"kd.temperature": {"value": "hot"}}, "kd.temperature"),  # train.py's own parser rejects the value
+        ({"optim.lr": {"min": 0.1, "max": 0.01}}, "min must be < max"),
+        ({"optim.lr": {"distribution": "uniform", "min": 0.01, "max": 0.1}}, "grid search needs discrete"),
+    ],
+)
 def test_bad_specs_exit_2_before_any_trial(tmp_path, capsys, params, message):
     spec = write_spec(tmp_path, {**TINY, **params})
     assert sweep.main([str(spec), "--mode", "local", "--out-dir", str(tmp_path / "s")]) == 2
@@ -100,19 +125,45 @@ def test_bayes_locally_and_online_without_credentials_are_clear_errors(tmp_path,
 
 
 def test_nested_parameters_and_command_args_become_flags(tmp_path):
-    path = write_spec(tmp_path, {"kd": {"parameters": {"temperature": {"values": [2, 4]}}},
-                                 "optim.milestones": {"value": [5, 8]}, "data.aug": {"value": False}},
-                      command=["${env}", "${interpreter}", "${program}", "--preset", "smoke", "${args}"])
+    path = write_spec(
+        tmp_path,
+        {
+            "kd": {"parameters": {"temperature": {"values": [2, 4]}}},
+            "optim.milestones": {"value": [5, 8]},
+            "data.aug": {"value": False},
+        },
+        command=["${env}", "${interpreter}", "${program}", "--preset", "smoke", "${args}"],
+    )
     spec = sweep.load_spec(path)
     assert list(spec.parameters) == ["kd.temperature", "optim.milestones", "data.aug"]
     assert spec.swept() == ["kd.temperature"]
     assert sweep.trial_args(spec, sweep.trial_params(spec, 1, 0)) == [
-        "--preset", "smoke", "--kd.temperature=4", "--optim.milestones", "5", "8", "--data.aug=False"]
+        "--preset",
+        "smoke",
+        "--kd.temperature=4",
+        "--optim.milestones",
+        "5",
+        "8",
+        "--data.aug=False",
+    ]
     sweep.check_names(spec, path)  # every name is a train.py flag
 
 
-@pytest.mark.parametrize("name", ["smoke", "baselines", "asmb_ablation", "compare_cifar", "bench_tin200", "bench_tin20_asmb", "bench_tin20_plateau",
-                                  "bench_tin20_long", "bench_tin20_long_gate", "bench_tin20_long_plateau"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "smoke",
+        "baselines",
+        "asmb_ablation",
+        "compare_cifar",
+        "bench_tin200",
+        "bench_tin20_asmb",
+        "bench_tin20_plateau",
+        "bench_tin20_long",
+        "bench_tin20_long_gate",
+        "bench_tin20_long_plateau",
+    ],
+)
 def test_shipped_specs_name_train_flags_and_parse(name, tmp_path, monkeypatch):
     path = ROOT / "sweeps" / f"{name}.yaml"
     spec = sweep.load_spec(path)
@@ -136,24 +187,38 @@ def stand_in_data_root(spec, tmp_path: Path, monkeypatch) -> None:
 
 def test_planned_epochs_count_the_rows_of_the_trained_model():
     assert sweep.planned_epochs({"method": "kd", "optim": {"epochs": 240}}) == 240
-    assert sweep.planned_epochs({"method": "asmb", "optim": {"epochs": 240},
-                                 "asmb": {"num_stages": 2, "student_epochs": 0}}) == 240
-    assert sweep.planned_epochs({"method": "asmb", "optim": {"epochs": 240},
-                                 "asmb": {"num_stages": 3, "student_epochs": 5}}) == 15
+    assert (
+        sweep.planned_epochs(
+            {"method": "asmb", "optim": {"epochs": 240}, "asmb": {"num_stages": 2, "student_epochs": 0}}
+        )
+        == 240
+    )
+    assert (
+        sweep.planned_epochs(
+            {"method": "asmb", "optim": {"epochs": 240}, "asmb": {"num_stages": 3, "student_epochs": 5}}
+        )
+        == 15
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Sampling (no training)
 # ----------------------------------------------------------------------------------------------
 def test_random_sweep_with_a_seed_is_reproducible(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path, {
-        "optim.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-1},
-        "kd.temperature": {"min": 1.0, "max": 8.0},
-        "optim.epochs": {"min": 2, "max": 5},
-        "kd.ce-weight": {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.25},
-        "optim.name": {"values": ["sgd", "adamw"], "probabilities": [0.25, 0.75]},
-        "preset": {"value": "smoke"},
-    }, method="random"))
+    spec = sweep.load_spec(
+        write_spec(
+            tmp_path,
+            {
+                "optim.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-1},
+                "kd.temperature": {"min": 1.0, "max": 8.0},
+                "optim.epochs": {"min": 2, "max": 5},
+                "kd.ce-weight": {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.25},
+                "optim.name": {"values": ["sgd", "adamw"], "probabilities": [0.25, 0.75]},
+                "preset": {"value": "smoke"},
+            },
+            method="random",
+        )
+    )
     draws = [sweep.trial_params(spec, i, seed=7) for i in range(20)]
     assert draws == [sweep.trial_params(spec, i, seed=7) for i in range(20)]  # same seed, same trials
     assert draws[5] == sweep.trial_params(spec, 5, seed=7)  # trial i alone: what a resumed sweep draws
@@ -167,8 +232,16 @@ def test_random_sweep_with_a_seed_is_reproducible(tmp_path):
 
 
 def test_grid_enumerates_every_combination_in_spec_order(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path, {"a.x": {"values": [1, 2]}, "b.y": {"value": "k"},
-                                                 "c.z": {"distribution": "int_uniform", "min": 0, "max": 2}}))
+    spec = sweep.load_spec(
+        write_spec(
+            tmp_path,
+            {
+                "a.x": {"values": [1, 2]},
+                "b.y": {"value": "k"},
+                "c.z": {"distribution": "int_uniform", "min": 0, "max": 2},
+            },
+        )
+    )
     points = sweep.grid_points(spec)
     assert [(p["a.x"], p["c.z"]) for p in points] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
     assert sweep.trial_params(spec, 6, 0) is None
@@ -219,38 +292,59 @@ def fake_trainer(tmp_path: Path, values: list[float], epochs: int) -> list[str]:
         "    rows.append(json.dumps({'phase': 'kd', 'epoch': e, 'val/best_acc': v}))\n"
         "    (d / 'metrics.jsonl').write_text('\\n'.join(rows) + '\\n')\n"
         "    while not (ack.exists() and int(ack.read_text() or 0) >= e): time.sleep(0.01)\n"
-        "(d / 'summary.json').write_text(json.dumps({'best/val_acc': max(" + repr(values) + ")}))\n")
+        "(d / 'summary.json').write_text(json.dumps({'best/val_acc': max(" + repr(values) + ")}))\n"
+    )
     return [sys.executable, str(script)]
 
 
 def acked(should_stop):
     """`should_stop` that tells the fake trainer how many rows it has judged (so each row is judged)."""
+
     def judged(run_dir: Path) -> bool:
         seen = len(sweep.read_rows(run_dir))
         stop = should_stop(run_dir)
         if not stop:
             (run_dir.parent / f"{run_dir.name}.ack").write_text(str(seen))
         return stop
+
     return judged
 
 
 def test_runner_stops_a_bad_trial_by_its_metrics_file_and_spares_a_good_one(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path, {"kd.temperature": {"values": [1, 2]}},
-                                      early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2}))
+    spec = sweep.load_spec(
+        write_spec(
+            tmp_path,
+            {"kd.temperature": {"values": [1, 2]}},
+            early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2},
+        )
+    )
     done = tmp_path / "done"
     for i, curve in enumerate([[50.0, 60.0, 70.0, 80.0], [40.0, 50.0, 60.0, 70.0]]):
         (done / f"t{i}").mkdir(parents=True)
         (done / f"t{i}" / "metrics.jsonl").write_text(
-            "".join(json.dumps({"phase": "kd", "val/best_acc": v}) + "\n" for v in curve))
+            "".join(json.dumps({"phase": "kd", "val/best_acc": v}) + "\n" for v in curve)
+        )
     others = [{"status": "finished", "run_dir": f"t{i}"} for i in range(2)]
     check = acked(sweep.hyperband_check(spec, others, done))
     env = dict(os.environ)
-    rc, stopped = sweep.run_trial_process([*fake_trainer(tmp_path, [10.0, 10.0, 10.0, 10.0], 4), str(tmp_path / "bad")],
-                                          tmp_path / "bad", tmp_path / "bad.log", env, check, poll_s=0.05)
+    rc, stopped = sweep.run_trial_process(
+        [*fake_trainer(tmp_path, [10.0, 10.0, 10.0, 10.0], 4), str(tmp_path / "bad")],
+        tmp_path / "bad",
+        tmp_path / "bad.log",
+        env,
+        check,
+        poll_s=0.05,
+    )
     assert stopped and 1 <= len(sweep.read_rows(tmp_path / "bad")) < 4
     assert not (tmp_path / "bad" / "summary.json").exists()
-    rc, stopped = sweep.run_trial_process([*fake_trainer(tmp_path, [90.0, 91.0], 2), str(tmp_path / "good")],
-                                          tmp_path / "good", tmp_path / "good.log", env, check, poll_s=0.05)
+    rc, stopped = sweep.run_trial_process(
+        [*fake_trainer(tmp_path, [90.0, 91.0], 2), str(tmp_path / "good")],
+        tmp_path / "good",
+        tmp_path / "good.log",
+        env,
+        check,
+        poll_s=0.05,
+    )
     assert (rc, stopped) == (0, False) and (tmp_path / "good" / "summary.json").exists()
 
 
@@ -258,17 +352,36 @@ def test_runner_stops_a_bad_trial_by_its_metrics_file_and_spares_a_good_one(tmp_
 # Local sweeps with real train.py trials (tiny sizes)
 # ----------------------------------------------------------------------------------------------
 def test_local_grid_sweep_end_to_end_and_report(tmp_path):
-    spec = write_spec(tmp_path, {**TINY, "method": {"value": "kd"}, "kd.temperature": {"values": [2, 4]},
-                                 "teachers.cache-dir": {"value": str(tmp_path / "cache")}}, name="grid2")
-    res = run_py("sweep.py", str(spec), "--mode", "local", "--out-dir", str(tmp_path / "sweeps"),
-                 "--trial-wandb", "disabled", tmp_path=tmp_path)
+    spec = write_spec(
+        tmp_path,
+        {
+            **TINY,
+            "method": {"value": "kd"},
+            "kd.temperature": {"values": [2, 4]},
+            "teachers.cache-dir": {"value": str(tmp_path / "cache")},
+        },
+        name="grid2",
+    )
+    res = run_py(
+        "sweep.py",
+        str(spec),
+        "--mode",
+        "local",
+        "--out-dir",
+        str(tmp_path / "sweeps"),
+        "--trial-wandb",
+        "disabled",
+        tmp_path=tmp_path,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("trial-")]
     assert len(lines) == 2 and all(" finished " in ln for ln in lines)
     sweep_dir = tmp_path / "sweeps" / "grid2"
     state = json.loads((sweep_dir / "sweep.json").read_text())
     assert [(t["id"], t["status"], t["params"]["kd.temperature"]) for t in state["trials"]] == [
-        ("trial-000", "finished", 2), ("trial-001", "finished", 4)]
+        ("trial-000", "finished", 2),
+        ("trial-001", "finished", 4),
+    ]
     summaries = {}
     for t in state["trials"]:
         run_dir = sweep_dir / t["id"]
@@ -292,8 +405,9 @@ def test_local_grid_sweep_end_to_end_and_report(tmp_path):
     assert sorted(g["setting"] for g in groups) == ["kd (kd.temperature=2)", "kd (kd.temperature=4)"]
     for g in groups:
         trial_id = "trial-000" if g["setting"].endswith("=2)") else "trial-001"
-        assert g["n"] == "1" and float(g["best/test_acc mean"]) == pytest.approx(summaries[trial_id]["best/test_acc"],
-                                                                                abs=0.005)
+        assert g["n"] == "1" and float(g["best/test_acc mean"]) == pytest.approx(
+            summaries[trial_id]["best/test_acc"], abs=0.005
+        )
     md = (out / "report.md").read_text()
     assert "## Sweep `grid2`" in md and "| trial-000 | finished | 2 |" in md and "| trial-001 | finished | 4 |" in md
     if sweep_has_matplotlib():
@@ -302,18 +416,30 @@ def test_local_grid_sweep_end_to_end_and_report(tmp_path):
 
 
 def test_interrupted_local_sweep_resumes_without_repeating_trials(tmp_path):
-    spec_path = write_spec(tmp_path, {**TINY, "method": {"value": "ce"}, "optim.lr": {"values": [0.05, 0.1, 0.2]}},
-                           name="res")
+    spec_path = write_spec(
+        tmp_path, {**TINY, "method": {"value": "ce"}, "optim.lr": {"values": [0.05, 0.1, 0.2]}}, name="res"
+    )
     spec = sweep.load_spec(spec_path)
     sweep_dir = tmp_path / "sweeps" / "res"
     # As left by a killed sweep: trial 0 finished, trial 1 was running (partial run directory), trial 2 never began.
     state = sweep.new_state(spec, spec_path, "local", seed=0, count=None)
     state["count"] = 3
     state["trials"] = [
-        {"id": "trial-000", "index": 0, "params": sweep.trial_params(spec, 0, 0), "status": "finished",
-         "run_dir": "trial-000", "metric": 12.5},
-        {"id": "trial-001", "index": 1, "params": sweep.trial_params(spec, 1, 0), "status": "running",
-         "run_dir": "trial-001"},
+        {
+            "id": "trial-000",
+            "index": 0,
+            "params": sweep.trial_params(spec, 0, 0),
+            "status": "finished",
+            "run_dir": "trial-000",
+            "metric": 12.5,
+        },
+        {
+            "id": "trial-001",
+            "index": 1,
+            "params": sweep.trial_params(spec, 1, 0),
+            "status": "running",
+            "run_dir": "trial-001",
+        },
     ]
     (sweep_dir / "trial-000").mkdir(parents=True)
     (sweep_dir / "trial-000" / "summary.json").write_text(json.dumps({"best/val_acc": 12.5}))
@@ -322,8 +448,20 @@ def test_interrupted_local_sweep_resumes_without_repeating_trials(tmp_path):
     sweep.save_state(state, sweep_dir)
 
     assert sweep.main([str(spec_path), "--mode", "local", "--out-dir", str(tmp_path / "sweeps")]) == 2  # needs --resume
-    res = run_py("sweep.py", str(spec_path), "--mode", "local", "--resume", "--count", "2",
-                 "--out-dir", str(tmp_path / "sweeps"), "--trial-wandb", "disabled", tmp_path=tmp_path)
+    res = run_py(
+        "sweep.py",
+        str(spec_path),
+        "--mode",
+        "local",
+        "--resume",
+        "--count",
+        "2",
+        "--out-dir",
+        str(tmp_path / "sweeps"),
+        "--trial-wandb",
+        "disabled",
+        tmp_path=tmp_path,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert [ln.split()[0] for ln in res.stdout.splitlines() if ln.startswith("trial-")] == ["trial-001"]
     assert json.loads((sweep_dir / "trial-000" / "summary.json").read_text()) == {"best/val_acc": 12.5}
@@ -340,8 +478,10 @@ def trial_pids(marker: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if marker in (proc / "cmdline").read_bytes().decode(errors="replace") and \
-                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            if (
+                marker in (proc / "cmdline").read_bytes().decode(errors="replace")
+                and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            ):
                 pids.append(int(proc.name))
         except (OSError, ValueError, IndexError):
             continue
@@ -362,19 +502,48 @@ def test_a_killed_sweep_takes_its_trial_down_and_resume_restarts_it(tmp_path):
     """SIGTERM: forwarded to the trial, which is marked interrupted. SIGKILL: the trial still dies within
     seconds (it used to run on, recreate its directory under the resumed sweep and be counted failed).
     --resume restarts the interrupted trial from a fresh directory and it finishes."""
-    spec = write_spec(tmp_path, {**TINY, "method": {"value": "ce"}, "optim.epochs": {"value": 40},
-                                 "run.max-steps-per-epoch": {"value": 2}, "optim.lr": {"values": [0.1]}}, name="kill")
+    spec = write_spec(
+        tmp_path,
+        {
+            **TINY,
+            "method": {"value": "ce"},
+            "optim.epochs": {"value": 40},
+            "run.max-steps-per-epoch": {"value": 2},
+            "optim.lr": {"values": [0.1]},
+        },
+        name="kill",
+    )
     sweep_dir = tmp_path / "sweeps" / "kill"
     marker = f"--run.out-dir={sweep_dir}"
-    args = [sys.executable, str(ROOT / "sweep.py"), str(spec), "--mode", "local", "--out-dir", str(tmp_path / "sweeps"),
-            "--trial-wandb", "disabled", "--poll", "0.2"]
+    args = [
+        sys.executable,
+        str(ROOT / "sweep.py"),
+        str(spec),
+        "--mode",
+        "local",
+        "--out-dir",
+        str(tmp_path / "sweeps"),
+        "--trial-wandb",
+        "disabled",
+        "--poll",
+        "0.2",
+    ]
 
     def started(**kw) -> subprocess.Popen:
-        proc = subprocess.Popen(args + kw.get("extra", []), cwd=tmp_path, env=offline_env(tmp_path),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            args + kw.get("extra", []),
+            cwd=tmp_path,
+            env=offline_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         # mid-trial: train.py runs (so an old partial directory is gone) and has logged an epoch
-        assert wait_for(lambda: (trial_pids(marker) and (sweep_dir / "trial-000" / "metrics.jsonl").exists())
-                        or proc.poll() is not None)
+        assert wait_for(
+            lambda: (
+                (trial_pids(marker) and (sweep_dir / "trial-000" / "metrics.jsonl").exists()) or proc.poll() is not None
+            )
+        )
         assert proc.poll() is None, proc.stdout.read()
         return proc
 
@@ -392,8 +561,9 @@ def test_a_killed_sweep_takes_its_trial_down_and_resume_restarts_it(tmp_path):
     assert wait_for(lambda: not trial_pids(marker), timeout_s=120.0), "the trial outlived its SIGKILLed sweep"
     assert status() == "running"  # as the killed sweep left it
 
-    res = subprocess.run(args + ["--resume"], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        args + ["--resume"], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "restarting trial-000: it was interrupted (running)" in res.stdout
     state = json.loads((sweep_dir / "sweep.json").read_text())
@@ -437,15 +607,33 @@ def test_jobs_2_runs_two_trials_at_a_time_and_finishes_all(tmp_path, monkeypatch
     monkeypatch.setenv("FAKE_MARKS", str(marks))
     monkeypatch.setenv("FAKE_WAIT", "started-{partner}")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert sweep.main([str(spec), "--mode", "local", "--jobs", "2", "--out-dir", str(tmp_path / "s"),
-                       "--trial-wandb", "disabled", "--poll", "0.05"]) == 0
+    assert (
+        sweep.main(
+            [
+                str(spec),
+                "--mode",
+                "local",
+                "--jobs",
+                "2",
+                "--out-dir",
+                str(tmp_path / "s"),
+                "--trial-wandb",
+                "disabled",
+                "--poll",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert sorted(ln.split()[:2] for ln in out.splitlines() if ln.startswith("trial-")) == [
-        [f"trial-00{i}", "finished"] for i in range(4)]
+        [f"trial-00{i}", "finished"] for i in range(4)
+    ]
     assert "best: trial-003 val/best_acc=3" in out
     state = json.loads((tmp_path / "s" / "par" / "sweep.json").read_text())
     assert [(t["id"], t["status"], t["metric"]) for t in state["trials"]] == [
-        (f"trial-00{i}", "finished", float(i)) for i in range(4)]
+        (f"trial-00{i}", "finished", float(i)) for i in range(4)
+    ]
     assert all((marks / f"started-{i}").read_text() == "1" for i in range(4))  # OMP_NUM_THREADS=1 with --jobs 2
 
 
@@ -453,13 +641,33 @@ def test_jobs_2_runs_two_trials_at_a_time_and_finishes_all(tmp_path, monkeypatch
 def test_interrupted_jobs_2_sweep_stops_both_trials_and_resume_restarts_them(tmp_path):
     spec, fake, marks = paired_sweep(tmp_path)
     sweep_dir = tmp_path / "s" / "par"
-    env = {**offline_env(tmp_path), "PYTHONPATH": str(ROOT), "FAKE_MARKS": str(marks), "FAKE_WAIT": "release",
-           "OMP_NUM_THREADS": "3"}
-    args = [sys.executable, "-c", f"import sys, sweep; sweep.TRAIN = {str(fake)!r}; sys.exit(sweep.main(sys.argv[1:]))",
-            str(spec), "--mode", "local", "--jobs", "2", "--out-dir", str(tmp_path / "s"), "--trial-wandb", "disabled",
-            "--poll", "0.05"]
+    env = {
+        **offline_env(tmp_path),
+        "PYTHONPATH": str(ROOT),
+        "FAKE_MARKS": str(marks),
+        "FAKE_WAIT": "release",
+        "OMP_NUM_THREADS": "3",
+    }
+    args = [
+        sys.executable,
+        "-c",
+        f"import sys, sweep; sweep.TRAIN = {str(fake)!r}; sys.exit(sweep.main(sys.argv[1:]))",
+        str(spec),
+        "--mode",
+        "local",
+        "--jobs",
+        "2",
+        "--out-dir",
+        str(tmp_path / "s"),
+        "--trial-wandb",
+        "disabled",
+        "--poll",
+        "0.05",
+    ]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert wait_for(lambda: (marks / "started-0").exists() and (marks / "started-1").exists() or proc.poll() is not None)
+    assert wait_for(
+        lambda: (marks / "started-0").exists() and (marks / "started-1").exists() or proc.poll() is not None
+    )
     assert proc.poll() is None, proc.stdout.read()
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
@@ -467,8 +675,10 @@ def test_interrupted_jobs_2_sweep_stops_both_trials_and_resume_restarts_them(tmp
     assert f"interrupted; continue with: python sweep.py {spec} --resume" in out
     assert not trial_pids(f"--run.out-dir={sweep_dir}")
     state = json.loads((sweep_dir / "sweep.json").read_text())
-    assert [(t["id"], t["status"]) for t in state["trials"]] == [("trial-000", "interrupted"),
-                                                                 ("trial-001", "interrupted")]
+    assert [(t["id"], t["status"]) for t in state["trials"]] == [
+        ("trial-000", "interrupted"),
+        ("trial-001", "interrupted"),
+    ]
     assert (marks / "started-0").read_text() == "3"  # the user's OMP_NUM_THREADS is kept
 
     (marks / "release").write_text("")
@@ -478,8 +688,11 @@ def test_interrupted_jobs_2_sweep_stops_both_trials_and_resume_restarts_them(tmp
     assert "restarting trial-001: it was interrupted (interrupted)" in res.stdout
     state = json.loads((sweep_dir / "sweep.json").read_text())
     assert [(t["id"], t["status"], t.get("restarts")) for t in state["trials"]] == [
-        ("trial-000", "finished", 1), ("trial-001", "finished", 1), ("trial-002", "finished", None),
-        ("trial-003", "finished", None)]
+        ("trial-000", "finished", 1),
+        ("trial-001", "finished", 1),
+        ("trial-002", "finished", None),
+        ("trial-003", "finished", None),
+    ]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the trial processes through /proc")
@@ -487,8 +700,20 @@ def test_a_second_runner_on_a_running_sweep_is_refused_and_deletes_nothing(tmp_p
     spec, fake, marks = paired_sweep(tmp_path)
     sweep_dir = tmp_path / "s" / "par"
     env = {**offline_env(tmp_path), "PYTHONPATH": str(ROOT), "FAKE_MARKS": str(marks), "FAKE_WAIT": "release"}
-    args = [sys.executable, "-c", f"import sys, sweep; sweep.TRAIN = {str(fake)!r}; sys.exit(sweep.main(sys.argv[1:]))",
-            str(spec), "--mode", "local", "--out-dir", str(tmp_path / "s"), "--trial-wandb", "disabled", "--poll", "0.05"]
+    args = [
+        sys.executable,
+        "-c",
+        f"import sys, sweep; sweep.TRAIN = {str(fake)!r}; sys.exit(sweep.main(sys.argv[1:]))",
+        str(spec),
+        "--mode",
+        "local",
+        "--out-dir",
+        str(tmp_path / "s"),
+        "--trial-wandb",
+        "disabled",
+        "--poll",
+        "0.05",
+    ]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert wait_for(lambda: (marks / "started-0").exists() or proc.poll() is not None)
@@ -496,8 +721,10 @@ def test_a_second_runner_on_a_running_sweep_is_refused_and_deletes_nothing(tmp_p
         before = sorted(p.relative_to(sweep_dir) for p in sweep_dir.rglob("*"))
         assert sweep.main([str(spec), "--mode", "local", "--resume", "--out-dir", str(tmp_path / "s")]) == 2
         err = capsys.readouterr().err.strip()
-        assert err == (f"error: the sweep in {sweep_dir} is being run by another process (pid {proc.pid}); wait for "
-                       "it to end (or stop it) before resuming")
+        assert err == (
+            f"error: the sweep in {sweep_dir} is being run by another process (pid {proc.pid}); wait for "
+            "it to end (or stop it) before resuming"
+        )
         assert sorted(p.relative_to(sweep_dir) for p in sweep_dir.rglob("*")) == before  # the live trial is intact
     finally:
         (marks / "release").write_text("")  # the trials may finish
@@ -547,17 +774,25 @@ def sweep_has_matplotlib() -> bool:
 # ----------------------------------------------------------------------------------------------
 # Report from synthetic run directories (no training)
 # ----------------------------------------------------------------------------------------------
-def fake_run(root: Path, name: str, method: str, seed: int, temperature: float, summary: dict | None,
-             curve: list[float]) -> None:
+def fake_run(
+    root: Path, name: str, method: str, seed: int, temperature: float, summary: dict | None, curve: list[float]
+) -> None:
     d = root / name
     d.mkdir(parents=True)
-    config = {"method": method, "run": {"seed": seed, "name": name, "out_dir": str(root)},
-              "optim": {"lr": 0.05, "epochs": len(curve)}, "kd": {"temperature": temperature},
-              "dkd": {"alpha": 1.0}, "wandb": {"mode": "disabled"}}
+    config = {
+        "method": method,
+        "run": {"seed": seed, "name": name, "out_dir": str(root)},
+        "optim": {"lr": 0.05, "epochs": len(curve)},
+        "kd": {"temperature": temperature},
+        "dkd": {"alpha": 1.0},
+        "wandb": {"mode": "disabled"},
+    }
     (d / "config.json").write_text(json.dumps(config))
     rows = [{"phase": "teacher:resnet20", "epoch": 1, "val/acc": 99.0}]  # stage 0: never in a curve
-    rows += [{"phase": method, "epoch": i + 1, "val/acc": v, "val/best_acc": max(curve[: i + 1])}
-             for i, v in enumerate(curve)]
+    rows += [
+        {"phase": method, "epoch": i + 1, "val/acc": v, "val/best_acc": max(curve[: i + 1])}
+        for i, v in enumerate(curve)
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if summary is not None:
         (d / "summary.json").write_text(json.dumps({"method": method, **summary}))
@@ -565,16 +800,50 @@ def fake_run(root: Path, name: str, method: str, seed: int, temperature: float, 
 
 def test_report_groups_seeds_and_matches_summaries(tmp_path):
     runs = tmp_path / "runs"
-    fake_run(runs, "kd-s0", "kd", 0, 4.0, {"best/test_acc": 70.0, "last/test_acc": 69.0, "wall_time_s": 10.0,
-                                          "teacher/resnet20/val_acc": 80.0, "synergy/test_acc": 81.0,
-                                          "images_per_s": 1000.0}, [50.0, 60.0])
-    fake_run(runs, "kd-s1", "kd", 1, 4.0, {"best/test_acc": 72.0, "last/test_acc": 70.0, "wall_time_s": 12.0,
-                                          "teacher/resnet20/val_acc": 82.0, "synergy/test_acc": 83.0,
-                                          "images_per_s": 1100.0}, [52.0, 62.0])
-    fake_run(runs, "dkd-s0", "dkd", 0, 4.0, {"best/test_acc": 75.0, "last/test_acc": 74.0, "wall_time_s": 11.0},
-             [55.0, 65.0])
-    fake_run(runs / "nested", "kd-t2", "kd", 0, 2.0, {"best/test_acc": 60.0, "last/test_acc": 59.0,
-                                                      "wall_time_s": 9.0}, [40.0, 45.0])
+    fake_run(
+        runs,
+        "kd-s0",
+        "kd",
+        0,
+        4.0,
+        {
+            "best/test_acc": 70.0,
+            "last/test_acc": 69.0,
+            "wall_time_s": 10.0,
+            "teacher/resnet20/val_acc": 80.0,
+            "synergy/test_acc": 81.0,
+            "images_per_s": 1000.0,
+        },
+        [50.0, 60.0],
+    )
+    fake_run(
+        runs,
+        "kd-s1",
+        "kd",
+        1,
+        4.0,
+        {
+            "best/test_acc": 72.0,
+            "last/test_acc": 70.0,
+            "wall_time_s": 12.0,
+            "teacher/resnet20/val_acc": 82.0,
+            "synergy/test_acc": 83.0,
+            "images_per_s": 1100.0,
+        },
+        [52.0, 62.0],
+    )
+    fake_run(
+        runs, "dkd-s0", "dkd", 0, 4.0, {"best/test_acc": 75.0, "last/test_acc": 74.0, "wall_time_s": 11.0}, [55.0, 65.0]
+    )
+    fake_run(
+        runs / "nested",
+        "kd-t2",
+        "kd",
+        0,
+        2.0,
+        {"best/test_acc": 60.0, "last/test_acc": 59.0, "wall_time_s": 9.0},
+        [40.0, 45.0],
+    )
     fake_run(runs, "kd-crashed", "kd", 2, 4.0, None, [30.0])
     out = tmp_path / "out"
     assert sweep.main(["report", str(runs), "--out", str(out)]) == 0
@@ -583,7 +852,7 @@ def test_report_groups_seeds_and_matches_summaries(tmp_path):
     kd4 = groups["kd (kd.temperature=4)"]
     assert kd4["n"] == "2"  # the crashed run has no summary: listed in runs.csv only
     assert float(kd4["best/test_acc mean"]) == pytest.approx(71.0)
-    assert float(kd4["best/test_acc std"]) == pytest.approx(2 ** 0.5, abs=0.005)  # sample std of 70, 72 (2 decimals)
+    assert float(kd4["best/test_acc std"]) == pytest.approx(2**0.5, abs=0.005)  # sample std of 70, 72 (2 decimals)
     assert float(kd4["teacher/resnet20/val_acc mean"]) == pytest.approx(81.0)
     assert float(kd4["synergy/test_acc mean"]) == pytest.approx(82.0)
     assert float(kd4["images_per_s mean"]) == pytest.approx(1050.0)
@@ -603,10 +872,23 @@ def test_report_plots_are_written(tmp_path):
     spec = sweep.load_spec(spec_path)
     state = sweep.new_state(spec, spec_path, "local", 0, 2)
     for i, status in enumerate(["finished", "stopped"]):
-        fake_run(runs / "sw", f"trial-00{i}", "kd", 0, [2.0, 4.0][i], {"best/test_acc": 1.0} if i == 0 else None,
-                 [10.0, 20.0][: 2 - i])
-        state["trials"].append({"id": f"trial-00{i}", "params": sweep.trial_params(spec, i, 0), "status": status,
-                                "run_dir": f"trial-00{i}"})
+        fake_run(
+            runs / "sw",
+            f"trial-00{i}",
+            "kd",
+            0,
+            [2.0, 4.0][i],
+            {"best/test_acc": 1.0} if i == 0 else None,
+            [10.0, 20.0][: 2 - i],
+        )
+        state["trials"].append(
+            {
+                "id": f"trial-00{i}",
+                "params": sweep.trial_params(spec, i, 0),
+                "status": status,
+                "run_dir": f"trial-00{i}",
+            }
+        )
     sweep.save_state(state, runs / "sw")
     out = tmp_path / "out"
     assert sweep.main(["report", str(runs), "--out", str(out)]) == 0
@@ -638,8 +920,10 @@ def test_online_sweep_creates_the_sweep_and_runs_agent_trials_as_subprocesses(tm
     def fake_agent(sweep_id, function, count=None, project=None, entity=None):
         for i in range(count):
             param_file = tmp_path / f"params-{i}.yaml"
-            param_file.write_text("wandb_version: 1\n\n" + yaml.safe_dump(
-                {"kd.temperature": {"value": [2, 4][i]}, "preset": {"value": "smoke"}}))
+            param_file.write_text(
+                "wandb_version: 1\n\n"
+                + yaml.safe_dump({"kd.temperature": {"value": [2, 4][i]}, "preset": {"value": "smoke"}})
+            )
             monkeypatch.setenv("WANDB_RUN_ID", f"run{i}")
             monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(param_file))
             function()
@@ -665,8 +949,10 @@ def test_online_sweep_creates_the_sweep_and_runs_agent_trials_as_subprocesses(tm
     assert {"--kd.temperature=4", "--preset=smoke", "--wandb.mode=online", "--run.name=run1"} <= set(argv)
     state = json.loads((tmp_path / "s" / "on" / "sweep.json").read_text())
     assert state["sweep_id"] == "sw123" and state["mode"] == "online"
-    assert [(t["id"], t["status"], t["metric"]) for t in state["trials"]] == [("run0", "finished", 50.0),
-                                                                             ("run1", "stopped", 50.0)]
+    assert [(t["id"], t["status"], t["metric"]) for t in state["trials"]] == [
+        ("run0", "finished", 50.0),
+        ("run1", "stopped", 50.0),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,10 +969,10 @@ def wandb_records(path: Path):
         if block - pos % block < 7:  # block trailer too short for a header: padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             break
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -702,18 +988,44 @@ def item_key(item) -> str:
 
 def test_wandb_offline_run_directory_holds_the_logged_keys(tmp_path):
     env = {**offline_env(tmp_path), "WANDB_MODE": "offline"}
-    res = run_py("train.py", "--preset", "smoke", "--method", "ce", "--data.synthetic-train-size", "400",
-                 "--data.synthetic-test-size", "100", "--data.batch-size", "32", "--optim.epochs", "2",
-                 "--run.max-steps-per-epoch", "3", "--run.out-dir", str(tmp_path / "runs"), "--run.name", "wb",
-                 "--wandb.mode", "offline", "--wandb.group", "g1", "--wandb.tags", "a", "b",
-                 tmp_path=tmp_path, env=env)
+    res = run_py(
+        "train.py",
+        "--preset",
+        "smoke",
+        "--method",
+        "ce",
+        "--data.synthetic-train-size",
+        "400",
+        "--data.synthetic-test-size",
+        "100",
+        "--data.batch-size",
+        "32",
+        "--optim.epochs",
+        "2",
+        "--run.max-steps-per-epoch",
+        "3",
+        "--run.out-dir",
+        str(tmp_path / "runs"),
+        "--run.name",
+        "wb",
+        "--wandb.mode",
+        "offline",
+        "--wandb.group",
+        "g1",
+        "--wandb.tags",
+        "a",
+        "b",
+        tmp_path=tmp_path,
+        env=env,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     run_dir = tmp_path / "runs" / "wb"
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     records = list(wandb_records(files[0]))
-    history = [{item_key(i): json.loads(i.value_json) for i in r.history.item}
-               for r in records if r.HasField("history")]
+    history = [
+        {item_key(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")
+    ]
     rows = sweep.read_rows(run_dir)
     assert len(history) == len(rows) == 2
     for logged, row in zip(history, rows):
@@ -777,8 +1089,11 @@ def test_compare_cifar_uses_the_reference_values_of_its_pair():
     assert params["student.model"]["value"] == "resnet8x4" and params["teachers.models"]["value"][0] == "resnet32x4"
     assert params["teachers.precision"]["value"] == "fp32" and "optim.lr" not in params
     assert params["run.amp"]["value"] == "off"  # students train in float32, as the references
-    arms = {(a if isinstance(a, str) else a[0]): ([] if isinstance(a, str) else a[1:])
-            for a in params["method"]["values"] if isinstance(a, str) or a[0] != "kd" and a[0] != "asmb"}
+    arms = {
+        (a if isinstance(a, str) else a[0]): ([] if isinstance(a, str) else a[1:])
+        for a in params["method"]["values"]
+        if isinstance(a, str) or a[0] != "kd" and a[0] != "asmb"
+    }
     assert arms["dkd"] == ["--dkd.beta", "8"]
     for name in ("aver", "camkd", "ebkd", "aekd"):
         assert arms[name] == ["--optim.nesterov", "True"], name

@@ -56,8 +56,9 @@ def weighted(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch
 def test_phase_a_terms():
     bridge, feats, t_logits, query, logits_s, y = make_case()
     T = torch.tensor(3.0)
-    z_syn, h, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, T,
-                                     phase="A", label_smoothing=0.1)
+    z_syn, h, terms = synergy_losses(
+        bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, T, phase="A", label_smoothing=0.1
+    )
     z_ref, out = bridge(query, feats, t_logits)
     torch.testing.assert_close(z_syn, z_ref)
     torch.testing.assert_close(z_ref, (t_logits[0] + t_logits[1]) / 2 + bridge.head(out.h))  # ensemble + residual
@@ -77,24 +78,27 @@ def test_fresh_bridge_is_exactly_the_ensemble():
     torch.manual_seed(0)
     bridge = build_bridge("attn", T_DIMS, S_DIM, C)
     _, feats, t_logits, query, logits_s, y = make_case()
-    z_syn, _, _ = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y,
-                                 torch.tensor(1.0), phase="A")
+    z_syn, _, _ = synergy_losses(
+        bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, torch.tensor(1.0), phase="A"
+    )
     torch.testing.assert_close(z_syn, torch.stack(t_logits).mean(0), rtol=0, atol=0)
 
 
 def test_phase_a_soft_targets():
     bridge, feats, t_logits, query, logits_s, _ = make_case()
     soft = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0], [0.2, 0.2, 0.6]])
-    z_syn, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, soft,
-                                     torch.tensor(1.0), phase="A")
+    z_syn, _, terms = synergy_losses(
+        bridge, bridge_params(bridge), query, feats, t_logits, logits_s, soft, torch.tensor(1.0), phase="A"
+    )
     torch.testing.assert_close(terms["synergy_ce"], cross_entropy(z_syn, soft))
 
 
 def test_ib_kl_term():
     bridge, feats, t_logits, query, logits_s, y = make_case("ib")
     bridge.eval()
-    _, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y,
-                                 torch.tensor(2.0), phase="A")
+    _, _, terms = synergy_losses(
+        bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, torch.tensor(2.0), phase="A"
+    )
     out = bridge.mbm(query, feats)
     torch.testing.assert_close(terms["ib_kl"], ib_kl(out.mu, out.logvar).mean())
 
@@ -114,7 +118,9 @@ def test_phase_b_terms(norm):
     assert set(terms) == {"kd", "feat_kd", "latent"}
     torch.testing.assert_close(terms["kd"], kd_loss(logits_s, z_syn, T))
     if norm == "l2":
-        expected_feat = ((feat_pred / feat_pred.norm(dim=1, keepdim=True) - h / h.norm(dim=1, keepdim=True)) ** 2).mean()
+        expected_feat = (
+            (feat_pred / feat_pred.norm(dim=1, keepdim=True) - h / h.norm(dim=1, keepdim=True)) ** 2
+        ).mean()
     else:
         expected_feat = ((feat_pred - h) ** 2).mean()
     torch.testing.assert_close(terms["feat_kd"], expected_feat)
@@ -127,8 +133,9 @@ def test_hybrid_beta_reduces_to_the_pure_cases():
     t_mean = torch.stack(t_logits).mean(0)
 
     def kd_term(beta):
-        z_syn, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, T,
-                                         phase="B", hybrid_beta=beta)
+        z_syn, _, terms = synergy_losses(
+            bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, T, phase="B", hybrid_beta=beta
+        )
         return z_syn, terms["kd"]
 
     z_syn, pure_syn = kd_term(None)
@@ -145,8 +152,9 @@ def test_hybrid_beta_reduces_to_the_pure_cases():
 @pytest.mark.parametrize("term", ["synergy_ce", "adapt_kd", "ib_kl", "mbm_l2"])
 def test_phase_a_gradient_reaches_bridge_and_teachers_only(term):
     bridge, feats, t_logits, query, logits_s, y = make_case("ib")
-    _, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y,
-                                 torch.tensor(2.0), phase="A")
+    _, _, terms = synergy_losses(
+        bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y, torch.tensor(2.0), phase="A"
+    )
     terms[term].backward()
     assert sum(grad_or_zero(p).abs().sum() for p in bridge.parameters()) > 0
     if term != "mbm_l2":  # the L2 penalty does not depend on the teachers
@@ -177,8 +185,18 @@ def test_phase_b_gradient_reaches_student_and_projections_only():
 def test_each_phase_b_term_has_gradient(term):
     bridge, feats, t_logits, query, logits_s, y = make_case()
     proj = nn.Linear(S_DIM, S_DIM)
-    _, _, terms = synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits, logits_s, y,
-                                 torch.tensor(2.0), phase="B", feat_pred=proj(query))
+    _, _, terms = synergy_losses(
+        bridge,
+        bridge_params(bridge),
+        query,
+        feats,
+        t_logits,
+        logits_s,
+        y,
+        torch.tensor(2.0),
+        phase="B",
+        feat_pred=proj(query),
+    )
     terms[term].backward()
     moved = logits_s if term == "kd" else proj.weight
     assert moved.grad is not None and moved.grad.abs().sum() > 0
@@ -194,8 +212,9 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="unknown feat_kd_norm"):
         synergy_losses(*args, phase="B", feat_kd_norm="cos")
     with pytest.raises(ValueError, match="2 teacher features but 1 teacher logits"):
-        synergy_losses(bridge, bridge_params(bridge), query, feats, t_logits[:1], logits_s, y, torch.tensor(1.0),
-                       phase="A")
+        synergy_losses(
+            bridge, bridge_params(bridge), query, feats, t_logits[:1], logits_s, y, torch.tensor(1.0), phase="A"
+        )
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -15,20 +15,47 @@ import kd.teachers
 import train
 from kd.data import SyntheticSpec, build_data, tensor_fingerprint
 from kd.errors import CheckpointError, ConfigError
-from kd.teachers import (identity_difference, teacher_cache_path, teacher_identities, teacher_key, teacher_lock,
-                         teacher_seed)
+from kd.teachers import (
+    identity_difference,
+    teacher_cache_path,
+    teacher_identities,
+    teacher_key,
+    teacher_lock,
+    teacher_seed,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--preset", "smoke", "--data.synthetic-train-size", "200", "--data.synthetic-test-size", "40",
-        "--data.synthetic-image-size", "16", "--data.batch-size", "16", "--optim.epochs", "1",
-        "--teachers.epochs", "1", "--run.max-steps-per-epoch", "2", "--student.model", "resnet8",
-        "--teachers.models", "resnet8", "--wandb.mode", "disabled"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--data.synthetic-train-size",
+    "200",
+    "--data.synthetic-test-size",
+    "40",
+    "--data.synthetic-image-size",
+    "16",
+    "--data.batch-size",
+    "16",
+    "--optim.epochs",
+    "1",
+    "--teachers.epochs",
+    "1",
+    "--run.max-steps-per-epoch",
+    "2",
+    "--student.model",
+    "resnet8",
+    "--teachers.models",
+    "resnet8",
+    "--wandb.mode",
+    "disabled",
+]
 
 
 def tiny_cfg(tmp_path: Path, *extra: str) -> train.Config:
-    return train.parse_config([*TINY, "--run.out-dir", str(tmp_path / "runs"),
-                               "--teachers.cache-dir", str(tmp_path / "cache"), *extra])
+    return train.parse_config(
+        [*TINY, "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir", str(tmp_path / "cache"), *extra]
+    )
 
 
 def cache_path_of(*extra: str) -> Path:
@@ -48,7 +75,9 @@ def test_two_student_seeds_reuse_one_teacher_file(tmp_path):
     assert {"teacher_time_s", "wall_time_s"} <= set(first) & set(second)  # the teachers' time apart
     # the second run did not fine-tune: its rows hold no teacher phase
     rows = (tmp_path / "runs" / "s1" / "metrics.jsonl").read_text()
-    assert "teacher:resnet8" not in rows and "teacher:resnet8" in (tmp_path / "runs" / "s0" / "metrics.jsonl").read_text()
+    assert (
+        "teacher:resnet8" not in rows and "teacher:resnet8" in (tmp_path / "runs" / "s0" / "metrics.jsonl").read_text()
+    )
 
 
 def test_teacher_weights_do_not_depend_on_the_method_or_run_seed(tmp_path):
@@ -63,23 +92,50 @@ def test_teacher_weights_do_not_depend_on_the_method_or_run_seed(tmp_path):
     assert wa["identity"]["recipe"]["epochs"] == 1 and wa["key"] == teacher_key(wa["identity"])
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--teachers.epochs", "2"), ("--teachers.lr", "0.2"), ("--teachers.label-smoothing", "0.1"),
-    ("--teachers.pretrained", "True"), ("--teachers.image-size", "24"), ("--teachers.seed", "1"),
-    ("--optim.name", "adamw"), ("--optim.schedule", "multistep"), ("--optim.milestones", "1"),
-    ("--optim.gamma", "0.5"), ("--optim.warmup-epochs", "0.5"), ("--optim.weight-decay", "0.001"),
-    ("--optim.momentum", "0.8"), ("--optim.mixup-alpha", "0.2"), ("--optim.cutmix-alpha", "1.0"),
-    ("--optim.grad-clip-norm", "1.0"), ("--data.batch-size", "32"), ("--data.aug", "False"),
-    ("--data.loader", "torch"), ("--data.randaugment", "2 9"), ("--data.val-fraction", "0.2"),
-    ("--data.split-seed", "1"), ("--data.synthetic-train-size", "240"), ("--run.max-steps-per-epoch", "3"),
-    ("--run.amp", "bf16"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--teachers.epochs", "2"),
+        ("--teachers.lr", "0.2"),
+        ("--teachers.label-smoothing", "0.1"),
+        ("--teachers.pretrained", "True"),
+        ("--teachers.image-size", "24"),
+        ("--teachers.seed", "1"),
+        ("--optim.name", "adamw"),
+        ("--optim.schedule", "multistep"),
+        ("--optim.milestones", "1"),
+        ("--optim.gamma", "0.5"),
+        ("--optim.warmup-epochs", "0.5"),
+        ("--optim.weight-decay", "0.001"),
+        ("--optim.momentum", "0.8"),
+        ("--optim.mixup-alpha", "0.2"),
+        ("--optim.cutmix-alpha", "1.0"),
+        ("--optim.grad-clip-norm", "1.0"),
+        ("--data.batch-size", "32"),
+        ("--data.aug", "False"),
+        ("--data.loader", "torch"),
+        ("--data.randaugment", "2 9"),
+        ("--data.val-fraction", "0.2"),
+        ("--data.split-seed", "1"),
+        ("--data.synthetic-train-size", "240"),
+        ("--run.max-steps-per-epoch", "3"),
+        ("--run.amp", "bf16"),
+    ],
+)
 def test_any_recipe_or_data_change_makes_another_teacher(flag, value):
     assert cache_path_of(flag, *value.split()) != cache_path_of()
 
 
-@pytest.mark.parametrize("flag, value", [("--run.seed", "1"), ("--optim.lr", "0.2"), ("--optim.epochs", "5"),
-                                         ("--method", "dkd"), ("--student.model", "resnet14")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--run.seed", "1"),
+        ("--optim.lr", "0.2"),
+        ("--optim.epochs", "5"),
+        ("--method", "dkd"),
+        ("--student.model", "resnet14"),
+    ],
+)
 def test_student_settings_keep_the_teacher(flag, value):
     assert cache_path_of(flag, value) == cache_path_of()
 
@@ -95,8 +151,10 @@ def test_data_fingerprint_covers_labels_and_images():
     changed[0, 0, 0, 0] += 1
     assert tensor_fingerprint(changed, labels, test_images, test_labels) != base
     assert tensor_fingerprint(images.clone(), labels.clone(), test_images, test_labels) == base
-    assert build_data("synthetic", "", synthetic=SyntheticSpec(seed=1)).fingerprint != \
-        build_data("synthetic", "", synthetic=SyntheticSpec(seed=2)).fingerprint
+    assert (
+        build_data("synthetic", "", synthetic=SyntheticSpec(seed=1)).fingerprint
+        != build_data("synthetic", "", synthetic=SyntheticSpec(seed=2)).fingerprint
+    )
 
 
 def test_the_split_does_not_follow_the_run_seed():
@@ -113,14 +171,36 @@ def test_given_checkpoint_made_differently_is_refused(tmp_path):
     ok = train.run(tiny_cfg(tmp_path, "--method", "kd", "--teachers.checkpoints", str(cached), "--run.name", "k"))
     assert 0 <= ok["best/test_acc"] <= 100
     with pytest.raises(CheckpointError, match=r"recipe\.epochs is 2 here but 1"):
-        train.run(tiny_cfg(tmp_path, "--method", "kd", "--teachers.checkpoints", str(cached),
-                           "--teachers.epochs", "2", "--run.name", "k2"))
+        train.run(
+            tiny_cfg(
+                tmp_path,
+                "--method",
+                "kd",
+                "--teachers.checkpoints",
+                str(cached),
+                "--teachers.epochs",
+                "2",
+                "--run.name",
+                "k2",
+            )
+        )
     # a file recording no identity (another tool, an older kd) is used as given
     bare = torch.load(cached, weights_only=True)
     del bare["identity"]
     torch.save(bare, tmp_path / "bare.pt")
-    train.run(tiny_cfg(tmp_path, "--method", "kd", "--teachers.checkpoints", str(tmp_path / "bare.pt"),
-                       "--teachers.epochs", "2", "--run.name", "k3"))
+    train.run(
+        tiny_cfg(
+            tmp_path,
+            "--method",
+            "kd",
+            "--teachers.checkpoints",
+            str(tmp_path / "bare.pt"),
+            "--teachers.epochs",
+            "2",
+            "--run.name",
+            "k3",
+        )
+    )
 
 
 def test_untrained_teacher_is_refused():
@@ -160,13 +240,25 @@ def write_tiny(root: Path, swap: bool = False) -> Path:
 
 def test_relabelled_data_makes_a_new_teacher_and_a_resumed_run_refuses_it(tmp_path):
     original, relabelled = write_tiny(tmp_path / "tiny"), write_tiny(tmp_path / "tiny-relabelled", swap=True)
-    args = ("--method", "kd", "--data.dataset", "tiny-imagenet", "--data.batch-size", "4",
-            "--data.val-fraction", "0.25", "--data.cache-dir", str(tmp_path / "data-cache"))
+    args = (
+        "--method",
+        "kd",
+        "--data.dataset",
+        "tiny-imagenet",
+        "--data.batch-size",
+        "4",
+        "--data.val-fraction",
+        "0.25",
+        "--data.cache-dir",
+        str(tmp_path / "data-cache"),
+    )
     train.run(tiny_cfg(tmp_path, *args, "--data.root", str(original), "--run.name", "r"))
-    with pytest.raises(CheckpointError, match=r"teacher resnet8 is not the one the run started with "
-                                              r"\(data\.fingerprint"):
-        train.run(tiny_cfg(tmp_path, *args, "--data.root", str(relabelled), "--run.name", "r",
-                           "--run.resume", "auto"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"teacher resnet8 is not the one the run started with "
+        r"\(data\.fingerprint",
+    ):
+        train.run(tiny_cfg(tmp_path, *args, "--data.root", str(relabelled), "--run.name", "r", "--run.resume", "auto"))
     # the same data moved elsewhere is the same data: the resume is accepted and the teacher reused
     moved = tmp_path / "moved"
     shutil.copytree(original, moved)
@@ -242,8 +334,9 @@ def test_a_teacher_being_fine_tuned_elsewhere_is_left_for_last_then_loaded(tmp_p
     assert "teacher/resnet8/test_acc" in summary and "teacher/wrn_16_1/test_acc" in summary
 
 
-def test_a_teacher_loaded_after_waiting_for_another_run_counts_its_load_time_not_the_wait(tmp_path, monkeypatch,
-                                                                                          capsys):
+def test_a_teacher_loaded_after_waiting_for_another_run_counts_its_load_time_not_the_wait(
+    tmp_path, monkeypatch, capsys
+):
     """Another process fine-tunes the teacher (holds its cache lock) while this run waits: the wait is
     teacher_wait_s, teacher_time_s is this run's own (loading the cached teacher and testing it). No real
     waiting: the lock below jumps train's clock by 1000 s and writes the file the other process would."""
@@ -287,7 +380,8 @@ NOT_A_TEACHER_SETTING = {
     "data.classes": "enters through the loaded data (its class subset and fingerprint)",
     "data.image_size": "enters through the loaded data (its image size and fingerprint)",
     "data.cache_dir": "where archives are extracted: not the data",
-    "data.max_extract_gb": "a safety cap on extraction", "data.max_extract_files": "a safety cap on extraction",
+    "data.max_extract_gb": "a safety cap on extraction",
+    "data.max_extract_files": "a safety cap on extraction",
     "data.eval_batch_size": "evaluation only",
     "data.workers": "loading parallelism: the fast loader ignores it; DataLoader worker seeds are phase-seeded",
     "data.synthetic_classes": "synthetic data: enters through its fingerprint",
@@ -299,16 +393,23 @@ NOT_A_TEACHER_SETTING = {
     "teachers.select": "which cached teacher a baseline distils from",
     "teachers.precision": "the frozen teachers' inference precision",
     "teachers.compile": "the frozen teachers' inference compilation",
-    "optim.lr": "the student's (teachers: --teachers.lr)", "optim.epochs": "the student's (teachers: --teachers.epochs)",
+    "optim.lr": "the student's (teachers: --teachers.lr)",
+    "optim.epochs": "the student's (teachers: --teachers.epochs)",
     "optim.label_smoothing": "the student's (teachers: --teachers.label-smoothing)",
     "optim.cutmix_alpha_distill": "distillation phases only",
-    "run.name": "bookkeeping", "run.out_dir": "bookkeeping", "run.overwrite": "bookkeeping",
-    "run.seed": "the student's seed (teachers: --teachers.seed)", "run.resume": "bookkeeping",
-    "run.ckpt_every_steps": "checkpoint frequency (a resumed run is bit-identical)", "run.keep_last": "bookkeeping",
-    "run.log_every": "progress lines", "run.dist_timeout_min": "a timeout",
+    "run.name": "bookkeeping",
+    "run.out_dir": "bookkeeping",
+    "run.overwrite": "bookkeeping",
+    "run.seed": "the student's seed (teachers: --teachers.seed)",
+    "run.resume": "bookkeeping",
+    "run.ckpt_every_steps": "checkpoint frequency (a resumed run is bit-identical)",
+    "run.keep_last": "bookkeeping",
+    "run.log_every": "progress lines",
+    "run.dist_timeout_min": "a timeout",
     "run.deterministic": "algorithm choice of the device, as compute (recorded apart)",
     "run.device": "recorded as the identity's compute part",
-    "run.channels_last": "memory layout", "run.compile": "compilation of the same computation",
+    "run.channels_last": "memory layout",
+    "run.compile": "compilation of the same computation",
 }
 
 
@@ -318,20 +419,35 @@ def test_every_config_field_is_a_teacher_setting_or_named_as_not_one():
 
     import kd.teachers as kt
 
-    protocols = {"data": kt.DataSettings, "teachers": kt.TeacherSettings, "optim": kt.OptimSettings,
-                 "run": kt.RunSettings}
+    protocols = {
+        "data": kt.DataSettings,
+        "teachers": kt.TeacherSettings,
+        "optim": kt.OptimSettings,
+        "run": kt.RunSettings,
+    }
     read = {f"{group}.{name}" for group, proto in protocols.items() for name in typing.get_type_hints(proto)}
     fields = {f"{group}.{f.name}" for group in protocols for f in dataclasses.fields(getattr(train.Config(), group))}
     assert read <= fields, f"the Protocols read fields the config lacks: {sorted(read - fields)}"
     unclassified = fields - read - set(NOT_A_TEACHER_SETTING)
-    assert not unclassified, (f"{sorted(unclassified)}: a new flag? add it to kd.teachers' settings Protocols (and "
-                              "teacher_recipe) if it changes how a teacher is made, else to NOT_A_TEACHER_SETTING")
+    assert not unclassified, (
+        f"{sorted(unclassified)}: a new flag? add it to kd.teachers' settings Protocols (and "
+        "teacher_recipe) if it changes how a teacher is made, else to NOT_A_TEACHER_SETTING"
+    )
     assert not read & set(NOT_A_TEACHER_SETTING)
 
 
-@pytest.mark.parametrize("flag,value", [("--optim.momentum", "0.8"), ("--optim.weight-decay", "1e-4"),
-                                        ("--optim.warmup-epochs", "0.5"), ("--data.batch-size", "8"),
-                                        ("--run.amp", "bf16"), ("--teachers.label-smoothing", "0.1"),
-                                        ("--teachers.seed", "3"), ("--data.split-seed", "1")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--optim.momentum", "0.8"),
+        ("--optim.weight-decay", "1e-4"),
+        ("--optim.warmup-epochs", "0.5"),
+        ("--data.batch-size", "8"),
+        ("--run.amp", "bf16"),
+        ("--teachers.label-smoothing", "0.1"),
+        ("--teachers.seed", "3"),
+        ("--data.split-seed", "1"),
+    ],
+)
 def test_a_teacher_setting_makes_another_teacher(flag, value):
     assert cache_path_of(flag, value) != cache_path_of()

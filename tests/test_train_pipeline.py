@@ -20,27 +20,64 @@ from kd.models import KDModel, create_model
 import train
 from kd.teachers import teacher_cache_path, teacher_identities, teacher_input_spec, teacher_small_input
 
-TINY = ["--preset", "smoke", "--data.synthetic-train-size", "200", "--data.synthetic-test-size", "40",
-        "--data.synthetic-image-size", "16", "--data.batch-size", "16", "--optim.epochs", "1",
-        "--teachers.epochs", "1", "--run.max-steps-per-epoch", "2", "--student.model", "resnet8",
-        "--teachers.models", "resnet8", "--wandb.mode", "disabled"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--data.synthetic-train-size",
+    "200",
+    "--data.synthetic-test-size",
+    "40",
+    "--data.synthetic-image-size",
+    "16",
+    "--data.batch-size",
+    "16",
+    "--optim.epochs",
+    "1",
+    "--teachers.epochs",
+    "1",
+    "--run.max-steps-per-epoch",
+    "2",
+    "--student.model",
+    "resnet8",
+    "--teachers.models",
+    "resnet8",
+    "--wandb.mode",
+    "disabled",
+]
 SMALL = SyntheticSpec(num_classes=4, train_size=64, test_size=16, image_size=16)
 
 
 def tiny_cfg(tmp_path: Path, *extra: str) -> train.Config:
-    return train.parse_config([*TINY, "--run.out-dir", str(tmp_path / "runs"),
-                               "--teachers.cache-dir", str(tmp_path / "cache"), *extra])
+    return train.parse_config(
+        [*TINY, "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir", str(tmp_path / "cache"), *extra]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- loaders
 
 
-@pytest.mark.parametrize("loader, randaugment, fast", [
-    ("auto", (0, 0), True), ("fast", (0, 0), True), ("torch", (0, 0), False), ("auto", (2, 9), False),
-])
+@pytest.mark.parametrize(
+    "loader, randaugment, fast",
+    [
+        ("auto", (0, 0), True),
+        ("fast", (0, 0), True),
+        ("torch", (0, 0), False),
+        ("auto", (2, 9), False),
+    ],
+)
 def test_loader_choice(loader, randaugment, fast):
-    cfg = train.parse_config(["--preset", "smoke", "--data.loader", loader, "--data.batch-size", "8",
-                              "--data.randaugment", *map(str, randaugment)])
+    cfg = train.parse_config(
+        [
+            "--preset",
+            "smoke",
+            "--data.loader",
+            loader,
+            "--data.batch-size",
+            "8",
+            "--data.randaugment",
+            *map(str, randaugment),
+        ]
+    )
     data = build_data("synthetic", "", synthetic=SMALL, randaugment=randaugment)
     loaders = train.build_loaders(cfg, data, torch.device("cpu"))
     assert {type(v) for v in loaders.values()} == {DeviceLoader if fast else DataLoader}
@@ -50,18 +87,22 @@ def test_loader_choice(loader, randaugment, fast):
 
 def test_randaugment_is_in_the_training_transform_only():
     data = build_data("synthetic", "", synthetic=SMALL, randaugment=(2, 9))
-    assert any(isinstance(t, v2.RandAugment) and t.num_ops == 2 and t.magnitude == 9
-               for t in data.train.transform.transforms)
+    assert any(
+        isinstance(t, v2.RandAugment) and t.num_ops == 2 and t.magnitude == 9 for t in data.train.transform.transforms
+    )
     assert not any(isinstance(t, v2.RandAugment) for t in data.val.transform.transforms)
     with pytest.raises(ConfigError, match="randaugment"):
         build_data("synthetic", "", synthetic=SMALL, randaugment=(2, 31))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data.loader", "fast", "--data.randaugment", "2", "9"], "does not do RandAugment"),
-    (["--data.loader", "fast", "--data.dataset", "imagefolder", "--data.root", "."], "not imagefolder"),
-    (["--data.randaugment", "2", "31"], "--data.randaugment"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.loader", "fast", "--data.randaugment", "2", "9"], "does not do RandAugment"),
+        (["--data.loader", "fast", "--data.dataset", "imagefolder", "--data.root", "."], "not imagefolder"),
+        (["--data.randaugment", "2", "31"], "--data.randaugment"),
+    ],
+)
 def test_bad_data_flags(args, message):
     with pytest.raises(ConfigError, match=message):
         train.validate(train.parse_config(["--preset", "smoke", *args]))
@@ -87,8 +128,7 @@ def test_compile_compiles_student_and_frozen_teachers_in_place():
     cfg = train.parse_config(["--preset", "smoke", "--run.compile", "True"])
     with mock.patch.object(KDModel, "compile", autospec=True) as compile_:
         student = train.prepare(create_model("resnet8", 4, small_input=True), cfg, torch.device("cpu"))
-        teacher = train.prepare(create_model("resnet8", 4, small_input=True), cfg, torch.device("cpu"),
-                                inference=True)
+        teacher = train.prepare(create_model("resnet8", 4, small_input=True), cfg, torch.device("cpu"), inference=True)
     assert [c.args[0] for c in compile_.call_args_list] == [student, teacher]
     assert isinstance(student, KDModel) and student.training  # same module: state_dict keys unchanged
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

@@ -22,10 +22,34 @@ from kd import weights as kd_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--method", "kd", "--data.dataset", "synthetic", "--data.synthetic-classes", "20",
-        "--data.synthetic-train-size", "120", "--data.synthetic-test-size", "20", "--data.synthetic-image-size", "32",
-        "--data.batch-size", "16", "--data.workers", "0", "--optim.epochs", "1", "--teachers.epochs", "1",
-        "--run.max-steps-per-epoch", "1", "--student.model", "resnet8", "--wandb.mode", "disabled"]
+TINY = [
+    "--method",
+    "kd",
+    "--data.dataset",
+    "synthetic",
+    "--data.synthetic-classes",
+    "20",
+    "--data.synthetic-train-size",
+    "120",
+    "--data.synthetic-test-size",
+    "20",
+    "--data.synthetic-image-size",
+    "32",
+    "--data.batch-size",
+    "16",
+    "--data.workers",
+    "0",
+    "--optim.epochs",
+    "1",
+    "--teachers.epochs",
+    "1",
+    "--run.max-steps-per-epoch",
+    "1",
+    "--student.model",
+    "resnet8",
+    "--wandb.mode",
+    "disabled",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +67,37 @@ def r18_file(tmp_path, resnet18) -> Path:
 
 
 def args(tmp_path: Path, *extra: str) -> list[str]:
-    return [*TINY, "--run.out-dir", str(tmp_path / "runs"), "--teachers.cache-dir", str(tmp_path / "cache"),
-            "--run.name", "w", *extra]
+    return [
+        *TINY,
+        "--run.out-dir",
+        str(tmp_path / "runs"),
+        "--teachers.cache-dir",
+        str(tmp_path / "cache"),
+        "--run.name",
+        "w",
+        *extra,
+    ]
 
 
 def test_a_timm_resnet18_file_starts_a_32px_teacher_end_to_end(tmp_path, r18_file, capsys):
-    code = train.main(args(tmp_path, "--teachers.models", "resnet18", "--teachers.weights", str(r18_file),
-                           "--teachers.pretrained", "False"))
+    code = train.main(
+        args(
+            tmp_path,
+            "--teachers.models",
+            "resnet18",
+            "--teachers.weights",
+            str(r18_file),
+            "--teachers.pretrained",
+            "False",
+        )
+    )
     out = capsys.readouterr().out
     assert code == 0
     (line,) = [x for x in out.splitlines() if x.startswith("teacher resnet18: weights")]
-    assert line == (f"teacher resnet18: weights {r18_file}; stem conv1 re-initialised for small (32/64 px) inputs "
-                    "(7x7/2 -> 3x3/1); classifier re-initialised (1000 -> 20 classes)")
+    assert line == (
+        f"teacher resnet18: weights {r18_file}; stem conv1 re-initialised for small (32/64 px) inputs "
+        "(7x7/2 -> 3x3/1); classifier re-initialised (1000 -> 20 classes)"
+    )
     assert (tmp_path / "runs" / "w" / "summary.json").is_file()
     (cached,) = (tmp_path / "cache").glob("*.pt")
     identity = torch.load(cached, weights_only=True)["identity"]
@@ -69,13 +112,21 @@ def test_every_file_layout_loads_the_same_weights(tmp_path, resnet18, layout):
     if layout == "safetensors":
         safetensors.torch.save_file(state, path)
     else:
-        obj = {"state_dict": state, "epoch": 3} if layout == "ckpt_state_dict" else \
-            {"model": state, "optimizer": {}} if layout == "ckpt_model" else \
-            {f"module.{k}": v for k, v in state.items()} if layout == "ddp" else state
+        obj = (
+            {"state_dict": state, "epoch": 3}
+            if layout == "ckpt_state_dict"
+            else {"model": state, "optimizer": {}}
+            if layout == "ckpt_model"
+            else {f"module.{k}": v for k, v in state.items()}
+            if layout == "ddp"
+            else state
+        )
         torch.save(obj, path)
     small = create_model("resnet18", 20, small_input=True, weights=str(path))
-    assert small.weights_notes == ["stem conv1 re-initialised for small (32/64 px) inputs (7x7/2 -> 3x3/1)",
-                                   "classifier re-initialised (1000 -> 20 classes)"]
+    assert small.weights_notes == [
+        "stem conv1 re-initialised for small (32/64 px) inputs (7x7/2 -> 3x3/1)",
+        "classifier re-initialised (1000 -> 20 classes)",
+    ]
     assert torch.equal(small.backbone.layer3[1].conv2.weight, resnet18.layer3[1].conv2.weight)
     assert small.backbone.conv1.kernel_size == (3, 3) and small.backbone.fc.weight.shape == (20, 512)
     same = create_model("resnet18", 1000, weights=str(path))  # ImageNet-shaped: everything loads, nothing said
@@ -116,29 +167,67 @@ def bad_files(tmp_path: Path, r18_file: Path) -> dict[str, Path]:
     return {"junk": junk, "not_state": not_state, "wrong_shape": wrong_shape, "r18": r18_file}
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--teachers.weights", "{tmp}/missing.pt", "--teachers.pretrained", "False"],
-     "--teachers.weights: file {tmp}/missing.pt not found"),
-    (["--teachers.models", "resnet18", "resnet8", "--teachers.weights", "{r18}", "--teachers.pretrained", "False"],
-     "--teachers.weights has 1 files for 2 teachers (resnet18, resnet8)"),
-    (["--teachers.weights", "{r18}"], "pass --teachers.pretrained False with --teachers.weights"),
-    (["--teachers.weights", "{junk}", "--teachers.pretrained", "False"], "is not a readable torch.save file"),
-    (["--teachers.weights", "{not_state}", "--teachers.pretrained", "False"],
-     "holds no state dict (found a dict with keys epoch, optimizer"),
-    (["--teachers.weights", "{wrong_shape}", "--teachers.pretrained", "False"],
-     "layer2.0.conv1.weight has shape (128, 64, 5, 5), resnet18 expects (128, 64, 3, 3)"),
-    (["--teachers.models", "resnet34", "--teachers.weights", "{r18}", "--teachers.pretrained", "False"],
-     "does not fit resnet34: 80 missing keys"),
-    (["--teachers.pretrained", "False", "--student.model", "resnet18", "--student.weights", "{r18}",
-      "--student.checkpoint", "{r18}"], "--student.weights and --student.checkpoint"),
-    (["--teachers.pretrained", "False", "--student.model", "resnet18", "--student.weights", "{tmp}"],
-     "--student.weights: {tmp} is not a readable file"),
-    (["--teachers.pretrained", "True"], "--teachers.pretrained True needs timm's pretrained weights of resnet18"),
-    (["--teachers.pretrained", "False", "--student.model", "resnet18", "--student.pretrained", "True"],
-     "--student.pretrained True needs timm's pretrained weights of resnet18"),
-    (["--teachers.models", "resnet8", "--teachers.pretrained", "True"],
-     "timm has no pretrained weights for resnet8: pass --teachers.pretrained False"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (
+            ["--teachers.weights", "{tmp}/missing.pt", "--teachers.pretrained", "False"],
+            "--teachers.weights: file {tmp}/missing.pt not found",
+        ),
+        (
+            [
+                "--teachers.models",
+                "resnet18",
+                "resnet8",
+                "--teachers.weights",
+                "{r18}",
+                "--teachers.pretrained",
+                "False",
+            ],
+            "--teachers.weights has 1 files for 2 teachers (resnet18, resnet8)",
+        ),
+        (["--teachers.weights", "{r18}"], "pass --teachers.pretrained False with --teachers.weights"),
+        (["--teachers.weights", "{junk}", "--teachers.pretrained", "False"], "is not a readable torch.save file"),
+        (
+            ["--teachers.weights", "{not_state}", "--teachers.pretrained", "False"],
+            "holds no state dict (found a dict with keys epoch, optimizer",
+        ),
+        (
+            ["--teachers.weights", "{wrong_shape}", "--teachers.pretrained", "False"],
+            "layer2.0.conv1.weight has shape (128, 64, 5, 5), resnet18 expects (128, 64, 3, 3)",
+        ),
+        (
+            ["--teachers.models", "resnet34", "--teachers.weights", "{r18}", "--teachers.pretrained", "False"],
+            "does not fit resnet34: 80 missing keys",
+        ),
+        (
+            [
+                "--teachers.pretrained",
+                "False",
+                "--student.model",
+                "resnet18",
+                "--student.weights",
+                "{r18}",
+                "--student.checkpoint",
+                "{r18}",
+            ],
+            "--student.weights and --student.checkpoint",
+        ),
+        (
+            ["--teachers.pretrained", "False", "--student.model", "resnet18", "--student.weights", "{tmp}"],
+            "--student.weights: {tmp} is not a readable file",
+        ),
+        (["--teachers.pretrained", "True"], "--teachers.pretrained True needs timm's pretrained weights of resnet18"),
+        (
+            ["--teachers.pretrained", "False", "--student.model", "resnet18", "--student.pretrained", "True"],
+            "--student.pretrained True needs timm's pretrained weights of resnet18",
+        ),
+        (
+            ["--teachers.models", "resnet8", "--teachers.pretrained", "True"],
+            "timm has no pretrained weights for resnet8: pass --teachers.pretrained False",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, r18_file, capsys, extra, expected):
     names = {"tmp": tmp_path, **bad_files(tmp_path, r18_file)}
     code = train.main(args(tmp_path, "--teachers.models", "resnet18", *(a.format(**names) for a in extra)))
@@ -187,12 +276,15 @@ def test_a_headless_file_and_other_architectures(tmp_path, resnet18):
     headless = tmp_path / "headless.pt"
     torch.save({k: v for k, v in resnet18.state_dict().items() if not k.startswith("fc.")}, headless)
     assert create_model("resnet18", 5, weights=str(headless)).weights_notes == [
-        "classifier initialised (none in the file; 5 classes)"]
+        "classifier initialised (none in the file; 5 classes)"
+    ]
     # a patch-embedding model at 32 px: timm's own checkpoint filter resamples the patch and position embeddings
     vit = tmp_path / "vit.pt"
     torch.save(timm.create_model("vit_tiny_patch16_224").state_dict(), vit)
     notes = create_model("vit_tiny_patch16_224", 10, small_input=True, weights=str(vit)).weights_notes
-    assert notes == ["patch_embed.proj.weight, pos_embed resampled by timm to the model's patch/grid size",
-                     "classifier re-initialised (1000 -> 10 classes)"]
+    assert notes == [
+        "patch_embed.proj.weight, pos_embed resampled by timm to the model's patch/grid size",
+        "classifier re-initialised (1000 -> 10 classes)",
+    ]
     with pytest.raises(CheckpointError, match="does not fit resnet18: .* missing keys .* unexpected keys"):
         create_model("resnet18", 10, weights=str(vit))

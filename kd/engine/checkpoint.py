@@ -67,8 +67,16 @@ def stop_requested() -> int:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path | None, config: dict[str, Any], *, every_steps: int = 0, keep_last: int = 2,
-                 resume: dict[str, Any] | None = None, logger: Any = None):
+    def __init__(
+        self,
+        run_dir: Path | None,
+        config: dict[str, Any],
+        *,
+        every_steps: int = 0,
+        keep_last: int = 2,
+        resume: dict[str, Any] | None = None,
+        logger: Any = None,
+    ):
         """`config`: the run's resolved config (stored in every file, compared on resume). `resume`: a loaded
         checkpoint, handed to the phase it belongs to by take(). `logger`: its `rows` and `wandb_id` are
         stored so a resumed run continues its metrics and wandb run."""
@@ -117,15 +125,21 @@ class Checkpointer:
         check_finite(payload, f"at step {step} ({phase})")
         rng = gather_rng()
         if DIST.main:
-            payload = {**payload, "format": CKPT_FORMAT, "phase": phase,
-                       "progress": {**payload["progress"], "step": step}, "rng": rng,
-                       "rows": list(self.logger.rows) if self.logger else [],
-                       "wandb_id": self.logger.wandb_id if self.logger else None, "world_size": DIST.world_size,
-                       "config": self.config}
+            payload = {
+                **payload,
+                "format": CKPT_FORMAT,
+                "phase": phase,
+                "progress": {**payload["progress"], "step": step},
+                "rng": rng,
+                "rows": list(self.logger.rows) if self.logger else [],
+                "wandb_id": self.logger.wandb_id if self.logger else None,
+                "world_size": DIST.world_size,
+                "config": self.config,
+            }
             path = self.dir / f"step-{step:09d}.pt"
             atomic_torch_save(payload, path)
             atomic_link(path, self.dir / "last.pt")
-            for old in sorted(self.dir.glob("step-*.pt"))[:-self.keep_last]:
+            for old in sorted(self.dir.glob("step-*.pt"))[: -self.keep_last]:
                 old.unlink(missing_ok=True)
         if stop:
             raise Preempted(stop, step, phase, self.dir / "last.pt")
@@ -134,13 +148,22 @@ class Checkpointer:
         if self.dir is not None:
             check_finite(model_state, f"at epoch {epoch} (best model)")
         if self.dir is not None and DIST.main:
-            atomic_torch_save({"meta": meta, "model": model_state, "val_acc": val_acc, "epoch": epoch,
-                               "config": self.config}, self.dir / "best.pt")
+            atomic_torch_save(
+                {"meta": meta, "model": model_state, "val_acc": val_acc, "epoch": epoch, "config": self.config},
+                self.dir / "best.pt",
+            )
             weights = timm_state_dict(model_state, meta)  # the same weights, loadable into timm.create_model
             if weights is not None:
-                save_safetensors(weights, self.dir / "best.safetensors",
-                                 {"arch": meta["arch"], "num_classes": meta["num_classes"],
-                                  "small_input": meta["small_input"], "val_acc": f"{val_acc:.4f}"})
+                save_safetensors(
+                    weights,
+                    self.dir / "best.safetensors",
+                    {
+                        "arch": meta["arch"],
+                        "num_classes": meta["num_classes"],
+                        "small_input": meta["small_input"],
+                        "val_acc": f"{val_acc:.4f}",
+                    },
+                )
 
 
 def check_finite(state: Any, where: str) -> None:
@@ -164,8 +187,10 @@ def check_finite(state: Any, where: str) -> None:
         if flag.item() and bad is None:
             bad = "a tensor of another process"
     if bad is not None:
-        raise TrainingDiverged(f"training diverged {where}: {bad} is not finite (NaN/inf in the state, not only "
-                               "the loss); stopped, the last good checkpoint is kept")
+        raise TrainingDiverged(
+            f"training diverged {where}: {bad} is not finite (NaN/inf in the state, not only "
+            "the loss); stopped, the last good checkpoint is kept"
+        )
 
 
 def _float_tensors(obj: Any, name: str):
@@ -232,8 +257,10 @@ def load_resume_checkpoint(candidates: list[Path], explicit: bool) -> tuple[dict
         try:
             ck = safe_torch_load(path)
             if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT or "progress" not in ck:
-                raise CheckpointError(f"{path} is not a resumable kd checkpoint (written by another version "
-                                      "or a model-only file such as best.pt)")
+                raise CheckpointError(
+                    f"{path} is not a resumable kd checkpoint (written by another version "
+                    "or a model-only file such as best.pt)"
+                )
             if problems:
                 say(f"note: skipped {len(problems)} unreadable checkpoint(s): {problems[0]}")
             return ck, path
@@ -244,8 +271,9 @@ def load_resume_checkpoint(candidates: list[Path], explicit: bool) -> tuple[dict
     raise CheckpointError(problems[0])
 
 
-def check_resume_config(now: dict[str, Any], saved: dict[str, Any], groups: Iterable[str],
-                        may_change: Iterable[str], path: Path | str) -> None:
+def check_resume_config(
+    now: dict[str, Any], saved: dict[str, Any], groups: Iterable[str], may_change: Iterable[str], path: Path | str
+) -> None:
     """Refuse (one line naming the flag) a resume whose config differs from the checkpoint's. Compared: the
     top level and `groups`; `may_change` lists keys (or prefixes ending in ".") that may differ."""
     groups, may_change = tuple(groups), tuple(may_change)
@@ -260,9 +288,11 @@ def check_resume_config(now: dict[str, Any], saved: dict[str, Any], groups: Iter
         b = then_flat[key]
         if a != b:
             flag = "--" + key.replace("_", "-")
-            raise CheckpointError(f"cannot resume from {path}: {flag} is {_show(a)} here but {_show(b)} in the "
-                                  "checkpoint's run (only paths, devices, workers, checkpointing and wandb may "
-                                  "change)")
+            raise CheckpointError(
+                f"cannot resume from {path}: {flag} is {_show(a)} here but {_show(b)} in the "
+                "checkpoint's run (only paths, devices, workers, checkpointing and wandb may "
+                "change)"
+            )
 
 
 def _show(v: Any) -> str:

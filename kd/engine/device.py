@@ -60,8 +60,16 @@ def frozen_compile_options(device: torch.device) -> dict[str, bool]:
     return {"freezing": True, **({"triton.cudagraphs": True} if device.type == "cuda" else {})}
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device, *, channels_last: bool = True, compile: bool = False,
-                  sync_bn: bool = False, inference: bool = False, frozen_compile: bool = False) -> torch.nn.Module:
+def prepare_model(
+    model: torch.nn.Module,
+    device: torch.device,
+    *,
+    channels_last: bool = True,
+    compile: bool = False,
+    sync_bn: bool = False,
+    inference: bool = False,
+    frozen_compile: bool = False,
+) -> torch.nn.Module:
     """Move to the device (channels_last on request) and, with `compile`, torch.compile the model in place
     (nn.Module.compile: same module and state_dict keys). `inference` (teachers): eval mode and frozen first, so
     each is compiled on its own for its no-grad forward. `frozen_compile` (with `inference`; only for a model

@@ -41,8 +41,10 @@ def init_distributed(global_batch_size: int, use_cuda: bool, sync_bn: bool, time
     and names the operation) instead of waiting forever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and sync_bn:
-        raise ConfigError("--run.sync-bn True synchronises BatchNorm across torchrun processes; this run has one "
-                          "(start it with torchrun --nproc_per_node N, or drop the flag)")
+        raise ConfigError(
+            "--run.sync-bn True synchronises BatchNorm across torchrun processes; this run has one "
+            "(start it with torchrun --nproc_per_node N, or drop the flag)"
+        )
     if world <= 1 or torch.distributed.is_initialized():
         return
     DIST.rank, DIST.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -80,8 +82,12 @@ def distribute(module: nn.Module, device: torch.device) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True, broadcast_buffers=False)
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+        broadcast_buffers=False,
+    )
 
 
 def rank0_values(*values: float) -> tuple[float, ...]:
@@ -102,18 +108,31 @@ def collective_timeout(e: BaseException) -> str | None:
     (torch.distributed's function, or DDP's gradient all-reduce) and the kd function that called it; None
     for any other error. A rank waits there when another rank stopped, hangs or took another branch."""
     text = str(e)
-    if not DIST.enabled or not isinstance(e, RuntimeError) or not ("timed out" in text.lower()
-                                                                   or "timeout" in text.lower()):
+    if (
+        not DIST.enabled
+        or not isinstance(e, RuntimeError)
+        or not ("timed out" in text.lower() or "timeout" in text.lower())
+    ):
         return None
     frames = traceback.extract_tb(e.__traceback__)
-    ops = [f.name for f in frames if f.filename.endswith("distributed_c10d.py") and not f.name.startswith("_")
-           and f.name != "wrapper"]
+    ops = [
+        f.name
+        for f in frames
+        if f.filename.endswith("distributed_c10d.py") and not f.name.startswith("_") and f.name != "wrapper"
+    ]
     caller = next((f for f in reversed(frames) if f"{os.sep}torch{os.sep}" not in f.filename), None)
-    op = ops[-1] if ops else "DDP's gradient all-reduce" if caller and caller.name in ("backward", "step") or \
-        any("autograd" in f.filename for f in frames) else "a collective"
+    op = (
+        ops[-1]
+        if ops
+        else "DDP's gradient all-reduce"
+        if caller and caller.name in ("backward", "step") or any("autograd" in f.filename for f in frames)
+        else "a collective"
+    )
     where = f" (called from {caller.name}, {os.path.basename(caller.filename)}:{caller.lineno})" if caller else ""
-    return (f"rank {DIST.rank}: {op}{where} timed out after {DIST.timeout_min:g} min (--run.dist-timeout-min) "
-            "waiting for the other ranks; one of them stopped, hangs or took another path")
+    return (
+        f"rank {DIST.rank}: {op}{where} timed out after {DIST.timeout_min:g} min (--run.dist-timeout-min) "
+        "waiting for the other ranks; one of them stopped, hangs or took another path"
+    )
 
 
 def say(msg: str) -> None:

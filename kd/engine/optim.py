@@ -23,6 +23,7 @@ def fused_kwargs(device: torch.device) -> dict[str, Any]:
 
 class OptimizerSettings(Protocol):
     """The optimiser's settings (train.py: --optim.*)."""
+
     name: str  # sgd or adamw
     momentum: float
     nesterov: bool
@@ -31,6 +32,7 @@ class OptimizerSettings(Protocol):
 
 class ScheduleSettings(Protocol):
     """A learning-rate schedule's settings (train.py: --optim.*)."""
+
     schedule: str  # cosine, multistep or constant
     warmup_epochs: float
     milestones: Sequence[int]  # multistep: the epochs at which the rate is multiplied by gamma
@@ -40,8 +42,9 @@ class ScheduleSettings(Protocol):
 def build_optimizer(params: Iterable[nn.Parameter], o: OptimizerSettings, lr: float, device: torch.device):
     """SGD (momentum, decay on every parameter) or AdamW."""
     if o.name == "sgd":
-        sgd = torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-                              **fused_kwargs(device))
+        sgd = torch.optim.SGD(
+            params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay, **fused_kwargs(device)
+        )
         return with_zero_momentum(sgd) if o.momentum else sgd
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, **fused_kwargs(device))

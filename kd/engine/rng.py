@@ -34,8 +34,11 @@ def phase_seed(seed: int, tag: str) -> int:
 def rng_state() -> dict[str, Any]:
     """Every RNG state of this process (numpy's key array as a tensor, for weights_only loading)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

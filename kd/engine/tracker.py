@@ -20,7 +20,7 @@ class LossTracker:
     finite, both kept on the device: no host sync per step. check() reads them (at checkpoints and the
     epoch end) and raises TrainingDiverged naming the step and the term."""
 
-    NEVER = 2 ** 62
+    NEVER = 2**62
 
     def __init__(self):
         self.names: list[str] = []
@@ -57,8 +57,10 @@ class LossTracker:
             return
         culprits = [k for k, s in zip(self.names, bad) if s == step]
         term = next((k for k in culprits if k != "loss"), culprits[0])  # the term that broke the weighted sum
-        raise TrainingDiverged(f"training diverged at step {step}, {where}: loss term '{term}' is not finite; "
-                               "stopped, the last good checkpoint is kept")
+        raise TrainingDiverged(
+            f"training diverged at step {step}, {where}: loss term '{term}' is not finite; "
+            "stopped, the last good checkpoint is kept"
+        )
 
     def running_loss(self) -> float:
         """This process's mean of the first term (the weighted loss) so far: a host sync, for progress lines."""
@@ -73,8 +75,12 @@ class LossTracker:
     def state(self) -> dict[str, Any]:
         """The partial sums of a mid-epoch checkpoint (averaged over processes: every rank restores them)."""
         sums, bad = self.reduced() if self.sums is not None else (None, None)
-        return {"names": list(self.names), "n": self.n, "sums": None if sums is None else sums.cpu(),
-                "first_bad": None if bad is None else bad.cpu()}
+        return {
+            "names": list(self.names),
+            "n": self.n,
+            "sums": None if sums is None else sums.cpu(),
+            "first_bad": None if bad is None else bad.cpu(),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "LossTracker":

@@ -24,6 +24,7 @@ class StepClock:
     """The run-wide count of optimisation steps, shared by every phase's trainer (checkpoints are named by it),
     and the application's progress report (train.py: kd_cli.progress.RunProgress; steps planned, ETA, how often
     to print), which kd/ never reads."""
+
     steps: int = 0
     progress: Any = None
 
@@ -33,6 +34,7 @@ class Runtime:
     """What every phase of a run steps with: the device, the autocast dtype of the trained model's forward (None
     = float32) and of the frozen teachers' (None = float32), the memory format, the gradient-norm clip (0 = off),
     the run-wide step clock and the run's seed."""
+
     device: torch.device
     amp_dtype: torch.dtype | None = None
     teacher_dtype: torch.dtype | None = None
@@ -79,8 +81,11 @@ class Trainer:
         return self.runtime.device
 
     def optim_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_optim_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -119,14 +124,23 @@ class FitState:
         if self.tracker is not None:
             self.tracker.check(f"epoch {self.epoch_offset + self.epochs_done + 1} ({self.tag})")
         position = tr.steps_per_epoch if self.tracker is None else self.tracker.n
-        return {"meta": tr.model.meta(), "model": tr.model.state_dict(), "method": tr.method.state_dict(),
-                **tr.optim_state(), **({"extra": tr.extra.state_dict()} if tr.extra is not None else {}),
-                "epoch": self.epoch_offset + self.epochs_done,
-                "loader": loader_state(self.loader, len(self.loader) if self.tracker is None else position),
-                "best": self.best["state"],
-                "progress": {"epoch": self.epochs_done, "position": position,
-                             "tracker": None if self.tracker is None else self.tracker.state(),
-                             "best_acc": self.best["acc"], "best_epoch": self.best["epoch"]}}
+        return {
+            "meta": tr.model.meta(),
+            "model": tr.model.state_dict(),
+            "method": tr.method.state_dict(),
+            **tr.optim_state(),
+            **({"extra": tr.extra.state_dict()} if tr.extra is not None else {}),
+            "epoch": self.epoch_offset + self.epochs_done,
+            "loader": loader_state(self.loader, len(self.loader) if self.tracker is None else position),
+            "best": self.best["state"],
+            "progress": {
+                "epoch": self.epochs_done,
+                "position": position,
+                "tracker": None if self.tracker is None else self.tracker.state(),
+                "best_acc": self.best["acc"],
+                "best_epoch": self.best["epoch"],
+            },
+        }
 
     def load_state_dict(self, ck: dict[str, Any]) -> dict[str, Any] | None:
         """Restore a fit() checkpoint (model, method, optimiser, extra, data position, progress). Returns the
@@ -141,10 +155,15 @@ class FitState:
             tr.extra.load_state_dict(ck["extra"])
         load_loader_state(self.loader, ck["loader"])
         p = ck["progress"]
-        self.epochs_done, self.best = int(p["epoch"]), {"acc": p["best_acc"], "epoch": p["best_epoch"], "state": ck["best"]}
+        self.epochs_done, self.best = (
+            int(p["epoch"]),
+            {"acc": p["best_acc"], "epoch": p["best_epoch"], "state": ck["best"]},
+        )
         self.tracker = None if p["tracker"] is None else LossTracker.from_state(p["tracker"], tr.device)
-        say(f"resumed {ck['phase']} at step {p['step']} (epoch {p['epoch']} done"
-            + (f", {p['position']} steps into the next)" if self.tracker else ")"))
+        say(
+            f"resumed {ck['phase']} at step {p['step']} (epoch {p['epoch']} done"
+            + (f", {p['position']} steps into the next)" if self.tracker else ")")
+        )
         rng = rank_rng(ck["rng"])
         if self.tracker is None:
             set_rng_state(rng)

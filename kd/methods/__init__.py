@@ -17,8 +17,22 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal
 
-from ..configs import (AEKDCfg, AsmbCfg, ATCfg, AverCfg, CAMKDCfg, CRDCfg, DISTCfg, DKDCfg, EBKDCfg, FitNetCfg, KDCfg,
-                       PKTCfg, RKDCfg, SPCfg)
+from ..configs import (
+    AEKDCfg,
+    AsmbCfg,
+    ATCfg,
+    AverCfg,
+    CAMKDCfg,
+    CRDCfg,
+    DISTCfg,
+    DKDCfg,
+    EBKDCfg,
+    FitNetCfg,
+    KDCfg,
+    PKTCfg,
+    RKDCfg,
+    SPCfg,
+)
 
 Family = Literal["teacher", "baseline", "logit", "feature", "multi-teacher", "asmb"]
 
@@ -46,24 +60,27 @@ class MethodSpec:
         return self.family in ("multi-teacher", "asmb")
 
 
-METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("teacher", "teacher"),
-    MethodSpec("ce", "baseline", None, "kd.methods.ce:CE"),
-    MethodSpec("kd", "logit", KDCfg, "kd.methods.kd:KD"),
-    MethodSpec("dkd", "logit", DKDCfg, "kd.methods.dkd:DKD"),
-    MethodSpec("dist", "logit", DISTCfg, "kd.methods.dist:DIST"),
-    MethodSpec("fitnet", "feature", FitNetCfg, "kd.methods.fitnet:FitNet"),
-    MethodSpec("at", "feature", ATCfg, "kd.methods.at:AT"),
-    MethodSpec("crd", "feature", CRDCfg, "kd.methods.crd:CRD"),
-    MethodSpec("rkd", "feature", RKDCfg, "kd.methods.rkd:RKD"),
-    MethodSpec("pkt", "feature", PKTCfg, "kd.methods.pkt:PKT"),
-    MethodSpec("sp", "feature", SPCfg, "kd.methods.sp:SP"),
-    MethodSpec("aver", "multi-teacher", AverCfg, "kd.methods.aver:Aver"),
-    MethodSpec("camkd", "multi-teacher", CAMKDCfg, "kd.methods.camkd:CAMKD"),
-    MethodSpec("ebkd", "multi-teacher", EBKDCfg, "kd.methods.ebkd:EBKD"),
-    MethodSpec("aekd", "multi-teacher", AEKDCfg, "kd.methods.aekd:AEKD"),
-    MethodSpec("asmb", "asmb", AsmbCfg),
-)}
+METHOD_SPECS: dict[str, MethodSpec] = {
+    s.name: s
+    for s in (
+        MethodSpec("teacher", "teacher"),
+        MethodSpec("ce", "baseline", None, "kd.methods.ce:CE"),
+        MethodSpec("kd", "logit", KDCfg, "kd.methods.kd:KD"),
+        MethodSpec("dkd", "logit", DKDCfg, "kd.methods.dkd:DKD"),
+        MethodSpec("dist", "logit", DISTCfg, "kd.methods.dist:DIST"),
+        MethodSpec("fitnet", "feature", FitNetCfg, "kd.methods.fitnet:FitNet"),
+        MethodSpec("at", "feature", ATCfg, "kd.methods.at:AT"),
+        MethodSpec("crd", "feature", CRDCfg, "kd.methods.crd:CRD"),
+        MethodSpec("rkd", "feature", RKDCfg, "kd.methods.rkd:RKD"),
+        MethodSpec("pkt", "feature", PKTCfg, "kd.methods.pkt:PKT"),
+        MethodSpec("sp", "feature", SPCfg, "kd.methods.sp:SP"),
+        MethodSpec("aver", "multi-teacher", AverCfg, "kd.methods.aver:Aver"),
+        MethodSpec("camkd", "multi-teacher", CAMKDCfg, "kd.methods.camkd:CAMKD"),
+        MethodSpec("ebkd", "multi-teacher", EBKDCfg, "kd.methods.ebkd:EBKD"),
+        MethodSpec("aekd", "multi-teacher", AEKDCfg, "kd.methods.aekd:AEKD"),
+        MethodSpec("asmb", "asmb", AsmbCfg),
+    )
+}
 
 
 def method_class(name: str) -> type:
@@ -83,8 +100,16 @@ def build_method(name: str, options, student, teachers: list, data, label_smooth
 
     cls = method_class(name)
     labels = labels_in_order(data.train, data.train_labels) if cls.needs_index else None
-    return cls(options, student, teachers, num_classes=data.num_classes, num_train=len(data.train),
-               label_smoothing=label_smoothing, image_size=data.image_size, train_labels=labels)
+    return cls(
+        options,
+        student,
+        teachers,
+        num_classes=data.num_classes,
+        num_train=len(data.train),
+        label_smoothing=label_smoothing,
+        image_size=data.image_size,
+        train_labels=labels,
+    )
 
 
 def method_names(*families: str) -> tuple[str, ...]:

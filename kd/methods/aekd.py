@@ -44,8 +44,9 @@ class AEKD(Method):
         s = inp.student.logits
         t_logits = torch.stack([t.logits.detach() for t in inp.teachers])  # [M, B, C]
         rows = torch.stack([kd_loss_per_sample(s, t, self.cfg.temperature) for t in t_logits])  # [M, B]
-        weights = aekd_weights(s, t_logits, self.cfg.temperature, self.cfg.tolerance, self.cfg.normalize_grads,
-                               self.cfg.per_sample)  # [M, 1] or [M, B]
+        weights = aekd_weights(
+            s, t_logits, self.cfg.temperature, self.cfg.tolerance, self.cfg.normalize_grads, self.cfg.per_sample
+        )  # [M, 1] or [M, B]
         return {
             "ce": cross_entropy(s, inp.target, self.label_smoothing),
             "kd": (weights.to(rows.dtype) * rows).sum(dim=0).mean(),

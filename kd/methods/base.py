@@ -42,9 +42,18 @@ class Method(nn.Module):
     needs_index: ClassVar[bool] = False  # True: uses sample indices (CRD)
     multi_teacher: ClassVar[bool] = False  # True: gets every --teachers model (>= 2), ignoring --teachers.select
 
-    def __init__(self, cfg, student: KDModel, teachers: list[KDModel], *, num_classes: int,
-                 num_train: int, label_smoothing: float = 0.0, image_size: int = 0,
-                 train_labels: Tensor | None = None):
+    def __init__(
+        self,
+        cfg,
+        student: KDModel,
+        teachers: list[KDModel],
+        *,
+        num_classes: int,
+        num_train: int,
+        label_smoothing: float = 0.0,
+        image_size: int = 0,
+        train_labels: Tensor | None = None,
+    ):
         """`image_size`: side of the training images (0 = unknown), for methods that probe feature-map
         shapes to size their auxiliary modules (FitNet). `train_labels`: [num_train] int64 labels of
         the training split in loader index order, for methods that sample by class (CRD); others
@@ -53,7 +62,9 @@ class Method(nn.Module):
         # state_dict holds only its own auxiliary modules and buffers.
         super().__init__()
         if self.multi_teacher and len(teachers) < 2:
-            raise ConfigError(f"--method {self.name} distils from several teachers; got {len(teachers)} (--teachers a,b)")
+            raise ConfigError(
+                f"--method {self.name} distils from several teachers; got {len(teachers)} (--teachers a,b)"
+            )
         self.cfg = cfg
         self.num_classes = num_classes
         self.num_train = num_train

@@ -111,8 +111,10 @@ def check_head_from_map(model: KDModel, image_size: int) -> tuple[int, int, int]
         h = distill_map(model, out.maps)
         same = torch.allclose(logits_from_map(model, h), out.logits, rtol=1e-4, atol=1e-4)
     if not same:
-        raise ConfigError(f"camkd: teacher {model.arch}'s last feature map does not feed its classifier head "
-                          "directly; use a kd zoo or timm ResNet-style teacher")
+        raise ConfigError(
+            f"camkd: teacher {model.arch}'s last feature map does not feed its classifier head "
+            "directly; use a kd zoo or timm ResNet-style teacher"
+        )
     return tuple(h.shape[1:])
 
 

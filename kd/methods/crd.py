@@ -48,8 +48,9 @@ class CRD(Method):
     name = "crd"
     needs_index = True
 
-    def __init__(self, cfg: CRDCfg, student: KDModel, teachers: list[KDModel], *,
-                 train_labels: Tensor | None = None, **kwargs):
+    def __init__(
+        self, cfg: CRDCfg, student: KDModel, teachers: list[KDModel], *, train_labels: Tensor | None = None, **kwargs
+    ):
         super().__init__(cfg, student, teachers, **kwargs)
         if train_labels is None or len(train_labels) != self.num_train:
             raise ConfigError(f"crd needs the {self.num_train} training labels (train_labels=...)")
@@ -90,15 +91,16 @@ class CRD(Method):
             generator = torch.Generator(device=self.train_labels.device)
             generator.manual_seed(int(self.sample_seed) + int(self.sample_step))
             contrast_idx = crd_sample_negatives(self.train_labels, global_index, self.k, generator)
-            contrast_idx = contrast_idx[rank * len(index):(rank + 1) * len(index)]
+            contrast_idx = contrast_idx[rank * len(index) : (rank + 1) * len(index)]
             z_known = bool(self.z_s > 0)  # one host sync; the negative sampling syncs anyway
             if z_known:
                 z_s, z_t = self.z_s, self.z_t
             else:  # estimated on the first batch from the global batch's scores, then fixed
                 _, _, z_s, z_t = crd_contrast(e_s, e_t, self.memory_s, self.memory_t, contrast_idx, self.cfg.nce_t)
                 z_s, z_t = _mean_over_ranks(z_s, world), _mean_over_ranks(z_t, world)
-            scores_s, scores_t, _, _ = crd_contrast(e_s, e_t, self.memory_s, self.memory_t, contrast_idx,
-                                                    self.cfg.nce_t, z_s, z_t)
+            scores_s, scores_t, _, _ = crd_contrast(
+                e_s, e_t, self.memory_s, self.memory_t, contrast_idx, self.cfg.nce_t, z_s, z_t
+            )
             loss = crd_loss(scores_s, scores_t, self.num_train)
         if training:
             if not z_known:

@@ -21,8 +21,9 @@ class DIST(Method):
     def loss_terms(self, inp: StepInputs) -> dict[str, Tensor]:
         return {
             "ce": cross_entropy(inp.student.logits, inp.target, self.label_smoothing),
-            "dist": dist_loss(inp.student.logits, teacher_logits(inp).detach(), self.cfg.beta, self.cfg.gamma,
-                              self.cfg.temperature),
+            "dist": dist_loss(
+                inp.student.logits, teacher_logits(inp).detach(), self.cfg.beta, self.cfg.gamma, self.cfg.temperature
+            ),
         }
 
     def loss_weights(self, epoch: int) -> dict[str, float]:

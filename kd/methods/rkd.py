@@ -23,8 +23,7 @@ class RKD(Method):
         f_s, f_t = inp.student.feature, inp.teachers[0].feature.detach()
         return {
             "ce": cross_entropy(inp.student.logits, inp.target, self.label_smoothing),
-            "rkd": rkd_loss(f_s, f_t, self.cfg.distance_weight, self.cfg.angle_weight, self.cfg.squared,
-                            self.cfg.eps),
+            "rkd": rkd_loss(f_s, f_t, self.cfg.distance_weight, self.cfg.angle_weight, self.cfg.squared, self.cfg.eps),
         }
 
     def loss_weights(self, epoch: int) -> dict[str, float]:

@@ -46,21 +46,21 @@ from .shufflenet import CifarShuffleNetV1, CifarShuffleNetV2
 from .vgg import CifarVGG
 from .wrn import WideResNet
 
-__all__ = ['ALIASES', 'CifarNet', 'PUBLISHED_PARAMS', 'ZOO_MODELS']  # register_model appends the model names
-_TIMM_MODULE = 'zoo'  # timm.list_models(module='zoo') lists every name registered here
+__all__ = ["ALIASES", "CifarNet", "PUBLISHED_PARAMS", "ZOO_MODELS"]  # register_model appends the model names
+_TIMM_MODULE = "zoo"  # timm.list_models(module='zoo') lists every name registered here
 
 # base name -> (constructor, number of feature maps incl. stem, name of the first conv)
 _ARCHS: dict[str, tuple[Callable[..., CifarNet], int, str]] = {
-    **{f'resnet{d}': (partial(cifar_resnet, d), 4, 'stem.0') for d in (8, 14, 20, 32, 44, 56, 110)},
-    'resnet8_050': (partial(cifar_resnet, 8, 0.5), 4, 'stem.0'),
-    'resnet8x4': (partial(cifar_resnet, 8, 4), 4, 'stem.0'),
-    'resnet32x4': (partial(cifar_resnet, 32, 4), 4, 'stem.0'),
-    'resnet50': (cifar_resnet50, 5, 'stem.0'),
-    **{f'wrn_{d}_{k}': (partial(WideResNet, d, k), 4, 'stem') for d in (16, 40) for k in (1, 2)},
-    **{f'vgg{d}': (partial(CifarVGG, d), 5, 'stem.0') for d in (8, 11, 13, 16, 19)},
-    'mobilenetv2': (CifarMobileNetV2, 5, 'stem.0'),
-    'shufflenetv1': (CifarShuffleNetV1, 4, 'stem.0'),
-    'shufflenetv2': (CifarShuffleNetV2, 4, 'stem.0'),
+    **{f"resnet{d}": (partial(cifar_resnet, d), 4, "stem.0") for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8_050": (partial(cifar_resnet, 8, 0.5), 4, "stem.0"),
+    "resnet8x4": (partial(cifar_resnet, 8, 4), 4, "stem.0"),
+    "resnet32x4": (partial(cifar_resnet, 32, 4), 4, "stem.0"),
+    "resnet50": (cifar_resnet50, 5, "stem.0"),
+    **{f"wrn_{d}_{k}": (partial(WideResNet, d, k), 4, "stem") for d in (16, 40) for k in (1, 2)},
+    **{f"vgg{d}": (partial(CifarVGG, d), 5, "stem.0") for d in (8, 11, 13, 16, 19)},
+    "mobilenetv2": (CifarMobileNetV2, 5, "stem.0"),
+    "shufflenetv1": (CifarShuffleNetV1, 4, "stem.0"),
+    "shufflenetv2": (CifarShuffleNetV2, 4, "stem.0"),
 }
 
 # Published parameter counts in millions (100 classes): CRD/DKD tables and the papers the models come
@@ -69,12 +69,25 @@ _ARCHS: dict[str, tuple[Callable[..., CifarNet], int, str]] = {
 # inconsistent with its family, which grows by exactly 97,216 params per block triple (0.084, 0.181,
 # 0.278M for n = 1, 2, 3), so the figure here is 0.18M.
 PUBLISHED_PARAMS: dict[str, float] = {
-    'cifar_resnet8': 0.08, 'cifar_resnet14': 0.18, 'cifar_resnet20': 0.28, 'cifar_resnet32': 0.47,
-    'cifar_resnet44': 0.67, 'cifar_resnet56': 0.86, 'cifar_resnet110': 1.73,
-    'cifar_resnet8x4': 1.23, 'cifar_resnet32x4': 7.43, 'cifar_resnet50': 23.71,
-    'cifar_wrn_16_1': 0.18, 'cifar_wrn_16_2': 0.70, 'cifar_wrn_40_1': 0.57, 'cifar_wrn_40_2': 2.26,
-    'cifar_vgg8': 3.96, 'cifar_vgg13': 9.46,
-    'cifar_mobilenetv2': 0.81, 'cifar_shufflenetv1': 0.95, 'cifar_shufflenetv2': 1.36,
+    "cifar_resnet8": 0.08,
+    "cifar_resnet14": 0.18,
+    "cifar_resnet20": 0.28,
+    "cifar_resnet32": 0.47,
+    "cifar_resnet44": 0.67,
+    "cifar_resnet56": 0.86,
+    "cifar_resnet110": 1.73,
+    "cifar_resnet8x4": 1.23,
+    "cifar_resnet32x4": 7.43,
+    "cifar_resnet50": 23.71,
+    "cifar_wrn_16_1": 0.18,
+    "cifar_wrn_16_2": 0.70,
+    "cifar_wrn_40_1": 0.57,
+    "cifar_wrn_40_2": 2.26,
+    "cifar_vgg8": 3.96,
+    "cifar_vgg13": 9.46,
+    "cifar_mobilenetv2": 0.81,
+    "cifar_shufflenetv1": 0.95,
+    "cifar_shufflenetv2": 1.36,
 }
 
 default_cfgs: dict[str, dict[str, Any]] = {}  # read by timm's register_model for the pretrained_cfg
@@ -84,25 +97,34 @@ ALIASES: dict[str, str] = {}  # bare name -> canonical name
 
 def _cfg(first_conv: str) -> dict[str, Any]:
     return dict(
-        num_classes=100, input_size=(3, 32, 32), pool_size=None, crop_pct=1.0, interpolation='bilinear',
-        mean=CIFAR100_MEAN, std=CIFAR100_STD, first_conv=first_conv, classifier='head.fc',
-        paper_ids=('arXiv:1910.10699', 'arXiv:2203.08679'),
+        num_classes=100,
+        input_size=(3, 32, 32),
+        pool_size=None,
+        crop_pct=1.0,
+        interpolation="bilinear",
+        mean=CIFAR100_MEAN,
+        std=CIFAR100_STD,
+        first_conv=first_conv,
+        classifier="head.fc",
+        paper_ids=("arXiv:1910.10699", "arXiv:2203.08679"),
     )
 
 
 def _make_entrypoint(name: str, build: Callable[..., CifarNet], num_feature_maps: int) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         if pretrained:
-            raise ConfigError(f'no pretrained weights exist for {name}; train it or load a checkpoint')
+            raise ConfigError(f"no pretrained weights exist for {name}; train it or load a checkpoint")
         return build_model_with_cfg(
-            build, name, pretrained=False,
-            feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_feature_maps))),
+            build,
+            name,
+            pretrained=False,
+            feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_feature_maps))),
             **kwargs,
         )
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__  # timm files the model under this module's default_cfgs
-    entrypoint.__doc__ = f'CIFAR {name} (kd.zoo); kwargs go to the model constructor.'
+    entrypoint.__doc__ = f"CIFAR {name} (kd.zoo); kwargs go to the model constructor."
     return entrypoint
 
 
@@ -115,7 +137,7 @@ def _register(name: str, build: Callable[..., CifarNet], num_feature_maps: int, 
 
 _ours = set(timm.list_models(module=_TIMM_MODULE))  # non-empty only if this module is re-imported
 for _base_name, (_build, _n_maps, _first_conv) in _ARCHS.items():
-    _canonical = f'cifar_{_base_name}'
+    _canonical = f"cifar_{_base_name}"
     ZOO_MODELS.append(_canonical)
     _register(_canonical, _build, _n_maps, _first_conv)
     if not timm.is_model(_base_name) or _base_name in _ours:

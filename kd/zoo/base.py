@@ -23,8 +23,9 @@ CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 
-def conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
-                 relu: bool = True) -> nn.Sequential:
+def conv_bn_relu(
+    in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, groups: int = 1, relu: bool = True
+) -> nn.Sequential:
     """Conv (no bias, 'same' padding) -> BatchNorm -> optional ReLU: the layer every zoo net repeats."""
     layers = [
         nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
@@ -53,23 +54,23 @@ class CifarNet(nn.Module):
     # Initialisation of the reference (RepDistiller / mdistiller) models: 'kaiming' = He fan_out convs and
     # identity BatchNorm; 'pytorch' = PyTorch's module defaults (ShuffleNets). classifier_std: the linear
     # classifier's weight ~ normal(0, std) with zero bias (VGG, MobileNetV2: 0.01); None = PyTorch default.
-    init_scheme: ClassVar[str] = 'kaiming'
+    init_scheme: ClassVar[str] = "kaiming"
     classifier_std: ClassVar[float | None] = None
     # True: PyTorch's default classifier weight but a zero bias (RepDistiller's wrn.py)
     classifier_zero_bias: ClassVar[bool] = False
 
     def _init_head(
-            self,
-            stage_chs: list[int],
-            stage_reductions: list[int],
-            num_features: int,
-            num_classes: int,
-            drop_rate: float = 0.0,
-            global_pool: str = 'avg',
+        self,
+        stage_chs: list[int],
+        stage_reductions: list[int],
+        num_features: int,
+        num_classes: int,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         """Add classifier + metadata. `stage_chs`/`stage_reductions` list the stem first, then each stage."""
         assert len(stage_chs) == len(stage_reductions) == len(self.stages) + 1
-        names = ['stem'] + [f'stages.{i}' for i in range(len(self.stages))]
+        names = ["stem"] + [f"stages.{i}" for i in range(len(self.stages))]
         self.feature_info = [
             dict(num_chs=c, reduction=r, module=m) for c, r, m in zip(stage_chs, stage_reductions, names)
         ]
@@ -88,11 +89,11 @@ class CifarNet(nn.Module):
             nn.init.zeros_(self.head.fc.bias)
         elif self.classifier_zero_bias:
             nn.init.zeros_(self.head.fc.bias)
-        if self.init_scheme == 'pytorch':
+        if self.init_scheme == "pytorch":
             return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
@@ -102,7 +103,7 @@ class CifarNet(nn.Module):
     # ---- timm model API -------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -136,20 +137,20 @@ class CifarNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Forward that also returns the stem/stage maps picked by `indices` (timm semantics).
 
         indices: None = all, int n = last n, list = those (negative from the end).
         Returns (forward_features(x), maps) or just maps when `intermediates_only`.
         """
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        assert output_fmt == "NCHW", "Output shape must be NCHW."
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         last_idx = len(self.stages)
         intermediates = []
@@ -171,10 +172,10 @@ class CifarNet(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> list[int]:
         """Drop the stages (and head) not needed to produce the maps at `indices`."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
@@ -185,5 +186,5 @@ class CifarNet(nn.Module):
             self.norm = nn.Identity()
         if prune_head:
             self.head_conv = nn.Identity()
-            self.reset_classifier(0, '')
+            self.reset_classifier(0, "")
         return take_indices

@@ -57,13 +57,13 @@ class CifarMobileNetV2(CifarNet):
     classifier_std = 0.01  # the references: linear layer ~ normal(0, 0.01), zero bias
 
     def __init__(
-            self,
-            width_mult: float = 0.5,
-            last_chs: int = 1280,
-            num_classes: int = 100,
-            in_chans: int = 3,
-            drop_rate: float = 0.0,
-            global_pool: str = 'avg',
+        self,
+        width_mult: float = 0.5,
+        last_chs: int = 1280,
+        num_classes: int = 100,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         in_chs = int(32 * width_mult)

@@ -60,14 +60,14 @@ class CifarResNet(CifarNet):
     """
 
     def __init__(
-            self,
-            widths: list[int],
-            blocks_per_stage: list[int],
-            block: type[BasicBlock] | type[Bottleneck] = BasicBlock,
-            num_classes: int = 100,
-            in_chans: int = 3,
-            drop_rate: float = 0.0,
-            global_pool: str = 'avg',
+        self,
+        widths: list[int],
+        blocks_per_stage: list[int],
+        block: type[BasicBlock] | type[Bottleneck] = BasicBlock,
+        num_classes: int = 100,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         assert len(widths) == len(blocks_per_stage) + 1
@@ -97,7 +97,7 @@ def cifar_resnet(depth: int, width_mult: float = 1, **kwargs) -> CifarResNet:
     The _050 nets (timm's naming for half width) halve stem and stages alike; they are not from a paper:
     resnet8_050 is the benchmark's small student (sweeps/bench_tin20.yaml), far enough below its teachers.
     """
-    assert (depth - 2) % 6 == 0, 'CIFAR ResNet depth must be 6n+2'
+    assert (depth - 2) % 6 == 0, "CIFAR ResNet depth must be 6n+2"
     n = (depth - 2) // 6
     stem = 32 if width_mult > 1 else int(16 * width_mult)
     return CifarResNet([stem] + [int(w * width_mult) for w in (16, 32, 64)], [n] * 3, BasicBlock, **kwargs)

@@ -20,7 +20,7 @@ from .base import CifarNet, conv_bn_relu
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, g*c, H, W] -> [B, c*g, H, W]: interleave the channels of the g groups (V1 paper, fig. 1)."""
-    return rearrange(x, 'b (g c) h w -> b (c g) h w', g=groups)
+    return rearrange(x, "b (g c) h w -> b (c g) h w", g=groups)
 
 
 class ShuffleV1Unit(nn.Module):
@@ -53,17 +53,17 @@ class ShuffleV1Unit(nn.Module):
 class CifarShuffleNetV1(CifarNet):
     """Stem 1x1 conv (24) -> 3 stages of ShuffleV1Units (first one stride 2) -> pool -> linear."""
 
-    init_scheme = 'pytorch'
+    init_scheme = "pytorch"
 
     def __init__(
-            self,
-            stage_chs: tuple[int, ...] = (240, 480, 960),
-            stage_units: tuple[int, ...] = (4, 8, 4),
-            groups: int = 3,
-            num_classes: int = 100,
-            in_chans: int = 3,
-            drop_rate: float = 0.0,
-            global_pool: str = 'avg',
+        self,
+        stage_chs: tuple[int, ...] = (240, 480, 960),
+        stage_units: tuple[int, ...] = (4, 8, 4),
+        groups: int = 3,
+        num_classes: int = 100,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         in_chs = 24
@@ -122,26 +122,26 @@ class CifarShuffleNetV2(CifarNet):
     """Stem 1x1 conv (24) -> 3 stages of [down unit + `repeats` basic units] -> 1x1 conv (head_conv)
     -> pool -> linear."""
 
-    init_scheme = 'pytorch'
+    init_scheme = "pytorch"
 
     def __init__(
-            self,
-            stage_chs: tuple[int, ...] = (116, 232, 464),
-            stage_repeats: tuple[int, ...] = (3, 7, 3),
-            last_chs: int = 1024,
-            num_classes: int = 100,
-            in_chans: int = 3,
-            drop_rate: float = 0.0,
-            global_pool: str = 'avg',
+        self,
+        stage_chs: tuple[int, ...] = (116, 232, 464),
+        stage_repeats: tuple[int, ...] = (3, 7, 3),
+        last_chs: int = 1024,
+        num_classes: int = 100,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         in_chs = 24
         self.stem = conv_bn_relu(in_chans, in_chs, 1)
         stages = []
         for out_chs, repeats in zip(stage_chs, stage_repeats):
-            stages.append(nn.Sequential(
-                ShuffleV2DownUnit(in_chs, out_chs), *[ShuffleV2Unit(out_chs) for _ in range(repeats)]
-            ))
+            stages.append(
+                nn.Sequential(ShuffleV2DownUnit(in_chs, out_chs), *[ShuffleV2Unit(out_chs) for _ in range(repeats)])
+            )
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)
         self.norm = nn.Identity()

@@ -38,21 +38,20 @@ class CifarVGG(CifarNet):
     classifier_std = 0.01  # the references: linear layer ~ normal(0, 0.01), zero bias
 
     def __init__(
-            self,
-            depth: int,
-            num_classes: int = 100,
-            in_chans: int = 3,
-            drop_rate: float = 0.0,
-            global_pool: str = 'avg',
+        self,
+        depth: int,
+        num_classes: int = 100,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         block_depths = VGG_BLOCK_DEPTHS[depth]
         self.stem = _conv_block(in_chans, VGG_WIDTHS[0], block_depths[0], pool=False)
         pools = (True, True, True, False)
-        self.stages = nn.Sequential(*[
-            _conv_block(VGG_WIDTHS[i], VGG_WIDTHS[i + 1], block_depths[i + 1], pool)
-            for i, pool in enumerate(pools)
-        ])
+        self.stages = nn.Sequential(
+            *[_conv_block(VGG_WIDTHS[i], VGG_WIDTHS[i + 1], block_depths[i + 1], pool) for i, pool in enumerate(pools)]
+        )
         reductions = [1, 2, 4, 8, 8]
         self.norm = nn.Identity()
         self.head_conv = nn.Identity()

@@ -46,17 +46,17 @@ class WideResNet(CifarNet):
     classifier_zero_bias = True
 
     def __init__(
-            self,
-            depth: int,
-            widen_factor: int,
-            num_classes: int = 100,
-            in_chans: int = 3,
-            drop_rate: float = 0.0,
-            block_drop_rate: float = 0.0,
-            global_pool: str = 'avg',
+        self,
+        depth: int,
+        widen_factor: int,
+        num_classes: int = 100,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        block_drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
-        assert (depth - 4) % 6 == 0, 'WRN depth must be 6n+4'
+        assert (depth - 4) % 6 == 0, "WRN depth must be 6n+4"
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
@@ -64,8 +64,9 @@ class WideResNet(CifarNet):
         for i in range(3):
             stride = 1 if i == 0 else 2
             blocks = [
-                PreActBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1], stride if j == 0 else 1,
-                            block_drop_rate)
+                PreActBlock(
+                    widths[i] if j == 0 else widths[i + 1], widths[i + 1], stride if j == 0 else 1, block_drop_rate
+                )
                 for j in range(n)
             ]
             stages.append(nn.Sequential(*blocks))
