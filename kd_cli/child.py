@@ -67,7 +67,7 @@ class Child:
     """`argv` in its own process group, its output to `log`, tied to this process's lifetime."""
 
     def __init__(self, argv: list[str], log: IO, env: dict[str, str]):
-        self._watchdog_in = self._start_watchdog(env)
+        self._watchdog_in = self._start_watchdog()
         self._signalled = False
         self.proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0, preexec_fn=_die_with_parent_fn()
@@ -75,7 +75,7 @@ class Child:
         self._tell_watchdog(f"{self.proc.pid}\n".encode())
 
     @staticmethod
-    def _start_watchdog(env: dict[str, str]) -> IO[bytes] | None:
+    def _start_watchdog() -> IO[bytes] | None:
         try:
             watchdog = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", WATCHDOG, str(ORPHAN_GRACE_S)],

@@ -91,7 +91,7 @@ def test_bad_input_one_line_exit_2_nothing_created(capsys, tmp_path, args, messa
 def test_existing_run_directory_refused_before_data_or_models(capsys, tmp_path, monkeypatch):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "notes.txt").write_text("mine")
-    monkeypatch.setattr(train, "build_data", lambda *a, **k: pytest.fail("data built before the refusal"))
+    monkeypatch.setattr(train, "load_dataset", lambda *a, **k: pytest.fail("data built before the refusal"))
     err = refused(capsys, tmp_path, "--run.name", "taken")
     assert "exists" in err and "--run.resume auto" in err and "--run.overwrite True" in err
     assert [p.name for p in (tmp_path / "runs" / "taken").iterdir()] == ["notes.txt"]
