@@ -72,10 +72,10 @@ def test_cutmix_label_weight_is_the_pasted_area():
 
 def test_distillation_phases_use_their_own_cutmix_alpha():
     o = train.OptimCfg(mixup_alpha=0.2, cutmix_alpha=1.0, cutmix_alpha_distill=0.5)
-    assert train.mix_alphas(o, distill=False) == (0.2, 1.0)
-    assert train.mix_alphas(o, distill=True) == (0.2, 0.5)
+    assert o.mix_alphas(distill=False) == (0.2, 1.0)
+    assert o.mix_alphas(distill=True) == (0.2, 0.5)
     o.cutmix_alpha_distill = 0.0
-    assert train.mix_alphas(o, distill=True) == (0.2, 1.0)  # 0 = same as the other phases
+    assert o.mix_alphas(distill=True) == (0.2, 1.0)  # 0 = same as the other phases
 
 
 def test_cross_entropy_accepts_mixed_soft_targets():

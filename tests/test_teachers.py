@@ -321,9 +321,10 @@ def test_a_teacher_being_fine_tuned_elsewhere_is_left_for_last_then_loaded(tmp_p
     holder = teacher_lock(first_path)
     holder.__enter__()  # "another process" is fine-tuning resnet8
 
-    def finetune(cfg, arch, *args, **kwargs):
+    def finetune(ctx, i, *args, **kwargs):
+        arch = ctx.cfg.teachers.models[i]
         order.append(arch)
-        real_finetune(cfg, arch, *args, **kwargs)
+        real_finetune(ctx, i, *args, **kwargs)
         if arch == "wrn_16_1":  # the other process finishes resnet8 while this run fine-tunes wrn_16_1
             shutil.copy(tmp_path / "cache" / "made-elsewhere.pt", first_path)
             holder.__exit__(None, None, None)
