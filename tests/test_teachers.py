@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import kd.teachers
+import kd_cli.session
 import train
 from kd.data import SyntheticSpec, build_data, tensor_fingerprint
 from kd.errors import CheckpointError, ConfigError
@@ -350,7 +351,8 @@ def test_a_teacher_loaded_after_waiting_for_another_run_counts_its_load_time_not
     offset = [0.0]
     real_time = train.time.time
     shifted = types.SimpleNamespace(time=lambda: real_time() + offset[0])
-    monkeypatch.setattr(train, "time", shifted)  # the run's teacher time
+    monkeypatch.setattr(train, "time", shifted)  # the run's start
+    monkeypatch.setattr(kd_cli.session, "time", shifted)  # the teacher time and the wall time, in the summary
     monkeypatch.setattr(kd.teachers, "time", shifted)  # the wait, measured where the cache is filled
 
     @contextlib.contextmanager
