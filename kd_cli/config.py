@@ -534,6 +534,9 @@ def preflight(argv: list[str]) -> int | None:
         validate(parse_config(argv))
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    except BrokenPipeError:  # --help | head: the reader stopped reading; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 0
     except ConfigError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,20 @@ def probe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", PROBE.format(args=list(args))], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    """`python train.py --help | head` stops reading early: no traceback, exit 0 (the pipe's reader is closed
+    before the help is written, so every write fails)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run(
+            [sys.executable, "train.py", "--help"], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
 
 
 def test_help_and_config_errors_never_import_torch_or_timm():
