@@ -218,10 +218,10 @@ def forward_loss(
             s_out = b.student(x, with_maps=method.needs_maps)
     elif b.phase == "A":
         synergy = b.extra["run"].synergy
-        s_out = FrozenModel(synergy.student, b.trainer.teacher_dtype)(x)
+        s_out = FrozenModel(synergy.student, b.trainer.runtime.teacher_dtype)(x)
         t_outs = [t(x) for t in synergy.teachers]
     else:
-        t_outs = frozen_forward(b.teachers, x, with_maps=method.needs_maps, dtype=b.trainer.teacher_dtype)
+        t_outs = frozen_forward(b.teachers, x, with_maps=method.needs_maps, dtype=b.trainer.runtime.teacher_dtype)
         s_out = b.student(x, with_maps=method.needs_maps)
     terms = method.loss_terms(StepInputs(x=x, target=y, index=index, epoch=1, student=s_out, teachers=t_outs))
     return s_out, sum(weights.get(k, 1.0) * v for k, v in terms.items())
